@@ -1,0 +1,168 @@
+"""Reading Switch checkpoints exactly as Hugging Face publishes them, tensor by tensor.
+
+Layouts: `model.safetensors`; sharded `*.safetensors` with `model.safetensors.index.json`; `pytorch_model.bin`
+or `pytorch_model-*.bin` shards with `pytorch_model.bin.index.json` (read with `torch.load(weights_only=True,
+mmap=True)`, never unpickling arbitrary objects). Every failure raises CheckpointError naming the file and tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qmoe.config import SwitchConfig, config_from_hf, read_hf_config
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read as it should: names the file and the tensor."""
+
+    def __init__(self, file: Path | str, tensor: str | None, problem: str):
+        self.file, self.tensor, self.problem = str(file), tensor, problem
+        where = f"{file}" + (f", tensor {tensor!r}" if tensor else "")
+        super().__init__(f"{where}: {problem}")
+
+
+class CheckpointReader:
+    """name -> shard file map, and lazy reads of single tensors. Holds at most one .bin shard mapped at a time."""
+
+    def __init__(self, path: Path | str):
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise CheckpointError(self.dir, None, "not a directory")
+        self._st_handles: dict[Path, object] = {}
+        self._bin: tuple[Path, dict] | None = None
+        self.file_of: dict[str, Path] = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        d = self.dir
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = d / index_name
+            if index.exists():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(index, None, f"unreadable index ({e})") from None
+                return {name: d / f for name, f in weight_map.items()}
+        if (d / "model.safetensors").exists():
+            f = d / "model.safetensors"
+            return {name: f for name in self._st_open(f, None).keys()}
+        if (d / "pytorch_model.bin").exists():
+            f = d / "pytorch_model.bin"
+            return {name: f for name in self._bin_open(f, None)}
+        raise CheckpointError(d, None, "no model.safetensors, safetensors index, pytorch_model.bin or bin index")
+
+    def _st_open(self, f: Path, tensor: str | None):
+        if f not in self._st_handles:
+            if not f.exists():
+                raise CheckpointError(f, tensor, "shard file is missing")
+            try:
+                self._st_handles[f] = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for a bad header or short file
+                raise CheckpointError(f, tensor, f"unreadable safetensors file ({e})") from None
+        return self._st_handles[f]
+
+    def _bin_open(self, f: Path, tensor: str | None) -> dict:
+        if self._bin is None or self._bin[0] != f:
+            self._bin = None
+            if not f.exists():
+                raise CheckpointError(f, tensor, "shard file is missing")
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # truncated zip, not a torch file, or a pickle that is not plain tensors
+                raise CheckpointError(f, tensor, f"unreadable torch shard ({type(e).__name__}: {e})") from None
+            self._bin = (f, sd)
+        return self._bin[1]
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.file_of.get(name)
+        if f is None:
+            raise CheckpointError(self.dir, name, "tensor is missing from the checkpoint")
+        if f.suffix == ".safetensors":
+            handle = self._st_open(f, name)
+            try:
+                return handle.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f, name, f"cannot read tensor ({e})") from None
+        sd = self._bin_open(f, name)
+        if name not in sd:
+            raise CheckpointError(f, name, "tensor listed in the index is not in the shard")
+        t = sd[name]
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f, name, f"entry is a {type(t).__name__}, not a tensor")
+        return t
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape, read from the safetensors header without touching the data; None for .bin shards."""
+        f = self.file_of.get(name)
+        if f is None or f.suffix != ".safetensors":
+            return None
+        return tuple(self._st_open(f, name).get_slice(name).get_shape())
+
+
+def checkpoint_name(model_name: str, available: set[str]) -> str:
+    """The checkpoint tensor that holds a model parameter, for the names the published checkpoints use."""
+    if model_name == "lm_head.weight" and model_name not in available and "decoder.lm_head.weight" in available:
+        return "decoder.lm_head.weight"  # c2048 and xxl-128
+    if model_name == "shared.weight" and model_name not in available:
+        for alt in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            if alt in available:
+                return alt
+    return model_name
+
+
+def is_expert_param(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def read_config(path: Path | str, reader: CheckpointReader | None = None) -> tuple[SwitchConfig, dict]:
+    """The model config, corrected with the checkpoint's tensor names, and the raw config.json dict."""
+    path = Path(path)
+    hf = read_hf_config(path / "config.json")
+    reader = reader or CheckpointReader(path)
+    return config_from_hf(hf, reader.names()), hf
+
+
+def load_into(model: torch.nn.Module, reader: CheckpointReader, experts: bool = True,
+              dtype: torch.dtype = torch.float32) -> None:
+    """Fill a model (built on the meta device) from a checkpoint, one tensor at a time.
+
+    With experts=False the expert weights stay on the meta device (no memory): the pipeline reads them per group.
+    """
+    available = set(reader.names())
+    for name, param in list(model.named_parameters()):
+        if not experts and is_expert_param(name):
+            continue
+        src = checkpoint_name(name, available)
+        t = reader.get(src)
+        if tuple(t.shape) != tuple(param.shape):
+            raise CheckpointError(reader.file_of[src], src, f"shape {tuple(t.shape)}, expected {tuple(param.shape)}")
+        _set_param(model, name, t.to(dtype))
+
+
+def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    setattr(mod, attr, torch.nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+def load_model(path: Path | str, experts: bool = True, dtype: torch.dtype = torch.float32):
+    """(model, cfg, reader) for a Switch checkpoint directory; the model is in eval mode on the CPU."""
+    from qmoe.model import SwitchModel
+
+    reader = CheckpointReader(path)
+    cfg, _ = read_config(path, reader)
+    with torch.device("meta"):
+        model = SwitchModel(cfg)
+    load_into(model, reader, experts=experts, dtype=dtype)
+    return model.eval(), cfg, reader
+
+
+def read_expert(reader: CheckpointReader, block: str, j: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """One expert's {wi, wo} weights. `block` is e.g. 'encoder.block.1'."""
+    prefix = f"{block}.layer.{2 if block.startswith('decoder') else 1}.mlp.experts.expert_{j}"
+    return {m: reader.get(f"{prefix}.{m}.weight").to(dtype) for m in ("wi", "wo")}

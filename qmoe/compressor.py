@@ -1,0 +1,176 @@
+"""The single-process compression driver: checkpoint in, compressed directory out (see pipeline.py for the steps)."""
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from qmoe import compressed as C
+from qmoe.checkpoint import CheckpointError, CheckpointReader, checkpoint_name, load_into, read_config, read_expert
+from qmoe.corpus import load_default_corpus
+from qmoe.data import DataConfig, Samples, train_val_samples
+from qmoe.evaluate import validation_loss
+from qmoe.model import SwitchModel, shift_right
+from qmoe.pipeline import CompressConfig, activation_buffer, compress_block, run_dense_block
+from qmoe.store import atomic_write_json
+from qmoe.tokenizer import load_tokenizer, read_text_file
+
+log = logging.getLogger("qmoe")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train_samples: int = 512
+    val_samples: int = 256
+    seed: int = 0
+    calib: Path | None = None  # plain text or JSON lines; None: the embedded corpus
+    data: DataConfig = DataConfig()
+
+
+def resolve_model(model: str) -> Path:
+    """'default' is the embedded model; anything else is a directory."""
+    if model == "default":
+        return Path(str(resources.files("qmoe.assets").joinpath("default")))
+    return Path(model)
+
+
+def verify_checkpoint(reader: CheckpointReader, model: SwitchModel) -> None:
+    """Before any work: every parameter has a tensor of the right shape (read from safetensors headers), and every
+    shard opens (a truncated shard fails here, not hours later)."""
+    available = set(reader.names())
+    for name, p in model.named_parameters():
+        src = checkpoint_name(name, available)
+        if src not in available:
+            raise CheckpointError(reader.dir, src, "tensor is missing from the checkpoint")
+        shape = reader.shape(src)
+        if shape is not None and tuple(shape) != tuple(p.shape):
+            raise CheckpointError(reader.file_of[src], src, f"shape {tuple(shape)}, expected {tuple(p.shape)}")
+    for f in sorted(set(reader.file_of.values())):
+        first = next(n for n, g in reader.file_of.items() if g == f)
+        reader.get(first)  # opens (and for safetensors validates) the shard
+
+
+def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
+    tok = load_tokenizer(model_dir, hf)
+    text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
+    train, val = train_val_samples(text, tok, spec.train_samples, spec.val_samples, spec.seed, spec.data)
+    return train, val, tok.sentinel_floor
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(out)
+    (out / "experts").mkdir(parents=True, exist_ok=True)
+
+
+@torch.no_grad()
+def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSpec, overwrite: bool = False,
+                   progress=print) -> dict:
+    """Compress every expert of a Switch checkpoint; returns the summary also written to out/summary.json."""
+    t0 = time.time()
+    model_dir, out = Path(model_dir), Path(out)
+    reader = CheckpointReader(model_dir)
+    mcfg, hf = read_config(model_dir, reader)
+    with torch.device("meta"):
+        model = SwitchModel(mcfg)
+    verify_checkpoint(reader, model)
+    train, val, sentinel_floor = load_samples(model_dir, hf, spec)
+    _prepare_out(out, overwrite)
+    load_into(model, reader, experts=False, dtype=torch.bfloat16)
+    model.float()
+    n_blocks = sum(1 for _ in model.sparse_blocks())
+    progress(f"{model_dir}: {mcfg.num_layers}+{mcfg.num_decoder_layers} blocks, {n_blocks} sparse x "
+             f"{mcfg.num_experts} experts; {len(train)} calibration, {len(val)} validation samples; "
+             f"{cfg.scheme.value} {cfg.method.value}")
+
+    C.write_dense(out, model)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, out / name)
+    qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
+                     method=cfg.method.value, source=str(model_dir))
+    atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
+
+    stats, done = [], []
+    for stack_name, ids in (("encoder", train.input_ids),
+                            ("decoder", shift_right(train.labels, mcfg.decoder_start_token_id))):
+        stack = getattr(model, stack_name)
+        N, S = ids.shape
+        x = activation_buffer((N, S, mcfg.d_model), cfg.memmap_bytes, out)
+        for s0 in range(0, N, cfg.chunk_samples):
+            x[s0:s0 + cfg.chunk_samples] = model.shared(ids[s0:s0 + cfg.chunk_samples])
+        for i, blk in enumerate(stack.block):
+            name = f"{stack_name}.block.{i}"
+            if not blk.sparse:
+                run_dense_block(blk, stack, x, enc if stack_name == "decoder" else None, cfg.chunk_samples)
+                continue
+            experts, st = compress_block(
+                name, blk, stack, x, ids, enc if stack_name == "decoder" else None,
+                lambda js, name=name: [read_expert(reader, name, j, torch.bfloat16) for j in js],
+                sentinel_floor, cfg, len(done), progress)
+            C.write_experts(out, name, experts, cfg.scheme)
+            done.append(name)
+            stats.append(st)
+            C.write_manifest(out, done, complete=False)
+            progress(f"[{len(done)}/{n_blocks}] {name}: {st.tokens} tokens, per expert "
+                     f"{min(st.tokens_per_expert)}..{max(st.tokens_per_expert)}, fallback {len(st.fallback)}, "
+                     f"{st.seconds['total']:.1f}s (read {st.seconds['read']:.1f}, quantize {st.seconds['quantize']:.1f})")
+        if stack_name == "encoder":
+            for s0 in range(0, N, cfg.chunk_samples):
+                x[s0:s0 + cfg.chunk_samples] = stack.final_layer_norm(x[s0:s0 + cfg.chunk_samples])
+            enc = x
+    del x, enc
+
+    progress("validation loss: original (bf16 weights) ...")
+    original, _, _ = _load_bf16(reader, mcfg)
+    loss_before = validation_loss(original, val)
+    del original
+    compressed_model, _, _ = C.load_compressed(out, require_manifest=False)
+    loss_after = validation_loss(compressed_model, val)
+    progress(f"validation loss {loss_before:.4f} -> {loss_after:.4f}")
+
+    params_total = sum(p.numel() for p in compressed_model.parameters())
+    params_experts = sum(p.numel() for n, p in compressed_model.named_parameters() if ".mlp.experts." in n)
+    files = [p for p in out.rglob("*") if p.is_file() and p.name not in ("manifest.json", "summary.json")]
+    expert_bytes = sum(p.stat().st_size for p in (out / "experts").iterdir())
+    summary = {
+        "model": str(model_dir), "scheme": cfg.scheme.value, "method": cfg.method.value,
+        "params_total": params_total, "params_experts": params_experts,
+        "bytes_original": 2 * params_total, "bytes_compressed": sum(p.stat().st_size for p in files),
+        "bytes_experts_compressed": expert_bytes,
+        "bits_per_param_experts_stored": 8 * expert_bytes / params_experts,
+        "val_loss_before": loss_before, "val_loss_after": loss_after,
+        "train_samples": len(train), "val_samples": len(val), "seed": spec.seed,
+        "calib": str(spec.calib) if spec.calib else "embedded corpus",
+        "experts_fallback_rtn": sum(len(s.fallback) for s in stats),
+        "experts_token_capped": sum(s.capped for s in stats),
+        "blocks": [{"name": s.name, "tokens_per_expert": s.tokens_per_expert, "hessian_tokens": s.hessian_tokens,
+                    "fallback": {str(k): v for k, v in s.fallback.items()},
+                    "seconds": {k: round(v, 3) for k, v in s.seconds.items()}} for s in stats],
+        "seconds": round(time.time() - t0, 2),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items()},
+    }
+    atomic_write_json(out / "summary.json", summary)
+    C.write_manifest(out, done, complete=True)
+    return summary
+
+
+def _load_bf16(reader: CheckpointReader, mcfg):
+    with torch.device("meta"):
+        model = SwitchModel(mcfg)
+    load_into(model, reader, experts=True, dtype=torch.bfloat16)
+    return model.float().eval(), mcfg, reader

@@ -1,0 +1,91 @@
+"""Calibration and validation samples with T5's span-corruption objective.
+
+The text is tokenized once and cut into windows of `raw_length` tokens. Every 20th window is held out for
+validation, whatever the seed, so calibration (and the embedded model's training) never sees validation text.
+Span corruption as in T5 (`random_spans_noise_mask`): exactly round(raw_length * noise_density) noise tokens in
+round(noise / mean_span) spans, so every sample has the same input and target length and no padding is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VAL_EVERY = 20
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    raw_length: int = 256
+    noise_density: float = 0.15
+    mean_span: float = 3.0
+
+
+@dataclass
+class Samples:
+    input_ids: torch.Tensor  # [N, S_enc] long
+    labels: torch.Tensor  # [N, S_dec] long
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def slice(self, start: int, stop: int) -> "Samples":
+        return Samples(self.input_ids[start:stop], self.labels[start:stop])
+
+
+def windows(ids: np.ndarray, raw_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train windows, validation windows), each [n, raw_length]."""
+    n = len(ids) // raw_length
+    if n < VAL_EVERY:
+        raise ValueError(f"text too short: {len(ids)} tokens make {n} windows of {raw_length}; need {VAL_EVERY}")
+    w = ids[: n * raw_length].reshape(n, raw_length)
+    is_val = (np.arange(n) % VAL_EVERY) == VAL_EVERY - 1
+    return w[~is_val], w[is_val]
+
+
+def _segment(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """A random split of n items into k non-empty runs: their lengths."""
+    cuts = np.sort(rng.choice(np.arange(1, n), size=k - 1, replace=False)) if k > 1 else np.array([], dtype=int)
+    return np.diff(np.concatenate([[0], cuts, [n]]))
+
+
+def span_corrupt(tokens: np.ndarray, cfg: DataConfig, sentinel, eos_id: int, rng: np.random.Generator):
+    """One window -> (inputs, targets). Noise spans become sentinels in the inputs; targets list each sentinel
+    followed by the span it replaced; both end with eos."""
+    length = len(tokens)
+    num_noise = int(min(max(round(length * cfg.noise_density), 1), length - 1))
+    num_spans = int(min(max(round(num_noise / cfg.mean_span), 1), num_noise, length - num_noise))
+    noise_lens = _segment(num_noise, num_spans, rng)
+    keep_lens = _segment(length - num_noise, num_spans, rng)
+    inputs, targets, pos = [], [], 0
+    for k in range(num_spans):
+        inputs.extend(tokens[pos: pos + keep_lens[k]])
+        pos += keep_lens[k]
+        inputs.append(sentinel(k))
+        targets.append(sentinel(k))
+        targets.extend(tokens[pos: pos + noise_lens[k]])
+        pos += noise_lens[k]
+    inputs.append(eos_id)
+    targets.append(eos_id)
+    return np.asarray(inputs, dtype=np.int64), np.asarray(targets, dtype=np.int64)
+
+
+def make_samples(pool: np.ndarray, n: int, cfg: DataConfig, tokenizer, seed: int) -> Samples:
+    """n span-corrupted samples from a pool of windows, chosen and corrupted with `seed`."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(pool), size=n, replace=n > len(pool))
+    pairs = [span_corrupt(pool[i], cfg, tokenizer.sentinel, tokenizer.eos_id, rng) for i in idx]
+    if not pairs:  # lengths are fixed by the config: take them from a throwaway sample
+        inp, tgt = span_corrupt(pool[0], cfg, tokenizer.sentinel, tokenizer.eos_id, np.random.default_rng(0))
+        return Samples(torch.zeros(0, len(inp), dtype=torch.long), torch.zeros(0, len(tgt), dtype=torch.long))
+    return Samples(torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs])))
+
+
+def train_val_samples(text: str, tokenizer, n_train: int, n_val: int, seed: int,
+                      cfg: DataConfig = DataConfig()) -> tuple[Samples, Samples]:
+    """Calibration and validation samples from disjoint windows of `text`. Validation depends on `seed` too."""
+    train_pool, val_pool = windows(tokenizer.encode(text), cfg.raw_length)
+    train = make_samples(train_pool, n_train, cfg, tokenizer, seed)
+    val = make_samples(val_pool, n_val, cfg, tokenizer, seed + 1)
+    return train, val

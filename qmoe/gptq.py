@@ -1,0 +1,115 @@
+"""GPTQ (Frantar et al., 2022), batched over many experts of the same shape, as QMoE runs it.
+
+Notation as in the paper: W [E, R, C] the weights (E experts, R rows, C columns = input features); H = 2/n X^T X
+[E, C, C] the layer-wise Hessian of ||WX - QX||^2 from the n calibration inputs X [n, C] of each expert; Hinv the
+upper Cholesky factor of H^-1; columns are quantized left to right in blocks of `blocksize`, and each column's
+error, scaled by Hinv's diagonal, is spread onto the not-yet-quantized columns (Err1 within a block, then one
+matmul for the rest).
+
+Robustness (each counted in `GPTQResult`, none fatal): a Hessian is dampened by `percdamp` x its mean diagonal;
+a column no input ever touches ("dead") is zeroed; an expert with fewer than `min_tokens` inputs, or whose Hessian
+will not factor (not positive definite, or not finite), is quantized with the identity Hessian, which is exactly
+round-to-nearest.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from qmoe.quant import RowParams, Scheme, find_params, quantize
+
+log = logging.getLogger("qmoe")
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # [E, R, C] uint8
+    values: torch.Tensor  # [E, R, C] float32, the dequantized weights
+    params: RowParams  # [E, R]
+    fallback: torch.Tensor  # [E] bool: quantized round-to-nearest instead of GPTQ
+    reasons: list[str]  # one per expert: "" or why it fell back
+
+
+class GPTQ:
+    """Hessian accumulation and quantization for E experts sharing the column count C."""
+
+    def __init__(self, num_experts: int, columns: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(num_experts, columns, columns, device=device, dtype=torch.float32)
+        self.nsamples = torch.zeros(num_experts, dtype=torch.int64)
+
+    def add_batch(self, e: int, inp: torch.Tensor) -> None:
+        """Accumulate H[e] += from inputs inp [n, C], keeping H = 2/n_total * sum x x^T."""
+        n = inp.shape[0]
+        if n == 0:
+            return
+        total = int(self.nsamples[e]) + n
+        inp = inp.to(self.H.dtype)
+        self.H[e] *= self.nsamples[e].item() / total
+        self.H[e] += (2.0 / total) * (inp.T @ inp)
+        self.nsamples[e] = total
+
+    def fasterquant(self, W: torch.Tensor, scheme: Scheme, blocksize: int = 128, percdamp: float = 0.1,
+                    min_tokens: int = 1) -> GPTQResult:
+        E, R, C = W.shape
+        W = W.to(torch.float32).clone()
+        H = self.H.clone()
+        reasons = ["" for _ in range(E)]
+        eye = torch.eye(C, dtype=H.dtype, device=H.device)
+
+        few = self.nsamples < min_tokens
+        bad = ~torch.isfinite(H).all(dim=(1, 2)).cpu()
+        for e in range(E):
+            if few[e]:
+                reasons[e] = f"{int(self.nsamples[e])} calibration tokens (< {min_tokens})"
+            elif bad[e]:
+                reasons[e] = "Hessian is not finite"
+        fallback = few | bad
+        H[fallback] = eye
+
+        params = find_params(W, scheme)  # the grid comes from the original weights, as in GPTQ
+        diag = torch.diagonal(H, dim1=1, dim2=2)  # [E, C], a view
+        dead = diag == 0
+        H[dead.unsqueeze(1).expand(E, C, C) & eye.bool()] = 1.0
+        W[dead.unsqueeze(1).expand(E, R, C)] = 0.0
+        diag.add_((percdamp * diag.mean(-1, keepdim=True)).clamp_min(0))
+
+        Hinv, ok = _inverse_cholesky(H)
+        for e in torch.nonzero(~ok).flatten().tolist():
+            if not fallback[e]:
+                reasons[e] = "Hessian is not positive definite"
+                fallback[e] = True
+                Hinv[e] = eye
+
+        codes = torch.zeros(E, R, C, dtype=torch.uint8, device=W.device)
+        Q = torch.zeros_like(W)
+        for i1 in range(0, C, blocksize):
+            i2 = min(i1 + blocksize, C)
+            W1 = W[:, :, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[:, i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                w = W1[:, :, i]  # [E, R]
+                d = Hinv1[:, i, i].unsqueeze(1)  # [E, 1]
+                c, q = quantize(w, params)
+                codes[:, :, i1 + i], Q[:, :, i1 + i] = c, q
+                err = (w - q) / d
+                W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
+                Err1[:, :, i] = err
+            W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+        for e in torch.nonzero(fallback).flatten().tolist():
+            log.info("expert %d of group: round-to-nearest fallback (%s)", e, reasons[e])
+        return GPTQResult(codes, Q, params, fallback, reasons)
+
+
+def _inverse_cholesky(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of H^-1 for each expert, and which experts succeeded. H [E, C, C]."""
+    L, info = torch.linalg.cholesky_ex(H)
+    ok = info == 0
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    L = torch.where(ok[:, None, None], L, eye)
+    Hinv = torch.cholesky_inverse(L)
+    U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+    ok &= (info2 == 0) & torch.isfinite(U).all(dim=(1, 2))
+    return torch.where(ok[:, None, None], U, eye), ok.cpu()

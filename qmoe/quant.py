@@ -1,0 +1,106 @@
+"""Quantization grids, one set of parameters per output row, batched over experts.
+
+Scheme.TERNARY is QMoE's grid {lo, 0, hi} with lo = min(row min, 0), hi = max(row max, 0); codes 0 -> 0, 1 -> hi,
+2 -> lo. Scheme.INT2/INT4 are asymmetric uniform grids (GPTQ's): scale = (hi - lo) / maxq, integer zero point,
+value = scale * (code - zero). Row parameters are rounded to bf16 before use, so what GPTQ quantizes against is
+exactly what is stored and what `dequantize` gives back.
+
+Shapes: W [E, R, C] (experts, rows = out features, columns = in features); row params [E, R].
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class Scheme(enum.Enum):
+    TERNARY = "ternary"
+    INT2 = "int2"
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int:
+        """Bits per code when packed plainly (the codec stores ternary in less)."""
+        return 4 if self is Scheme.INT4 else 2
+
+    @property
+    def maxq(self) -> int:
+        return {Scheme.TERNARY: 2, Scheme.INT2: 3, Scheme.INT4: 15}[self]
+
+
+class Method(enum.Enum):
+    GPTQ = "gptq"
+    RTN = "rtn"
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+@dataclass
+class RowParams:
+    """Per-row grid parameters: ternary uses (lo, hi); intN uses (scale, zero). Tensors [E, R], stored as named."""
+
+    scheme: Scheme
+    a: torch.Tensor  # ternary: lo (bf16 values);  intN: scale (bf16 values)
+    b: torch.Tensor  # ternary: hi (bf16 values);  intN: zero point (integer values)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.scheme is Scheme.TERNARY:
+            return {"lo": self.a.to(torch.bfloat16), "hi": self.b.to(torch.bfloat16)}
+        return {"scale": self.a.to(torch.bfloat16), "zero": self.b.to(torch.uint8)}
+
+    @classmethod
+    def from_tensors(cls, scheme: Scheme, t: dict[str, torch.Tensor]) -> "RowParams":
+        if scheme is Scheme.TERNARY:
+            return cls(scheme, t["lo"].float(), t["hi"].float())
+        return cls(scheme, t["scale"].float(), t["zero"].float())
+
+    def select(self, idx) -> "RowParams":
+        return RowParams(self.scheme, self.a[idx], self.b[idx])
+
+
+def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
+    """Row grids from the rows' ranges. W [..., R, C] -> params [..., R]."""
+    lo = torch.clamp(W.amin(-1), max=0)
+    hi = torch.clamp(W.amax(-1), min=0)
+    if scheme is Scheme.TERNARY:
+        return RowParams(scheme, _bf16(lo), _bf16(hi))
+    empty = (hi - lo) == 0
+    lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)  # an all-zero row: any grid holds it
+    scale = _bf16((hi - lo) / scheme.maxq)
+    zero = torch.clamp(torch.round(-lo / scale), 0, scheme.maxq)
+    return RowParams(scheme, scale, zero)
+
+
+def quantize(w: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest grid point per weight. w [..., R] or [..., R, C] (params broadcast over trailing C when given
+    unsqueezed) -> (codes uint8, values float32)."""
+    a, b = p.a, p.b
+    if w.dim() == a.dim() + 1:
+        a, b = a.unsqueeze(-1), b.unsqueeze(-1)
+    if p.scheme is Scheme.TERNARY:
+        # Thresholds halfway between 0 and each level: nearest of {lo, 0, hi}.
+        codes = torch.where(w > b / 2, 1, torch.where(w < a / 2, 2, 0)).to(torch.uint8)
+        return codes, dequantize_codes(codes, p, a, b)
+    codes = torch.clamp(torch.round(w / a) + b, 0, p.scheme.maxq).to(torch.uint8)
+    return codes, dequantize_codes(codes, p, a, b)
+
+
+def dequantize_codes(codes: torch.Tensor, p: RowParams, a=None, b=None) -> torch.Tensor:
+    """codes [..., R, C] (or [..., R] with a, b given broadcastable) -> float32 values."""
+    if a is None:
+        a, b = p.a.unsqueeze(-1), p.b.unsqueeze(-1)
+    if p.scheme is Scheme.TERNARY:
+        c = codes.to(torch.int64)
+        return torch.where(c == 1, b, torch.where(c == 2, a, torch.zeros((), dtype=a.dtype))).to(torch.float32)
+    return (a * (codes.to(torch.float32) - b)).to(torch.float32)
+
+
+def rtn(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, RowParams]:
+    """Round-to-nearest: W [E, R, C] -> (codes, values, params)."""
+    p = find_params(W, scheme)
+    codes, values = quantize(W, p)
+    return codes, values, p
