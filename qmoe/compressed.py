@@ -44,8 +44,9 @@ def write_experts(out: Path, block_name: str, experts: dict, scheme: Scheme) -> 
             qm: QuantizedMatrix = getattr(qe, m)
             tensors.update(qm.tensors(f"expert_{j}.{m}"))
             shapes[f"expert_{j}.{m}"] = list(qm.codes.shape)
-    meta = {"format": FORMAT, "version": str(VERSION), "scheme": scheme.value, "shapes": json.dumps(shapes)}
-    atomic_save_safetensors(out / expert_file(block_name), tensors, metadata=meta)
+    # One metadata key: safetensors writes its metadata map in hash order, and outputs must be byte-identical.
+    meta = {"format": FORMAT, "version": VERSION, "scheme": scheme.value, "shapes": shapes}
+    atomic_save_safetensors(out / expert_file(block_name), tensors, metadata={"qmoe": json.dumps(meta, sort_keys=True)})
 
 
 def write_manifest(out: Path, blocks: list[str], complete: bool) -> None:
@@ -103,7 +104,7 @@ def load_compressed(path: Path, verify: bool = True, require_manifest: bool = Tr
         if not f.exists():
             raise CheckpointError(f, None, "expert file is missing")
         with safe_open(str(f), framework="pt") as h:
-            shapes = json.loads(h.metadata()["shapes"])
+            shapes = json.loads(h.metadata()["qmoe"])["shapes"]
             tensors = {k: h.get_tensor(k) for k in h.keys()}
         for j in range(cfg.num_experts):
             for m in ("wi", "wo"):

@@ -1,0 +1,130 @@
+"""Grids, packing and GPTQ."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qmoe.gptq import GPTQ
+from qmoe.packed import QuantizedMatrix, pack, unpack
+from qmoe.quant import RowParams, Scheme, find_params, quantize, rtn
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 37), scheme=st.sampled_from(list(Scheme)),
+       seed=st.integers(0, 10**6))
+def test_pack_unpack_round_trip(rows, cols, scheme, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, scheme.maxq + 1, (rows, cols), generator=g, dtype=torch.uint8)
+    packed = pack(codes, scheme.bits)
+    assert packed.numel() == -(-rows * cols * scheme.bits // 8)
+    assert torch.equal(unpack(packed, scheme.bits, (rows, cols)), codes)
+
+
+@pytest.mark.parametrize("scheme", list(Scheme))
+def test_quantized_matrix_storage_round_trip(scheme):
+    W = torch.randn(1, 17, 29)
+    W[0, 3] = 0.0  # an all-zero row
+    W[0, 4] = W[0, 4].abs() + 0.1  # a row with no negative weight
+    codes, values, p = rtn(W, scheme)
+    qm = QuantizedMatrix(codes[0], p.select(0))
+    back = QuantizedMatrix.from_tensors(qm.tensors("m"), "m", scheme, (17, 29))
+    assert torch.equal(back.codes, qm.codes)
+    assert torch.equal(back.values(), values[0])  # stored params are exactly the ones quantization used
+
+
+def test_ternary_grid_is_row_min_zero_row_max():
+    W = torch.tensor([[[-2.0, -0.9, -1.1, 0.2, 0.6, 3.0]]])
+    _, values, p = rtn(W, Scheme.TERNARY)
+    assert p.a.item() == -2.0 and p.b.item() == 3.0
+    assert values.tolist() == [[[-2.0, 0.0, -2.0, 0.0, 0.0, 3.0]]]  # thresholds at lo/2 = -1 and hi/2 = 1.5
+
+
+@pytest.mark.parametrize("scheme", list(Scheme))
+def test_rtn_is_nearest_grid_point(scheme):
+    W = torch.randn(2, 8, 50)
+    _, values, p = rtn(W, scheme)
+    if scheme is Scheme.TERNARY:
+        levels = torch.stack([p.a, torch.zeros_like(p.a), p.b], -1)  # [E, R, 3]
+    else:
+        levels = p.a.unsqueeze(-1) * (torch.arange(scheme.maxq + 1).float() - p.b.unsqueeze(-1))
+    best = (W.unsqueeze(-1) - levels.unsqueeze(2)).abs().min(-1).values
+    assert torch.allclose((W - values).abs(), best, atol=1e-6)
+
+
+def _correlated_inputs(n, C, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(C, C, generator=g) * 0.5 + torch.eye(C)
+    return torch.randn(n, C, generator=g) @ A
+
+
+@pytest.mark.parametrize("scheme", list(Scheme))
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(scheme):
+    E, R, C = 3, 24, 70
+    W = torch.randn(E, R, C, generator=torch.Generator().manual_seed(1))
+    X = [_correlated_inputs(500, C, e) for e in range(E)]
+    g = GPTQ(E, C)
+    for e in range(E):
+        g.add_batch(e, X[e][:200])
+        g.add_batch(e, X[e][200:])  # accumulating in pieces gives the same Hessian
+    r = g.fasterquant(W, scheme, blocksize=32)
+    _, Q_rtn, _ = rtn(W, scheme)
+    for e in range(E):
+        err_gptq = (X[e] @ (W[e] - r.values[e]).T).pow(2).sum()
+        err_rtn = (X[e] @ (W[e] - Q_rtn[e]).T).pow(2).sum()
+        assert err_gptq < 0.8 * err_rtn
+    assert not r.fallback.any()
+    assert torch.equal(r.values, quantize(r.values, r.params)[1])  # every value is a grid point of its row
+
+
+def test_expert_without_tokens_falls_back_to_rtn():
+    E, R, C = 3, 8, 20
+    W = torch.randn(E, R, C)
+    g = GPTQ(E, C)
+    g.add_batch(0, torch.randn(50, C))
+    g.add_batch(2, torch.randn(3, C))
+    r = g.fasterquant(W, Scheme.TERNARY, min_tokens=8)
+    assert r.fallback.tolist() == [False, True, True]
+    assert "0 calibration tokens" in r.reasons[1] and "3 calibration tokens" in r.reasons[2]
+    _, Q_rtn, _ = rtn(W, Scheme.TERNARY)
+    assert torch.equal(r.values[1:], Q_rtn[1:])
+    assert not torch.equal(r.values[0], Q_rtn[0])
+
+
+def test_hessian_that_will_not_factor_falls_back_to_rtn():
+    E, R, C = 2, 8, 16
+    W = torch.randn(E, R, C)
+    g = GPTQ(E, C)
+    g.add_batch(0, torch.randn(40, C))
+    g.H[1] = -torch.eye(C)  # negative definite even after dampening
+    g.nsamples[1] = 40
+    r = g.fasterquant(W, Scheme.INT2)
+    assert r.fallback.tolist() == [False, True] and "positive definite" in r.reasons[1]
+    assert torch.equal(r.values[1], rtn(W[1:], Scheme.INT2)[1][0])
+    g.H[1] = float("nan")
+    r = g.fasterquant(W, Scheme.INT2)
+    assert r.fallback.tolist() == [False, True] and "not finite" in r.reasons[1]
+
+
+def test_dampening_is_relative_to_the_hessian():
+    """Scaling the inputs scales H; with dampening relative to its diagonal the result must not change."""
+    E, R, C = 1, 16, 40
+    W = torch.randn(E, R, C)
+    X = _correlated_inputs(300, C, 7)
+    results = []
+    for scale in (1.0, 1000.0):
+        g = GPTQ(E, C)
+        g.add_batch(0, X * scale)
+        results.append(g.fasterquant(W, Scheme.TERNARY, percdamp=0.1).codes)
+    assert torch.equal(results[0], results[1])
+    g = GPTQ(E, C)
+    g.add_batch(0, X)
+    assert not torch.equal(g.fasterquant(W, Scheme.TERNARY, percdamp=100.0).codes, results[0])
+
+
+def test_dead_input_columns_are_zeroed():
+    E, R, C = 1, 6, 12
+    X = torch.randn(100, C)
+    X[:, 5] = 0.0
+    g = GPTQ(E, C)
+    g.add_batch(0, X)
+    r = g.fasterquant(torch.randn(E, R, C) + 5.0, Scheme.INT4)
+    assert torch.all(r.values[0, :, 5] == 0)
