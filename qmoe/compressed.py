@@ -1,6 +1,9 @@
 """The compressed checkpoint directory (DESIGN.md): config.json with a `qmoe` section, dense weights in bf16
 safetensors, one safetensors file of quantized experts per sparse block, summary.json, and manifest.json last.
 
+Ternary experts are stored with the sub-1-bit codec (`codec/`: one Tunstall dictionary fitted per block, 16-bit
+codewords); int2/int4 experts are packed plainly (`packed.py`).
+
 manifest.json lists every file with its size and sha256 and says whether the run completed; a directory without
 a complete manifest is refused, so a crashed run is never taken for a finished one.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -18,7 +22,7 @@ from qmoe.packed import QuantizedMatrix
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json, sha256_file
 
-FORMAT, VERSION = "qmoe-packed", 1
+FORMAT, VERSION = "qmoe", 2
 DENSE_FILE = "dense.safetensors"
 
 
@@ -37,7 +41,10 @@ def write_dense(out: Path, model) -> None:
     atomic_save_safetensors(out / DENSE_FILE, sd)
 
 
-def write_experts(out: Path, block_name: str, experts: dict, scheme: Scheme) -> None:
+def write_experts(out: Path, block_name: str, experts: dict, scheme: Scheme) -> dict:
+    """Write one block's quantized experts; returns manifest entries {matrix name: {shape, checksum, ...}}."""
+    if scheme is Scheme.TERNARY:
+        return _write_ternary(out / expert_file(block_name), experts)
     tensors, shapes = {}, {}
     for j, qe in sorted(experts.items()):
         for m in ("wi", "wo"):
@@ -47,12 +54,61 @@ def write_experts(out: Path, block_name: str, experts: dict, scheme: Scheme) -> 
     # One metadata key: safetensors writes its metadata map in hash order, and outputs must be byte-identical.
     meta = {"format": FORMAT, "version": VERSION, "scheme": scheme.value, "shapes": shapes}
     atomic_save_safetensors(out / expert_file(block_name), tensors, metadata={"qmoe": json.dumps(meta, sort_keys=True)})
+    return {k: {"shape": v, "codec_version": 0} for k, v in shapes.items()}
 
 
-def write_manifest(out: Path, blocks: list[str], complete: bool) -> None:
+def _write_ternary(path: Path, experts: dict) -> dict:
+    from codec.container import write_container
+    from codec.ternary import encode, f32_to_bf16_bits, fit_dictionary
+
+    symbols = {f"expert_{j}.{m}": getattr(qe, m).codes.numpy() for j, qe in experts.items() for m in ("wi", "wo")}
+    d = fit_dictionary(symbols.values())
+    encoded = {}
+    for j, qe in experts.items():
+        for m in ("wi", "wo"):
+            p = getattr(qe, m).params  # ternary: a = lo, b = hi, both exactly bf16 values
+            levels = np.stack([f32_to_bf16_bits(p.a.numpy()), f32_to_bf16_bits(p.b.numpy())])
+            encoded[f"expert_{j}.{m}"] = encode(symbols[f"expert_{j}.{m}"], levels, d)
+    return write_container(path, encoded)
+
+
+def _read_ternary(path: Path, expected: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """{matrix name: float32 weights} of one block's codec file, every check applied."""
+    from codec.container import ContainerError, decode_checked, read_container
+    from codec.ternary import bf16_bits_to_f32
+
+    try:
+        encoded = read_container(path, expected)
+        out = {}
+        for name, m in encoded.items():
+            sym = torch.from_numpy(decode_checked(path, name, m).astype(np.int64))
+            lo = torch.from_numpy(bf16_bits_to_f32(m.levels[0])).unsqueeze(1)
+            hi = torch.from_numpy(bf16_bits_to_f32(m.levels[1])).unsqueeze(1)
+            out[name] = torch.where(sym == 1, hi, torch.where(sym == 2, lo, torch.zeros(())))
+        return out
+    except ContainerError as e:
+        raise CheckpointError(e.file, e.tensor, str(e).split(": ", 1)[-1]) from None
+
+
+def _read_packed(path: Path, expected: dict[str, tuple[int, int]], scheme: Scheme) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as h:
+        shapes = json.loads(h.metadata()["qmoe"])["shapes"]
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    out = {}
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise CheckpointError(path, key, "expert matrix is missing")
+        if tuple(shapes[key]) != tuple(shape):
+            raise CheckpointError(path, key, f"shape {tuple(shapes[key])}, expected {tuple(shape)}")
+        out[key] = QuantizedMatrix.from_tensors(tensors, key, scheme, tuple(shape)).values()
+    return out
+
+
+def write_manifest(out: Path, blocks: list[str], complete: bool, tensors: dict[str, dict] | None = None) -> None:
+    """Every file with size and sha256, the expert matrices per file, the blocks done, and whether the run is."""
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."))
     atomic_write_json(out / "manifest.json", {
-        "format": FORMAT, "version": VERSION, "complete": complete, "blocks_done": blocks,
+        "format": FORMAT, "version": VERSION, "complete": complete, "blocks_done": blocks, "tensors": tensors or {},
         "files": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
     })
 
@@ -99,23 +155,16 @@ def load_compressed(path: Path, verify: bool = True, require_manifest: bool = Tr
             if name not in params:
                 raise CheckpointError(path / DENSE_FILE, name, "not a parameter of the configured model")
             _set_param(model, name, f.get_tensor(name).float())
-    for block_name, blk in model.sparse_blocks():
+    for block_name, _ in model.sparse_blocks():
         f = path / expert_file(block_name)
         if not f.exists():
             raise CheckpointError(f, None, "expert file is missing")
-        with safe_open(str(f), framework="pt") as h:
-            shapes = json.loads(h.metadata()["qmoe"])["shapes"]
-            tensors = {k: h.get_tensor(k) for k in h.keys()}
-        for j in range(cfg.num_experts):
-            for m in ("wi", "wo"):
-                key = f"expert_{j}.{m}"
-                if key not in shapes:
-                    raise CheckpointError(f, key, "expert matrix is missing")
-                qm = QuantizedMatrix.from_tensors(tensors, key, scheme, tuple(shapes[key]))
-                name = expert_key(block_name, j, m)
-                if tuple(qm.codes.shape) != tuple(params[name].shape):
-                    raise CheckpointError(f, key, f"shape {tuple(qm.codes.shape)}, expected {tuple(params[name].shape)}")
-                _set_param(model, name, qm.values())
+        expected = {f"expert_{j}.{m}": tuple(params[expert_key(block_name, j, m)].shape)
+                    for j in range(cfg.num_experts) for m in ("wi", "wo")}
+        weights = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
+        for key, w in weights.items():
+            j, m = key.removeprefix("expert_").split(".")
+            _set_param(model, expert_key(block_name, int(j), m), w)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(path / DENSE_FILE, missing[0], "tensor is missing")

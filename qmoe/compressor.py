@@ -104,7 +104,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
                      method=cfg.method.value, source=str(model_dir))
     atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
 
-    stats, done = [], []
+    stats, done, tensors = [], [], {}
     for stack_name, ids in (("encoder", train.input_ids),
                             ("decoder", shift_right(train.labels, mcfg.decoder_start_token_id))):
         stack = getattr(model, stack_name)
@@ -121,10 +121,10 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
                 name, blk, stack, x, ids, enc if stack_name == "decoder" else None,
                 lambda js, name=name: [read_expert(reader, name, j, torch.bfloat16) for j in js],
                 sentinel_floor, cfg, len(done), progress)
-            C.write_experts(out, name, experts, cfg.scheme)
+            tensors[C.expert_file(name)] = C.write_experts(out, name, experts, cfg.scheme)
             done.append(name)
             stats.append(st)
-            C.write_manifest(out, done, complete=False)
+            C.write_manifest(out, done, complete=False, tensors=tensors)
             progress(f"[{len(done)}/{n_blocks}] {name}: {st.tokens} tokens, per expert "
                      f"{min(st.tokens_per_expert)}..{max(st.tokens_per_expert)}, fallback {len(st.fallback)}, "
                      f"{st.seconds['total']:.1f}s (read {st.seconds['read']:.1f}, quantize {st.seconds['quantize']:.1f})")
@@ -146,12 +146,14 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     params_experts = sum(p.numel() for n, p in compressed_model.named_parameters() if ".mlp.experts." in n)
     files = [p for p in out.rglob("*") if p.is_file() and p.name not in ("manifest.json", "summary.json")]
     expert_bytes = sum(p.stat().st_size for p in (out / "experts").iterdir())
+    all_bytes = sum(p.stat().st_size for p in files)
     summary = {
         "model": str(model_dir), "scheme": cfg.scheme.value, "method": cfg.method.value,
         "params_total": params_total, "params_experts": params_experts,
-        "bytes_original": 2 * params_total, "bytes_compressed": sum(p.stat().st_size for p in files),
-        "bytes_experts_compressed": expert_bytes,
-        "bits_per_param_experts_stored": 8 * expert_bytes / params_experts,
+        # Every byte on disk but summary.json and manifest.json (written after the count): config, dense
+        # weights, tokenizer files, expert files with their metadata and dictionaries.
+        "bytes_original": 2 * params_total, "bytes_compressed": all_bytes, "bytes_experts_compressed": expert_bytes,
+        "bits_per_param_experts": 8 * expert_bytes / params_experts, "bits_per_param_total": 8 * all_bytes / params_total,
         "val_loss_before": loss_before, "val_loss_after": loss_after,
         "train_samples": len(train), "val_samples": len(val), "seed": spec.seed,
         "calib": str(spec.calib) if spec.calib else "embedded corpus",
@@ -165,7 +167,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         "config": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items()},
     }
     atomic_write_json(out / "summary.json", summary)
-    C.write_manifest(out, done, complete=True)
+    C.write_manifest(out, done, complete=True, tensors=tensors)
     return summary
 
 

@@ -2,10 +2,12 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from codec.container import read_container
 from qmoe import compress as compress_cli
 from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError
@@ -35,11 +37,13 @@ def test_full_run_writes_a_complete_checkpoint(compressed_dir, tiny_mixed_bin):
         "encoder.block.1", "encoder.block.3", "decoder.block.1", "decoder.block.3"]
     assert {"config.json", "dense.safetensors", "summary.json"} <= set(manifest["files"])
     assert summary["params_experts"] == 4 * 4 * 2 * 32 * 48
-    # Ternary packed 2 bits a weight plus two bf16 levels per row.
-    t = load_file(out / "experts" / "encoder.block.1.safetensors")
-    assert t["expert_0.wi.codes"].numel() == 48 * 32 * 2 // 8
-    assert t["expert_0.wi.lo"].shape == t["expert_0.wi.hi"].shape == (48,)
-    assert t["expert_0.wi.hi"].dtype == torch.bfloat16
+    # Ternary experts are codec containers: 16-bit codewords, bf16 level bits per row, a fitted dictionary.
+    m = read_container(out / "experts" / "encoder.block.1.safetensors")["expert_0.wi"]
+    assert m.shape == (48, 32) and m.codes.dtype == np.uint16 and m.levels.shape == (2, 48)
+    assert m.dictionary.kind == "tunstall"
+    expert_bytes = sum(f.stat().st_size for f in (out / "experts").iterdir())
+    assert summary["bits_per_param_experts"] == pytest.approx(8 * expert_bytes / summary["params_experts"])
+    assert manifest["tensors"]["experts/encoder.block.1.safetensors"]["expert_0.wi"]["shape"] == [48, 32]
     model, cfg, _ = load_compressed(out)
     wi = model.encoder.block[1].layer[1].mlp.experts.expert_0.wi.weight
     assert wi.shape == (48, 32) and len(torch.unique(wi[0])) <= 3  # ternary: at most {lo, 0, hi} per row

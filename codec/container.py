@@ -1,0 +1,141 @@
+"""The on-disk container: one safetensors file holding one dictionary and any number of encoded matrices.
+
+Per matrix `name`: `name.codes` (uint16 [n]), `name.counts` (codewords per row minus the smallest count, in the
+narrowest unsigned type that holds them: row offsets are their prefix sum), `name.levels` (uint16 [2, R], bf16 bits
+of lo and hi). The file's metadata, under one key, records the codec version, the dictionary (kind, probabilities,
+size, sha256 of its words) and per matrix its shape, count base and a sha256 of its bytes. Written atomically;
+read without pickle. Any mismatch raises ContainerError naming the file and the matrix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from codec.dictionary import build
+from codec.ternary import CodecError, EncodedMatrix, decode_symbols
+
+CODEC_VERSION = 1
+META_KEY = "qmoe-codec"
+
+
+class ContainerError(ValueError):
+    def __init__(self, file, tensor: str | None, problem: str):
+        self.file, self.tensor = str(file), tensor
+        super().__init__(f"{file}" + (f", tensor {tensor!r}" if tensor else "") + f": {problem}")
+
+
+def _counts_array(counts: np.ndarray) -> tuple[np.ndarray, int]:
+    base = int(counts.min()) if len(counts) else 0
+    span = int(counts.max()) - base if len(counts) else 0
+    dtype = np.uint8 if span < 1 << 8 else np.uint16 if span < 1 << 16 else np.uint32
+    return (counts - base).astype(dtype), base
+
+
+def checksum(name: str, m: EncodedMatrix, counts: np.ndarray, base: int) -> str:
+    h = hashlib.sha256(json.dumps([name, list(m.shape), base]).encode())
+    for a in (m.codes, counts, m.levels):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def write_container(path: Path | str, matrices: dict[str, EncodedMatrix]) -> dict:
+    """Write matrices that share one dictionary; returns the per-matrix manifest entries."""
+    path = Path(path)
+    dictionaries = {m.dictionary.sha256: m.dictionary for m in matrices.values()}
+    if len(dictionaries) != 1:
+        raise ValueError(f"{path}: a container holds matrices of exactly one dictionary, got {len(dictionaries)}")
+    d = next(iter(dictionaries.values()))
+    tensors, entries = {}, {}
+    for name, m in sorted(matrices.items()):
+        counts, base = _counts_array(np.diff(m.row_offsets))
+        tensors.update({f"{name}.codes": m.codes, f"{name}.counts": counts, f"{name}.levels": m.levels})
+        entries[name] = {"shape": list(m.shape), "count_base": base, "sha256": checksum(name, m, counts, base),
+                         "codec_version": CODEC_VERSION}
+    meta = {"version": CODEC_VERSION, "dictionary": {"kind": d.kind, "probs": list(d.probs), "size": d.size,
+                                                     "sha256": d.sha256}, "tensors": entries}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return entries
+
+
+def read_container(path: Path | str, expected: dict[str, tuple[int, int]] | None = None) -> dict[str, EncodedMatrix]:
+    """Every matrix of a container, checked: checksums, dictionary, shapes (against `expected` when given)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            raw_meta = (f.metadata() or {}).get(META_KEY)
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise ContainerError(path, None, "file is missing") from None
+    except Exception as e:  # safetensors' own errors for a truncated file or a corrupt header
+        raise ContainerError(path, None, f"not a readable safetensors file ({e})") from None
+    if raw_meta is None:
+        raise ContainerError(path, None, f"no {META_KEY} metadata: not a qmoe codec file")
+    dm, tensors = _parse_meta(path, raw_meta)
+    d = build(dm["kind"], dm["probs"])
+    if d.size != dm["size"] or d.sha256 != dm["sha256"]:
+        raise ContainerError(path, None, f"the {dm['kind']} dictionary rebuilt here does not match the one the "
+                                         "file was written with")
+    out = {}
+    for name, e in tensors.items():
+        try:
+            codes, counts, levels = (arrays[f"{name}.{k}"] for k in ("codes", "counts", "levels"))
+        except KeyError as k:
+            raise ContainerError(path, name, f"array {k} is missing") from None
+        shape = tuple(e["shape"])
+        if expected is not None and name in expected and tuple(expected[name]) != shape:
+            raise ContainerError(path, name, f"shape {shape}, expected {tuple(expected[name])}")
+        if len(counts) != shape[0] or levels.shape != (2, shape[0]):
+            raise ContainerError(path, name, f"row arrays do not match shape {shape}")
+        offsets = np.zeros(shape[0] + 1, dtype=np.int64)
+        np.cumsum(counts.astype(np.int64) + e["count_base"], out=offsets[1:])
+        m = EncodedMatrix(shape, codes, offsets, levels, d)
+        if checksum(name, m, counts, e["count_base"]) != e["sha256"]:
+            raise ContainerError(path, name, "checksum mismatch: the data is corrupt")
+        out[name] = m
+    if expected is not None:
+        missing = sorted(set(expected) - set(out))
+        if missing:
+            raise ContainerError(path, missing[0], "matrix is missing")
+    return out
+
+
+def _parse_meta(path: Path, raw: str) -> tuple[dict, dict]:
+    """The dictionary record and the per-matrix entries, with every field's type checked."""
+    try:
+        meta = json.loads(raw)
+        if meta.get("version") != CODEC_VERSION:
+            raise ContainerError(path, None, f"codec version {meta.get('version')}, this reader knows {CODEC_VERSION}")
+        dm = meta["dictionary"]
+        ok = (dm["kind"] in ("tunstall", "qmoe-pairs") and isinstance(dm["size"], int) and isinstance(dm["sha256"], str)
+              and len(dm["probs"]) == 3 and all(isinstance(p, float) and 0 <= p <= 1 for p in dm["probs"]))
+        for e in meta["tensors"].values():
+            ok = ok and (len(e["shape"]) == 2 and all(isinstance(x, int) and x >= 0 for x in e["shape"])
+                         and isinstance(e["count_base"], int) and e["count_base"] >= 0 and isinstance(e["sha256"], str))
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+        raise ContainerError(path, None, f"corrupt metadata ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise ContainerError(path, None, "corrupt metadata (a field has the wrong type or range)")
+    return dm, meta["tensors"]
+
+
+def decode_checked(path, name: str, m: EncodedMatrix) -> np.ndarray:
+    """decode_symbols, with any inconsistency reported against the file and matrix."""
+    try:
+        return decode_symbols(m)
+    except CodecError as e:
+        raise ContainerError(path, name, str(e)) from None

@@ -1,0 +1,139 @@
+"""Dictionaries of ternary words for fixed 16-bit codewords.
+
+A dictionary maps codeword c to a word, a run of ternary symbols (0 = zero, 1 = row max, 2 = row min).
+Two constructions:
+
+- `tunstall(probs)`: Tunstall's variable-to-fixed code. Start from the root; repeatedly expand the most probable
+  leaf into its three children until one more expansion would pass 2^16 leaves. The leaves are the words. Every
+  internal node is fully expanded, so any symbol sequence parses uniquely; the expected word length is the sum of
+  the internal nodes' probabilities, which is as long as any complete dictionary of this size can make it.
+- `qmoe_pairs(p0)`: QMoE's fixed dictionary, the baseline: the 2^16 most probable sequences of 1..14 *pairs* of
+  weights under an i.i.d. model with P(0) = p0, parsed greedily (longest match).
+
+Since nearly nine in ten symbols are 0, a word is stored as its length plus the positions and symbols of its few
+non-zeros; decoding then costs per non-zero, not per weight. Everything is built from a few numbers (kind, symbol
+probabilities), deterministically, so a container stores those numbers and a checksum, not the 2^16 words.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+CODEWORDS = 1 << 16
+MAX_WORD = 128  # longest word: bounds memory for very skewed symbols (costs only when P(0) > ~0.98)
+
+
+@dataclass(frozen=True)
+class Dictionary:
+    kind: str  # "tunstall" or "qmoe-pairs"
+    probs: tuple[float, float, float]  # the symbol probabilities it was built for (P(0), P(1), P(2))
+    length: np.ndarray  # [W] uint16: symbols per word
+    nz_start: np.ndarray  # [W + 1] int64: word c's non-zeros are nz_pos/nz_sym[nz_start[c]:nz_start[c + 1]]
+    nz_pos: np.ndarray  # uint16: offset of the non-zero within its word
+    nz_sym: np.ndarray  # uint8: 1 or 2
+    child: np.ndarray  # [nodes, 3] int32: the trie of all words (-1: no child); node 0 is the root
+    word: np.ndarray  # [nodes] int32: the codeword ending at this node, or -1
+
+    @property
+    def size(self) -> int:
+        return len(self.length)
+
+    @property
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.length, self.nz_start, self.nz_pos, self.nz_sym):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+    def expected_length(self) -> float:
+        """Mean symbols per codeword under i.i.d. symbols with self.probs (exact for Tunstall)."""
+        p = np.asarray(self.probs)
+        nnz = np.diff(self.nz_start)
+        counts = np.zeros((self.size, 3))
+        counts[:, 0] = self.length - nnz
+        np.add.at(counts, (np.repeat(np.arange(self.size), nnz), self.nz_sym.astype(np.int64)), 1)
+        with np.errstate(divide="ignore"):
+            logp = np.where(p > 0, np.log(np.maximum(p, 1e-300)), -np.inf)
+        word_p = np.exp((counts * logp).sum(1, where=counts > 0))
+        return float((word_p * self.length).sum() / word_p.sum())
+
+
+def _from_words(kind: str, probs, words: list[tuple[int, ...]]) -> Dictionary:
+    words = sorted(words)  # codeword ids in lexicographic order of the words: deterministic
+    length = np.array([len(w) for w in words], dtype=np.uint16)
+    nz = [[(i, s) for i, s in enumerate(w) if s] for w in words]
+    nz_start = np.zeros(len(words) + 1, dtype=np.int64)
+    nz_start[1:] = np.cumsum([len(x) for x in nz])
+    nz_pos = np.array([i for x in nz for i, _ in x], dtype=np.uint16)
+    nz_sym = np.array([s for x in nz for _, s in x], dtype=np.uint8)
+    child, word = [[-1, -1, -1]], [-1]
+    for c, w in enumerate(words):
+        node = 0
+        for s in w:
+            if child[node][s] < 0:
+                child[node][s] = len(child)
+                child.append([-1, -1, -1])
+                word.append(-1)
+            node = child[node][s]
+        word[node] = c
+    return Dictionary(kind, tuple(float(p) for p in probs), length, nz_start, nz_pos, nz_sym,
+                      np.array(child, dtype=np.int32), np.array(word, dtype=np.int32))
+
+
+def normalize_probs(probs) -> tuple[float, float, float]:
+    """Probabilities as the dictionary key: float64, summing to 1, no symbol at exactly 0 (every symbol must stay
+    encodable, including in a matrix that had none of it when the dictionary was fitted)."""
+    p = np.maximum(np.asarray(probs, dtype=np.float64), 1e-6)
+    p = p / p.sum()
+    return tuple(float(x) for x in p)
+
+
+@cache
+def tunstall(probs: tuple[float, float, float], size: int = CODEWORDS) -> Dictionary:
+    """The Tunstall dictionary with at most `size` words for i.i.d. symbols with these probabilities.
+
+    Leaves of MAX_WORD symbols are not expanded further (the tree stays complete, so parsing stays unique)."""
+    probs = normalize_probs(probs)
+    heap = [(-1.0, 0, ())]  # (-probability, tie-break, word): the expandable leaves
+    full = []  # leaves at MAX_WORD
+    leaves, counter = 1, 1
+    while leaves + 2 <= size and heap:
+        neg_p, _, w = heapq.heappop(heap)
+        for s in range(3):
+            child = (neg_p * probs[s], counter, w + (s,))
+            (full.append(child) if len(child[2]) >= MAX_WORD else heapq.heappush(heap, child))
+            counter += 1
+        leaves += 2
+    return _from_words("tunstall", probs, [w for _, _, w in heap] + [w for _, _, w in full])
+
+
+@cache
+def qmoe_pairs(p0: float = 0.885, size: int = CODEWORDS, max_pairs: int = 14) -> Dictionary:
+    """QMoE's dictionary: the `size` most probable sequences of 1..max_pairs pairs of ternary weights."""
+    probs = (p0, (1 - p0) / 2, (1 - p0) / 2)
+    pairs = [((a, b), probs[a] * probs[b]) for a in range(3) for b in range(3)]
+    # Best-first: a sequence is less probable than its prefix, so popping by probability lists the top `size`.
+    heap = [(-p, i, pair) for i, (pair, p) in enumerate(pairs)]
+    heapq.heapify(heap)
+    counter, words = len(heap), []
+    while heap and len(words) < size:
+        neg_p, _, w = heapq.heappop(heap)
+        words.append(w)
+        if len(w) < 2 * max_pairs:
+            for pair, p in pairs:
+                heapq.heappush(heap, (neg_p * p, counter, w + pair))
+                counter += 1
+    return _from_words("qmoe-pairs", probs, words)
+
+
+def build(kind: str, probs) -> Dictionary:
+    """The dictionary a container names: ('tunstall', fitted probabilities) or ('qmoe-pairs', (p0, ...))."""
+    if kind == "tunstall":
+        return tunstall(normalize_probs(probs))
+    if kind == "qmoe-pairs":
+        return qmoe_pairs(float(probs[0]))
+    raise ValueError(f"unknown dictionary kind {kind!r}")
