@@ -70,18 +70,20 @@ def _write_codes(symbols, child, word, offsets, codes):
 
 
 @numba.njit(parallel=True, cache=True)
-def _decode(codes, offsets, width, length, nz_start, nz_pos, nz_sym, out, row_ok):
-    """out [R, width] zeros -> the symbols. row_ok[r] = 1 when row r's codes cover exactly its width."""
+def _decode(codes, offsets, width, table, out, row_ok):
+    """out [R, width] zeros -> the symbols. row_ok[r] = 1 when row r's codes cover exactly its width.
+    table: Dictionary.table, one record per word (length, nnz, then position | (symbol - 1) << 7 per non-zero)."""
     for r in numba.prange(out.shape[0]):
         pos = 0
         last = 0
         for t in range(offsets[r], offsets[r + 1]):
-            c = codes[t]
-            for z in range(nz_start[c], nz_start[c + 1]):
-                p = pos + nz_pos[z]
+            rec = table[codes[t]]
+            for k in range(rec[1]):
+                b = rec[2 + k]
+                p = pos + (b & 127)
                 if p < width:
-                    out[r, p] = nz_sym[z]
-            last = length[c]
+                    out[r, p] = 1 + (b >> 7)
+            last = rec[0]
             pos += last
         # Covered, and the last word was needed: no row is short, and none carries extra codes.
         row_ok[r] = 1 if (pos >= width and pos - last < width) or (width == 0 and pos == 0) else 0
@@ -140,7 +142,7 @@ def decode_symbols(m: EncodedMatrix) -> np.ndarray:
         raise CodecError(f"codeword {int(m.codes.max())} is outside the {d.size}-word dictionary")
     out = np.zeros((R, C), dtype=np.uint8)
     row_ok = np.zeros(R, dtype=np.uint8)
-    _decode(m.codes, m.row_offsets, C, d.length, d.nz_start, d.nz_pos, d.nz_sym, out, row_ok)
+    _decode(m.codes, m.row_offsets, C, d.table, out, row_ok)
     if not row_ok.all():
         raise CodecError(f"row {int(np.argmin(row_ok))} does not decode to exactly {C} weights")
     return out

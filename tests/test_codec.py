@@ -175,3 +175,14 @@ def test_missing_file(tmp_path):
     with pytest.raises(ContainerError, match="missing"):
         read_container(tmp_path / "nope.safetensors")
     shutil.rmtree(tmp_path)
+
+
+def test_bench_row_on_a_small_matrix():
+    """The benchmark's own measurement: a round trip inside, and the fitted dictionary beating QMoE's."""
+    from qmoe.bench import iid_matrices, measure
+
+    mats, levels = iid_matrices((64, 2080), 0.885, seed=0)
+    row = measure("small", mats, levels, repeats=1)
+    assert row["entropy"] < row["ours_bits"] < row["qmoe_bits"]
+    assert row["ours_x_bf16"] == pytest.approx(16 / row["ours_bits"])
+    assert abs(row["p0"] - 0.885) < 0.01
