@@ -106,7 +106,7 @@ def train(out: Path, cfg: SwitchConfig, minutes: float, batch: int, lr: float, s
     bf16_model = SwitchModel(cfg)
     bf16_model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
     result = {
-        "steps": step, "best_step": best[1], "batch": batch, "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1),
+        "minutes": minutes, "steps": step, "best_step": best[1], "batch": batch, "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1),
         "val_samples": val_samples, "val_loss_fp32": round(validation_loss(model, val), 4),
         "val_loss_bf16": round(validation_loss(bf16_model.eval(), val), 4),
         "unigram_val_loss": round(unigram_loss(make_samples(train_pool, 4096, dcfg, tok, seed=1), val, cfg.vocab_size), 4),
@@ -125,8 +125,10 @@ def write_report(out: Path, r: dict) -> None:
                      for c in r["curve"])
     atomic_write_text(out / "TRAINING.md", f"""# The embedded default model: how it was trained
 
-`python -m qmoe.train --out qmoe/assets/default --minutes {r['seconds'] / 60:.0f}` on a 2-core CPU: {r['steps']} steps
-of {r['batch']} span-corrupted samples, peak lr {r['lr']}, seed {r['seed']}, {r['seconds'] / 60:.0f} minutes.
+`python -m qmoe.train --out qmoe/assets/default --minutes {r['minutes']:g}` on a 2-core CPU: {r['steps']} steps
+of {r['batch']} span-corrupted samples (256-byte windows, 15% noise, mean span 3), peak lr {r['lr']}, seed {r['seed']},
+{r['seconds'] / 60:.0f} minutes of wall time (the step count is fixed from the speed of the first 20 steps; other
+work on the machine slowed the rest).
 The shipped weights are those of step {r['best_step']}, the lowest validation loss seen.
 
 | | validation loss (nats/token, {r['val_samples']} held-out samples) |
