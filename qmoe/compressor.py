@@ -52,9 +52,11 @@ def verify_checkpoint(reader: CheckpointReader, model: SwitchModel) -> None:
         shape = reader.shape(src)
         if shape is not None and tuple(shape) != tuple(p.shape):
             raise CheckpointError(reader.file_of[src], src, f"shape {tuple(shape)}, expected {tuple(p.shape)}")
-    for f in sorted(set(reader.file_of.values())):
-        first = next(n for n, g in reader.file_of.items() if g == f)
-        reader.get(first)  # opens (and for safetensors validates) the shard
+    first_of = {}
+    for name, f in reader.file_of.items():
+        first_of.setdefault(f, name)
+    for f, name in sorted(first_of.items()):
+        reader.get(name)  # opens (and for safetensors validates) the shard
 
 
 def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
@@ -120,7 +122,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
             experts, st = compress_block(
                 name, blk, stack, x, ids, enc if stack_name == "decoder" else None,
                 lambda js, name=name: [read_expert(reader, name, j, torch.bfloat16) for j in js],
-                sentinel_floor, cfg, len(done), progress)
+                sentinel_floor, cfg, len(done))
             tensors[C.expert_file(name)] = C.write_experts(out, name, experts, cfg.scheme)
             done.append(name)
             stats.append(st)
@@ -135,7 +137,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     del x, enc
 
     progress("validation loss: original (bf16 weights) ...")
-    original, _, _ = _load_bf16(reader, mcfg)
+    original = load_bf16_model(reader, mcfg)
     loss_before = validation_loss(original, val)
     del original
     compressed_model, _, _ = C.load_compressed(out, require_manifest=False)
@@ -171,8 +173,9 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     return summary
 
 
-def _load_bf16(reader: CheckpointReader, mcfg):
+def load_bf16_model(reader: CheckpointReader, mcfg) -> SwitchModel:
+    """The whole original model with every weight rounded to bf16 (the baseline QMoE measures against)."""
     with torch.device("meta"):
         model = SwitchModel(mcfg)
     load_into(model, reader, experts=True, dtype=torch.bfloat16)
-    return model.float().eval(), mcfg, reader
+    return model.float().eval()

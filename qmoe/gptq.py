@@ -62,7 +62,7 @@ class GPTQ:
         bad = ~torch.isfinite(H).all(dim=(1, 2)).cpu()
         for e in range(E):
             if few[e]:
-                reasons[e] = f"{int(self.nsamples[e])} calibration tokens (< {min_tokens})"
+                reasons[e] = f"{int(self.nsamples[e])} calibration tokens in its Hessian (< {min_tokens})"
             elif bad[e]:
                 reasons[e] = "Hessian is not finite"
         fallback = few | bad

@@ -20,8 +20,8 @@ from qmoe.store import atomic_write_json
 def evaluate_path(model_dir: Path, spec: DataSpec) -> dict:
     """Load an original or compressed checkpoint and return its validation loss and timing."""
     from qmoe import compressed as C
-    from qmoe.compressor import _load_bf16
     from qmoe.checkpoint import CheckpointReader, read_config
+    from qmoe.compressor import load_bf16_model
 
     t0 = time.time()
     if C.is_compressed(model_dir):
@@ -30,7 +30,7 @@ def evaluate_path(model_dir: Path, spec: DataSpec) -> dict:
     else:
         reader = CheckpointReader(model_dir)
         cfg, hf = read_config(model_dir, reader)
-        model, _, _ = _load_bf16(reader, cfg)
+        model = load_bf16_model(reader, cfg)
         kind = "original (bf16 weights)"
     _, val, _ = load_samples(model_dir, hf, DataSpec(train_samples=0, val_samples=spec.val_samples,
                                                     seed=spec.seed, calib=spec.calib))

@@ -85,14 +85,23 @@ def dense_pass(block: Block, x: torch.Tensor, bias: torch.Tensor, enc: torch.Ten
 
 # ---- step 3: expert pass ------------------------------------------------------------------------------------
 
-def _quantize(W: torch.Tensor, inputs: list[torch.Tensor], cfg: CompressConfig):
-    """W [G, R, C], inputs per expert [n_g, C] -> (QuantizedMatrix per expert, fallback reasons per expert)."""
+ROWS_PER_CHUNK = 8192  # tokens per matmul when feeding Hessians or running experts: bounds the d_ff-wide temporaries
+
+
+def _quantize(W: torch.Tensor, inputs: list[torch.Tensor], cfg: CompressConfig, layer_input=None):
+    """W [G, R, C] -> (QuantizedMatrix per expert, fallback reason per expert).
+
+    inputs[g] [n_g, D] are expert g's calibration tokens; layer_input(g, chunk) maps a chunk of them to this
+    matrix's input (identity for wi; relu of the quantized wi for wo), so the [n_g, d_ff] activations are never
+    held whole: the Hessian is accumulated chunk by chunk."""
     if cfg.method is Method.RTN:
         codes, _, p = rtn(W, cfg.scheme)
         return [QuantizedMatrix(codes[g], p.select(g)) for g in range(W.shape[0])], ["" for _ in inputs]
     gptq = GPTQ(W.shape[0], W.shape[2])
     for g, x in enumerate(inputs):
-        gptq.add_batch(g, x)
+        for r0 in range(0, x.shape[0], ROWS_PER_CHUNK):
+            chunk = x[r0:r0 + ROWS_PER_CHUNK]
+            gptq.add_batch(g, chunk if layer_input is None else layer_input(g, chunk))
     r = gptq.fasterquant(W, cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
     return [QuantizedMatrix(r.codes[g], r.params.select(g)) for g in range(W.shape[0])], r.reasons
 
@@ -111,10 +120,14 @@ def expert_pass(weights: list[dict[str, torch.Tensor]], tokens: list[torch.Tenso
     wo = torch.stack([w["wo"] for w in weights])  # [G, D, F]
     h_in = [t[r] for t, r in zip(tokens, hessian_rows)]
     q_wi, why_wi = _quantize(wi, h_in, cfg)
-    hidden = [F.relu(F.linear(x, q.values())) for x, q in zip(h_in, q_wi)]
-    q_wo, why_wo = _quantize(wo, hidden, cfg)
+    wi_q = [q.values() for q in q_wi]
+    q_wo, why_wo = _quantize(wo, h_in, cfg, layer_input=lambda g, x: F.relu(F.linear(x, wi_q[g])))
     experts = [QuantizedExpert(a, b) for a, b in zip(q_wi, q_wo)]
-    outputs = [e(t) for e, t in zip(experts, tokens)]
+    outputs = []
+    for g, (e, t) in enumerate(zip(experts, tokens)):
+        wo_q = e.wo.values()
+        outputs.append(torch.cat([F.linear(F.relu(F.linear(t[r0:r0 + ROWS_PER_CHUNK], wi_q[g])), wo_q)
+                                  for r0 in range(0, t.shape[0], ROWS_PER_CHUNK)]) if t.shape[0] else t.clone())
     reasons = [f"wi: {a}" if a else (f"wo: {b}" if b else "") for a, b in zip(why_wi, why_wo)]
     return experts, outputs, reasons
 
@@ -134,7 +147,7 @@ def hessian_rows(token_ids: torch.Tensor, sentinel_floor: int, cap: int, seed: i
 @torch.no_grad()
 def compress_block(name: str, block: Block, stack: Stack, x: torch.Tensor, ids: torch.Tensor,
                    enc: torch.Tensor | None, read_experts, sentinel_floor: int, cfg: CompressConfig,
-                   block_index: int, progress=print):
+                   block_index: int):
     """Compress one sparse block in place on the activation buffer x [N, S, D] (updated to the block's output).
 
     read_experts(js) -> list of {"wi", "wo"} float32 weights for expert indices js. Returns (experts by index,
@@ -161,8 +174,9 @@ def compress_block(name: str, block: Block, stack: Stack, x: torch.Tensor, ids: 
     members = [torch.nonzero(expert == j).flatten() for j in range(E)]
     stats.tokens = N * S
     stats.tokens_per_expert = [m.numel() for m in members]
-    usable = sum(int((flat_ids[m] < sentinel_floor).sum()) for m in members)
-    cap = math.ceil(cfg.token_cap * usable / E) if cfg.token_cap else 0
+    usable = [int((flat_ids[m] < sentinel_floor).sum()) for m in members]  # non-sentinel tokens per expert
+    cap = math.ceil(cfg.token_cap * sum(usable) / E) if cfg.token_cap else 0
+    stats.capped = sum(1 for n in usable if cap and n > cap)
 
     # 3. expert pass, one group at a time; 4. combine into the residual stream.
     out = torch.zeros(N * S, D)
@@ -176,7 +190,6 @@ def compress_block(name: str, block: Block, stack: Stack, x: torch.Tensor, ids: 
         tokens = [z[members[j]] for j in js]
         rows = [hessian_rows(flat_ids[members[j]], sentinel_floor, cap, cfg.seed * 1_000_003 + block_index * 65_537 + j)
                 for j in js]
-        stats.capped += sum(int((flat_ids[members[j]] < sentinel_floor).sum()) > cap > 0 for j in js)
         t1 = time.time()
         q, outputs, reasons = expert_pass(weights, tokens, rows, cfg)
         t_quant += time.time() - t1
