@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import zstandard
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from codec.atomic import atomic_write
 from codec.dictionary import build
 from codec.ternary import CodecError, EncodedMatrix, decode_symbols
 
@@ -85,16 +85,7 @@ def write_container(path: Path | str, matrices: dict[str, EncodedMatrix]) -> dic
                          "sha256": checksum(name, m, counts, base), "codec_version": CODEC_VERSION}
     meta = {"version": CODEC_VERSION, "dictionary": {"kind": d.kind, "probs": list(d.probs), "size": d.size,
                                                      "sha256": d.sha256}, "tensors": entries}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
     return entries
 
 

@@ -114,8 +114,9 @@ def write_manifest(out: Path, blocks: list[str], complete: bool, tensors: dict[s
 
 
 def is_compressed(path: Path) -> bool:
+    """A directory that qmoe.compress wrote (its config names a scheme), as opposed to an original checkpoint."""
     cfg = Path(path) / "config.json"
-    return cfg.exists() and "qmoe" in json.loads(cfg.read_text()) and "scheme" in json.loads(cfg.read_text())["qmoe"]
+    return cfg.exists() and "scheme" in json.loads(cfg.read_text()).get("qmoe", {})
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict:

@@ -44,9 +44,6 @@ class QuantizedExpert:
     wi: QuantizedMatrix  # [F, D]
     wo: QuantizedMatrix  # [D, F]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.wi.values())), self.wo.values())
-
 
 @dataclass
 class BlockStats:
