@@ -178,3 +178,13 @@ def test_existing_output_is_not_overwritten(compressed_dir, tiny_mixed_bin):
     out, _ = compressed_dir
     with pytest.raises(FileExistsError, match="--overwrite"):
         compress_model(tiny_mixed_bin, out, CompressConfig(), SPEC, progress=lambda *_: None)
+
+
+def test_memory_mapped_activations_give_the_same_output(tiny_mixed_bin, compressed_dir, tmp_path):
+    """memmap_bytes=0 puts every activation buffer in a memory-mapped file: same bytes out, no file left."""
+    out, _ = compressed_dir
+    mm = tmp_path / "mm"
+    compress_model(tiny_mixed_bin, mm, CompressConfig(memmap_bytes=0), SPEC, progress=lambda *_: None)
+    for f in (out / "experts").iterdir():
+        assert f.read_bytes() == (mm / "experts" / f.name).read_bytes(), f.name
+    assert not list(mm.glob("activations-*"))
