@@ -24,7 +24,9 @@ from functools import cache, cached_property
 import numpy as np
 
 CODEWORDS = 1 << 16
-MAX_WORD = 128  # longest word: bounds memory for very skewed symbols (costs only when P(0) > ~0.98)
+MAX_WORD = 127  # longest word: bounds memory for very skewed symbols (costs only when P(0) > ~0.98), and keeps
+# positions within a word at 0..126, so the decoder's byte 0xFF (position 127) can mean "no more non-zeros"
+EMPTY = 0xFF
 
 
 @dataclass(frozen=True)
@@ -51,20 +53,18 @@ class Dictionary:
 
     @cached_property
     def table(self) -> np.ndarray:
-        """The decoder's view: one fixed-size record per word, [W, stride] uint8, stride a power of two.
+        """The decoder's view: one fixed-size record per word, [W, 1 + max nnz] uint8.
 
-        record = [length, nnz, nz_0, ..., nz_{nnz-1}, padding]; nz = position (7 bits) | (symbol - 1) << 7.
+        record = [length, nz_0, ..., nz_{nnz-1}, EMPTY...]; nz = position (7 bits) | (symbol - 1) << 7.
         A flat dictionary (Tunstall's words are nearly equiprobable, so decoding touches all of it) must be small
-        to stay in cache: at P(0) = 0.885 a record is 8 bytes, the table 512 KB.
+        to stay in cache: at P(0) = 0.885 the longest record has 4 non-zeros, so the table is 5 x 65535 = 320 KB.
         """
         nnz = np.diff(self.nz_start)
-        stride = 1 << int(np.ceil(np.log2(2 + max(1, int(nnz.max(initial=0))))))
-        t = np.zeros((self.size, stride), dtype=np.uint8)
-        t[:, 0] = np.minimum(self.length, 255)  # MAX_WORD = 128 keeps lengths and positions in range
-        t[:, 1] = nnz
+        t = np.full((self.size, 1 + max(1, int(nnz.max(initial=0)))), EMPTY, dtype=np.uint8)
+        t[:, 0] = self.length
         word = np.repeat(np.arange(self.size), nnz)
         rank = np.arange(len(self.nz_pos)) - np.repeat(self.nz_start[:-1], nnz)
-        t[word, 2 + rank] = (self.nz_pos.astype(np.uint8) | ((self.nz_sym - 1) << 7)).astype(np.uint8)
+        t[word, 1 + rank] = (self.nz_pos.astype(np.uint8) | ((self.nz_sym - 1) << 7)).astype(np.uint8)
         return t
 
     def expected_length(self) -> float:

@@ -72,14 +72,18 @@ def _write_codes(symbols, child, word, offsets, codes):
 @numba.njit(parallel=True, cache=True)
 def _decode(codes, offsets, width, table, out, row_ok):
     """out [R, width] zeros -> the symbols. row_ok[r] = 1 when row r's codes cover exactly its width.
-    table: Dictionary.table, one record per word (length, nnz, then position | (symbol - 1) << 7 per non-zero)."""
+    table: Dictionary.table, one record per word: length, then position | (symbol - 1) << 7 per non-zero,
+    then 0xFF (no more)."""
+    slots = table.shape[1] - 1
     for r in numba.prange(out.shape[0]):
         pos = 0
         last = 0
         for t in range(offsets[r], offsets[r + 1]):
             rec = table[codes[t]]
-            for k in range(rec[1]):
-                b = rec[2 + k]
+            for k in range(slots):
+                b = rec[1 + k]
+                if b == 0xFF:
+                    break
                 p = pos + (b & 127)
                 if p < width:
                     out[r, p] = 1 + (b >> 7)

@@ -49,7 +49,7 @@ def test_full_size_fitted_dictionaries_on_skewed_symbols(p):
     rng = np.random.default_rng(3)
     sym = rng.choice(3, size=(7, 1001), p=p).astype(np.uint8)
     d = fit_dictionary([sym])
-    assert d.size == 65535 and d.length.max() <= 128
+    assert d.size == 65535 and d.length.max() <= 127
     assert np.array_equal(decode_symbols(encode(sym, _levels(rng, 7), d)), sym)
 
 
