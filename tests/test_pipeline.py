@@ -188,3 +188,37 @@ def test_memory_mapped_activations_give_the_same_output(tiny_mixed_bin, compress
     for f in (out / "experts").iterdir():
         assert f.read_bytes() == (mm / "experts" / f.name).read_bytes(), f.name
     assert not list(mm.glob("activations-*"))
+
+
+def _word_tokenizer(path, vocab_size: int):
+    """A tokenizer.json as HF ships them, with T5's sentinels: a word-level vocabulary (tokenizers, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(vocab_size - 103)]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    vocab.update({f"<extra_id_{k}>": vocab_size - 1 - k for k in range(100)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return words
+
+
+def test_model_tokenizer_and_jsonl_calibration(tiny_ckpt, tmp_path):
+    """A model directory's tokenizer.json is used (its sentinels are left out of the Hessians), with --calib JSON
+    lines, and the tokenizer is copied into the output so infer reads the same samples."""
+    d = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    words = _word_tokenizer(d / "tokenizer.json", 384)
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, 300))}) for _ in range(40)))
+    spec = DataSpec(train_samples=16, val_samples=4, seed=0, calib=calib)
+    s = compress_model(d, tmp_path / "o", CompressConfig(), spec, progress=lambda *_: None)
+    assert (tmp_path / "o" / "tokenizer.json").exists()
+    from qmoe.compressor import load_samples
+
+    train, _, floor = load_samples(d, json.loads((d / "config.json").read_text()), spec)
+    assert floor == 384 - 100 and int(train.input_ids.max()) >= floor  # sentinels are in the inputs...
+    for b in s["blocks"]:  # ...and not in the Hessians: fewer Hessian tokens than routed tokens
+        assert sum(b["hessian_tokens"]) < sum(b["tokens_per_expert"])
+    r = infer_cli.evaluate_path(tmp_path / "o", DataSpec(val_samples=4, seed=0, calib=calib))
+    assert r["val_loss"] == pytest.approx(s["val_loss_after"], rel=1e-6)
