@@ -1,12 +1,13 @@
-"""The on-disk container: one safetensors file holding one dictionary and any number of encoded matrices.
+"""The on-disk container: one safetensors file holding any number of encoded matrices and their dictionaries.
 
 Per matrix `name`: `name.codes` (uint16 [n]) and `name.rows`, one zstd frame holding the per-row data: the high
 bytes of the levels (bf16 bits of lo and hi, [2, R]), the codeword count of each row minus the smallest count (in
 the narrowest unsigned type that holds them; row offsets are their prefix sum), then the levels' low bytes. Split
 so, the sign-and-exponent bytes, nearly constant, compress to little; the levels cost about 9-10 bits instead of 16,
 which matters for narrow rows (a 256-wide row pays 32 bits of levels, 0.125 bits a weight, when stored plainly).
-The file's metadata, under one key, records the codec version, the dictionary (kind, probabilities,
-size, sha256 of its words) and per matrix its shape, count base and a sha256 of its bytes. Written atomically;
+The file's metadata, under one key, records the codec version, the dictionaries (kind, probabilities,
+size, sha256 of their words) and per matrix its shape, dictionary, count base and a sha256 over its name, shape,
+count base, dictionary and bytes. Written atomically;
 read without pickle. Any mismatch raises ContainerError naming the file and the matrix.
 """
 from __future__ import annotations
@@ -64,27 +65,31 @@ def _unpack_rows(blob: np.ndarray, rows: int, count_dtype: np.dtype) -> tuple[np
 
 
 def checksum(name: str, m: EncodedMatrix, counts: np.ndarray, base: int) -> str:
-    h = hashlib.sha256(json.dumps([name, list(m.shape), base]).encode())
+    h = hashlib.sha256(json.dumps([name, list(m.shape), base, m.dictionary.sha256]).encode())
     for a in (m.codes, counts, m.levels):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
 def write_container(path: Path | str, matrices: dict[str, EncodedMatrix]) -> dict:
-    """Write matrices that share one dictionary; returns the per-matrix manifest entries."""
+    """Write matrices (each with its dictionary; matrices may share one); returns the per-matrix manifest entries."""
     path = Path(path)
+    index: dict[str, int] = {}  # dictionary sha256 -> its position in the file's list
+    for _, m in sorted(matrices.items()):
+        index.setdefault(m.dictionary.sha256, len(index))
     dictionaries = {m.dictionary.sha256: m.dictionary for m in matrices.values()}
-    if len(dictionaries) != 1:
-        raise ValueError(f"{path}: a container holds matrices of exactly one dictionary, got {len(dictionaries)}")
-    d = next(iter(dictionaries.values()))
+    records = [None] * len(index)
+    for sha, i in index.items():
+        d = dictionaries[sha]
+        records[i] = {"kind": d.kind, "probs": list(d.probs), "size": d.size, "sha256": d.sha256}
     tensors, entries = {}, {}
     for name, m in sorted(matrices.items()):
         counts, base = _counts_array(np.diff(m.row_offsets))
         tensors.update({f"{name}.codes": m.codes, f"{name}.rows": _pack_rows(m.levels, counts)})
         entries[name] = {"shape": list(m.shape), "count_base": base, "count_dtype": counts.dtype.name,
-                         "sha256": checksum(name, m, counts, base), "codec_version": CODEC_VERSION}
-    meta = {"version": CODEC_VERSION, "dictionary": {"kind": d.kind, "probs": list(d.probs), "size": d.size,
-                                                     "sha256": d.sha256}, "tensors": entries}
+                         "dictionary": index[m.dictionary.sha256], "sha256": checksum(name, m, counts, base),
+                         "codec_version": CODEC_VERSION}
+    meta = {"version": CODEC_VERSION, "dictionaries": records, "tensors": entries}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
     return entries
 
@@ -102,11 +107,17 @@ def read_container(path: Path | str, expected: dict[str, tuple[int, int]] | None
         raise ContainerError(path, None, f"not a readable safetensors file ({e})") from None
     if raw_meta is None:
         raise ContainerError(path, None, f"no {META_KEY} metadata: not a qmoe codec file")
-    dm, tensors = _parse_meta(path, raw_meta)
-    d = build(dm["kind"], dm["probs"])
-    if d.size != dm["size"] or d.sha256 != dm["sha256"]:
-        raise ContainerError(path, None, f"the {dm['kind']} dictionary rebuilt here does not match the one the "
-                                         "file was written with")
+    records, tensors = _parse_meta(path, raw_meta)
+    dictionaries = []
+    for dm in records:
+        try:
+            d = build(dm["kind"], dm["probs"], dm["size"])
+        except ValueError as e:
+            raise ContainerError(path, None, str(e)) from None
+        if d.size != dm["size"] or d.sha256 != dm["sha256"]:
+            raise ContainerError(path, None, f"the {dm['kind']} dictionary rebuilt here does not match the one the "
+                                             "file was written with")
+        dictionaries.append(d)
     out = {}
     for name, e in tensors.items():
         try:
@@ -124,7 +135,7 @@ def read_container(path: Path | str, expected: dict[str, tuple[int, int]] | None
             raise ContainerError(path, name, str(err)) from None
         offsets = np.zeros(shape[0] + 1, dtype=np.int64)
         np.cumsum(counts.astype(np.int64) + e["count_base"], out=offsets[1:])
-        m = EncodedMatrix(shape, codes, offsets, levels, d)
+        m = EncodedMatrix(shape, codes, offsets, levels, dictionaries[e["dictionary"]])
         if checksum(name, m, counts, e["count_base"]) != e["sha256"]:
             raise ContainerError(path, name, "checksum mismatch: the data is corrupt")
         out[name] = m
@@ -136,23 +147,27 @@ def read_container(path: Path | str, expected: dict[str, tuple[int, int]] | None
 
 
 def _parse_meta(path: Path, raw: str) -> tuple[dict, dict]:
-    """The dictionary record and the per-matrix entries, with every field's type checked."""
+    """The dictionary records and the per-matrix entries, with every field's type checked."""
     try:
         meta = json.loads(raw)
         if meta.get("version") != CODEC_VERSION:
             raise ContainerError(path, None, f"codec version {meta.get('version')}, this reader knows {CODEC_VERSION}")
-        dm = meta["dictionary"]
-        ok = (dm["kind"] in ("tunstall", "qmoe-pairs") and isinstance(dm["size"], int) and isinstance(dm["sha256"], str)
-              and len(dm["probs"]) == 3 and all(isinstance(p, float) and 0 <= p <= 1 for p in dm["probs"]))
+        records = meta["dictionaries"]
+        ok = isinstance(records, list) and len(records) > 0
+        for dm in records:
+            ok = ok and (dm["kind"] in ("tunstall", "qmoe-pairs") and isinstance(dm["size"], int)
+                         and isinstance(dm["sha256"], str) and len(dm["probs"]) == 3
+                         and all(isinstance(p, float) and 0 <= p <= 1 for p in dm["probs"]))
         for e in meta["tensors"].values():
-            ok = ok and (len(e["shape"]) == 2 and all(isinstance(x, int) and x >= 0 for x in e["shape"])
+            ok = ok and (isinstance(e["dictionary"], int) and 0 <= e["dictionary"] < len(records)
+                         and len(e["shape"]) == 2 and all(isinstance(x, int) and x >= 0 for x in e["shape"])
                          and isinstance(e["count_base"], int) and e["count_base"] >= 0 and isinstance(e["sha256"], str)
                          and e["count_dtype"] in ("uint8", "uint16", "uint32"))
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
         raise ContainerError(path, None, f"corrupt metadata ({type(e).__name__}: {e})") from None
     if not ok:
         raise ContainerError(path, None, "corrupt metadata (a field has the wrong type or range)")
-    return dm, meta["tensors"]
+    return records, meta["tensors"]
 
 
 def decode_checked(path, name: str, m: EncodedMatrix) -> np.ndarray:

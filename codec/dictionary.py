@@ -148,10 +148,13 @@ def qmoe_pairs(p0: float = 0.885, size: int = CODEWORDS, max_pairs: int = 14) ->
     return _from_words("qmoe-pairs", probs, words)
 
 
-def build(kind: str, probs) -> Dictionary:
-    """The dictionary a container names: ('tunstall', fitted probabilities) or ('qmoe-pairs', (p0, ...))."""
+def build(kind: str, probs, size: int = CODEWORDS) -> Dictionary:
+    """The dictionary a container names: ('tunstall', fitted probabilities) or ('qmoe-pairs', (p0, ...)), with at
+    most `size` words (at most 2^16: codewords are uint16)."""
+    if not 1 <= size <= CODEWORDS:
+        raise ValueError(f"dictionary size {size} is outside 1..{CODEWORDS}")
     if kind == "tunstall":
-        return tunstall(normalize_probs(probs))
+        return tunstall(normalize_probs(probs), size)
     if kind == "qmoe-pairs":
-        return qmoe_pairs(float(probs[0]))
+        return qmoe_pairs(float(probs[0]), size)
     raise ValueError(f"unknown dictionary kind {kind!r}")

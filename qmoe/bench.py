@@ -108,7 +108,8 @@ def iid_matrices(shape, p0: float, seed: int):
 
 
 def model_experts(experts_dir: Path | None):
-    """Symbols and levels of every expert matrix of a ternary compressed model, grouped by block file."""
+    """Symbols and levels of every expert matrix of a ternary compressed model, grouped as stored: by block file
+    and matrix kind (wi, wo), each group with its own fitted dictionary."""
     if experts_dir is None:
         from qmoe.compressor import DataSpec, compress_model, resolve_model
         from qmoe.pipeline import CompressConfig
@@ -118,13 +119,14 @@ def model_experts(experts_dir: Path | None):
         compress_model(resolve_model("default"), experts_dir, CompressConfig(), DataSpec(), progress=lambda *_: None)
     groups, mats, levels = [], {}, {}
     for f in sorted((Path(experts_dir) / "experts").glob("*.safetensors")):
-        g = {}
+        by_kind: dict[str, dict] = {}
         for name, m in read_container(f).items():
             key = f"{f.stem}/{name}"
-            g[key] = decode_symbols(m)
+            by_kind.setdefault(name.rsplit(".", 1)[-1], {})[key] = decode_symbols(m)
             levels[key] = m.levels
-        groups.append(g)
-        mats.update(g)
+        for g in by_kind.values():
+            groups.append(g)
+            mats.update(g)
     return mats, levels, groups
 
 

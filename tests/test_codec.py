@@ -101,6 +101,19 @@ def test_container_round_trip(container):
         assert entries[k]["shape"] == [13, 77] and len(entries[k]["sha256"]) == 64
 
 
+def test_matrices_with_different_dictionaries_share_a_file(tmp_path):
+    rng = np.random.default_rng(4)
+    dense = rng.choice(3, size=(9, 130), p=(0.6, 0.2, 0.2)).astype(np.uint8)
+    sparse = rng.choice(3, size=(5, 300), p=(0.95, 0.03, 0.02)).astype(np.uint8)
+    enc = {"wi": encode(dense, _levels(rng, 9), fit_dictionary([dense], size=3001)),
+           "wo": encode(sparse, _levels(rng, 5), fit_dictionary([sparse], size=3001)),
+           "wo2": encode(sparse, _levels(rng, 5), fit_dictionary([sparse], size=3001))}
+    entries = write_container(tmp_path / "f.safetensors", enc)
+    assert entries["wi"]["dictionary"] != entries["wo"]["dictionary"] == entries["wo2"]["dictionary"]
+    back = read_container(tmp_path / "f.safetensors")
+    assert np.array_equal(decode_symbols(back["wi"]), dense) and np.array_equal(decode_symbols(back["wo"]), sparse)
+
+
 def test_truncated_file(container):
     path = container[0]
     path.write_bytes(path.read_bytes()[:-40])
@@ -141,7 +154,7 @@ def test_dictionary_mismatch(container):
     with safe_open(str(path), framework="numpy") as f:
         meta = json.loads(f.metadata()["qmoe-codec"])
         arrays = {k: f.get_tensor(k) for k in f.keys()}
-    meta["dictionary"]["probs"] = [0.7, 0.2, 0.1]
+    meta["dictionaries"][0]["probs"] = [0.7, 0.2, 0.1]
     save_file(arrays, str(path), metadata={"qmoe-codec": json.dumps(meta)})
     with pytest.raises(ContainerError, match="dictionary rebuilt here does not match"):
         read_container(path)
