@@ -106,6 +106,31 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
                      method=cfg.method.value, source=str(model_dir))
     atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
 
+    stats, done, tensors = _compress_blocks(model, reader, train, out, cfg, sentinel_floor, progress)
+
+    progress("validation loss: original (bf16 weights) ...")
+    original = load_bf16_model(reader, mcfg)
+    loss_before = validation_loss(original, val)
+    del original
+    compressed_model, _, _ = C.load_compressed(out, require_manifest=False)
+    loss_after = validation_loss(compressed_model, val)
+    progress(f"validation loss {loss_before:.4f} -> {loss_after:.4f}")
+
+    summary = _summary(compressed_model, out, cfg, spec, model_dir, len(train), len(val), stats,
+                       loss_before, loss_after, time.time() - t0)
+    atomic_write_json(out / "summary.json", summary)
+    C.write_manifest(out, done, complete=True, tensors=tensors)
+    return summary
+
+
+def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Samples, out: Path, cfg: CompressConfig,
+                     sentinel_floor: int, progress) -> tuple[list, list[str], dict]:
+    """Every block in order, encoder first, on the calibration activations; each sparse block's experts are
+    written, then the manifest (still incomplete) names the block done. Returns (block stats, blocks done,
+    manifest entries of the expert files)."""
+    mcfg = model.cfg
+    n_blocks = sum(1 for _ in model.sparse_blocks())
+    enc = None  # the compressed encoder's output, which the decoder's cross-attention reads
     stats, done, tensors = [], [], {}
     for stack_name, ids in (("encoder", train.input_ids),
                             ("decoder", shift_right(train.labels, mcfg.decoder_start_token_id))):
@@ -117,10 +142,10 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         for i, blk in enumerate(stack.block):
             name = f"{stack_name}.block.{i}"
             if not blk.sparse:
-                run_dense_block(blk, stack, x, enc if stack_name == "decoder" else None, cfg.chunk_samples)
+                run_dense_block(blk, stack, x, enc, cfg.chunk_samples)
                 continue
             experts, st = compress_block(
-                name, blk, stack, x, ids, enc if stack_name == "decoder" else None,
+                name, blk, stack, x, ids, enc,
                 lambda js, name=name: [read_expert(reader, name, j, torch.bfloat16) for j in js],
                 sentinel_floor, cfg, len(done))
             tensors[C.expert_file(name)] = C.write_experts(out, name, experts, cfg.scheme)
@@ -134,18 +159,13 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
             for s0 in range(0, N, cfg.chunk_samples):
                 x[s0:s0 + cfg.chunk_samples] = stack.final_layer_norm(x[s0:s0 + cfg.chunk_samples])
             enc = x
-    del x, enc
+    return stats, done, tensors
 
-    progress("validation loss: original (bf16 weights) ...")
-    original = load_bf16_model(reader, mcfg)
-    loss_before = validation_loss(original, val)
-    del original
-    compressed_model, _, _ = C.load_compressed(out, require_manifest=False)
-    loss_after = validation_loss(compressed_model, val)
-    progress(f"validation loss {loss_before:.4f} -> {loss_after:.4f}")
 
-    params_total = sum(p.numel() for p in compressed_model.parameters())
-    params_experts = sum(p.numel() for n, p in compressed_model.named_parameters() if ".mlp.experts." in n)
+def _summary(model: SwitchModel, out: Path, cfg: CompressConfig, spec: DataSpec, model_dir: Path, n_train: int,
+             n_val: int, stats: list, loss_before: float, loss_after: float, seconds: float) -> dict:
+    params_total = sum(p.numel() for p in model.parameters())
+    params_experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     files = [p for p in out.rglob("*") if p.is_file() and p.name not in ("manifest.json", "summary.json")]
     expert_bytes = sum(p.stat().st_size for p in (out / "experts").iterdir())
     all_bytes = sum(p.stat().st_size for p in files)
@@ -157,19 +177,17 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         "bytes_original": 2 * params_total, "bytes_compressed": all_bytes, "bytes_experts_compressed": expert_bytes,
         "bits_per_param_experts": 8 * expert_bytes / params_experts, "bits_per_param_total": 8 * all_bytes / params_total,
         "val_loss_before": loss_before, "val_loss_after": loss_after,
-        "train_samples": len(train), "val_samples": len(val), "seed": spec.seed,
+        "train_samples": n_train, "val_samples": n_val, "seed": spec.seed,
         "calib": str(spec.calib) if spec.calib else "embedded corpus",
         "experts_fallback_rtn": sum(len(s.fallback) for s in stats),
         "experts_token_capped": sum(s.capped for s in stats),
         "blocks": [{"name": s.name, "tokens_per_expert": s.tokens_per_expert, "hessian_tokens": s.hessian_tokens,
                     "fallback": {str(k): v for k, v in s.fallback.items()},
                     "seconds": {k: round(v, 3) for k, v in s.seconds.items()}} for s in stats],
-        "seconds": round(time.time() - t0, 2),
+        "seconds": round(seconds, 2),
         "peak_rss_bytes": peak_rss_bytes(),
         "config": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items()},
     }
-    atomic_write_json(out / "summary.json", summary)
-    C.write_manifest(out, done, complete=True, tensors=tensors)
     return summary
 
 
