@@ -72,12 +72,17 @@ def test_a_flipped_byte_is_caught(compressed_dir, tmp_path):
         load_compressed(bad)
 
 
+def _assert_same_output(ckpt, reference, other, cfg: CompressConfig) -> None:
+    """Compress `ckpt` into `other` with `cfg`; its expert files must equal `reference`'s byte for byte."""
+    compress_model(ckpt, other, cfg, SPEC, progress=lambda *_: None)
+    names = sorted(f.name for f in (reference / "experts").iterdir())
+    assert names == sorted(f.name for f in (other / "experts").iterdir())
+    for name in names:
+        assert (reference / "experts" / name).read_bytes() == (other / "experts" / name).read_bytes(), name
+
+
 def test_output_does_not_depend_on_group_size(tiny_mixed_bin, compressed_dir, tmp_path):
-    out, _ = compressed_dir
-    other = tmp_path / "g1"
-    compress_model(tiny_mixed_bin, other, CompressConfig(group_size=1), SPEC, progress=lambda *_: None)
-    for f in (out / "experts").iterdir():
-        assert f.read_bytes() == (other / "experts" / f.name).read_bytes(), f.name
+    _assert_same_output(tiny_mixed_bin, compressed_dir[0], tmp_path / "g1", CompressConfig(group_size=1))
 
 
 @pytest.mark.parametrize("scheme,method", [(Scheme.INT2, Method.RTN), (Scheme.INT4, Method.GPTQ)])
@@ -182,11 +187,8 @@ def test_existing_output_is_not_overwritten(compressed_dir, tiny_mixed_bin):
 
 def test_memory_mapped_activations_give_the_same_output(tiny_mixed_bin, compressed_dir, tmp_path):
     """memmap_bytes=0 puts every activation buffer in a memory-mapped file: same bytes out, no file left."""
-    out, _ = compressed_dir
     mm = tmp_path / "mm"
-    compress_model(tiny_mixed_bin, mm, CompressConfig(memmap_bytes=0), SPEC, progress=lambda *_: None)
-    for f in (out / "experts").iterdir():
-        assert f.read_bytes() == (mm / "experts" / f.name).read_bytes(), f.name
+    _assert_same_output(tiny_mixed_bin, compressed_dir[0], mm, CompressConfig(memmap_bytes=0))
     assert not list(mm.glob("activations-*"))
 
 
