@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from codec.atomic import atomic_write
 from codec.dictionary import build
-from codec.ternary import CodecError, EncodedMatrix, decode_symbols
+from codec.ternary import EncodedMatrix
 
 CODEC_VERSION = 1
 META_KEY = "qmoe-codec"
@@ -31,7 +31,7 @@ META_KEY = "qmoe-codec"
 
 class ContainerError(ValueError):
     def __init__(self, file, tensor: str | None, problem: str):
-        self.file, self.tensor = str(file), tensor
+        self.file, self.tensor, self.problem = str(file), tensor, problem
         super().__init__(f"{file}" + (f", tensor {tensor!r}" if tensor else "") + f": {problem}")
 
 
@@ -168,11 +168,3 @@ def _parse_meta(path: Path, raw: str) -> tuple[dict, dict]:
     if not ok:
         raise ContainerError(path, None, "corrupt metadata (a field has the wrong type or range)")
     return records, meta["tensors"]
-
-
-def decode_checked(path, name: str, m: EncodedMatrix) -> np.ndarray:
-    """decode_symbols, with any inconsistency reported against the file and matrix."""
-    try:
-        return decode_symbols(m)
-    except CodecError as e:
-        raise ContainerError(path, name, str(e)) from None

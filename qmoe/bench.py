@@ -38,13 +38,10 @@ def pack2(sym: np.ndarray) -> bytes:
     return (flat[:, 0] | flat[:, 1] << 2 | flat[:, 2] << 4 | flat[:, 3] << 6).astype(np.uint8).tobytes()
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def _container_bits(mats: dict[str, np.ndarray], levels: dict[str, np.ndarray], dictionary, tmp: Path):
@@ -87,7 +84,7 @@ def measure(name: str, mats: dict[str, np.ndarray], levels: dict[str, np.ndarray
         dec = {"ours": [], "qmoe": []}
         for _ in range(repeats):
             for key, e in (("ours", ours_enc), ("qmoe", q_enc)):
-                dec[key].append(_median_seconds(lambda: [decode_symbols(m) for m in e.values()], 1))
+                dec[key].append(_seconds(lambda: [decode_symbols(m) for m in e.values()]))
         row["ours_decode_mws"] = n / statistics.median(dec["ours"]) / 1e6
         row["qmoe_decode_mws"] = n / statistics.median(dec["qmoe"]) / 1e6
     packed = b"".join(pack2(v) for v in mats.values())

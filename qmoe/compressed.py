@@ -77,20 +77,20 @@ def _write_ternary(path: Path, experts: dict) -> dict:
 
 def _read_ternary(path: Path, expected: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     """{matrix name: float32 weights} of one block's codec file, every check applied."""
-    from codec.container import ContainerError, decode_checked, read_container
-    from codec.ternary import bf16_bits_to_f32
+    from codec.container import ContainerError, read_container
+    from codec.ternary import CodecError, decode
 
     try:
         encoded = read_container(path, expected)
-        out = {}
-        for name, m in encoded.items():
-            sym = torch.from_numpy(decode_checked(path, name, m).astype(np.int64))
-            lo = torch.from_numpy(bf16_bits_to_f32(m.levels[0])).unsqueeze(1)
-            hi = torch.from_numpy(bf16_bits_to_f32(m.levels[1])).unsqueeze(1)
-            out[name] = torch.where(sym == 1, hi, torch.where(sym == 2, lo, torch.zeros(())))
-        return out
     except ContainerError as e:
-        raise CheckpointError(e.file, e.tensor, str(e).split(": ", 1)[-1]) from None
+        raise CheckpointError(e.file, e.tensor, e.problem) from None
+    out = {}
+    for name, m in encoded.items():
+        try:
+            out[name] = torch.from_numpy(decode(m))
+        except CodecError as e:
+            raise CheckpointError(path, name, str(e)) from None
+    return out
 
 
 def _read_packed(path: Path, expected: dict[str, tuple[int, int]], scheme: Scheme) -> dict[str, torch.Tensor]:

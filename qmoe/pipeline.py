@@ -96,8 +96,7 @@ def _quantize(W: torch.Tensor, inputs: list[torch.Tensor], cfg: CompressConfig, 
         return [QuantizedMatrix(codes[g], p.select(g)) for g in range(W.shape[0])], ["" for _ in inputs]
     gptq = GPTQ(W.shape[0], W.shape[2])
     for g, x in enumerate(inputs):
-        for r0 in range(0, x.shape[0], ROWS_PER_CHUNK):
-            chunk = x[r0:r0 + ROWS_PER_CHUNK]
+        for chunk in x.split(ROWS_PER_CHUNK):
             gptq.add_batch(g, chunk if layer_input is None else layer_input(g, chunk))
     r = gptq.fasterquant(W, cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
     return [QuantizedMatrix(r.codes[g], r.params.select(g)) for g in range(W.shape[0])], r.reasons
@@ -118,13 +117,16 @@ def expert_pass(weights: list[dict[str, torch.Tensor]], tokens: list[torch.Tenso
     h_in = [t[r] for t, r in zip(tokens, hessian_rows)]
     q_wi, why_wi = _quantize(wi, h_in, cfg)
     wi_q = [q.values() for q in q_wi]
-    q_wo, why_wo = _quantize(wo, h_in, cfg, layer_input=lambda g, x: F.relu(F.linear(x, wi_q[g])))
+
+    def hidden(g: int, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, F]: expert g's quantized wi, then relu
+        return F.relu(F.linear(x, wi_q[g]))
+
+    q_wo, why_wo = _quantize(wo, h_in, cfg, layer_input=hidden)
     experts = [QuantizedExpert(a, b) for a, b in zip(q_wi, q_wo)]
     outputs = []
     for g, (e, t) in enumerate(zip(experts, tokens)):
         wo_q = e.wo.values()
-        outputs.append(torch.cat([F.linear(F.relu(F.linear(t[r0:r0 + ROWS_PER_CHUNK], wi_q[g])), wo_q)
-                                  for r0 in range(0, t.shape[0], ROWS_PER_CHUNK)]) if t.shape[0] else t.clone())
+        outputs.append(torch.cat([F.linear(hidden(g, chunk), wo_q) for chunk in t.split(ROWS_PER_CHUNK)]))
     reasons = [f"wi: {a}" if a else (f"wo: {b}" if b else "") for a, b in zip(why_wi, why_wo)]
     return experts, outputs, reasons
 

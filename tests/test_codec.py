@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from codec.container import ContainerError, decode_checked, read_container, write_container
+from codec.container import ContainerError, read_container, write_container
 from codec.dictionary import qmoe_pairs, tunstall
 from codec.ternary import CodecError, EncodedMatrix, decode, decode_symbols, encode, f32_to_bf16_bits, fit_dictionary
 
@@ -139,8 +139,8 @@ def test_any_flipped_byte_is_an_error_not_a_wrong_matrix(container, where):
     path.write_bytes(bytes(data))
     try:
         back = read_container(path, expected={k: v.shape for k, v in mats.items()})
-        decoded = {k: decode_checked(path, k, m) for k, m in back.items()}
-    except ContainerError:
+        decoded = {k: decode_symbols(m) for k, m in back.items()}
+    except (ContainerError, CodecError):
         return
     # The flip landed somewhere harmless (JSON whitespace, say): the matrices must still be exactly right.
     assert all(np.array_equal(decoded[k], mats[k]) for k in mats)
