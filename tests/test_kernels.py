@@ -1,0 +1,158 @@
+"""Fused decode-GEMM kernels against the plain torch reference (decode W densely, then x @ W^T)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codec.dictionary import normalize_probs, qmoe_pairs, tunstall
+from codec.ternary import bf16_bits_to_f32, decode, encode, f32_to_bf16_bits
+from kernels.cpu import decode_gemm
+from kernels.module import CompressedLinear
+from kernels.records import check_rows, records
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(1, 1), (1, 7), (3, 1), (5, 37), (33, 129), (64, 256), (17, 300), (130, 2)]
+BATCHES = [1, 2, 3, 16, 64]
+
+
+def random_matrix(shape, p=(0.85, 0.09, 0.06), seed=0, dictionary=None, special_rows=True):
+    """An encoded ternary matrix with random levels; row 0 all zeros and the last row without a zero."""
+    rng = np.random.default_rng(seed)
+    R, C = shape
+    sym = rng.choice(3, size=shape, p=p).astype(np.uint8)
+    if special_rows and R > 2:
+        sym[0] = 0
+        sym[-1] = rng.choice([1, 2], size=C)
+    levels = np.stack([f32_to_bf16_bits(-rng.random(R, dtype=np.float32) - 0.1),
+                       f32_to_bf16_bits(rng.random(R, dtype=np.float32) + 0.1)])
+    d = dictionary or tunstall(normalize_probs(np.array(p)))
+    return encode(sym, levels, d)
+
+
+def reference(m, x):
+    return x.astype(np.float64) @ decode(m).astype(np.float64).T
+
+
+def assert_close(y, ref):
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_cpu_kernel_matches_reference(shape, batch):
+    m = random_matrix(shape, seed=shape[0] * 1000 + shape[1])
+    recs = records(m.dictionary)
+    assert check_rows(m.codes, m.row_offsets, recs, shape[1]) == -1
+    x = np.random.default_rng(batch).standard_normal((batch, shape[1])).astype(np.float32)
+    y = decode_gemm(m.codes, m.row_offsets, recs, bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1]), x)
+    assert_close(y, reference(m, x))
+
+
+@pytest.mark.parametrize("dictionary", ["qmoe", "skewed", "dense"])
+def test_cpu_kernel_other_dictionaries(dictionary):
+    if dictionary == "qmoe":
+        p, d = (0.885, 0.0575, 0.0575), qmoe_pairs()
+    elif dictionary == "skewed":  # almost all zeros, one sign rare
+        p, d = (0.97, 0.029, 0.001), None
+    else:  # few zeros
+        p, d = (0.72, 0.14, 0.14), None
+    m = random_matrix((41, 203), p=p, dictionary=d)
+    recs = records(m.dictionary)
+    assert recs is not None
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 203)).astype(np.float32)
+        y = decode_gemm(m.codes, m.row_offsets, recs, bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1]), x)
+        assert_close(y, reference(m, x))
+
+
+def test_zero_batch_and_empty_matrix():
+    m = random_matrix((6, 10))
+    recs = records(m.dictionary)
+    lo, hi = bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1])
+    assert decode_gemm(m.codes, m.row_offsets, recs, lo, hi, np.zeros((0, 10), np.float32)).shape == (0, 6)
+    e = random_matrix((0, 10), special_rows=False)
+    assert decode_gemm(e.codes, e.row_offsets, recs, lo[:0], hi[:0], np.ones((3, 10), np.float32)).shape == (3, 0)
+
+
+def test_records_layout():
+    d = tunstall(normalize_probs(np.array([0.8, 0.1, 0.1])))
+    recs = records(d)
+    assert recs.shape == (d.size,) and recs.dtype == np.int64
+    for c in (0, 1, d.size // 2, d.size - 1):
+        w = int(recs[c])
+        assert w & 127 == d.length[c]
+        n = (w >> 7) & 7
+        lo, hi = d.nz_start[c], d.nz_start[c + 1]
+        assert n == hi - lo
+        for j in range(n):
+            b = (w >> (10 + 8 * j)) & 255
+            assert b & 127 == d.nz_pos[lo + j] and (b >> 7) + 1 == d.nz_sym[lo + j]
+
+
+def test_no_records_for_words_with_many_nonzeros_falls_back_to_reference():
+    p = (0.34, 0.33, 0.33)  # words of 7+ non-zeros exist: no 64-bit records
+    m = random_matrix((9, 50), p=p)
+    assert records(m.dictionary) is None
+    lin = CompressedLinear(m)
+    assert not lin.fused
+    x = torch.randn(4, 50)
+    assert_close(lin(x).double().numpy(), reference(m, x.numpy()))
+
+
+def test_check_rows_catches_corrupt_rows():
+    m = random_matrix((8, 90))
+    recs = records(m.dictionary)
+    assert check_rows(m.codes, m.row_offsets, recs, 90) == -1
+    assert check_rows(m.codes, m.row_offsets, recs, 89) >= 0  # every row runs one symbol past a narrower width
+    off = m.row_offsets.copy()
+    off[3] += 1  # row 2 gains a codeword, row 3 loses one
+    assert check_rows(m.codes, off, recs, 90) in (2, 3)
+    longest = int(np.argmax(m.dictionary.length))
+    codes = m.codes.copy()
+    codes[m.row_offsets[4]] = longest  # a word longer than what is left of row 4
+    assert check_rows(codes, m.row_offsets, recs, 90) == 4
+    with pytest.raises(ValueError, match="row 4 does not decode"):
+        from dataclasses import replace
+        CompressedLinear(replace(m, codes=codes), name="bad")
+
+
+def test_module_shapes_dtypes_and_reference_path():
+    m = random_matrix((24, 40))
+    lin = CompressedLinear(m, name="w")
+    x = torch.randn(2, 3, 40)
+    y = lin(x)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.float32
+    assert_close(y.reshape(6, 24).double().numpy(), reference(m, x.reshape(6, 40).numpy()))
+    torch.testing.assert_close(lin(x, reference=True), y, rtol=0, atol=2e-5)
+    yb = lin(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="w: input has 41 features"):
+        lin(torch.randn(1, 41))
+    assert lin.nbytes == m.codes.nbytes + m.row_offsets.nbytes + 2 * 4 * 24
+
+
+def test_cuda_kernel_in_simulator():
+    """The numba.cuda kernel, run by numba's CUDA simulator (no GPU), over shapes and batch sizes."""
+    script = ROOT / "tests" / "cuda_sim_check.py"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "checked 12 cases" in r.stdout
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 6)])
+def test_cuda_kernel_compiles_to_ptx(cc):
+    """Compiled for A100 (sm_80) and RTX 3090 / A6000 (sm_86) without a GPU, when numba's CUDA toolchain
+    (numba-cuda, nvidia-cuda-nvrtc) is installed: the test extra installs it."""
+    pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
+    from kernels.cuda import compile_ptx
+
+    ptx = compile_ptx(cc)
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx
+    assert ".entry" in ptx
