@@ -75,20 +75,38 @@ def _write_ternary(path: Path, experts: dict) -> dict:
     return write_container(path, encoded)
 
 
-def _read_ternary(path: Path, expected: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """{matrix name: float32 weights} of one block's codec file, every check applied."""
+def _read_encoded(path: Path, expected: dict[str, tuple[int, int]]) -> dict:
+    """{matrix name: EncodedMatrix} of one block's codec file, every container check applied."""
     from codec.container import ContainerError, read_container
-    from codec.ternary import CodecError, decode
 
     try:
-        encoded = read_container(path, expected)
+        return read_container(path, expected)
     except ContainerError as e:
         raise CheckpointError(e.file, e.tensor, e.problem) from None
+
+
+def _read_ternary(path: Path, expected: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """{matrix name: float32 weights} of one block's codec file."""
+    from codec.ternary import CodecError, decode
+
     out = {}
-    for name, m in encoded.items():
+    for name, m in _read_encoded(path, expected).items():
         try:
             out[name] = torch.from_numpy(decode(m))
         except CodecError as e:
+            raise CheckpointError(path, name, str(e)) from None
+    return out
+
+
+def _fused_experts(path: Path, expected: dict[str, tuple[int, int]]) -> dict:
+    """{matrix name: CompressedLinear} of one block's codec file: the fused kernels' modules, W never decoded."""
+    from kernels.module import CompressedLinear
+
+    out = {}
+    for name, m in _read_encoded(path, expected).items():
+        try:
+            out[name] = CompressedLinear(m, name=f"{path}:{name}")
+        except ValueError as e:
             raise CheckpointError(path, name, str(e)) from None
     return out
 
@@ -139,8 +157,9 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
     return manifest
 
 
-def load_compressed(path: Path, verify: bool = True, require_manifest: bool = True):
-    """(model with dequantized float32 experts, cfg, hf config dict) from a compressed directory."""
+def load_compressed(path: Path, verify: bool = True, require_manifest: bool = True, fused: bool = False):
+    """(model, cfg, hf config dict) from a compressed directory. Experts are dequantized to float32 weights, or,
+    with `fused` (ternary only), kept encoded in CompressedLinear modules that run the decode-GEMM kernels."""
     from qmoe.model import SwitchModel
 
     path = Path(path)
@@ -165,6 +184,14 @@ def load_compressed(path: Path, verify: bool = True, require_manifest: bool = Tr
             raise CheckpointError(f, None, "expert file is missing")
         expected = {f"expert_{j}.{m}": tuple(params[expert_key(block_name, j, m)].shape)
                     for j in range(cfg.num_experts) for m in ("wi", "wo")}
+        if fused and scheme is Scheme.TERNARY:
+            for key, module in _fused_experts(f, expected).items():
+                j, m = key.removeprefix("expert_").split(".")
+                owner, _, attr = expert_key(block_name, int(j), m).removesuffix(".weight").rpartition(".")
+                setattr(model.get_submodule(owner), attr, module)
+            continue
+        if fused:
+            raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {scheme.value}")
         weights = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
         for key, w in weights.items():
             j, m = key.removeprefix("expert_").split(".")

@@ -68,7 +68,15 @@ class Attention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
+        return self.attend(x, *self.keys_values(kv), bias)
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the attended sequence, [B, H, Sk, K] each: what a KV cache keeps."""
+        return self._heads(self.k(kv)), self._heads(self.v(kv))
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Queries from x [B, Sq, D] over given keys and values; bias [1 or B, H, Sq, Sk] or None."""
+        q = self._heads(self.q(x))
         scores = q @ k.transpose(-1, -2)  # [B, H, Sq, Sk]
         if bias is not None:
             scores = scores + bias
