@@ -11,13 +11,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from kernels.records import SLOT0
+from kernels.records import OVERFLOW, SLOT0, Records
 
 _IS_LO = np.array([0.0, 1.0], dtype=np.float32)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _gemv(codes, offsets, recs, lo, hi, x, y):
+def _gemv(codes, offsets, table, extra, lo, hi, x, y):
     """Batch 1. x [C] float32, y [R] float32.
 
     The row's sum over all non-zeros and its sum over the lo ones (v * is_lo[bit], no branch on the symbol: a sign
@@ -31,10 +31,14 @@ def _gemv(codes, offsets, recs, lo, hi, x, y):
         l0 = np.float32(0.0)
         l1 = np.float32(0.0)
         for t in range(offsets[r], offsets[r + 1]):
-            w = recs[codes[t]]
-            s = w >> SLOT0
-            for j in range((w >> 7) & 7):
-                b = (s >> (8 * j)) & 255
+            w = table[codes[t]]
+            n = (w >> 7) & 7
+            e = w >> SLOT0  # the non-zeros' bytes, or where they are in `extra` (a word of more than 6)
+            overflow = n == OVERFLOW
+            if overflow:
+                n = extra[e]
+            for j in range(n):
+                b = extra[e + 1 + j] if overflow else (e >> (8 * j)) & 255
                 v = x[pos + (b & 127)]
                 if j & 1:
                     a1 += v
@@ -48,7 +52,7 @@ def _gemv(codes, offsets, recs, lo, hi, x, y):
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _gemm(codes, offsets, recs, lo, hi, xt, y):
+def _gemm(codes, offsets, table, extra, lo, hi, xt, y):
     """Batch B > 1. xt [C, B] float32 (x transposed: a position's B values are contiguous), y [R, B] float32.
     As _gemv, with a vector of B sums; measured faster than listing each row's positions first and then
     gathering (that pass's stores and sign branch cost more than they saved)."""
@@ -59,10 +63,14 @@ def _gemm(codes, offsets, recs, lo, hi, xt, y):
         acc_lo = np.zeros(B, dtype=np.float32)
         pos = 0
         for t in range(offsets[r], offsets[r + 1]):
-            w = recs[codes[t]]
-            s = w >> SLOT0
-            for j in range((w >> 7) & 7):
-                b = (s >> (8 * j)) & 255
+            w = table[codes[t]]
+            n = (w >> 7) & 7
+            e = w >> SLOT0
+            overflow = n == OVERFLOW
+            if overflow:
+                n = extra[e]
+            for j in range(n):
+                b = extra[e + 1 + j] if overflow else (e >> (8 * j)) & 255
                 row = xt[pos + (b & 127)]
                 f = is_lo[b >> 7]
                 for k in range(B):
@@ -73,12 +81,12 @@ def _gemm(codes, offsets, recs, lo, hi, xt, y):
             y[r, k] = hi[r] * (acc[k] - acc_lo[k]) + lo[r] * acc_lo[k]
 
 
-def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
                 x: np.ndarray) -> np.ndarray:
     """y [B, R] float32 = x [B, C] @ W^T for the encoded W.
 
     codes [n] uint16 (codewords of all rows, row after row); offsets [R + 1] int64 (row r's codewords start at
-    offsets[r]); recs [W] int64 (records.records of the dictionary); lo, hi [R] float32 (each row's two levels);
+    offsets[r]); recs: records.records(the dictionary); lo, hi [R] float32 (each row's two levels);
     x [B, C] float32, any B >= 0. C is W's width; the caller guarantees it matches (CompressedLinear checks).
     """
     R = len(offsets) - 1
@@ -87,9 +95,9 @@ def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: np.ndarray, lo: np
         raise ValueError(f"x must be [B, C], got shape {x.shape}")
     if x.shape[0] == 1:
         y = np.empty(R, dtype=np.float32)
-        _gemv(codes, offsets, recs, lo, hi, np.ascontiguousarray(x[0]), y)
+        _gemv(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x[0]), y)
         return y[None]
     y = np.empty((R, x.shape[0]), dtype=np.float32)
     if x.shape[0]:
-        _gemm(codes, offsets, recs, lo, hi, np.ascontiguousarray(x.T), y)
+        _gemm(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x.T), y)
     return np.ascontiguousarray(y.T)

@@ -23,23 +23,24 @@ def _kernel():
     return gemm
 
 
-def decode_gemm(codes, offsets, recs, lo, hi, x, y, stream=0) -> None:
+def decode_gemm(codes, offsets, table, extra, lo, hi, x, y, stream=0) -> None:
     """y [B, R] = x [B, C] @ W^T on the device. Every argument is a device array (a numba device array, or a torch
-    CUDA tensor: anything with __cuda_array_interface__), with the dtypes and shapes of kernels.cpu.decode_gemm;
-    y is written. Under NUMBA_ENABLE_CUDASIM=1, host numpy arrays work too."""
+    CUDA tensor: anything with __cuda_array_interface__), with the dtypes and shapes of kernels.cpu.decode_gemm
+    (table and extra: the two arrays of its records); y is written. Under NUMBA_ENABLE_CUDASIM=1, host numpy arrays work too."""
     rows, batch = y.shape[1], y.shape[0]
     if rows == 0 or batch == 0:
         return
     grid = ((rows + THREADS[0] - 1) // THREADS[0], (batch + THREADS[1] - 1) // THREADS[1])
-    _kernel()[grid, THREADS, stream](codes, offsets, recs, lo, hi, x, y)
+    _kernel()[grid, THREADS, stream](codes, offsets, table, extra, lo, hi, x, y)
 
 
 def compile_ptx(cc: tuple[int, int]) -> str:
     """The kernel's PTX for compute capability cc (e.g. (8, 0) for A100, (8, 6) for RTX 3090 / A6000), compiled
     without a GPU (needs numba's CUDA toolchain: the numba-cuda and nvidia-cuda-nvrtc packages)."""
-    from numba import cuda, float32, int64, uint16
+    from numba import cuda, float32, int64, uint8, uint16
 
     kernel = _kernel()
-    sig = (uint16[::1], int64[::1], int64[::1], float32[::1], float32[::1], float32[:, ::1], float32[:, ::1])
+    sig = (uint16[::1], int64[::1], int64[::1], uint8[::1], float32[::1], float32[::1], float32[:, ::1],
+           float32[:, ::1])
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
     return ptx

@@ -1,7 +1,10 @@
-"""python -m qmoe.infer: validation loss of an original checkpoint or a compressed directory.
+"""python -m qmoe.infer: run an original or compressed checkpoint across devices: validation loss, greedy
+generation with a KV cache, tokens/s and bytes per device.
 
-Uses the same samples as `qmoe.compress` given the same --val-samples, --seed and --calib, so the two losses
-can be compared directly. (Multi-device placement and the fused kernels come with the kernels issue.)
+Compressed ternary experts run on the fused decode-GEMM kernels (kernels/), never decoded to dense matrices;
+int2/int4 experts, and every expert with --reference, are decoded to float32 weights. --simulate-uncompressed is
+QMoE's ideal baseline: each block's experts all point at one shared dense bf16 expert. Uses the same validation
+samples as `qmoe.compress` given the same --val-samples, --seed and --calib, so the losses compare directly.
 """
 from __future__ import annotations
 
@@ -9,55 +12,118 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressor import DataSpec, load_samples, resolve_model
-from qmoe.evaluate import validation_loss
 from qmoe.store import atomic_write_json
 
 
-def evaluate_path(model_dir: Path, spec: DataSpec) -> dict:
-    """Load an original or compressed checkpoint and return its validation loss and timing."""
+@dataclass(frozen=True)
+class InferConfig:
+    devices: tuple[str, ...] = ("cpu",)
+    eval: bool = False
+    generate: int = 0  # tokens to generate greedily per sample
+    batch: int = 32  # samples per forward pass
+    simulate_uncompressed: bool = False
+    reference: bool = False  # decode experts to dense float32 instead of the fused kernels
+
+
+def load_for_inference(model_dir: Path, cfg: InferConfig):
+    """(model, hf config, kind): the model on the CPU, experts as the config asks."""
     from qmoe import compressed as C
     from qmoe.checkpoint import CheckpointReader, read_config
     from qmoe.compressor import load_bf16_model
+    from qmoe.quant import Scheme
+    from qmoe.runner import simulate_uncompressed
 
-    t0 = time.time()
     if C.is_compressed(model_dir):
-        model, _, hf = C.load_compressed(model_dir)
-        kind = "compressed"
+        hf = json.loads((model_dir / "config.json").read_text())
+        fused = Scheme(hf["qmoe"]["scheme"]) is Scheme.TERNARY and not cfg.reference
+        model, _, hf = C.load_compressed(model_dir, fused=fused)
+        kind = f"compressed {hf['qmoe']['scheme']}, experts " + ("on fused kernels" if fused else "decoded to float32")
     else:
         reader = CheckpointReader(model_dir)
-        cfg, hf = read_config(model_dir, reader)
-        model = load_bf16_model(reader, cfg)
-        kind = "original (bf16 weights)"
+        mcfg, hf = read_config(model_dir, reader)
+        model = load_bf16_model(reader, mcfg)
+        kind = "original (bf16 weights, float32 compute)"
+    if cfg.simulate_uncompressed:
+        simulate_uncompressed(model)
+        kind += "; simulated uncompressed (one shared dense bf16 expert a block)"
+    return model, hf, kind
+
+
+def run(model_dir: Path, cfg: InferConfig, spec: DataSpec) -> dict:
+    from qmoe.evaluate import validation_loss
+    from qmoe.runner import Runner
+
+    t0 = time.perf_counter()
+    model, hf, kind = load_for_inference(model_dir, cfg)
+    runner = Runner(model, list(cfg.devices))
     _, val, _ = load_samples(model_dir, hf, DataSpec(train_samples=0, val_samples=spec.val_samples,
                                                     seed=spec.seed, calib=spec.calib))
-    t1 = time.time()
-    loss = validation_loss(model, val)
-    return {"model": str(model_dir), "kind": kind, "val_loss": loss, "val_samples": len(val), "seed": spec.seed,
-            "load_seconds": round(t1 - t0, 3), "eval_seconds": round(time.time() - t1, 3)}
+    p = runner.placement
+    result = {"model": str(model_dir), "kind": kind, "config": asdict(cfg), "seed": spec.seed,
+              "load_seconds": round(time.perf_counter() - t0, 3),
+              "devices": [{"device": d, "bytes": b, "units": u}
+                          for d, b, u in zip(p.devices, p.bytes_per_slot(), p.units_per_slot())]}
+    if cfg.eval:
+        t1 = time.perf_counter()
+        result["val_loss"] = validation_loss(runner, val, batch_size=cfg.batch)
+        seconds = time.perf_counter() - t1
+        tokens = val.labels.numel() + val.input_ids.numel()
+        result.update(val_samples=len(val), eval_seconds=round(seconds, 3),
+                      eval_tokens_per_second=round(tokens / seconds, 1))
+    if cfg.generate:
+        ids = val.input_ids[:cfg.batch]
+        runner.generate(ids[:1], 1)  # warm-up: first calls compile nothing, but touch every weight once
+        t1 = time.perf_counter()
+        out = runner.generate(ids, cfg.generate)
+        seconds = time.perf_counter() - t1
+        result.update(generate_batch=len(ids), generate_tokens=cfg.generate, generate_seconds=round(seconds, 3),
+                      generate_tokens_per_second=round(out.numel() / seconds, 1), generated=out[:4].tolist())
+    return result
 
 
 def main(argv=None) -> int:
-    s = DataSpec()
+    s, c = DataSpec(), InferConfig()
     p = argparse.ArgumentParser(prog="python -m qmoe.infer", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="'default', a checkpoint directory, or a compressed directory")
+    p.add_argument("--devices", default="cpu", help="comma-separated, e.g. cpu or cuda:0,cuda:1 (default: cpu)")
     p.add_argument("--eval", action="store_true", help="compute the validation loss")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="greedily generate N tokens per sample")
+    p.add_argument("--batch", type=int, default=c.batch, help="samples per forward pass (default: %(default)s)")
+    p.add_argument("--simulate-uncompressed", action="store_true",
+                   help="every expert of a block points at one shared dense bf16 expert (QMoE's ideal baseline)")
+    p.add_argument("--reference", action="store_true", help="decode experts to float32 instead of fused kernels")
     p.add_argument("--val-samples", type=int, default=s.val_samples)
     p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--calib", type=Path, help="the text the validation samples come from (as for compress)")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     a = p.parse_args(argv)
-    if not a.eval:
-        p.error("nothing to do: pass --eval")
+    if not (a.eval or a.generate):
+        p.error("nothing to do: pass --eval and/or --generate N")
+    if a.batch < 1 or a.generate < 0:
+        p.error("--batch must be >= 1 and --generate >= 0")
+    cfg = InferConfig(devices=tuple(d.strip() for d in a.devices.split(",") if d.strip()), eval=a.eval,
+                      generate=a.generate, batch=a.batch, simulate_uncompressed=a.simulate_uncompressed,
+                      reference=a.reference)
     try:
-        r = evaluate_path(resolve_model(a.model), DataSpec(val_samples=a.val_samples, seed=a.seed, calib=a.calib))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        r = run(resolve_model(a.model), cfg, DataSpec(val_samples=a.val_samples, seed=a.seed, calib=a.calib))
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{r['model']} ({r['kind']}): validation loss {r['val_loss']:.4f} over {r['val_samples']} samples")
+    print(f"{r['model']} ({r['kind']})")
+    for d in r["devices"]:
+        print(f"  {d['device']}: {d['bytes'] / 2**20:.1f} MiB, {len(d['units'])} units ({d['units'][0]} .. {d['units'][-1]})"
+              if d["units"] else f"  {d['device']}: nothing placed")
+    if "val_loss" in r:
+        print(f"validation loss {r['val_loss']:.4f} over {r['val_samples']} samples, "
+              f"{r['eval_tokens_per_second']:.0f} tokens/s")
+    if "generate_seconds" in r:
+        print(f"generated {r['generate_tokens']} tokens x {r['generate_batch']} samples: "
+              f"{r['generate_tokens_per_second']:.1f} tokens/s")
     if a.json:
         atomic_write_json(a.json, r)
     return 0

@@ -55,7 +55,9 @@ def test_infer_reports_the_loss_compress_recorded(compressed_dir, capsys, tmp_pa
                          "--json", str(tmp_path / "r.json")])
     assert rc == 0
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["val_loss"] == pytest.approx(summary["val_loss_after"], rel=1e-6)
+    # infer runs the fused kernels, compress evaluated decoded weights: same math, another summation order.
+    assert "fused kernels" in r["kind"]
+    assert r["val_loss"] == pytest.approx(summary["val_loss_after"], rel=1e-5)
     assert infer_cli.main(["--model", summary["model"], "--eval", "--val-samples", "8",
                            "--json", str(tmp_path / "o.json")]) == 0
     assert json.loads((tmp_path / "o.json").read_text())["val_loss"] == pytest.approx(summary["val_loss_before"])
@@ -222,5 +224,5 @@ def test_model_tokenizer_and_jsonl_calibration(tiny_ckpt, tmp_path):
     assert floor == 384 - 100 and int(train.input_ids.max()) >= floor  # sentinels are in the inputs...
     for b in s["blocks"]:  # ...and not in the Hessians: fewer Hessian tokens than routed tokens
         assert sum(b["hessian_tokens"]) < sum(b["tokens_per_expert"])
-    r = infer_cli.evaluate_path(tmp_path / "o", DataSpec(val_samples=4, seed=0, calib=calib))
-    assert r["val_loss"] == pytest.approx(s["val_loss_after"], rel=1e-6)
+    r = infer_cli.run(tmp_path / "o", infer_cli.InferConfig(eval=True), DataSpec(val_samples=4, seed=0, calib=calib))
+    assert r["val_loss"] == pytest.approx(s["val_loss_after"], rel=1e-5)
