@@ -16,69 +16,106 @@ from kernels.records import OVERFLOW, SLOT0, Records
 _IS_LO = np.array([0.0, 1.0], dtype=np.float32)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _gemv(codes, offsets, table, extra, lo, hi, x, y):
-    """Batch 1. x [C] float32, y [R] float32.
-
-    The row's sum over all non-zeros and its sum over the lo ones (v * is_lo[bit], no branch on the symbol: a sign
-    branch mispredicts half the time) each run in two interleaved accumulators to halve the add-latency chain;
-    hi's sum is their difference."""
-    is_lo = _IS_LO
-    for r in numba.prange(len(offsets) - 1):
-        pos = 0
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        l0 = np.float32(0.0)
-        l1 = np.float32(0.0)
-        for t in range(offsets[r], offsets[r + 1]):
-            w = table[codes[t]]
-            n = (w >> 7) & 7
-            e = w >> SLOT0  # the non-zeros' bytes, or where they are in `extra` (a word of more than 6)
-            overflow = n == OVERFLOW
-            if overflow:
-                n = extra[e]
-            for j in range(n):
-                b = extra[e + 1 + j] if overflow else (e >> (8 * j)) & 255
-                v = x[pos + (b & 127)]
-                if j & 1:
-                    a1 += v
-                    l1 += v * is_lo[b >> 7]
-                else:
-                    a0 += v
-                    l0 += v * is_lo[b >> 7]
-            pos += w & 127
-        lsum = l0 + l1
-        y[r] = hi[r] * (a0 + a1 - lsum) + lo[r] * lsum
+@numba.njit(inline="always", fastmath=True)
+def _overflow_sums(extra, e, pos, x, is_lo):
+    """(sum, lo sum) of x over an overflow word's non-zeros: extra[e] of them, bytes from extra[e + 1]."""
+    a = np.float32(0.0)
+    lsum = np.float32(0.0)
+    for j in range(extra[e]):
+        b = extra[e + 1 + j]
+        v = x[pos + (b & 127)]
+        a += v
+        lsum += v * is_lo[b >> 7]
+    return a, lsum
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _gemm(codes, offsets, table, extra, lo, hi, xt, y):
-    """Batch B > 1. xt [C, B] float32 (x transposed: a position's B values are contiguous), y [R, B] float32.
-    As _gemv, with a vector of B sums; measured faster than listing each row's positions first and then
-    gathering (that pass's stores and sign branch cost more than they saved)."""
-    B = xt.shape[1]
-    is_lo = _IS_LO
-    for r in numba.prange(len(offsets) - 1):
-        acc = np.zeros(B, dtype=np.float32)
-        acc_lo = np.zeros(B, dtype=np.float32)
-        pos = 0
-        for t in range(offsets[r], offsets[r + 1]):
-            w = table[codes[t]]
-            n = (w >> 7) & 7
-            e = w >> SLOT0
-            overflow = n == OVERFLOW
-            if overflow:
-                n = extra[e]
-            for j in range(n):
-                b = extra[e + 1 + j] if overflow else (e >> (8 * j)) & 255
-                row = xt[pos + (b & 127)]
-                f = is_lo[b >> 7]
-                for k in range(B):
-                    acc[k] += row[k]
-                    acc_lo[k] += row[k] * f
-            pos += w & 127
-        for k in range(B):
-            y[r, k] = hi[r] * (acc[k] - acc_lo[k]) + lo[r] * acc_lo[k]
+@numba.njit(inline="always", fastmath=True)
+def _overflow_rows(extra, e, pos, xt, is_lo, acc, acc_lo):
+    """_overflow_sums for B columns at once: adds into acc and acc_lo [B]."""
+    for j in range(extra[e]):
+        b = extra[e + 1 + j]
+        row = xt[pos + (b & 127)]
+        f = is_lo[b >> 7]
+        for k in range(len(acc)):
+            acc[k] += row[k]
+            acc_lo[k] += row[k] * f
+
+
+def _make_kernels(overflow: bool):
+    """(gemv, gemm) compiled with or without the overflow-word branch. Dictionaries for QMoE-like sparsity have
+    no overflow words, and even a never-taken branch in the inner loop measured 25-50% slower, so `overflow` is a
+    compile-time constant (numba compiles each closure, and caches it, separately)."""
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _gemv(codes, offsets, table, extra, lo, hi, x, y):
+        """Batch 1. x [C] float32, y [R] float32.
+
+        The row's sum over all non-zeros and its sum over the lo ones (v * is_lo[bit], no branch on the symbol: a sign
+        branch mispredicts half the time) each run in two interleaved accumulators to halve the add-latency chain;
+        hi's sum is their difference."""
+        is_lo = _IS_LO
+        for r in numba.prange(len(offsets) - 1):
+            pos = 0
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            l0 = np.float32(0.0)
+            l1 = np.float32(0.0)
+            for t in range(offsets[r], offsets[r + 1]):
+                w = table[codes[t]]
+                n = (w >> 7) & 7
+                s = w >> SLOT0
+                if overflow and n == OVERFLOW:  # a word of more than 6 non-zeros: its bytes are in `extra`
+                    a, lsum = _overflow_sums(extra, s, pos, x, is_lo)
+                    a0 += a
+                    l0 += lsum
+                    n = 0
+                for j in range(n):
+                    b = (s >> (8 * j)) & 255
+                    v = x[pos + (b & 127)]
+                    if j & 1:
+                        a1 += v
+                        l1 += v * is_lo[b >> 7]
+                    else:
+                        a0 += v
+                        l0 += v * is_lo[b >> 7]
+                pos += w & 127
+            lsum = l0 + l1
+            y[r] = hi[r] * (a0 + a1 - lsum) + lo[r] * lsum
+
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _gemm(codes, offsets, table, extra, lo, hi, xt, y):
+        """Batch B > 1. xt [C, B] float32 (x transposed: a position's B values are contiguous), y [R, B] float32.
+        As _gemv, with a vector of B sums; measured faster than listing each row's positions first and then
+        gathering (that pass's stores and sign branch cost more than they saved)."""
+        B = xt.shape[1]
+        is_lo = _IS_LO
+        for r in numba.prange(len(offsets) - 1):
+            acc = np.zeros(B, dtype=np.float32)
+            acc_lo = np.zeros(B, dtype=np.float32)
+            pos = 0
+            for t in range(offsets[r], offsets[r + 1]):
+                w = table[codes[t]]
+                n = (w >> 7) & 7
+                s = w >> SLOT0
+                if overflow and n == OVERFLOW:
+                    _overflow_rows(extra, s, pos, xt, is_lo, acc, acc_lo)
+                    n = 0
+                for j in range(n):
+                    b = (s >> (8 * j)) & 255
+                    row = xt[pos + (b & 127)]
+                    f = is_lo[b >> 7]
+                    for k in range(B):
+                        acc[k] += row[k]
+                        acc_lo[k] += row[k] * f
+                pos += w & 127
+            for k in range(B):
+                y[r, k] = hi[r] * (acc[k] - acc_lo[k]) + lo[r] * acc_lo[k]
+
+    return _gemv, _gemm
+
+
+_KERNELS = {False: _make_kernels(False), True: _make_kernels(True)}  # numba compiles them at first call
 
 
 def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
@@ -93,11 +130,12 @@ def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nd
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"x must be [B, C], got shape {x.shape}")
+    gemv, gemm = _KERNELS[recs.overflow]
     if x.shape[0] == 1:
         y = np.empty(R, dtype=np.float32)
-        _gemv(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x[0]), y)
+        gemv(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x[0]), y)
         return y[None]
     y = np.empty((R, x.shape[0]), dtype=np.float32)
     if x.shape[0]:
-        _gemm(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x.T), y)
+        gemm(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x.T), y)
     return np.ascontiguousarray(y.T)

@@ -29,6 +29,11 @@ class Records:
     table: np.ndarray  # [W] int64, one record per codeword
     extra: np.ndarray  # uint8: the non-zeros of overflow words (at least one byte, so no array is empty)
 
+    @property
+    def overflow(self) -> bool:
+        """Whether any word overflows its record."""
+        return len(self.extra) > 1
+
 
 _CACHE: dict[str, Records] = {}  # dictionary sha256 -> records (a model has a few dictionaries)
 
