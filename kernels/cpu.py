@@ -13,6 +13,10 @@ import numpy as np
 
 from kernels.records import OVERFLOW, SLOT0, Records
 
+# Up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at P(0) = 0.885:
+# batch 2 4.0 vs 5.0 ms, batch 4 8 vs 12 ms; the batched inner loop over B columns vectorizes from 8 columns on).
+GEMV_UP_TO = 4
+
 _IS_LO = np.array([0.0, 1.0], dtype=np.float32)
 
 
@@ -131,11 +135,11 @@ def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nd
     if x.ndim != 2:
         raise ValueError(f"x must be [B, C], got shape {x.shape}")
     gemv, gemm = _KERNELS[recs.overflow]
-    if x.shape[0] == 1:
-        y = np.empty(R, dtype=np.float32)
-        gemv(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x[0]), y)
-        return y[None]
+    if x.shape[0] <= GEMV_UP_TO:
+        y = np.empty((x.shape[0], R), dtype=np.float32)
+        for b in range(x.shape[0]):
+            gemv(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x[b]), y[b])
+        return y
     y = np.empty((R, x.shape[0]), dtype=np.float32)
-    if x.shape[0]:
-        gemm(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x.T), y)
+    gemm(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x.T), y)
     return np.ascontiguousarray(y.T)
