@@ -105,6 +105,9 @@ def config_from_hf(hf: dict, tensor_names: Iterable[str] | None = None) -> Switc
     num_layers = hf.get("num_layers", 12)
     num_dec = hf.get("num_decoder_layers") or num_layers
     if hf.get("is_full_sparse"):
+        # c2048's config says num_decoder_layers 12 but num_sparse_decoder_layers 15, and 15 it has.
+        num_layers = max(num_layers, hf.get("num_sparse_encoder_layers") or 0)
+        num_dec = max(num_dec, hf.get("num_sparse_decoder_layers") or 0)
         enc = (True,) * num_layers
         dec = (True,) * num_dec
     else:

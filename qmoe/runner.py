@@ -75,8 +75,7 @@ def check_device(name: str) -> torch.device:
 
 
 def plan(model: SwitchModel, devices: list[str]) -> Placement:
-    """Split the units into len(devices) contiguous runs of about equal bytes: a unit goes to the slot whose share
-    of the total its midpoint falls in."""
+    """Split the units into len(devices) contiguous runs of about equal bytes."""
     if not devices:
         raise ValueError("no devices given")
     for d in devices:
@@ -84,12 +83,19 @@ def plan(model: SwitchModel, devices: list[str]) -> Placement:
     names = units(model)
     seen: set[int] = set()
     sizes = {n: tensor_bytes(model.get_submodule(n), seen) for n in names}
-    total = max(1, sum(sizes.values()))
-    slot_of, before = {}, 0
-    for n in names:
-        slot_of[n] = min(len(devices) - 1, int((before + sizes[n] / 2) / total * len(devices)))
-        before += sizes[n]
-    return Placement(tuple(devices), slot_of, sizes)
+    slots = split_contiguous([sizes[n] for n in names], len(devices))
+    return Placement(tuple(devices), dict(zip(names, slots)), sizes)
+
+
+def split_contiguous(sizes: list[int], n: int) -> list[int]:
+    """The slot (0..n-1) of each item, in order, so that the n runs hold about equal totals: an item goes to the
+    slot whose share of the total its midpoint falls in."""
+    total = max(1, sum(sizes))
+    out, before = [], 0
+    for s in sizes:
+        out.append(min(n - 1, int((before + s / 2) / total * n)))
+        before += s
+    return out
 
 
 class BF16Linear(nn.Module):

@@ -52,8 +52,9 @@ def test_c2048_quirks_come_from_tensor_names():
     cfg = config_from_hf(hf, names)
     assert cfg.encoder_sparse == (True,) * 15 and cfg.decoder_sparse == (True,) * 15
     assert not cfg.tie_word_embeddings
-    # Without tensor names, the config's own rules: is_full_sparse makes every block sparse.
-    assert config_from_hf(hf).num_decoder_layers == 12 and all(config_from_hf(hf).decoder_sparse)
+    # Without tensor names (a projection from config.json alone): is_full_sparse makes every block sparse, and the
+    # sparse-layer counts (15) win over num_decoder_layers (12).
+    assert config_from_hf(hf).num_decoder_layers == 15 and all(config_from_hf(hf).decoder_sparse)
 
 
 def test_transformers_default_sparse_layers_are_honoured():

@@ -1,0 +1,346 @@
+"""python -m qmoe.report DIR: a memory and overhead report of a compressed checkpoint, as Markdown and PNG plots.
+
+- bits per parameter of every block's experts, per matrix kind (wi, wo), counting every byte of the files;
+- bytes per device when its units (embedding, blocks, norms, head) are split across --devices by bytes;
+- for each --target (e.g. 4x48GB, 8x24GB): the same split over that machine, and whether the model fits;
+- the overhead of compressed inference (fused kernels) against simulated-uncompressed inference, measured now;
+- with --project CONFIG (default: c2048's shapes, shipped in qmoe/assets/configs): the same plan for a model no
+  test machine can hold, from its config.json shapes and our measured expert bits/param: a projection.
+
+Sizes are those a GPU would hold: dense weights in bf16 (as stored) plus the expert files as stored. (The CPU
+runner keeps dense weights in float32; `qmoe.infer` reports the bytes it actually holds.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from qmoe.compressed import DENSE_FILE, expert_file, read_manifest
+from qmoe.config import SwitchConfig, config_from_hf
+from qmoe.runner import split_contiguous
+from qmoe.store import atomic_write_text
+
+C2048_CONFIG = Path(__file__).parent / "assets" / "configs" / "switch-c-2048.json"
+GIB = 1 << 30
+RESERVE = 0.10  # share of each device kept free for activations, KV cache and workspace
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    dense_bytes: int
+    expert_bytes: int
+    expert_params: int
+
+    @property
+    def bytes(self) -> int:
+        return self.dense_bytes + self.expert_bytes
+
+
+@dataclass(frozen=True)
+class Target:
+    count: int
+    bytes_each: int
+    label: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        """'4x48GB' -> 4 devices of 48 GiB (GPU memory is sold in binary gigabytes: an A6000 has 48 GiB)."""
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*", text)
+        if not m or int(m.group(1)) < 1:
+            raise ValueError(f"target {text!r}: expected COUNTxSIZEGB, e.g. 4x48GB")
+        return cls(int(m.group(1)), int(float(m.group(2)) * GIB), text.strip())
+
+
+def unit_names(cfg: SwitchConfig) -> list[str]:
+    names = ["shared"] + [f"encoder.block.{i}" for i in range(cfg.num_layers)] + ["encoder.final_layer_norm"]
+    names += [f"decoder.block.{i}" for i in range(cfg.num_decoder_layers)] + ["decoder.final_layer_norm"]
+    return names + ([] if cfg.tie_word_embeddings else ["lm_head"])
+
+
+def unit_params(cfg: SwitchConfig) -> dict[str, tuple[int, int]]:
+    """{unit: (dense params, expert params)} from the shapes alone (checked against the model in the tests)."""
+    d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+    attn = 4 * d * inner
+    out = {"shared": (cfg.vocab_size * d, 0), "encoder.final_layer_norm": (d, 0), "decoder.final_layer_norm": (d, 0)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = (cfg.vocab_size * d, 0)
+    for stack, pattern in (("encoder", cfg.encoder_sparse), ("decoder", cfg.decoder_sparse)):
+        for i, sparse in enumerate(pattern):
+            dense = attn + (cfg.relative_attention_num_buckets * cfg.num_heads if i == 0 else 0) + 2 * d
+            if stack == "decoder":
+                dense += attn + d  # cross-attention and its norm
+            ff = 2 * d * cfg.d_ff
+            out[f"{stack}.block.{i}"] = (dense + cfg.num_experts * d, cfg.num_experts * ff) if sparse else (dense + ff, 0)
+    return out
+
+
+def _unit_of(tensor: str) -> str:
+    m = re.match(r"^((?:encoder|decoder)\.block\.\d+)\.", tensor)
+    return m.group(1) if m else tensor.removesuffix(".weight")
+
+
+def _safetensors_sizes(path: Path) -> tuple[dict[str, int], int]:
+    """({tensor: data bytes}, header bytes) read from a safetensors header (no tensor data is read)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    return sizes, 8 + n
+
+
+def units_from_dir(path: Path) -> tuple[SwitchConfig, list[Unit]]:
+    hf = json.loads((path / "config.json").read_text())
+    sizes, _ = _safetensors_sizes(path / DENSE_FILE)
+    cfg = config_from_hf(hf, list(sizes))  # the routers are among the dense tensors: block pattern from names
+    dense: dict[str, int] = {}
+    for name, nbytes in sizes.items():
+        dense[_unit_of(name)] = dense.get(_unit_of(name), 0) + nbytes
+    params = unit_params(cfg)
+    units = []
+    for name in unit_names(cfg):
+        f = path / expert_file(name)
+        units.append(Unit(name, dense.get(name, 0), f.stat().st_size if f.exists() else 0, params[name][1]))
+    return cfg, units
+
+
+def units_projected(cfg: SwitchConfig, expert_bits: float) -> list[Unit]:
+    params = unit_params(cfg)
+    return [Unit(n, 2 * params[n][0], int(params[n][1] * expert_bits / 8), params[n][1]) for n in unit_names(cfg)]
+
+
+def matrix_bits(path: Path) -> list[dict]:
+    """Per block and matrix kind: parameters, bytes (tensor data plus the file's header and metadata shared out by
+    data bytes) and bits per parameter."""
+    rows = []
+    manifest = read_manifest(path, verify=False)
+    for fname, tensors in sorted(manifest["tensors"].items()):
+        sizes, header = _safetensors_sizes(path / fname)
+        data = sum(sizes.values())
+        for kind in ("wi", "wo"):
+            names = [t for t in tensors if t.endswith("." + kind)]
+            params = sum(tensors[t]["shape"][0] * tensors[t]["shape"][1] for t in names)
+            nbytes = sum(v for k, v in sizes.items() if k.split(".")[1] == kind)
+            nbytes += header * nbytes / max(1, data)
+            rows.append({"block": Path(fname).stem, "matrix": kind, "params": params, "bytes": round(nbytes),
+                         "bits_per_param": 8 * nbytes / max(1, params)})
+    return rows
+
+
+def plan_units(units: list[Unit], count: int, capacity: int | None = None) -> dict:
+    slots = split_contiguous([u.bytes for u in units], count)
+    per = [{"dense": 0, "experts": 0, "units": []} for _ in range(count)]
+    for u, s in zip(units, slots):
+        per[s]["dense"] += u.dense_bytes
+        per[s]["experts"] += u.expert_bytes
+        per[s]["units"].append(u.name)
+    most = max(p["dense"] + p["experts"] for p in per)
+    out = {"slots": per, "total_bytes": sum(u.bytes for u in units), "largest_slot_bytes": most}
+    if capacity is not None:
+        out.update(capacity_bytes=capacity, usable_bytes=int(capacity * (1 - RESERVE)),
+                   fits=most <= capacity * (1 - RESERVE))
+    return out
+
+
+def build(path: Path, devices: list[str], targets: list[Target], project: Path | None, expert_bits: float | None,
+          measure: bool) -> dict:
+    summary = json.loads((path / "summary.json").read_text())
+    cfg, units = units_from_dir(path)
+    rep = {"model": str(path), "summary": {k: summary.get(k) for k in (
+        "scheme", "method", "params_total", "params_experts", "bits_per_param_experts", "bits_per_param_total",
+        "val_loss_before", "val_loss_after")}, "matrices": matrix_bits(path),
+        "devices": {"names": devices, **plan_units(units, len(devices))},
+        "targets": {t.label: plan_units(units, t.count, t.bytes_each) for t in targets}}
+    if measure:
+        from qmoe.bench_kernels import end_to_end_rows
+
+        rep["overhead"] = end_to_end_rows(path, repeats=3, val_samples=32, gen_tokens=8)
+    if project is not None:
+        hf = json.loads(Path(project).read_text())
+        pcfg = config_from_hf(hf)
+        bits = expert_bits if expert_bits is not None else summary["bits_per_param_experts"]
+        punits = units_projected(pcfg, bits)
+        rep["projection"] = {"config": str(project), "expert_bits_per_param": bits,
+                             "params_total": sum(sum(v) for v in unit_params(pcfg).values()),
+                             "bf16_bytes": 2 * sum(sum(v) for v in unit_params(pcfg).values()),
+                             "targets": {t.label: plan_units(punits, t.count, t.bytes_each) for t in targets}}
+    return rep
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < GIB else f"{n / GIB:,.2f} GiB"
+
+
+def _plot_plans(plans: dict[str, dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(plans), figsize=(4.5 * len(plans), 3.6), squeeze=False)
+    for ax, (label, plan) in zip(axes[0], plans.items()):
+        slots = plan["slots"]
+        x = list(range(len(slots)))
+        capacity = plan.get("capacity_bytes")
+        # Capacity lines only when the bars are visible beside them; a tiny model is drawn in MiB on its own scale.
+        draw_capacity = capacity is not None and plan["largest_slot_bytes"] >= 0.01 * capacity
+        unit, name = (GIB, "GiB") if max(plan["largest_slot_bytes"], capacity if draw_capacity else 0) >= GIB \
+            else (2**20, "MiB")
+        dense = [s["dense"] / unit for s in slots]
+        experts = [s["experts"] / unit for s in slots]
+        ax.bar(x, dense, label="dense (bf16)", color="#7f9fbf")
+        ax.bar(x, experts, bottom=dense, label="experts (compressed)", color="#d9823b")
+        if draw_capacity:
+            ax.axhline(capacity / unit, color="k", lw=1, label="capacity")
+            ax.axhline(plan["usable_bytes"] / unit, color="k", lw=1, ls="--", label=f"usable ({1 - RESERVE:.0%})")
+        if capacity is not None:
+            label += (" - fits" if plan["fits"] else " - does NOT fit") + ("" if draw_capacity else
+                                                                            f" ({_mib(capacity)} each, off scale)")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("device")
+        ax.set_xticks(x)
+        ax.set_ylabel(name)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_bits(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = sorted({r["block"] for r in rows}, key=lambda b: (b.startswith("decoder"), int(b.split(".")[-1])))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(blocks) + 2), 3.6))
+    w = 0.38
+    for k, kind in enumerate(("wi", "wo")):
+        vals = [next(r["bits_per_param"] for r in rows if r["block"] == b and r["matrix"] == kind) for b in blocks]
+        ax.bar([i + (k - 0.5) * w for i in range(len(blocks))], vals, w, label=kind)
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xticks(range(len(blocks)))
+    ax.set_xticklabels(blocks, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("bits per parameter")
+    ax.set_title("expert bits per parameter, every byte of the files counted", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_overhead(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "tokens" in r]
+    keys = [k for k in rows[0] if k.endswith("tokens/s")]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    w = 0.8 / len(keys)
+    for k, key in enumerate(keys):
+        ax.bar([i + (k - (len(keys) - 1) / 2) * w for i in range(len(rows))], [r[key] for r in rows], w,
+               label=key.removesuffix(" tokens/s"))
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["task"] for r in rows], fontsize=8)
+    ax.set_ylabel("tokens / s")
+    ax.set_yscale("log")
+    ax.set_title("compressed (fused kernels) vs simulated uncompressed, measured on this machine", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plan_table(plans: dict[str, dict]) -> list[str]:
+    lines = ["| plan | device | dense | experts | total | units |", "|---|---|---|---|---|---|"]
+    for label, plan in plans.items():
+        for i, s in enumerate(plan["slots"]):
+            units = f"{s['units'][0]} .. {s['units'][-1]} ({len(s['units'])})" if s["units"] else "-"
+            lines.append(f"| {label} | {i} | {_mib(s['dense'])} | {_mib(s['experts'])} | "
+                         f"{_mib(s['dense'] + s['experts'])} | {units} |")
+        if "fits" in plan:
+            lines.append(f"| {label} | **{'fits' if plan['fits'] else 'does not fit'}** | largest device "
+                         f"{_mib(plan['largest_slot_bytes'])} of {_mib(plan['usable_bytes'])} usable | | | |")
+    return lines
+
+
+def render(rep: dict, out: Path) -> Path:
+    """Write report.md and its PNGs into `out`; returns the Markdown file."""
+    out.mkdir(parents=True, exist_ok=True)
+    s = rep["summary"]
+    md = [f"# qmoe report: {rep['model']}", "",
+          f"Scheme {s['scheme']} ({s['method']}); {s['params_total']:,} parameters, {s['params_experts']:,} in experts; "
+          f"**{s['bits_per_param_experts']:.3f} bits/param over the experts, {s['bits_per_param_total']:.3f} over the "
+          f"whole model**; validation loss {s['val_loss_before']:.4f} -> {s['val_loss_after']:.4f}.", "",
+          "## Bits per parameter, per block and matrix", "", "![bits per parameter](bits_per_param.png)", "",
+          "| block | matrix | parameters | bytes | bits/param |", "|---|---|---|---|---|"]
+    md += [f"| {r['block']} | {r['matrix']} | {r['params']:,} | {r['bytes']:,} | {r['bits_per_param']:.3f} |"
+           for r in rep["matrices"]]
+    _plot_bits(rep["matrices"], out / "bits_per_param.png")
+    plans = {f"devices {','.join(rep['devices']['names'])}": rep["devices"], **rep["targets"]}
+    md += ["", "## Bytes per device", "", f"Dense weights in bf16 and expert files as stored; {RESERVE:.0%} of each "
+           "target device is kept free for activations and the KV cache.", "", "![bytes per device](devices.png)", ""]
+    md += _plan_table(plans)
+    _plot_plans(plans, "this model, split across devices by bytes", out / "devices.png")
+    if "overhead" in rep:
+        rows = [r for r in rep["overhead"] if "tokens" in r]
+        md += ["", "## Overhead of compressed inference", "", "Measured now, in one process, calls alternated "
+               "(median of 3). Simulated uncompressed: every expert of a block is one shared dense bf16 expert "
+               "(QMoE's ideal baseline); decoded fp32: experts decoded to dense float32 matrices.", "",
+               "![overhead](overhead.png)", "", "| task | " + " | ".join(k for k in rows[0] if k.endswith("tokens/s"))
+               + " | fused / simulated |", "|---|" + "---|" * (sum(k.endswith("tokens/s") for k in rows[0]) + 1)]
+        md += [f"| {r['task']} | " + " | ".join(f"{v:.0f}" for k, v in r.items() if k.endswith("tokens/s"))
+               + f" | {r['fused / simulated']:.2f}x |" for r in rows]
+        _plot_overhead(rep["overhead"], out / "overhead.png")
+    if "projection" in rep:
+        p = rep["projection"]
+        md += ["", f"## Projection: {Path(p['config']).name}", "",
+               f"**A projection, not a measurement**: no machine here can hold this model. Shapes from "
+               f"`{p['config']}` ({p['params_total'] / 1e9:,.1f}B parameters, {_mib(p['bf16_bytes'])} in bf16); experts "
+               f"at {p['expert_bits_per_param']:.3f} bits/param (measured), dense parts in bf16.", "",
+               "![projection](projection.png)", ""]
+        md += _plan_table(p["targets"])
+        _plot_plans(p["targets"], f"projection: {Path(p['config']).stem} at {p['expert_bits_per_param']:.3f} "
+                    "expert bits/param", out / "projection.png")
+    f = out / "report.md"
+    atomic_write_text(f, "\n".join(md) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(rep, indent=1, default=str))
+    return f
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qmoe.report", description=__doc__.splitlines()[0])
+    p.add_argument("model", type=Path, help="a compressed directory (written by qmoe.compress)")
+    p.add_argument("--out", type=Path, help="where report.md and the PNGs go (default: MODEL/report)")
+    p.add_argument("--devices", default="cuda:0,cuda:1", help="device list to split across (default: %(default)s)")
+    p.add_argument("--target", action="append", default=[], help="a machine, e.g. 4x48GB (repeatable; default: "
+                   "4x48GB and 8x24GB, QMoE's 4x A6000 and 8x RTX 3090)")
+    p.add_argument("--project", type=Path, nargs="?", const=C2048_CONFIG, default=C2048_CONFIG,
+                   help="config.json of a model to project (default: c2048's shapes)")
+    p.add_argument("--no-project", action="store_true", help="skip the projection")
+    p.add_argument("--expert-bits", type=float, help="expert bits/param for the projection (default: this model's)")
+    p.add_argument("--no-measure", action="store_true", help="skip the inference overhead measurement")
+    a = p.parse_args(argv)
+    try:
+        targets = [Target.parse(t) for t in (a.target or ["4x48GB", "8x24GB"])]
+        devices = [d.strip() for d in a.devices.split(",") if d.strip()]
+        rep = build(a.model, devices, targets, None if a.no_project else a.project, a.expert_bits,
+                    measure=not a.no_measure)
+        f = render(rep, a.out or a.model / "report")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""qmoe.report: sizes from shapes, plans for target machines, the rendered Markdown and PNGs."""
+import json
+
+import pytest
+import torch
+
+from qmoe import report
+from qmoe.compressor import CompressConfig, DataSpec, compress_model
+from qmoe.config import PRESETS, config_from_hf, replace
+from qmoe.model import SwitchModel
+
+
+@pytest.mark.parametrize("cfg", [PRESETS["tiny"], PRESETS["default"],
+                                 replace(PRESETS["tiny"], tie_word_embeddings=False, encoder_sparse=(True, False, True))])
+def test_unit_params_match_the_model(cfg):
+    with torch.device("meta"):
+        model = SwitchModel(cfg)
+    expected = {}
+    for name, p in model.named_parameters():
+        unit = report._unit_of(name)
+        dense, experts = expected.get(unit, (0, 0))
+        expected[unit] = (dense, experts + p.numel()) if ".experts." in name else (dense + p.numel(), experts)
+    assert report.unit_params(cfg) == expected
+    assert set(report.unit_params(cfg)) == set(report.unit_names(cfg))
+
+
+def test_target_parse():
+    t = report.Target.parse("4x48GB")
+    assert (t.count, t.bytes_each) == (4, 48 << 30)
+    assert report.Target.parse("8 x 24GiB").count == 8
+    for bad in ("48GB", "0x48GB", "4x", "4x48TB"):
+        with pytest.raises(ValueError, match="COUNTxSIZE"):
+            report.Target.parse(bad)
+
+
+def test_c2048_projection_fits_qmoe_machines_at_qmoe_size():
+    cfg = config_from_hf(json.loads(report.C2048_CONFIG.read_text()))
+    assert cfg.num_layers == 15 and cfg.num_decoder_layers == 15 and all(cfg.decoder_sparse)
+    params = report.unit_params(cfg)
+    assert sum(e for _, e in params.values()) == 30 * 2048 * 2 * 2080 * 6144
+    units = report.units_projected(cfg, 0.807)  # QMoE's bits/param
+    total = sum(u.bytes for u in units)
+    assert 150e9 < total < 170e9  # QMoE: 158.6 GB
+    assert report.plan_units(units, 4, 48 << 30)["fits"]
+    assert report.plan_units(units, 8, 24 << 30)["fits"]
+    assert not report.plan_units(units, 2, 48 << 30)["fits"]
+    assert not report.plan_units(report.units_projected(cfg, 16.0), 8, 80 << 30)["fits"]  # bf16 needs 3 TB
+
+
+def test_report_renders(tiny_ckpt, tmp_path):
+    out = tmp_path / "c"
+    compress_model(tiny_ckpt, out, CompressConfig(), DataSpec(train_samples=16, val_samples=4), progress=lambda *_: None)
+    rc = report.main([str(out), "--out", str(tmp_path / "rep"), "--devices", "cuda:0,cuda:1,cuda:2",
+                      "--target", "2x1GB", "--no-measure", "--expert-bits", "0.7"])
+    assert rc == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for png in ("bits_per_param.png", "devices.png", "projection.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png})" in md
+    assert "A projection, not a measurement" in md and "0.700 bits/param" in md
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(rep["devices"]["slots"]) == 3 and rep["targets"]["2x1GB"]["fits"]
+    expert_bytes = sum(f.stat().st_size for f in (out / "experts").iterdir())
+    assert sum(r["bytes"] for r in rep["matrices"]) == pytest.approx(expert_bytes, abs=len(rep["matrices"]))
+    assert sum(s["experts"] for s in rep["devices"]["slots"]) == expert_bytes
+    assert not rep["projection"]["targets"]["2x1GB"]["fits"]
+    assert report.main([str(tmp_path / "nope"), "--no-measure"]) == 2
