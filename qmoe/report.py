@@ -166,6 +166,8 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
         bits = expert_bits if expert_bits is not None else summary["bits_per_param_experts"]
         punits = units_projected(pcfg, bits)
         rep["projection"] = {"config": str(project), "expert_bits_per_param": bits,
+                             "expert_bits_source": "--expert-bits" if expert_bits is not None else
+                             f"this model's experts ({path / 'summary.json'})",
                              "params_total": sum(sum(v) for v in unit_params(pcfg).values()),
                              "bf16_bytes": 2 * sum(sum(v) for v in unit_params(pcfg).values()),
                              "targets": {t.label: plan_units(punits, t.count, t.bytes_each) for t in targets}}
@@ -305,7 +307,7 @@ def render(rep: dict, out: Path) -> Path:
         md += ["", f"## Projection: {Path(p['config']).name}", "",
                f"**A projection, not a measurement**: no machine here can hold this model. Shapes from "
                f"`{p['config']}` ({p['params_total'] / 1e9:,.1f}B parameters, {_mib(p['bf16_bytes'])} in bf16); experts "
-               f"at {p['expert_bits_per_param']:.3f} bits/param (measured), dense parts in bf16.", "",
+               f"at {p['expert_bits_per_param']:.3f} bits/param (from {p['expert_bits_source']}), dense parts in bf16.", "",
                "![projection](projection.png)", ""]
         md += _plan_table(p["targets"])
         _plot_plans(p["targets"], f"projection: {Path(p['config']).stem} at {p['expert_bits_per_param']:.3f} "
