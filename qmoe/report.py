@@ -147,6 +147,14 @@ def plan_units(units: list[Unit], count: int, capacity: int | None = None) -> di
     return out
 
 
+def _display(path: Path) -> str:
+    """A path as the user knows it: relative to the package's checkout when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
 def build(path: Path, devices: list[str], targets: list[Target], project: Path | None, expert_bits: float | None,
           measure: bool) -> dict:
     summary = json.loads((path / "summary.json").read_text())
@@ -165,7 +173,7 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
         pcfg = config_from_hf(hf)
         bits = expert_bits if expert_bits is not None else summary["bits_per_param_experts"]
         punits = units_projected(pcfg, bits)
-        rep["projection"] = {"config": str(project), "expert_bits_per_param": bits,
+        rep["projection"] = {"config": _display(Path(project)), "expert_bits_per_param": bits,
                              "expert_bits_source": "--expert-bits" if expert_bits is not None else
                              f"this model's experts ({path / 'summary.json'})",
                              "params_total": sum(sum(v) for v in unit_params(pcfg).values()),
