@@ -35,6 +35,7 @@ class CompressedLinear(nn.Module):
         self.register_buffer("offsets", torch.from_numpy(m.row_offsets), persistent=False)
         self.register_buffer("table", torch.from_numpy(recs.table), persistent=False)
         self.register_buffer("extra", torch.from_numpy(recs.extra), persistent=False)
+        self._host: tuple | None = None  # numpy views of the buffers, while they are on the CPU
         self.register_buffer("lo", torch.from_numpy(bf16_bits_to_f32(m.levels[0])), persistent=False)
         self.register_buffer("hi", torch.from_numpy(bf16_bits_to_f32(m.levels[1])), persistent=False)
 
@@ -54,14 +55,20 @@ class CompressedLinear(nn.Module):
         if reference:
             y = F.linear(x2, self.dense(x.device))
         elif x.device.type == "cpu":
-            recs = Records(self.table.numpy(), self.extra.numpy())
-            y = torch.from_numpy(cpu.decode_gemm(self.codes.numpy(), self.offsets.numpy(), recs, self.lo.numpy(),
-                                                 self.hi.numpy(), x2.detach().numpy()))
+            y = torch.from_numpy(cpu.decode_gemm(*self._host_arrays(), x2.detach().numpy()))
         elif x.device.type == "cuda":
             y = self._cuda(x2)
         else:
             raise ValueError(f"{self.name}: no kernel for device {x.device}; use reference=True")
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _host_arrays(self) -> tuple:
+        """(codes, offsets, Records, lo, hi) as numpy views of the CPU buffers, made once: a batch-1 call of a
+        small expert takes tens of microseconds, and six .numpy() calls and a Records cost a good part of that."""
+        if self._host is None or self._host[0].ctypes.data != self.codes.data_ptr():
+            self._host = (self.codes.numpy(), self.offsets.numpy(), Records(self.table.numpy(), self.extra.numpy()),
+                          self.lo.numpy(), self.hi.numpy())
+        return self._host
 
     def dense(self, device=None) -> torch.Tensor:
         """W as a dense float32 tensor (the reference path; decoded on the CPU)."""
