@@ -27,6 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--percdamp", type=float, default=d.percdamp)
     p.add_argument("--token-cap", type=float, default=d.token_cap, help="Hessian tokens per expert, x the mean")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an unfinished run in --out (same model and settings) from its last finished block")
+    p.add_argument("--workers", type=int, default=0,
+                   help="compress on a Ray pool of N workers (joins RAY_ADDRESS's cluster, else starts a local Ray); "
+                        "0: in this process (default)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -38,7 +43,8 @@ def main(argv=None) -> int:
                          percdamp=a.percdamp, token_cap=a.token_cap, seed=a.seed)
     spec = DataSpec(train_samples=a.train_samples, val_samples=a.val_samples, seed=a.seed, calib=a.calib)
     try:
-        summary = compress_model(resolve_model(a.model), a.out, cfg, spec, overwrite=a.overwrite)
+        summary = compress_model(resolve_model(a.model), a.out, cfg, spec, overwrite=a.overwrite, resume=a.resume,
+                                 workers=a.workers)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

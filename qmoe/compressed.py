@@ -125,13 +125,27 @@ def _read_packed(path: Path, expected: dict[str, tuple[int, int]], scheme: Schem
     return out
 
 
-def write_manifest(out: Path, blocks: list[str], complete: bool, tensors: dict[str, dict] | None = None) -> None:
-    """Every file with size and sha256, the expert matrices per file, the blocks done, and whether the run is."""
+def write_manifest(out: Path, blocks: list[str], complete: bool, tensors: dict[str, dict] | None = None,
+                   block_stats: list[dict] | None = None) -> None:
+    """Every file with size and sha256, the expert matrices per file, the blocks done (and their statistics, which
+    a resumed run needs for its summary), and whether the run is."""
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."))
     atomic_write_json(out / "manifest.json", {
         "format": FORMAT, "version": VERSION, "complete": complete, "blocks_done": blocks, "tensors": tensors or {},
+        "block_stats": block_stats or [],
         "files": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
     })
+
+
+def read_block_experts(out: Path, block_name: str, shapes: dict[str, tuple[int, int]], scheme: Scheme):
+    """{expert j: (wi, wo) float32} of a block already written to `out` (every check applied). shapes: {"wi": [F, D],
+    "wo": [D, F]}."""
+    f = out / expert_file(block_name)
+    with safe_open(str(f), framework="pt") as h:
+        names = {k.split(".")[0] for k in h.keys()}
+    expected = {f"{e}.{m}": tuple(shapes[m]) for e in names for m in ("wi", "wo")}
+    w = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
+    return {int(e.removeprefix("expert_")): (w[f"{e}.wi"], w[f"{e}.wo"]) for e in names}
 
 
 def is_compressed(path: Path) -> bool:

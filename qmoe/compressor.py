@@ -1,11 +1,12 @@
 """The single-process compression driver: checkpoint in, compressed directory out (see pipeline.py for the steps)."""
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, Samples, train_val_samples
 from qmoe.evaluate import validation_loss
 from qmoe.model import SwitchModel, shift_right
-from qmoe.pipeline import CompressConfig, activation_buffer, compress_block, run_dense_block
+from qmoe.pipeline import (BlockStats, CompressConfig, activation_buffer, compress_block, replay_block,
+                           run_dense_block)
 from qmoe.store import atomic_write_json
 from qmoe.tokenizer import load_tokenizer, read_text_file
 
@@ -80,8 +82,13 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 @torch.no_grad()
 def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSpec, overwrite: bool = False,
-                   progress=print) -> dict:
-    """Compress every expert of a Switch checkpoint; returns the summary also written to out/summary.json."""
+                   progress=print, resume: bool = False, workers: int = 0) -> dict:
+    """Compress every expert of a Switch checkpoint; returns the summary also written to out/summary.json.
+
+    resume: `out` holds an unfinished run of the same model and settings; the blocks its manifest names as done are
+    replayed from their written experts (not compressed again) and the run goes on from there. workers > 0: the
+    blocks run on a Ray pool of that many workers (workers/), joining the Ray cluster of RAY_ADDRESS or starting a
+    local one; the output is byte-identical to the single-process run's."""
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
     reader = CheckpointReader(model_dir)
@@ -90,7 +97,9 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         model = SwitchModel(mcfg)
     verify_checkpoint(reader, model)
     train, val, sentinel_floor = load_samples(model_dir, hf, spec)
-    _prepare_out(out, overwrite)
+    before = _resume_state(out, model_dir, cfg) if resume else None
+    if before is None:
+        _prepare_out(out, overwrite)
     load_into(model, reader, experts=False, dtype=torch.bfloat16)
     model.float()
     n_blocks = sum(1 for _ in model.sparse_blocks())
@@ -103,10 +112,18 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, out / name)
     qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
-                     method=cfg.method.value, source=str(model_dir))
+                     method=cfg.method.value, source=str(model_dir), settings=_settings(cfg))
     atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
 
-    stats, done, tensors = _compress_blocks(model, reader, train, out, cfg, sentinel_floor, progress)
+    if before is not None:
+        progress(f"resuming: {len(before['blocks_done'])} blocks done ({', '.join(before['blocks_done'])})")
+    if workers > 0:
+        from workers.driver import compress_blocks_ray
+
+        stats, done, tensors = compress_blocks_ray(model, model_dir, train, out, cfg, sentinel_floor, progress,
+                                                   workers, before)
+    else:
+        stats, done, tensors = _compress_blocks(model, reader, train, out, cfg, sentinel_floor, progress, before)
 
     progress("validation loss: original (bf16 weights) ...")
     original = load_bf16_model(reader, mcfg)
@@ -119,19 +136,42 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     summary = _summary(compressed_model, out, cfg, spec, model_dir, len(train), len(val), stats,
                        loss_before, loss_after, time.time() - t0)
     atomic_write_json(out / "summary.json", summary)
-    C.write_manifest(out, done, complete=True, tensors=tensors)
+    C.write_manifest(out, done, complete=True, tensors=tensors, block_stats=[asdict(s) for s in stats])
     return summary
 
 
+def _resume_state(out: Path, model_dir: Path, cfg: CompressConfig) -> dict:
+    """The manifest of the unfinished run in `out`, after checking it is one of this model with these settings."""
+    mf = out / "manifest.json"
+    if not mf.exists():
+        raise FileNotFoundError(f"{mf}: nothing to resume (no manifest; start without --resume)")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("complete"):
+        raise ValueError(f"{mf}: the run is complete; nothing to resume")
+    meta = json.loads((out / "config.json").read_text()).get("qmoe", {})
+    want = {"scheme": cfg.scheme.value, "method": cfg.method.value, "source": str(model_dir),
+            "settings": _settings(cfg)}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise ValueError(f"{out / 'config.json'}: {key} is {meta.get(key)!r}, this run's is {value!r}: "
+                             "resume with the same model and settings")
+    return manifest
+
+
+def _settings(cfg: CompressConfig) -> dict:
+    """The settings that decide the output's bytes (recorded in config.json; a resume must match them)."""
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items() if k != "memmap_bytes"}
+
+
 def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Samples, out: Path, cfg: CompressConfig,
-                     sentinel_floor: int, progress) -> tuple[list, list[str], dict]:
+                     sentinel_floor: int, progress, before: dict | None = None) -> tuple[list, list[str], dict]:
     """Every block in order, encoder first, on the calibration activations; each sparse block's experts are
-    written, then the manifest (still incomplete) names the block done. Returns (block stats, blocks done,
-    manifest entries of the expert files)."""
+    written, then the manifest (still incomplete) names the block done. Blocks `before` (a resumed run's manifest)
+    names as done are replayed instead. Returns (block stats, blocks done, manifest entries of the expert files)."""
     mcfg = model.cfg
     n_blocks = sum(1 for _ in model.sparse_blocks())
     enc = None  # the compressed encoder's output, which the decoder's cross-attention reads
-    stats, done, tensors = [], [], {}
+    stats, done, tensors = _done_so_far(before)
     for stack_name, ids in (("encoder", train.input_ids),
                             ("decoder", shift_right(train.labels, mcfg.decoder_start_token_id))):
         stack = getattr(model, stack_name)
@@ -144,6 +184,11 @@ def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Sample
             if not blk.sparse:
                 run_dense_block(blk, stack, x, enc, cfg.chunk_samples)
                 continue
+            if name in done:
+                replay_block(blk, stack, x, enc, C.read_block_experts(out, name, _expert_shapes(mcfg), cfg.scheme),
+                             cfg.chunk_samples)
+                progress(f"[{done.index(name) + 1}/{n_blocks}] {name}: done before, replayed")
+                continue
             experts, st = compress_block(
                 name, blk, stack, x, ids, enc,
                 lambda js, name=name: [read_expert(reader, name, j, torch.bfloat16) for j in js],
@@ -151,7 +196,7 @@ def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Sample
             tensors[C.expert_file(name)] = C.write_experts(out, name, experts, cfg.scheme)
             done.append(name)
             stats.append(st)
-            C.write_manifest(out, done, complete=False, tensors=tensors)
+            C.write_manifest(out, done, complete=False, tensors=tensors, block_stats=[asdict(s) for s in stats])
             progress(f"[{len(done)}/{n_blocks}] {name}: {st.tokens} tokens, per expert "
                      f"{min(st.tokens_per_expert)}..{max(st.tokens_per_expert)}, fallback {len(st.fallback)}, "
                      f"{st.seconds['total']:.1f}s (read {st.seconds['read']:.1f}, quantize {st.seconds['quantize']:.1f})")
@@ -160,6 +205,19 @@ def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Sample
                 x[s0:s0 + cfg.chunk_samples] = stack.final_layer_norm(x[s0:s0 + cfg.chunk_samples])
             enc = x
     return stats, done, tensors
+
+
+def _expert_shapes(mcfg) -> dict[str, tuple[int, int]]:
+    return {"wi": (mcfg.d_ff, mcfg.d_model), "wo": (mcfg.d_model, mcfg.d_ff)}
+
+
+def _done_so_far(before: dict | None) -> tuple[list[BlockStats], list[str], dict]:
+    """(stats, blocks done, manifest tensor entries) of a resumed run's finished blocks; empty for a fresh run."""
+    if before is None:
+        return [], [], {}
+    stats = [BlockStats(**{**s, "fallback": {int(k): v for k, v in s["fallback"].items()}})
+             for s in before.get("block_stats", [])]
+    return stats, list(before["blocks_done"]), dict(before["tensors"])
 
 
 def _summary(model: SwitchModel, out: Path, cfg: CompressConfig, spec: DataSpec, model_dir: Path, n_train: int,

@@ -123,12 +123,17 @@ def expert_pass(weights: list[dict[str, torch.Tensor]], tokens: list[torch.Tenso
 
     q_wo, why_wo = _quantize(wo, h_in, cfg, layer_input=hidden)
     experts = [QuantizedExpert(a, b) for a, b in zip(q_wi, q_wo)]
-    outputs = []
-    for g, (e, t) in enumerate(zip(experts, tokens)):
-        wo_q = e.wo.values()
-        outputs.append(torch.cat([F.linear(hidden(g, chunk), wo_q) for chunk in t.split(ROWS_PER_CHUNK)]))
+    outputs = [expert_outputs(wi_q[g], e.wo.values(), t) for g, (e, t) in enumerate(zip(experts, tokens))]
     reasons = [f"wi: {a}" if a else (f"wo: {b}" if b else "") for a, b in zip(why_wi, why_wo)]
     return experts, outputs, reasons
+
+
+def expert_outputs(wi: torch.Tensor, wo: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [n, D] through one (quantized) expert: wo(relu(wi(x))) [n, D], in chunks of ROWS_PER_CHUNK tokens.
+    The one place this is computed, so a resumed run's replay of a finished block gives the same bits."""
+    if tokens.shape[0] == 0:
+        return tokens.new_zeros(0, wo.shape[0])
+    return torch.cat([F.linear(F.relu(F.linear(c, wi)), wo) for c in tokens.split(ROWS_PER_CHUNK)])
 
 
 def hessian_rows(token_ids: torch.Tensor, sentinel_floor: int, cap: int, seed: int) -> torch.Tensor:
@@ -155,16 +160,7 @@ def compress_block(name: str, block: Block, stack: Stack, x: torch.Tensor, ids: 
     N, S, D = x.shape
     stats = BlockStats(name)
     t0 = time.time()
-    bias = stack.self_bias(S, S, x.device)
-    # 1. dense pass, chunked over samples: h goes back into x; z, expert, prob are kept for the expert pass.
-    z = torch.empty(N * S, D)
-    expert = torch.empty(N * S, dtype=torch.long)
-    prob = torch.empty(N * S)
-    for s0 in range(0, N, cfg.chunk_samples):
-        s1 = min(N, s0 + cfg.chunk_samples)
-        h, zc, ec, pc = dense_pass(block, x[s0:s1], bias, None if enc is None else enc[s0:s1])
-        x[s0:s1] = h
-        z[s0 * S:s1 * S], expert[s0 * S:s1 * S], prob[s0 * S:s1 * S] = zc, ec, pc
+    z, expert, prob = _dense_chunks(block, stack, x, enc, cfg.chunk_samples)
     stats.seconds["dense"] = time.time() - t0
 
     # 2. route: the tokens of each expert, in token order.
@@ -202,6 +198,37 @@ def compress_block(name: str, block: Block, stack: Stack, x: torch.Tensor, ids: 
     x += out.view(N, S, D)
     stats.seconds.update(read=t_read, quantize=t_quant, total=time.time() - t0)
     return experts, stats
+
+
+@torch.no_grad()
+def _dense_chunks(block: Block, stack: Stack, x: torch.Tensor, enc: torch.Tensor | None, chunk: int):
+    """1. The dense pass over x [N, S, D] in chunks of samples: h goes back into x; returns z [T, D], expert [T] and
+    prob [T] for the expert pass."""
+    N, S, D = x.shape
+    bias = stack.self_bias(S, S, x.device)
+    z = torch.empty(N * S, D)
+    expert = torch.empty(N * S, dtype=torch.long)
+    prob = torch.empty(N * S)
+    for s0 in range(0, N, chunk):
+        s1 = min(N, s0 + chunk)
+        h, zc, ec, pc = dense_pass(block, x[s0:s1], bias, None if enc is None else enc[s0:s1])
+        x[s0:s1] = h
+        z[s0 * S:s1 * S], expert[s0 * S:s1 * S], prob[s0 * S:s1 * S] = zc, ec, pc
+    return z, expert, prob
+
+
+@torch.no_grad()
+def replay_block(block: Block, stack: Stack, x: torch.Tensor, enc: torch.Tensor | None,
+                 weights: dict[int, tuple[torch.Tensor, torch.Tensor]], chunk: int) -> None:
+    """A finished block run again on x in place, with its quantized experts read back from the output (expert j:
+    (wi, wo) float32): x ends as compress_block left it, bit for bit. A resumed run replays the done blocks."""
+    N, S, D = x.shape
+    z, expert, prob = _dense_chunks(block, stack, x, enc, chunk)
+    out = torch.zeros(N * S, D)
+    for j, (wi, wo) in sorted(weights.items()):
+        m = torch.nonzero(expert == j).flatten()
+        out.index_add_(0, m, expert_outputs(wi, wo, z[m]) * prob[m, None])
+    x += out.view(N, S, D)
 
 
 @torch.no_grad()

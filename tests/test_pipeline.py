@@ -179,6 +179,17 @@ def test_crash_mid_run_leaves_an_incomplete_manifest(tiny_ckpt, tmp_path, monkey
     assert not manifest["complete"] and manifest["blocks_done"] == [f"encoder.block.{i}" for i in range(3)]
     with pytest.raises(CheckpointError, match="incomplete"):
         load_compressed(tmp_path / "o")
+    # --resume replays the three finished encoder blocks from their files and compresses the rest: the result is
+    # byte for byte the uninterrupted run's.
+    monkeypatch.setattr(comp, "read_expert", real)
+    with pytest.raises(ValueError, match="method"):  # other settings than the unfinished run's
+        compress_model(d, tmp_path / "o", CompressConfig(method=Method.RTN), SPEC, progress=lambda *_: None,
+                       resume=True)
+    s = compress_model(d, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None, resume=True)
+    assert [b["name"] for b in s["blocks"]] == [f"{st}.block.{i}" for st in ("encoder", "decoder") for i in range(3)]
+    _assert_same_output(d, tmp_path / "o", tmp_path / "fresh", CompressConfig())
+    with pytest.raises(ValueError, match="complete"):
+        compress_model(d, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None, resume=True)
 
 
 def test_existing_output_is_not_overwritten(compressed_dir, tiny_mixed_bin):
