@@ -82,13 +82,14 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 @torch.no_grad()
 def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSpec, overwrite: bool = False,
-                   progress=print, resume: bool = False, workers: int = 0) -> dict:
+                   progress=print, resume: bool = False, workers: int = 0, fail_marker: str | None = None) -> dict:
     """Compress every expert of a Switch checkpoint; returns the summary also written to out/summary.json.
 
     resume: `out` holds an unfinished run of the same model and settings; the blocks its manifest names as done are
     replayed from their written experts (not compressed again) and the run goes on from there. workers > 0: the
     blocks run on a Ray pool of that many workers (workers/), joining the Ray cluster of RAY_ADDRESS or starting a
-    local one; the output is byte-identical to the single-process run's."""
+    local one; the output is byte-identical to the single-process run's. fail_marker: tests only (see
+    workers.pool.CompressWorker.expert_group)."""
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out)
     reader = CheckpointReader(model_dir)
@@ -121,7 +122,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         from workers.driver import compress_blocks_ray
 
         stats, done, tensors = compress_blocks_ray(model, model_dir, train, out, cfg, sentinel_floor, progress,
-                                                   workers, before)
+                                                   workers, before, fail_marker)
     else:
         stats, done, tensors = _compress_blocks(model, reader, train, out, cfg, sentinel_floor, progress, before)
 
@@ -171,7 +172,7 @@ def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Sample
     mcfg = model.cfg
     n_blocks = sum(1 for _ in model.sparse_blocks())
     enc = None  # the compressed encoder's output, which the decoder's cross-attention reads
-    stats, done, tensors = _done_so_far(before)
+    stats, done, tensors = done_so_far(before)
     for stack_name, ids in (("encoder", train.input_ids),
                             ("decoder", shift_right(train.labels, mcfg.decoder_start_token_id))):
         stack = getattr(model, stack_name)
@@ -185,7 +186,7 @@ def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Sample
                 run_dense_block(blk, stack, x, enc, cfg.chunk_samples)
                 continue
             if name in done:
-                replay_block(blk, stack, x, enc, C.read_block_experts(out, name, _expert_shapes(mcfg), cfg.scheme),
+                replay_block(blk, stack, x, enc, C.read_block_experts(out, name, expert_shapes(mcfg), cfg.scheme),
                              cfg.chunk_samples)
                 progress(f"[{done.index(name) + 1}/{n_blocks}] {name}: done before, replayed")
                 continue
@@ -207,11 +208,11 @@ def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Sample
     return stats, done, tensors
 
 
-def _expert_shapes(mcfg) -> dict[str, tuple[int, int]]:
+def expert_shapes(mcfg) -> dict[str, tuple[int, int]]:
     return {"wi": (mcfg.d_ff, mcfg.d_model), "wo": (mcfg.d_model, mcfg.d_ff)}
 
 
-def _done_so_far(before: dict | None) -> tuple[list[BlockStats], list[str], dict]:
+def done_so_far(before: dict | None) -> tuple[list[BlockStats], list[str], dict]:
     """(stats, blocks done, manifest tensor entries) of a resumed run's finished blocks; empty for a fresh run."""
     if before is None:
         return [], [], {}
