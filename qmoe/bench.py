@@ -1,5 +1,5 @@
-"""python -m qmoe.bench {codec,kernels} [--json FILE]: benchmarks, each run side by side with its baselines in one
-process (ratios, medians of repeats). codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py."""
+"""python -m qmoe.bench {codec,kernels,compress} [--json FILE]: benchmarks, each run side by side with its baselines
+in one process. codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py; compress: qmoe/bench_compress.py."""
 from __future__ import annotations
 
 import argparse
@@ -18,12 +18,22 @@ def main(argv=None) -> int:
     k.add_argument("--experts", type=Path, help="a ternary compressed directory (default: compress the default model)")
     k.add_argument("--repeats", type=int, default=7)
     k.add_argument("--json", type=Path)
+    c = sub.add_parser("compress", help="Ray pool compression with 1 and 2 workers on c2048-shaped experts")
+    c.add_argument("--checkpoint", type=Path, help="a checkpoint (default: a synthetic one, qmoe.synth)")
+    c.add_argument("--train-samples", type=int, default=32)
+    c.add_argument("--group-size", type=int, default=2)
+    c.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    if a.what == "codec":
-        from qmoe import bench_codec as b
+    if a.what == "compress":
+        from qmoe import bench_compress as b
+
+        result = b.run(a.checkpoint, 1, train_samples=a.train_samples, group_size=a.group_size)
     else:
-        from qmoe import bench_kernels as b
-    result = b.run(a.experts, a.repeats)
+        if a.what == "codec":
+            from qmoe import bench_codec as b
+        else:
+            from qmoe import bench_kernels as b
+        result = b.run(a.experts, a.repeats)
     print(b.format_table(result))
     if a.json:
         from qmoe.store import atomic_write_json

@@ -54,6 +54,7 @@ class BlockStats:
     fallback: dict[int, str] = field(default_factory=dict)  # expert -> reason
     capped: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)  # Ray runs: worker pid -> its peak RSS bytes so far
 
 
 def activation_buffer(shape: tuple[int, ...], limit_bytes: int, spill_dir: Path | None) -> torch.Tensor:
@@ -94,7 +95,7 @@ def _quantize(W: torch.Tensor, inputs: list[torch.Tensor], cfg: CompressConfig, 
     if cfg.method is Method.RTN:
         codes, _, p = rtn(W, cfg.scheme)
         return [QuantizedMatrix(codes[g], p.select(g)) for g in range(W.shape[0])], ["" for _ in inputs]
-    gptq = GPTQ(W.shape[0], W.shape[2])
+    gptq = GPTQ(W.shape[0], W.shape[2], device=W.device)
     for g, x in enumerate(inputs):
         for chunk in x.split(ROWS_PER_CHUNK):
             gptq.add_batch(g, chunk if layer_input is None else layer_input(g, chunk))

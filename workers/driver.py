@@ -117,15 +117,17 @@ def _compress_block(name, blk, block, x, encs, bias, ids, bounds, pool, cfg, sen
             cap, [len(r) for r in rows_c], prefetch, fail_marker))
     x = [tasks.combine.remote(d[0], d[1], d[2], cfg.group_size, threads, *[r[3 + c] for r in results])
          for c, d in enumerate(dense)]
-    experts, read, quant = {}, 0.0, 0.0
+    experts, secs = {}, {"read": 0.0, "read_total": 0.0, "quantize": 0.0}
     for r in results:
         qe, reasons, timing = ray.get(r[:3])
         experts.update(qe)
         st.hessian_tokens += timing["hessian_tokens"]
         st.fallback.update({j: why for j, why in reasons.items() if why})
-        read, quant = read + timing["read"], quant + timing["quantize"]
+        for k in secs:  # worker seconds, summed over groups: read = waiting for weights, read_total = reading them
+            secs[k] += timing[k]
+        st.workers[str(timing["pid"])] = max(st.workers.get(str(timing["pid"]), 0), timing["peak_rss_bytes"])
     ray.wait(x, num_returns=len(x))  # the block is done when its residual stream is
-    st.seconds.update(read=read, quantize=quant, total=time.perf_counter() - t0)
+    st.seconds.update(secs, total=time.perf_counter() - t0)
     return x, experts, st
 
 

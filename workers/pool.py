@@ -10,6 +10,7 @@ pure functions of their inputs, so a retry gives the same bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +29,15 @@ class CompressWorker:
         self.cfg = cfg
         self._io = ThreadPoolExecutor(1)
         self._prefetched: tuple[tuple, object] | None = None  # ((block, experts), future)
+        self._read_seconds = 0.0  # time spent reading weights, in this thread or the prefetch thread
 
     def _read(self, block: str, js: tuple[int, ...]):
-        return [read_expert(self.reader, block, j, torch.bfloat16) for j in js]
+        t = time.perf_counter()
+        # clone(): safetensors hands out tensors over the memory map, whose pages would otherwise be read from disk
+        # later, inside GPTQ; copying here does the I/O now (in the prefetch thread, behind the current group).
+        weights = [{k: v.clone() for k, v in read_expert(self.reader, block, j, torch.bfloat16).items()} for j in js]
+        self._read_seconds += time.perf_counter() - t
+        return weights
 
     def _weights(self, block: str, js: tuple[int, ...]):
         """The group's weights: the prefetched ones when they are this group's, else read now."""
@@ -40,6 +47,10 @@ class CompressWorker:
             self._prefetched = None
             return future.result()
         return self._read(block, js)
+
+    def _device(self) -> torch.device:
+        """This worker's GPU when Ray gave it one and CUDA is there (decided per call, never at import)."""
+        return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
     def expert_group(self, block: str, block_index: int, js: list[int], parts: list, members: list[torch.Tensor],
                      token_ids: list[torch.Tensor], sentinel_floor: int, cap: int, chunk_rows: list[int],
@@ -52,6 +63,7 @@ class CompressWorker:
         fail_marker: tests only: if this file exists, delete it and kill this process (a worker dying mid-task).
         Returns (experts {j: QuantizedExpert}, reasons {j: str}, timings, then one [T_gc, D] output per chunk)."""
         t0 = time.perf_counter()
+        read_before = self._read_seconds
         weights = self._weights(block, tuple(js))
         if prefetch is not None:
             self._prefetched = ((prefetch[0], tuple(prefetch[1])), self._io.submit(self._read, prefetch[0],
@@ -60,8 +72,10 @@ class CompressWorker:
         if fail_marker and os.path.exists(fail_marker):
             os.remove(fail_marker)
             os._exit(1)
+        dev = self._device()
         z = torch.cat(ray.get(list(parts)))  # [T_g, D]: one part per chunk, each possibly empty
-        tokens = [z[m] for m in members]
+        tokens = [z[m].to(dev) for m in members]
+        weights = [{k: v.to(dev) for k, v in w.items()} for w in weights]
         rows = [hessian_rows(ids, sentinel_floor, cap, self.cfg.seed * 1_000_003 + block_index * 65_537 + j)
                 for j, ids in zip(js, token_ids)]
         t1 = time.perf_counter()
@@ -69,10 +83,21 @@ class CompressWorker:
         t_quant = time.perf_counter() - t1
         y = torch.zeros_like(z)
         for m, out in zip(members, outputs):
-            y[m] = out
-        timings = {"read": t_read, "quantize": t_quant, "hessian_tokens": [int(r.numel()) for r in rows],
+            y[m] = out.cpu()
+        experts = [_cpu(e) for e in experts]
+        timings = {"read": t_read, "read_total": self._read_seconds - read_before, "quantize": t_quant,
+                   "hessian_tokens": [int(r.numel()) for r in rows],
                    "pid": os.getpid(), "peak_rss_bytes": _peak_rss()}
         return (dict(zip(js, experts)), dict(zip(js, reasons)), timings, *y.split(chunk_rows))
+
+
+def _cpu(obj):
+    """A QuantizedExpert (dataclasses of tensors) with every tensor on the CPU, for the object store."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
 
 
 def _peak_rss() -> int:
