@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import struct
 import sys
@@ -186,12 +187,27 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < GIB else f"{n / GIB:,.2f} GiB"
 
 
-def _plot_plans(plans: dict[str, dict], title: str, path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported when a plot is drawn, not at import)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    """The figure as a PNG, written to a temp file and renamed (no half-written plot)."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plot_plans(plans: dict[str, dict], title: str, path: Path) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(plans), figsize=(4.5 * len(plans), 3.6), squeeze=False)
     for ax, (label, plan) in zip(axes[0], plans.items()):
         slots = plan["slots"]
@@ -217,17 +233,11 @@ def _plot_plans(plans: dict[str, dict], title: str, path: Path) -> None:
         ax.set_ylabel(name)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _plot_bits(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     blocks = sorted({r["block"] for r in rows}, key=lambda b: (b.startswith("decoder"), int(b.split(".")[-1])))
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(blocks) + 2), 3.6))
     w = 0.38
@@ -240,17 +250,11 @@ def _plot_bits(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("bits per parameter")
     ax.set_title("expert bits per parameter, every byte of the files counted", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _plot_overhead(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [r for r in rows if "tokens" in r]
     keys = [k for k in rows[0] if k.endswith("tokens/s")]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -264,9 +268,7 @@ def _plot_overhead(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("compressed (fused kernels) vs simulated uncompressed, measured on this machine", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _plan_table(plans: dict[str, dict]) -> list[str]:
