@@ -86,7 +86,6 @@ def _make_kernels(overflow: bool):
             lsum = l0 + l1
             y[r] = hi[r] * (a0 + a1 - lsum) + lo[r] * lsum
 
-
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def _gemm(codes, offsets, table, extra, lo, hi, xt, y):
         """Batch B > 1. xt [C, B] float32 (x transposed: a position's B values are contiguous), y [R, B] float32.

@@ -35,9 +35,9 @@ class CompressedLinear(nn.Module):
         self.register_buffer("offsets", torch.from_numpy(m.row_offsets), persistent=False)
         self.register_buffer("table", torch.from_numpy(recs.table), persistent=False)
         self.register_buffer("extra", torch.from_numpy(recs.extra), persistent=False)
-        self._host: tuple | None = None  # numpy views of the buffers, while they are on the CPU
         self.register_buffer("lo", torch.from_numpy(bf16_bits_to_f32(m.levels[0])), persistent=False)
         self.register_buffer("hi", torch.from_numpy(bf16_bits_to_f32(m.levels[1])), persistent=False)
+        self._host: tuple | None = None  # numpy views of the buffers, while they are on the CPU
 
     @property
     def nbytes(self) -> int:

@@ -137,6 +137,18 @@ def expert_outputs(wi: torch.Tensor, wo: torch.Tensor, tokens: torch.Tensor) -> 
     return torch.cat([F.linear(F.relu(F.linear(c, wi)), wo) for c in tokens.split(ROWS_PER_CHUNK)])
 
 
+def hessian_cap(usable: list[int], cfg: CompressConfig) -> tuple[int, int]:
+    """(cap on Hessian tokens per expert, how many experts exceed it) from each expert's non-sentinel token count:
+    token_cap x the mean, or no cap (0) when token_cap is 0."""
+    cap = math.ceil(cfg.token_cap * sum(usable) / len(usable)) if cfg.token_cap else 0
+    return cap, sum(1 for n in usable if cap and n > cap)
+
+
+def expert_seed(cfg: CompressConfig, block_index: int, j: int) -> int:
+    """The seed of expert j's Hessian token subset in the block_index-th compressed block."""
+    return cfg.seed * 1_000_003 + block_index * 65_537 + j
+
+
 def hessian_rows(token_ids: torch.Tensor, sentinel_floor: int, cap: int, seed: int) -> torch.Tensor:
     """Which of an expert's tokens feed its Hessian: not sentinels, at most `cap` of them (a seeded random
     subset, so the choice depends on the data and seed only, never on grouping or workers)."""
@@ -171,8 +183,7 @@ def compress_block(name: str, block: Block, stack: Stack, x: torch.Tensor, ids: 
     stats.tokens = N * S
     stats.tokens_per_expert = [m.numel() for m in members]
     usable = [int((flat_ids[m] < sentinel_floor).sum()) for m in members]  # non-sentinel tokens per expert
-    cap = math.ceil(cfg.token_cap * sum(usable) / E) if cfg.token_cap else 0
-    stats.capped = sum(1 for n in usable if cap and n > cap)
+    cap, stats.capped = hessian_cap(usable, cfg)
 
     # 3. expert pass, one group at a time; 4. combine into the residual stream.
     out = torch.zeros(N * S, D)
@@ -184,8 +195,7 @@ def compress_block(name: str, block: Block, stack: Stack, x: torch.Tensor, ids: 
         weights = read_experts(js)
         t_read += time.time() - t1
         tokens = [z[members[j]] for j in js]
-        rows = [hessian_rows(flat_ids[members[j]], sentinel_floor, cap, cfg.seed * 1_000_003 + block_index * 65_537 + j)
-                for j in js]
+        rows = [hessian_rows(flat_ids[members[j]], sentinel_floor, cap, expert_seed(cfg, block_index, j)) for j in js]
         t1 = time.time()
         q, outputs, reasons = expert_pass(weights, tokens, rows, cfg)
         t_quant += time.time() - t1

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from qmoe.compressed import DENSE_FILE, expert_file, read_manifest
 from qmoe.config import SwitchConfig, config_from_hf
-from qmoe.runner import split_contiguous
+from qmoe.runner import split_contiguous, unit_names
 from qmoe.store import atomic_write_text
 
 C2048_CONFIG = Path(__file__).parent / "assets" / "configs" / "switch-c-2048.json"
@@ -56,12 +56,6 @@ class Target:
         if not m or int(m.group(1)) < 1:
             raise ValueError(f"target {text!r}: expected COUNTxSIZEGB, e.g. 4x48GB")
         return cls(int(m.group(1)), int(float(m.group(2)) * GIB), text.strip())
-
-
-def unit_names(cfg: SwitchConfig) -> list[str]:
-    names = ["shared"] + [f"encoder.block.{i}" for i in range(cfg.num_layers)] + ["encoder.final_layer_norm"]
-    names += [f"decoder.block.{i}" for i in range(cfg.num_decoder_layers)] + ["decoder.final_layer_norm"]
-    return names + ([] if cfg.tie_word_embeddings else ["lm_head"])
 
 
 def unit_params(cfg: SwitchConfig) -> dict[str, tuple[int, int]]:

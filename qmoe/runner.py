@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qmoe.config import SwitchConfig
 from qmoe.model import DenseFF, SwitchModel
 
 
@@ -30,11 +31,11 @@ def tensor_bytes(module: nn.Module, seen: set[int] | None = None) -> int:
     return total
 
 
-def units(model: SwitchModel) -> list[str]:
-    """Module names in execution order."""
-    names = ["shared"] + [f"encoder.block.{i}" for i in range(len(model.encoder.block))] + ["encoder.final_layer_norm"]
-    names += [f"decoder.block.{i}" for i in range(len(model.decoder.block))] + ["decoder.final_layer_norm"]
-    return names + ([] if model.cfg.tie_word_embeddings else ["lm_head"])
+def unit_names(cfg: SwitchConfig) -> list[str]:
+    """The units' module names in execution order (also the report's plan from a config alone)."""
+    names = ["shared"] + [f"encoder.block.{i}" for i in range(cfg.num_layers)] + ["encoder.final_layer_norm"]
+    names += [f"decoder.block.{i}" for i in range(cfg.num_decoder_layers)] + ["decoder.final_layer_norm"]
+    return names + ([] if cfg.tie_word_embeddings else ["lm_head"])
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def plan(model: SwitchModel, devices: list[str]) -> Placement:
         raise ValueError("no devices given")
     for d in devices:
         check_device(d)
-    names = units(model)
+    names = unit_names(model.cfg)
     seen: set[int] = set()
     sizes = {n: tensor_bytes(model.get_submodule(n), seen) for n in names}
     slots = split_contiguous([sizes[n] for n in names], len(devices))

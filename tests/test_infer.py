@@ -9,7 +9,7 @@ from qmoe import infer as infer_cli
 from qmoe.compressed import load_compressed
 from qmoe.compressor import CompressConfig, DataSpec, compress_model, load_samples
 from qmoe.model import shift_right
-from qmoe.runner import Runner, plan, simulate_uncompressed, units
+from qmoe.runner import Runner, plan, simulate_uncompressed, unit_names
 from kernels.module import CompressedLinear
 
 SPEC = DataSpec(train_samples=16, val_samples=8, seed=0)
@@ -47,7 +47,7 @@ def test_two_slots_give_the_same_logits_and_split_by_bytes(compressed):
     one = Runner(model, ["cpu"])(s.input_ids, dec)
     r2 = Runner(model, ["cpu", "cpu"])
     torch.testing.assert_close(r2(s.input_ids, dec), one, rtol=0, atol=0)
-    slots = [r2.placement.slot_of[u] for u in units(model)]
+    slots = [r2.placement.slot_of[u] for u in unit_names(model.cfg)]
     assert slots == sorted(slots) and set(slots) == {0, 1}  # contiguous, both used
     per = r2.placement.bytes_per_slot()
     assert sum(per) == sum(r2.placement.bytes_of.values())

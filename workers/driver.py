@@ -22,7 +22,7 @@ import torch
 from qmoe import compressed as C
 from qmoe.compressor import done_so_far, expert_shapes
 from qmoe.model import shift_right
-from qmoe.pipeline import BlockStats, replay_block
+from qmoe.pipeline import BlockStats, hessian_cap, replay_block
 from workers import tasks
 from workers.pool import make_pool
 
@@ -98,10 +98,9 @@ def _compress_block(name, blk, block, x, encs, bias, ids, bounds, pool, cfg, sen
     ids_c = [ids[a:b].reshape(-1) for a, b in bounds]
     expert_all, ids_all = torch.cat(experts_c), torch.cat(ids_c)
     counts = torch.bincount(expert_all, minlength=E)
-    usable = torch.bincount(expert_all[ids_all < sentinel_floor], minlength=E)
+    usable = torch.bincount(expert_all[ids_all < sentinel_floor], minlength=E).tolist()
     st.tokens, st.tokens_per_expert = int(expert_all.numel()), counts.tolist()
-    cap = math.ceil(cfg.token_cap * int(usable.sum()) / E) if cfg.token_cap else 0
-    st.capped = sum(1 for n in usable.tolist() if cap and n > cap)
+    cap, st.capped = hessian_cap(usable, cfg)
     results = []
     for g in range(G):
         js = list(range(g * cfg.group_size, min(E, (g + 1) * cfg.group_size)))

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from qmoe.checkpoint import CheckpointReader, read_expert
-from qmoe.pipeline import CompressConfig, expert_pass, hessian_rows
+from qmoe.pipeline import CompressConfig, expert_pass, expert_seed, hessian_rows
 
 
 class CompressWorker:
@@ -76,7 +76,7 @@ class CompressWorker:
         z = torch.cat(ray.get(list(parts)))  # [T_g, D]: one part per chunk, each possibly empty
         tokens = [z[m].to(dev) for m in members]
         weights = [{k: v.to(dev) for k, v in w.items()} for w in weights]
-        rows = [hessian_rows(ids, sentinel_floor, cap, self.cfg.seed * 1_000_003 + block_index * 65_537 + j)
+        rows = [hessian_rows(ids, sentinel_floor, cap, expert_seed(self.cfg, block_index, j))
                 for j, ids in zip(js, token_ids)]
         t1 = time.perf_counter()
         experts, outputs, reasons = expert_pass(weights, tokens, rows, self.cfg)
