@@ -6,9 +6,13 @@ the narrowest unsigned type that holds them; row offsets are their prefix sum), 
 so, the sign-and-exponent bytes, nearly constant, compress to little; the levels cost about 9-10 bits instead of 16,
 which matters for narrow rows (a 256-wide row pays 32 bits of levels, 0.125 bits a weight, when stored plainly).
 The file's metadata, under one key, records the codec version, the dictionaries (kind, probabilities,
-size, sha256 of their words) and per matrix its shape, dictionary, count base and a sha256 over its name, shape,
-count base, dictionary and bytes. Written atomically;
-read without pickle. Any mismatch raises ContainerError naming the file and the matrix.
+size, sha256 of their words) and per matrix its shape, codec version, dictionary (its index in the file's list and
+the first 16 hex digits of the sha256 of the one it was encoded with), count base and a sha256 over its name, shape, count base, dictionary
+and bytes. Written atomically; read without pickle. Any mismatch raises ContainerError naming the file and the
+matrix: another codec version (the file's or a matrix's), a dictionary other than the one a matrix was encoded
+with (named as such, not as corruption), a checksum, a row whose words do not cover its width.
+
+Version 2 added each matrix's `dictionary_id` (version 1 files are refused: re-encode them).
 """
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from codec.atomic import atomic_write
-from codec.dictionary import build
-from codec.ternary import EncodedMatrix
+from codec.dictionary import MAX_WORD, build
+from codec.ternary import EncodedMatrix, row_symbols
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 META_KEY = "qmoe-codec"
+ID_DIGITS = 16  # a matrix's `dictionary_id`: enough to tell dictionaries apart (the checksum has all 64)
 
 
 class ContainerError(ValueError):
@@ -64,9 +69,10 @@ def _unpack_rows(blob: np.ndarray, rows: int, count_dtype: np.dtype) -> tuple[np
     return (high << 8) | low, counts
 
 
-def checksum(name: str, m: EncodedMatrix, counts: np.ndarray, base: int) -> str:
-    h = hashlib.sha256(json.dumps([name, list(m.shape), base, m.dictionary.sha256]).encode())
-    for a in (m.codes, counts, m.levels):
+def checksum(name: str, shape, base: int, dictionary_sha256: str, codes: np.ndarray, counts: np.ndarray,
+             levels: np.ndarray) -> str:
+    h = hashlib.sha256(json.dumps([name, list(shape), base, dictionary_sha256]).encode())
+    for a in (codes, counts, levels):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
@@ -86,9 +92,10 @@ def write_container(path: Path | str, matrices: dict[str, EncodedMatrix]) -> dic
     for name, m in sorted(matrices.items()):
         counts, base = _counts_array(np.diff(m.row_offsets))
         tensors.update({f"{name}.codes": m.codes, f"{name}.rows": _pack_rows(m.levels, counts)})
+        sha = m.dictionary.sha256
         entries[name] = {"shape": list(m.shape), "count_base": base, "count_dtype": counts.dtype.name,
-                         "dictionary": index[m.dictionary.sha256], "sha256": checksum(name, m, counts, base),
-                         "codec_version": CODEC_VERSION}
+                         "dictionary": index[sha], "dictionary_id": sha[:ID_DIGITS], "codec_version": CODEC_VERSION,
+                         "sha256": checksum(name, m.shape, base, sha, m.codes, counts, m.levels)}
     meta = {"version": CODEC_VERSION, "dictionaries": records, "tensors": entries}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
     return entries
@@ -127,6 +134,7 @@ def read_container(path: Path | str, expected: dict[str, tuple[int, int]] | None
         shape = tuple(e["shape"])
         if expected is not None and name in expected and tuple(expected[name]) != shape:
             raise ContainerError(path, name, f"shape {shape}, expected {tuple(expected[name])}")
+        d = _check_dictionary(path, name, e, dictionaries)
         if codes.dtype != np.uint16 or rows.dtype != np.uint8:
             raise ContainerError(path, name, f"arrays of type {codes.dtype}/{rows.dtype}, expected uint16/uint8")
         try:
@@ -135,15 +143,42 @@ def read_container(path: Path | str, expected: dict[str, tuple[int, int]] | None
             raise ContainerError(path, name, str(err)) from None
         offsets = np.zeros(shape[0] + 1, dtype=np.int64)
         np.cumsum(counts.astype(np.int64) + e["count_base"], out=offsets[1:])
-        m = EncodedMatrix(shape, codes, offsets, levels, dictionaries[e["dictionary"]])
-        if checksum(name, m, counts, e["count_base"]) != e["sha256"]:
+        if checksum(name, shape, e["count_base"], d.sha256, codes, counts, levels) != e["sha256"]:
             raise ContainerError(path, name, "checksum mismatch: the data is corrupt")
-        out[name] = m
+        out[name] = EncodedMatrix(shape, codes, offsets, levels, d, _row_pad(path, name, codes, offsets, d, shape[1]),
+                                  d.sha256)
     if expected is not None:
         missing = sorted(set(expected) - set(out))
         if missing:
             raise ContainerError(path, missing[0], "matrix is missing")
     return out
+
+
+def _check_dictionary(path: Path, name: str, e: dict, dictionaries: list):
+    """The dictionary a matrix's entry names, if it is the one the matrix was encoded with; else a ContainerError
+    that says so (a swapped dictionary is a mismatch to name, not corruption)."""
+    i, want = e["dictionary"], e["dictionary_id"]
+    d = dictionaries[i]
+    if d.sha256[:ID_DIGITS] != want:
+        other = [j for j, o in enumerate(dictionaries) if o.sha256[:ID_DIGITS] == want]
+        where = f"; it is the file's dictionary #{other[0]}" if other else "; the file does not hold it"
+        raise ContainerError(path, name, f"dictionary mismatch: encoded with dictionary sha256 {want}..., but its "
+                                         f"entry names dictionary #{i}, a {d.label}{where}")
+    return d
+
+
+def _row_pad(path: Path, name: str, codes: np.ndarray, offsets: np.ndarray, d, width: int) -> np.ndarray:
+    """[R] uint8: each row's padding, from its words' lengths; ContainerError for a row they cover short, or long
+    by a word or more (the checksum has passed, so only a file written wrongly gets here)."""
+    if len(codes) and int(codes.max()) >= d.size:
+        raise ContainerError(path, name, f"codeword {int(codes.max())} is outside the {d.size}-word dictionary")
+    pad = row_symbols(codes, offsets, d) - width
+    bad = np.flatnonzero((pad < 0) | (pad >= MAX_WORD))
+    if len(bad):
+        r = int(bad[0])
+        raise ContainerError(path, name, f"row {r}: its words cover {width + int(pad[r])} symbols, expected {width} "
+                                         "and less than a word of padding")
+    return pad.astype(np.uint8)
 
 
 def _parse_meta(path: Path, raw: str) -> tuple[dict, dict]:
@@ -152,6 +187,10 @@ def _parse_meta(path: Path, raw: str) -> tuple[dict, dict]:
         meta = json.loads(raw)
         if meta.get("version") != CODEC_VERSION:
             raise ContainerError(path, None, f"codec version {meta.get('version')}, this reader knows {CODEC_VERSION}")
+        for name, e in meta["tensors"].items():
+            if e.get("codec_version") != CODEC_VERSION:
+                raise ContainerError(path, name, f"codec version {e.get('codec_version')}, this reader knows "
+                                                 f"{CODEC_VERSION}")
         records = meta["dictionaries"]
         ok = isinstance(records, list) and len(records) > 0
         for dm in records:
@@ -162,6 +201,7 @@ def _parse_meta(path: Path, raw: str) -> tuple[dict, dict]:
             ok = ok and (isinstance(e["dictionary"], int) and 0 <= e["dictionary"] < len(records)
                          and len(e["shape"]) == 2 and all(isinstance(x, int) and x >= 0 for x in e["shape"])
                          and isinstance(e["count_base"], int) and e["count_base"] >= 0 and isinstance(e["sha256"], str)
+                         and isinstance(e["dictionary_id"], str)
                          and e["count_dtype"] in ("uint8", "uint16", "uint32"))
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
         raise ContainerError(path, None, f"corrupt metadata ({type(e).__name__}: {e})") from None

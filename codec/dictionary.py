@@ -44,12 +44,18 @@ class Dictionary:
     def size(self) -> int:
         return len(self.length)
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         h = hashlib.sha256()
         for a in (self.length, self.nz_start, self.nz_pos, self.nz_sym):
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()
+
+    @property
+    def label(self) -> str:
+        """For messages: kind, probabilities, size and the start of the checksum."""
+        probs = ", ".join(f"{p:.4g}" for p in self.probs)
+        return f"{self.kind} dictionary (P = {probs}; {self.size} words; sha256 {self.sha256[:12]})"
 
     @cached_property
     def table(self) -> np.ndarray:
@@ -110,12 +116,19 @@ def normalize_probs(probs) -> tuple[float, float, float]:
     return tuple(float(x) for x in p)
 
 
+def tunstall(probs, size: int = CODEWORDS) -> Dictionary:
+    """The Tunstall dictionary with at most `size` words for i.i.d. symbols with these probabilities (normalized
+    first; the dictionary's `probs` are the normalized ones, from which `build` makes it again)."""
+    return _tunstall(normalize_probs(probs), size)
+
+
 @cache
-def tunstall(probs: tuple[float, float, float], size: int = CODEWORDS) -> Dictionary:
-    """The Tunstall dictionary with at most `size` words for i.i.d. symbols with these probabilities.
+def _tunstall(probs: tuple[float, float, float], size: int) -> Dictionary:
+    """Built from `probs` exactly as given: normalizing again may move a probability by an ulp (normalize_probs is
+    not idempotent in floating point), which can reorder tied leaves and give another dictionary, so the
+    dictionary a container names is rebuilt from its recorded probabilities verbatim.
 
     Leaves of MAX_WORD symbols are not expanded further (the tree stays complete, so parsing stays unique)."""
-    probs = normalize_probs(probs)
     heap = [(-1.0, 0, ())]  # (-probability, tie-break, word): the expandable leaves
     full = []  # leaves at MAX_WORD
     leaves, counter = 1, 1
@@ -154,7 +167,10 @@ def build(kind: str, probs, size: int = CODEWORDS) -> Dictionary:
     if not 1 <= size <= CODEWORDS:
         raise ValueError(f"dictionary size {size} is outside 1..{CODEWORDS}")
     if kind == "tunstall":
-        return tunstall(normalize_probs(probs), size)
+        p = tuple(float(x) for x in probs)
+        if len(p) != 3 or not all(0 < x <= 1 for x in p) or abs(sum(p) - 1) > 1e-9:
+            raise ValueError(f"tunstall probabilities {list(p)} are not three positive numbers summing to 1")
+        return _tunstall(p, size)
     if kind == "qmoe-pairs":
         return qmoe_pairs(float(probs[0]), size)
     raise ValueError(f"unknown dictionary kind {kind!r}")

@@ -1,4 +1,5 @@
 """The sub-1-bit codec: exact round trips on any shape, and every kind of bad input caught."""
+import dataclasses
 import json
 import shutil
 
@@ -8,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from codec.container import ContainerError, read_container, write_container
 from codec.dictionary import qmoe_pairs, tunstall
-from codec.ternary import CodecError, EncodedMatrix, decode, decode_symbols, encode, f32_to_bf16_bits, fit_dictionary
+from codec.ternary import CodecError, decode, decode_symbols, encode, f32_to_bf16_bits, fit_dictionary
 
 P885 = (0.885, 0.0575, 0.0575)
 
@@ -171,17 +172,113 @@ def test_shape_mismatch(container):
 def test_inconsistent_codes_are_caught_by_the_decoder():
     sym = np.random.default_rng(2).choice(3, size=(4, 50), p=P885).astype(np.uint8)
     m = encode(sym, np.zeros((2, 4), np.uint16), tunstall(P885))
-    # Claims more columns than the codes cover (a few more may be covered: the last word can run past the row).
-    short = EncodedMatrix((4, 250), m.codes, m.row_offsets, m.levels, m.dictionary)
-    with pytest.raises(CodecError, match="does not decode to exactly 250"):
+    short = dataclasses.replace(m, shape=(4, 250))
+    with pytest.raises(CodecError, match=r"row 0: its words cover \d+ symbols, expected exactly 250 \+ \d+ of padding"):
         decode_symbols(short)
-    extra = EncodedMatrix((4, 50), np.concatenate([m.codes, m.codes[:1]]),
-                          np.concatenate([m.row_offsets[:-1], [m.row_offsets[-1] + 1]]), m.levels, m.dictionary)
-    with pytest.raises(CodecError, match="row 3"):
+    extra = dataclasses.replace(m, codes=np.concatenate([m.codes, m.codes[:1]]),
+                                row_offsets=np.concatenate([m.row_offsets[:-1], [m.row_offsets[-1] + 1]]))
+    with pytest.raises(CodecError, match="row 3: its words cover"):
         decode_symbols(extra)
-    bad = EncodedMatrix((4, 50), np.full_like(m.codes, 65535), m.row_offsets, m.levels, m.dictionary)
+    bad = dataclasses.replace(m, codes=np.full_like(m.codes, 65535))
     with pytest.raises(CodecError, match="outside"):
         decode_symbols(bad)
+
+
+def _short_rows():
+    """Rows of 1..6 weights: one codeword each, whose word runs far past the row (the old check passed any width
+    up to the word's length, and any dictionary whose word was long enough)."""
+    sym = np.array([[1, 0, 0], [0, 0, 2], [0, 0, 0], [2, 1, 0]], dtype=np.uint8)
+    m = encode(sym, np.zeros((2, 4), np.uint16), tunstall(P885))
+    assert np.diff(m.row_offsets).tolist() == [1, 1, 1, 1] and (m.row_pad > 0).all()
+    return sym, m
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 5, 9])
+def test_short_rows_with_a_wrong_width_are_refused(width):
+    sym, m = _short_rows()
+    assert np.array_equal(decode_symbols(m), sym)
+    with pytest.raises(CodecError, match=rf"row \d: (its words cover \d+ symbols, expected exactly {width} \+ "
+                                         rf"\d+ of padding|its last word puts a non-zero past column {width})"):
+        decode_symbols(dataclasses.replace(m, shape=(4, width)))
+
+
+def test_short_rows_with_a_wrong_dictionary_are_refused():
+    sym, m = _short_rows()
+    other = tunstall((0.8, 0.1, 0.1))
+    with pytest.raises(CodecError, match=r"dictionary mismatch: the codes were made with dictionary sha256 "
+                                         rf"{m.dictionary.sha256[:12]}, not with the tunstall dictionary \(P = 0.8, "
+                                         rf"0.1, 0.1; 65535 words; sha256 {other.sha256[:12]}\)"):
+        decode_symbols(dataclasses.replace(m, dictionary=other))
+    # A stream that claims the other dictionary: its words' lengths or padding give it away, row by row.
+    with pytest.raises(CodecError, match=r"row 0: (its words cover|its last word puts a non-zero)"):
+        decode_symbols(dataclasses.replace(m, dictionary=other, dictionary_sha256=other.sha256))
+    rng = np.random.default_rng(5)
+    for w in range(1, 9):
+        rows = encode(rng.choice(3, size=(300, w), p=P885).astype(np.uint8), np.zeros((2, 300), np.uint16),
+                      tunstall(P885))
+        forged = dataclasses.replace(rows, dictionary=other, dictionary_sha256=other.sha256)
+        for r in range(300):  # every single short row on its own is refused
+            one = dataclasses.replace(forged, shape=(1, w), codes=forged.codes[r:r + 1],
+                                      row_offsets=np.array([0, 1]), levels=forged.levels[:, :1],
+                                      row_pad=forged.row_pad[r:r + 1])
+            with pytest.raises(CodecError):
+                decode_symbols(one)
+
+
+def _edit_meta(path, edit):
+    """Rewrite a container's metadata with edit(meta) applied, arrays untouched: a hand-edited file."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads(f.metadata()["qmoe-codec"])
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta)
+    save_file(arrays, str(path), metadata={"qmoe-codec": json.dumps(meta)})
+
+
+def test_a_changed_codec_version_is_refused(container):
+    path = container[0]
+    _edit_meta(path, lambda meta: meta["tensors"]["e1"].update(codec_version=1))
+    with pytest.raises(ContainerError, match=r"block.safetensors, tensor 'e1': codec version 1, this reader knows 2$"):
+        read_container(path)
+    _edit_meta(path, lambda meta: meta.update(version=3))
+    with pytest.raises(ContainerError, match=r"block.safetensors: codec version 3, this reader knows 2$"):
+        read_container(path)
+
+
+def _two_dictionary_file(tmp_path):
+    rng = np.random.default_rng(4)
+    dense = rng.choice(3, size=(9, 130), p=(0.6, 0.2, 0.2)).astype(np.uint8)
+    sparse = rng.choice(3, size=(5, 300), p=(0.95, 0.03, 0.02)).astype(np.uint8)
+    path = tmp_path / "f.safetensors"
+    write_container(path, {"wi": encode(dense, _levels(rng, 9), fit_dictionary([dense], size=3001)),
+                           "wo": encode(sparse, _levels(rng, 5), fit_dictionary([sparse], size=3001))})
+    return path
+
+
+def test_a_matrix_pointed_at_another_dictionary_of_its_file_is_named(tmp_path):
+    path = _two_dictionary_file(tmp_path)
+    _edit_meta(path, lambda meta: meta["tensors"]["wo"].update(dictionary=1 - meta["tensors"]["wo"]["dictionary"]))
+    with pytest.raises(ContainerError, match=r"f.safetensors, tensor 'wo': dictionary mismatch: encoded with "
+                                             r"dictionary sha256 [0-9a-f]{16}\.\.\., but its entry names dictionary #0, "
+                                             r"a tunstall dictionary \(P = 0.58.*; it is the file's dictionary #1$"):
+        read_container(path)
+
+
+def test_a_swapped_dictionary_record_is_named(tmp_path):
+    path = _two_dictionary_file(tmp_path)
+    other = tunstall((0.7, 0.2, 0.1), 3001)  # a coherent record (kind, probs, size, sha256) of another dictionary
+
+    def swap(meta):
+        i = meta["tensors"]["wi"]["dictionary"]
+        meta["dictionaries"][i] = {"kind": "tunstall", "probs": list(other.probs), "size": 3001,
+                                   "sha256": other.sha256}
+    _edit_meta(path, swap)
+    with pytest.raises(ContainerError, match=rf"tensor 'wi': dictionary mismatch: .* a tunstall dictionary "
+                                             rf"\(P = 0.7, 0.2, 0.1; 3001 words; sha256 {other.sha256[:12]}\); "
+                                             r"the file does not hold it$"):
+        read_container(path)
 
 
 def test_missing_file(tmp_path):
@@ -199,3 +296,16 @@ def test_bench_row_on_a_small_matrix():
     assert row["entropy"] < row["ours_bits"] < row["qmoe_bits"]
     assert row["ours_x_bf16"] == pytest.approx(16 / row["ours_bits"])
     assert abs(row["p0"] - 0.885) < 0.01
+
+
+def test_a_dictionary_is_rebuilt_from_its_recorded_probabilities_exactly(tmp_path):
+    """normalize_probs is not idempotent in floating point: normalizing the recorded probabilities again moves them
+    by an ulp, which reorders tied leaves (here, about 1 fitted dictionary in 40 did): the reader must rebuild from
+    the recorded numbers verbatim, or it refuses a file it wrote itself."""
+    from codec.dictionary import normalize_probs
+
+    d = tunstall((0.7, 0.2, 0.1), 3001)
+    assert tunstall(normalize_probs(d.probs), 3001).sha256 != d.sha256  # the hazard is real for these numbers
+    sym = np.random.default_rng(6).choice(3, size=(3, 40), p=(0.7, 0.2, 0.1)).astype(np.uint8)
+    write_container(tmp_path / "f.safetensors", {"m": encode(sym, np.zeros((2, 3), np.uint16), d)})
+    assert np.array_equal(decode_symbols(read_container(tmp_path / "f.safetensors")["m"]), sym)
