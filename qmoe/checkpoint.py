@@ -3,6 +3,10 @@
 Layouts: `model.safetensors`; sharded `*.safetensors` with `model.safetensors.index.json`; `pytorch_model.bin`
 or `pytorch_model-*.bin` shards with `pytorch_model.bin.index.json` (read with `torch.load(weights_only=True,
 mmap=True)`, never unpickling arbitrary objects). Every failure raises CheckpointError naming the file and tensor.
+
+Every file is read through `model_file`: a path that resolves outside the model directory (an index naming
+`../x` or `/etc/x`, a symlink leading out) is refused, and so is anything but a regular file. The one exception
+is the Hugging Face hub cache's own layout, where a snapshot's files are symlinks into its repository's `blobs/`.
 """
 from __future__ import annotations
 
@@ -24,6 +28,43 @@ class CheckpointError(Exception):
         super().__init__(f"{where}: {problem}")
 
 
+def _roots(root: Path) -> tuple[Path, ...]:
+    """Where a model directory's files may resolve to: inside it, and for a hub cache snapshot
+    (`models--org--name/snapshots/<revision>`, files linked to `../../blobs/<sha256>`) inside the repo's blobs."""
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root, root.parent.parent / "blobs"
+    return (root,)
+
+
+def _confine(model_dir: Path, name) -> Path | None:
+    """The resolved path of `name` in model_dir, None when absent; ValueError(problem) when it leads outside or
+    is not a regular file."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"file name {name!r} is not a non-empty string")
+    root = Path(model_dir).resolve()
+    try:
+        target = (root / name).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise ValueError(f"{name!r} cannot be resolved ({e})") from None
+    if not any(target.is_relative_to(r) for r in _roots(root)):
+        raise ValueError(f"{name!r} resolves to {target}, outside the model directory {root}: refused")
+    if not target.exists():
+        return None
+    if not target.is_file():
+        raise ValueError(f"{name!r} is not a regular file")
+    return target
+
+
+def model_file(model_dir: Path | str, name: str) -> Path | None:
+    """The regular file `name` of a model directory, resolved; None when it does not exist. CheckpointError
+    naming it when it resolves outside the directory (`../x`, an absolute path, a symlink leading out) or is not a
+    regular file (a directory, a FIFO, a device)."""
+    try:
+        return _confine(Path(model_dir), name)
+    except ValueError as e:
+        raise CheckpointError(Path(model_dir) / str(name), None, str(e)) from None
+
+
 class CheckpointReader:
     """name -> shard file map, and lazy reads of single tensors. Holds at most one .bin shard mapped at a time."""
 
@@ -38,20 +79,36 @@ class CheckpointReader:
     def _index(self) -> dict[str, Path]:
         d = self.dir
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            index = d / index_name
-            if index.exists():
+            index = model_file(d, index_name)
+            if index is not None:
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(index, None, f"unreadable index ({e})") from None
-                return {name: d / f for name, f in weight_map.items()}
-        if (d / "model.safetensors").exists():
-            f = d / "model.safetensors"
-            return {name: f for name in self._st_open(f, None).keys()}
-        if (d / "pytorch_model.bin").exists():
-            f = d / "pytorch_model.bin"
-            return {name: f for name in self._bin_open(f, None)}
+                    items = list(weight_map.items())
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise CheckpointError(d / index_name, None, f"unreadable index ({type(e).__name__}: {e})") from None
+                return self._shards(d / index_name, items)
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            f = model_file(d, single)
+            if f is not None:
+                names = self._st_open(f, None).keys() if single.endswith(".safetensors") else self._bin_open(f, None)
+                return {name: f for name in names}
         raise CheckpointError(d, None, "no model.safetensors, safetensors index, pytorch_model.bin or bin index")
+
+    def _shards(self, index: Path, items: list) -> dict[str, Path]:
+        """tensor -> shard path, every shard confined to the model directory (checked once per file name)."""
+        resolved: dict[str, Path] = {}
+        out = {}
+        for name, f in items:
+            if not isinstance(f, str):
+                raise CheckpointError(index, name, f"shard name {f!r} is not a string")
+            if f not in resolved:
+                try:
+                    # A missing shard keeps its path: reading it says "shard file is missing", naming it.
+                    resolved[f] = _confine(self.dir, f) or self.dir / f
+                except ValueError as e:
+                    raise CheckpointError(index, name, f"shard {e}") from None
+            out[name] = resolved[f]
+        return out
 
     def _st_open(self, f: Path, tensor: str | None):
         if f not in self._st_handles:
@@ -122,7 +179,7 @@ def is_expert_param(name: str) -> bool:
 def read_config(path: Path | str, reader: CheckpointReader | None = None) -> tuple[SwitchConfig, dict]:
     """The model config, corrected with the checkpoint's tensor names, and the raw config.json dict."""
     path = Path(path)
-    hf = read_hf_config(path / "config.json")
+    hf = read_hf_config(model_file(path, "config.json") or path / "config.json")
     reader = reader or CheckpointReader(path)
     return config_from_hf(hf, reader.names()), hf
 

@@ -68,11 +68,14 @@ class HFTokenizer:
 def load_tokenizer(model_dir: Path | None, hf_config: dict | None = None):
     """The tokenizer a model was trained with: `qmoe.tokenizer` in its config, else its tokenizer.json, else bytes
     when the vocabulary is large enough to hold them."""
+    from qmoe.checkpoint import model_file  # confined to model_dir: a tokenizer.json linked from outside is refused
+
     hf_config = hf_config or {}
     if hf_config.get("qmoe", {}).get("tokenizer") == ByteTokenizer.name:
         return ByteTokenizer()
-    if model_dir is not None and (Path(model_dir) / "tokenizer.json").exists():
-        return HFTokenizer(Path(model_dir) / "tokenizer.json")
+    path = model_file(model_dir, "tokenizer.json") if model_dir is not None else None
+    if path is not None:
+        return HFTokenizer(path)
     vocab = hf_config.get("vocab_size", ByteTokenizer.vocab_size)
     if vocab >= ByteTokenizer.vocab_size:
         return ByteTokenizer()
