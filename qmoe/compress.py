@@ -8,6 +8,7 @@ from pathlib import Path
 
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressor import DataSpec, compress_model, resolve_model
+from qmoe.memory import MemoryError_, parse_size
 from qmoe.pipeline import CompressConfig
 from qmoe.quant import Method, Scheme
 
@@ -26,6 +27,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=d.group_size, help="experts per batched GPTQ")
     p.add_argument("--percdamp", type=float, default=d.percdamp)
     p.add_argument("--token-cap", type=float, default=d.token_cap, help="Hessian tokens per expert, x the mean")
+    p.add_argument("--chunk-samples", type=int, default=d.chunk_samples,
+                   help="samples per activation chunk (the dense pass's batch; changes float results)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads per step in every process (a recorded setting: results depend on it)")
+    p.add_argument("--activation-dtype", default=d.activation_dtype, choices=["float32", "bfloat16"],
+                   help="dtype of the activation files")
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"],
+                   help="where GPTQ and the dense pass compute (a Ray pool then asks for one GPU per worker)")
+    p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="memory bound for every process, e.g. 3G or 2500M (default: 80%% of the available memory, "
+                        "shared by the processes on this machine)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="continue an unfinished run in --out (same model and settings) from its last finished block")
@@ -39,13 +51,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    cfg = CompressConfig(scheme=Scheme(a.scheme), method=Method(a.method), group_size=a.group_size,
-                         percdamp=a.percdamp, token_cap=a.token_cap, seed=a.seed)
-    spec = DataSpec(train_samples=a.train_samples, val_samples=a.val_samples, seed=a.seed, calib=a.calib)
     try:
+        cfg = CompressConfig(scheme=Scheme(a.scheme), method=Method(a.method), group_size=a.group_size,
+                             percdamp=a.percdamp, token_cap=a.token_cap, seed=a.seed, chunk_samples=a.chunk_samples,
+                             threads=a.threads, activation_dtype=a.activation_dtype, device=a.device)
+        spec = DataSpec(train_samples=a.train_samples, val_samples=a.val_samples, seed=a.seed, calib=a.calib)
+        executor = None
+        if a.workers:
+            from workers.ray_executor import RayExecutor
+
+            executor = RayExecutor(a.workers)
         summary = compress_model(resolve_model(a.model), a.out, cfg, spec, overwrite=a.overwrite, resume=a.resume,
-                                 workers=a.workers)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+                                 executor=executor, max_memory=a.max_memory)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, MemoryError_) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}: {summary['bytes_compressed'] / 1e6:.2f} MB "

@@ -1,7 +1,8 @@
 """The compressed checkpoint directory (DESIGN.md): config.json with a `qmoe` section, dense weights in bf16
-safetensors, one safetensors file of quantized experts per sparse block, summary.json, and manifest.json last.
+safetensors, one safetensors file of quantized experts per expert group (`experts/<block>/<first>-<last>.safetensors`,
+written by whoever quantized the group), summary.json, and manifest.json last.
 
-Ternary experts are stored with the sub-1-bit codec (`codec/`: Tunstall dictionaries fitted per block and matrix
+Ternary experts are stored with the sub-1-bit codec (`codec/`: Tunstall dictionaries fitted per group and matrix
 kind, 16-bit codewords); int2/int4 experts are packed plainly (`packed.py`).
 
 manifest.json lists every file with its size and sha256 and says whether the run completed; a directory without
@@ -20,14 +21,24 @@ from qmoe.checkpoint import CheckpointError, _set_param, is_expert_param
 from qmoe.config import config_from_hf
 from qmoe.packed import QuantizedMatrix
 from qmoe.quant import Scheme
-from qmoe.store import atomic_save_safetensors, atomic_write_json, sha256_file
+from qmoe.store import atomic_save_safetensors, atomic_write_json, sha256_file, stream_safetensors
 
-FORMAT, VERSION = "qmoe", 2
+FORMAT, VERSION = "qmoe", 3
 DENSE_FILE = "dense.safetensors"
 
 
-def expert_file(block_name: str) -> str:
-    return f"experts/{block_name}.safetensors"
+def group_file(block_name: str, g0: int, g1: int) -> str:
+    """The file of experts g0..g1-1 of a block."""
+    return f"experts/{block_name}/{g0:05d}-{g1 - 1:05d}.safetensors"
+
+
+def block_files(out: Path, block_name: str) -> list[Path]:
+    """A block's group files, in expert order."""
+    return sorted((Path(out) / "experts" / block_name).glob("*.safetensors"))
+
+
+def expert_shapes(mcfg) -> dict[str, tuple[int, int]]:
+    return {"wi": (mcfg.d_ff, mcfg.d_model), "wo": (mcfg.d_model, mcfg.d_ff)}
 
 
 def expert_key(block_name: str, j: int, matrix: str) -> str:
@@ -36,15 +47,27 @@ def expert_key(block_name: str, j: int, matrix: str) -> str:
     return f"{block_name}.layer.{ff}.mlp.experts.expert_{j}.{matrix}.weight"
 
 
-def write_dense(out: Path, model) -> None:
-    sd = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items() if not is_expert_param(k)}
-    atomic_save_safetensors(out / DENSE_FILE, sd)
+def write_dense(out: Path, reader, model) -> None:
+    """Every parameter but the experts, in bf16, read from the checkpoint and written one tensor at a time (model:
+    on the meta device, for the names and shapes)."""
+    from qmoe.checkpoint import checkpoint_name
+
+    available = set(reader.names())
+    params = {k: p for k, p in model.named_parameters() if not is_expert_param(k)}
+    stream_safetensors(out / DENSE_FILE, {k: (torch.bfloat16, tuple(p.shape)) for k, p in params.items()},
+                       lambda k: reader.get(checkpoint_name(k, available)).to(torch.bfloat16))
 
 
-def write_experts(out: Path, block_name: str, experts: dict, scheme: Scheme) -> dict:
-    """Write one block's quantized experts; returns manifest entries {matrix name: {shape, checksum, ...}}."""
+def write_group(out: Path, block_name: str, g0: int, g1: int, experts: dict, scheme: Scheme) -> tuple[str, dict]:
+    """Write one group's quantized experts {j: QuantizedExpert}; returns (the file's path relative to out, manifest
+    entries {matrix name: {shape, checksum, ...}})."""
+    rel = group_file(block_name, g0, g1)
+    return rel, _write_experts(Path(out) / rel, experts, scheme)
+
+
+def _write_experts(path: Path, experts: dict, scheme: Scheme) -> dict:
     if scheme is Scheme.TERNARY:
-        return _write_ternary(out / expert_file(block_name), experts)
+        return _write_ternary(path, experts)
     tensors, shapes = {}, {}
     for j, qe in sorted(experts.items()):
         for m in ("wi", "wo"):
@@ -53,7 +76,7 @@ def write_experts(out: Path, block_name: str, experts: dict, scheme: Scheme) -> 
             shapes[f"expert_{j}.{m}"] = list(qm.codes.shape)
     # One metadata key: safetensors writes its metadata map in hash order, and outputs must be byte-identical.
     meta = {"format": FORMAT, "version": VERSION, "scheme": scheme.value, "shapes": shapes}
-    atomic_save_safetensors(out / expert_file(block_name), tensors, metadata={"qmoe": json.dumps(meta, sort_keys=True)})
+    atomic_save_safetensors(path, tensors, metadata={"qmoe": json.dumps(meta, sort_keys=True)})
     return {k: {"shape": v, "codec_version": 0} for k, v in shapes.items()}
 
 
@@ -125,40 +148,58 @@ def _read_packed(path: Path, expected: dict[str, tuple[int, int]], scheme: Schem
     return out
 
 
-def write_manifest(out: Path, blocks: list[str], complete: bool, tensors: dict[str, dict] | None = None,
-                   block_stats: list[dict] | None = None) -> None:
-    """Every file with size and sha256, the expert matrices per file, the blocks done (and their statistics, which
-    a resumed run needs for its summary), and whether the run is."""
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."))
-    atomic_write_json(out / "manifest.json", {
-        "format": FORMAT, "version": VERSION, "complete": complete, "blocks_done": blocks, "tensors": tensors or {},
-        "block_stats": block_stats or [],
-        "files": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
-    })
+class Manifest:
+    """manifest.json: every file of the output with its size and sha256, the expert matrices of each group file,
+    the groups and blocks done (with the statistics a resumed run needs) and whether the run completed. The driver
+    keeps it and rewrites it atomically after every group, so a crash loses at most the groups in flight; workers
+    write the group files, the driver only records what they report."""
 
+    def __init__(self, out: Path, data: dict | None = None):
+        self.out = Path(out)
+        self.data = data or {"format": FORMAT, "version": VERSION, "complete": False, "files": {}, "tensors": {},
+                             "groups": {}, "blocks_done": [], "block_stats": []}
 
-def read_block_experts(out: Path, block_name: str, shapes: dict[str, tuple[int, int]], scheme: Scheme):
-    """{expert j: (wi, wo) float32} of a block already written to `out` (every check applied). shapes: {"wi": [F, D],
-    "wo": [D, F]}."""
-    f = out / expert_file(block_name)
-    with safe_open(str(f), framework="pt") as h:
-        names = {k.split(".")[0] for k in h.keys()}
-    expected = {f"{e}.{m}": tuple(shapes[m]) for e in names for m in ("wi", "wo")}
-    w = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
-    return {int(e.removeprefix("expert_")): (w[f"{e}.wi"], w[f"{e}.wo"]) for e in names}
+    @classmethod
+    def load(cls, out: Path) -> "Manifest":
+        mf = Path(out) / "manifest.json"
+        try:
+            return cls(out, json.loads(mf.read_text()))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(mf, None, f"not valid JSON ({e})") from None
 
+    def record_file(self, rel: str, nbytes: int | None = None, sha256: str | None = None) -> None:
+        p = self.out / rel
+        self.data["files"][rel] = {"bytes": p.stat().st_size if nbytes is None else nbytes,
+                                   "sha256": sha256_file(p) if sha256 is None else sha256}
 
-def is_compressed(path: Path) -> bool:
-    """A directory that qmoe.compress wrote (its config names a scheme), as opposed to an original checkpoint."""
-    cfg = Path(path) / "config.json"
-    return cfg.exists() and "scheme" in json.loads(cfg.read_text()).get("qmoe", {})
+    def record_group(self, block: str, r: dict) -> None:
+        """A group a worker wrote: r is its step's result (file, bytes, sha256, tensors, hessian_tokens, fallback)."""
+        self.record_file(r["file"], r["bytes"], r["sha256"])
+        self.data["tensors"][r["file"]] = r["tensors"]
+        self.data["groups"].setdefault(block, {})[str(r["group"][0])] = {
+            "group": r["group"], "file": r["file"], "hessian_tokens": r["hessian_tokens"], "fallback": r["fallback"]}
+
+    def groups(self, block: str) -> dict[int, dict]:
+        return {int(k): v for k, v in self.data["groups"].get(block, {}).items()}
+
+    def record_block(self, block: str, stats: dict) -> None:
+        self.data["blocks_done"].append(block)
+        self.data["block_stats"].append(stats)
+
+    @property
+    def blocks_done(self) -> list[str]:
+        return self.data["blocks_done"]
+
+    def save(self, complete: bool = False) -> None:
+        self.data["complete"] = complete
+        atomic_write_json(self.out / "manifest.json", self.data)
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict:
     mf = Path(path) / "manifest.json"
     if not mf.exists():
         raise CheckpointError(mf, None, "missing: the compression run did not finish")
-    manifest = json.loads(mf.read_text())
+    manifest = Manifest.load(path).data
     if not manifest.get("complete"):
         raise CheckpointError(mf, None, "run is incomplete (blocks done: %s)" % manifest.get("blocks_done"))
     if verify:
@@ -169,6 +210,48 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
             if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
                 raise CheckpointError(f, None, "contents do not match the manifest's checksum")
     return manifest
+
+
+class GroupReader:
+    """The experts of one group file, read back (every check applied) and dequantized one expert at a time."""
+
+    def __init__(self, out: Path | str, block_name: str, g0: int, g1: int, mcfg, scheme: Scheme):
+        self.path = Path(out) / group_file(block_name, g0, g1)
+        shapes = expert_shapes(mcfg)
+        self.expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in ("wi", "wo")}
+        self.scheme = scheme
+        self._encoded = _read_encoded(self.path, self.expected) if scheme is Scheme.TERNARY else None
+
+    def weights(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert j's (wi [F, D], wo [D, F]) float32."""
+        if self._encoded is None:
+            w = _read_packed(self.path, {k: v for k, v in self.expected.items() if k.startswith(f"expert_{j}.")},
+                             self.scheme)
+            return w[f"expert_{j}.wi"], w[f"expert_{j}.wo"]
+        return tuple(self._decode(f"expert_{j}.{m}") for m in ("wi", "wo"))
+
+    def _decode(self, name: str) -> torch.Tensor:
+        from codec.ternary import CodecError, decode
+
+        try:
+            return torch.from_numpy(decode(self._encoded[name]))
+        except CodecError as e:
+            raise CheckpointError(self.path, name, str(e)) from None
+
+
+def _group_range(f: Path) -> tuple[int, int]:
+    """(g0, g1) from a group file's name, 00016-00031.safetensors -> (16, 32)."""
+    try:
+        a, b = f.stem.split("-")
+        return int(a), int(b) + 1
+    except ValueError:
+        raise CheckpointError(f, None, "not an expert group file name (first-last.safetensors)") from None
+
+
+def is_compressed(path: Path) -> bool:
+    """A directory that qmoe.compress wrote (its config names a scheme), as opposed to an original checkpoint."""
+    cfg = Path(path) / "config.json"
+    return cfg.exists() and "scheme" in json.loads(cfg.read_text()).get("qmoe", {})
 
 
 def load_compressed(path: Path, verify: bool = True, require_manifest: bool = True, fused: bool = False):
@@ -192,25 +275,28 @@ def load_compressed(path: Path, verify: bool = True, require_manifest: bool = Tr
             if name not in params:
                 raise CheckpointError(path / DENSE_FILE, name, "not a parameter of the configured model")
             _set_param(model, name, f.get_tensor(name).float())
+    if fused and scheme is not Scheme.TERNARY:
+        raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {scheme.value}")
+    shapes = expert_shapes(cfg)
     for block_name, _ in model.sparse_blocks():
-        f = path / expert_file(block_name)
-        if not f.exists():
-            raise CheckpointError(f, None, "expert file is missing")
-        expected = {f"expert_{j}.{m}": tuple(params[expert_key(block_name, j, m)].shape)
-                    for j in range(cfg.num_experts) for m in ("wi", "wo")}
-        if fused and scheme is Scheme.TERNARY:
-            for key, module in _fused_experts(f, expected).items():
+        files = block_files(path, block_name)
+        if not files:
+            raise CheckpointError(path / "experts" / block_name, None, "expert files are missing")
+        for f in files:
+            g0, g1 = _group_range(f)
+            expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in ("wi", "wo")}
+            if fused:
+                for key, module in _fused_experts(f, expected).items():
+                    j, m = key.removeprefix("expert_").split(".")
+                    owner, _, attr = expert_key(block_name, int(j), m).removesuffix(".weight").rpartition(".")
+                    setattr(model.get_submodule(owner), attr, module)
+                continue
+            weights = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
+            for key, w in weights.items():
                 j, m = key.removeprefix("expert_").split(".")
-                owner, _, attr = expert_key(block_name, int(j), m).removesuffix(".weight").rpartition(".")
-                setattr(model.get_submodule(owner), attr, module)
-            continue
-        if fused:
-            raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {scheme.value}")
-        weights = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
-        for key, w in weights.items():
-            j, m = key.removeprefix("expert_").split(".")
-            _set_param(model, expert_key(block_name, int(j), m), w)
+                _set_param(model, expert_key(block_name, int(j), m), w)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise CheckpointError(path / DENSE_FILE, missing[0], "tensor is missing")
+        where = path / ("experts" if is_expert_param(missing[0]) else DENSE_FILE)
+        raise CheckpointError(where, missing[0], "tensor is missing")
     return model.eval(), cfg, hf

@@ -1,9 +1,12 @@
-"""The single-process compression driver: checkpoint in, compressed directory out (see pipeline.py for the steps)."""
+"""Compression, start to end: checkpoint in, compressed directory out. Checks the inputs, prepares the output
+directory (or picks up an unfinished one with --resume), plans memory, writes the dense weights and the config,
+then runs the block walk (walk.py) on the executor it is given (in this process, or a Ray pool: workers/) and
+writes summary.json and the complete manifest last."""
 from __future__ import annotations
 
 import json
 import logging
-import resource
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -13,15 +16,18 @@ from pathlib import Path
 import torch
 
 from qmoe import compressed as C
-from qmoe.checkpoint import CheckpointError, CheckpointReader, checkpoint_name, load_into, read_config, read_expert
+from qmoe.activations import ActivationStore
+from qmoe.checkpoint import CheckpointError, CheckpointReader, checkpoint_name, read_config
 from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, Samples, train_val_samples
-from qmoe.evaluate import validation_loss
-from qmoe.model import SwitchModel, shift_right
-from qmoe.pipeline import (BlockStats, CompressConfig, activation_buffer, compress_block, replay_block,
-                           run_dense_block)
+from qmoe.executor import LocalExecutor
+from qmoe.memory import PeakMonitor, default_max_memory, plan_memory
+from qmoe.model import SwitchModel
+from qmoe.pipeline import CompressConfig
+from qmoe.steps import Job, Stream
 from qmoe.store import atomic_write_json
 from qmoe.tokenizer import load_tokenizer, read_text_file
+from qmoe.walk import compress_blocks, write_ids
 
 log = logging.getLogger("qmoe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
@@ -68,90 +74,111 @@ def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Sa
     return train, val, tok.sentinel_floor
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
-    (out / "experts").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSpec, n_train: int, n_val: int,
+             sentinel_floor: int, max_memory: int | None, processes: int, fail_marker: str | None = None) -> Job:
+    """The job every worker gets, with the memory plan for the bound (default: from this machine's memory)."""
+    max_memory = max_memory or default_max_memory(processes)
+    seq = DataConfig().raw_length  # an upper bound of the samples' lengths (span corruption only shortens)
+    plan = plan_memory(max_memory, d_model=mcfg.d_model, d_ff=mcfg.d_ff, num_heads=mcfg.num_heads, d_kv=mcfg.d_kv,
+                       vocab=mcfg.vocab_size, group_size=cfg.group_size, chunk_tokens=cfg.chunk_samples * seq,
+                       seq_len=seq, slab_rows=cfg.slab_rows, gptq=cfg.method.value == "gptq",
+                       act_bytes=ActivationStore("", cfg.activation_dtype).itemsize)
+    streams = [Stream("train", n_train, "compressed")]
+    if n_val:
+        streams += [Stream("before", n_val, "original"), Stream("after", n_val, "compressed")]
+    return Job(str(model_dir), str(out), str(out / ".work"), mcfg, cfg, plan, tuple(streams), sentinel_floor,
+               fail_marker)
 
 
 @torch.no_grad()
 def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSpec, overwrite: bool = False,
-                   progress=print, resume: bool = False, workers: int = 0, fail_marker: str | None = None) -> dict:
+                   progress=print, resume: bool = False, executor=None, max_memory: int | None = None,
+                   fail_marker: str | None = None) -> dict:
     """Compress every expert of a Switch checkpoint; returns the summary also written to out/summary.json.
 
-    resume: `out` holds an unfinished run of the same model and settings; the blocks its manifest names as done are
-    replayed from their written experts (not compressed again) and the run goes on from there. workers > 0: the
-    blocks run on a Ray pool of that many workers (workers/), joining the Ray cluster of RAY_ADDRESS or starting a
-    local one; the output is byte-identical to the single-process run's. fail_marker: tests only (see
-    workers.pool.CompressWorker.expert_group)."""
+    resume: `out` holds an unfinished run of the same model and settings; the groups and blocks its manifest
+    records are replayed from their files (not compressed again) and the run goes on from there. executor: where
+    the steps run (qmoe.executor.LocalExecutor by default; workers.ray_executor.RayExecutor for a Ray pool); the
+    output's bytes are the same either way. max_memory: the bound, in bytes, for every process (default: from the
+    machine's available memory). fail_marker: tests only (see steps.Job)."""
     t0 = time.time()
+    monitor = PeakMonitor()
     model_dir, out = Path(model_dir), Path(out)
+    executor = executor or LocalExecutor()
     reader = CheckpointReader(model_dir)
     mcfg, hf = read_config(model_dir, reader)
     with torch.device("meta"):
         model = SwitchModel(mcfg)
     verify_checkpoint(reader, model)
     train, val, sentinel_floor = load_samples(model_dir, hf, spec)
-    before = _resume_state(out, model_dir, cfg) if resume else None
-    if before is None:
+    job = make_job(model_dir, out, mcfg, cfg, spec, len(train), len(val), sentinel_floor, max_memory,
+                   getattr(executor, "processes", 1), fail_marker)
+    manifest = _resume_state(out, model_dir, cfg) if resume else None
+    if manifest is None:
         _prepare_out(out, overwrite)
-    load_into(model, reader, experts=False, dtype=torch.bfloat16)
-    model.float()
-    n_blocks = sum(1 for _ in model.sparse_blocks())
+        manifest = C.Manifest(out)
+    n_blocks = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
     progress(f"{model_dir}: {mcfg.num_layers}+{mcfg.num_decoder_layers} blocks, {n_blocks} sparse x "
              f"{mcfg.num_experts} experts; {len(train)} calibration, {len(val)} validation samples; "
-             f"{cfg.scheme.value} {cfg.method.value}")
+             f"{cfg.scheme.value} {cfg.method.value}; {executor.description}")
+    progress(job.plan.describe())
+    torch.set_num_threads(cfg.threads)
 
-    C.write_dense(out, model)
+    C.write_dense(out, reader, model)
+    manifest.record_file(C.DENSE_FILE)
     for name in TOKENIZER_FILES:
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, out / name)
+            manifest.record_file(name)
     qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
-                     method=cfg.method.value, source=str(model_dir), settings=_settings(cfg))
+                     method=cfg.method.value, source=str(model_dir), settings=_settings(cfg, spec))
     atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
+    manifest.record_file("config.json")
+    manifest.save()
+    if manifest.blocks_done or manifest.data["groups"]:
+        progress(f"resuming: {len(manifest.blocks_done)} blocks done ({', '.join(manifest.blocks_done)})")
 
-    if before is not None:
-        progress(f"resuming: {len(before['blocks_done'])} blocks done ({', '.join(before['blocks_done'])})")
-    if workers > 0:
-        from workers.driver import compress_blocks_ray
-
-        stats, done, tensors = compress_blocks_ray(model, model_dir, train, out, cfg, sentinel_floor, progress,
-                                                   workers, before, fail_marker)
-    else:
-        stats, done, tensors = _compress_blocks(model, reader, train, out, cfg, sentinel_floor, progress, before)
-
-    progress("validation loss: original (bf16 weights) ...")
-    original = load_bf16_model(reader, mcfg)
-    loss_before = validation_loss(original, val)
-    del original
-    compressed_model, _, _ = C.load_compressed(out, require_manifest=False)
-    loss_after = validation_loss(compressed_model, val)
-    progress(f"validation loss {loss_before:.4f} -> {loss_after:.4f}")
-
-    summary = _summary(compressed_model, out, cfg, spec, model_dir, len(train), len(val), stats,
-                       loss_before, loss_after, time.time() - t0)
+    store = job.store
+    store.clear()
+    write_ids(job, {"train": train, "before": val, "after": val})
+    executor.start(job, str(out))
+    try:
+        stats, losses, peaks = compress_blocks(job, executor, manifest, progress)
+    finally:
+        executor_info = executor.close()
+    store.clear()
+    if losses:
+        progress(f"validation loss {losses['before']:.4f} -> {losses['after']:.4f}")
+    peaks[os.getpid()] = max(peaks.get(os.getpid(), 0), monitor.stop())
+    summary = _summary(model, manifest, cfg, spec, model_dir, len(train), len(val), stats, losses,
+                       time.time() - t0, job, peaks, executor_info)
     atomic_write_json(out / "summary.json", summary)
-    C.write_manifest(out, done, complete=True, tensors=tensors, block_stats=[asdict(s) for s in stats])
+    manifest.record_file("summary.json")
+    manifest.save(complete=True)
     return summary
 
 
-def _resume_state(out: Path, model_dir: Path, cfg: CompressConfig) -> dict:
+def _resume_state(out: Path, model_dir: Path, cfg: CompressConfig) -> C.Manifest:
     """The manifest of the unfinished run in `out`, after checking it is one of this model with these settings."""
     mf = out / "manifest.json"
     if not mf.exists():
         raise FileNotFoundError(f"{mf}: nothing to resume (no manifest; start without --resume)")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("complete"):
+    manifest = C.Manifest.load(out)
+    if manifest.data.get("complete"):
         raise ValueError(f"{mf}: the run is complete; nothing to resume")
+    if manifest.data.get("version") != C.VERSION:
+        raise ValueError(f"{mf}: written by format version {manifest.data.get('version')}, this is {C.VERSION}: "
+                         "start over without --resume")
     meta = json.loads((out / "config.json").read_text()).get("qmoe", {})
-    want = {"scheme": cfg.scheme.value, "method": cfg.method.value, "source": str(model_dir),
-            "settings": _settings(cfg)}
+    want = {"scheme": cfg.scheme.value, "method": cfg.method.value, "source": str(model_dir)}
     for key, value in want.items():
         if meta.get(key) != value:
             raise ValueError(f"{out / 'config.json'}: {key} is {meta.get(key)!r}, this run's is {value!r}: "
@@ -159,101 +186,39 @@ def _resume_state(out: Path, model_dir: Path, cfg: CompressConfig) -> dict:
     return manifest
 
 
-def _settings(cfg: CompressConfig) -> dict:
+def _settings(cfg: CompressConfig, spec: DataSpec) -> dict:
     """The settings that decide the output's bytes (recorded in config.json; a resume must match them)."""
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items() if k != "memmap_bytes"}
+    return cfg.settings()
 
 
-def _compress_blocks(model: SwitchModel, reader: CheckpointReader, train: Samples, out: Path, cfg: CompressConfig,
-                     sentinel_floor: int, progress, before: dict | None = None) -> tuple[list, list[str], dict]:
-    """Every block in order, encoder first, on the calibration activations; each sparse block's experts are
-    written, then the manifest (still incomplete) names the block done. Blocks `before` (a resumed run's manifest)
-    names as done are replayed instead. Returns (block stats, blocks done, manifest entries of the expert files)."""
-    mcfg = model.cfg
-    n_blocks = sum(1 for _ in model.sparse_blocks())
-    enc = None  # the compressed encoder's output, which the decoder's cross-attention reads
-    stats, done, tensors = done_so_far(before)
-    for stack_name, ids in (("encoder", train.input_ids),
-                            ("decoder", shift_right(train.labels, mcfg.decoder_start_token_id))):
-        stack = getattr(model, stack_name)
-        N, S = ids.shape
-        x = activation_buffer((N, S, mcfg.d_model), cfg.memmap_bytes, out)
-        for s0 in range(0, N, cfg.chunk_samples):
-            x[s0:s0 + cfg.chunk_samples] = model.shared(ids[s0:s0 + cfg.chunk_samples])
-        for i, blk in enumerate(stack.block):
-            name = f"{stack_name}.block.{i}"
-            if not blk.sparse:
-                run_dense_block(blk, stack, x, enc, cfg.chunk_samples)
-                continue
-            if name in done:
-                replay_block(blk, stack, x, enc, C.read_block_experts(out, name, expert_shapes(mcfg), cfg.scheme),
-                             cfg.chunk_samples)
-                progress(f"[{done.index(name) + 1}/{n_blocks}] {name}: done before, replayed")
-                continue
-            experts, st = compress_block(
-                name, blk, stack, x, ids, enc,
-                lambda js, name=name: [read_expert(reader, name, j, torch.bfloat16) for j in js],
-                sentinel_floor, cfg, len(done))
-            tensors[C.expert_file(name)] = C.write_experts(out, name, experts, cfg.scheme)
-            done.append(name)
-            stats.append(st)
-            C.write_manifest(out, done, complete=False, tensors=tensors, block_stats=[asdict(s) for s in stats])
-            progress(f"[{len(done)}/{n_blocks}] {name}: {st.tokens} tokens, per expert "
-                     f"{min(st.tokens_per_expert)}..{max(st.tokens_per_expert)}, fallback {len(st.fallback)}, "
-                     f"{st.seconds['total']:.1f}s (read {st.seconds['read']:.1f}, quantize {st.seconds['quantize']:.1f})")
-        if stack_name == "encoder":
-            for s0 in range(0, N, cfg.chunk_samples):
-                x[s0:s0 + cfg.chunk_samples] = stack.final_layer_norm(x[s0:s0 + cfg.chunk_samples])
-            enc = x
-    return stats, done, tensors
-
-
-def expert_shapes(mcfg) -> dict[str, tuple[int, int]]:
-    return {"wi": (mcfg.d_ff, mcfg.d_model), "wo": (mcfg.d_model, mcfg.d_ff)}
-
-
-def done_so_far(before: dict | None) -> tuple[list[BlockStats], list[str], dict]:
-    """(stats, blocks done, manifest tensor entries) of a resumed run's finished blocks; empty for a fresh run."""
-    if before is None:
-        return [], [], {}
-    stats = [BlockStats(**{**s, "fallback": {int(k): v for k, v in s["fallback"].items()}})
-             for s in before.get("block_stats", [])]
-    return stats, list(before["blocks_done"]), dict(before["tensors"])
-
-
-def _summary(model: SwitchModel, out: Path, cfg: CompressConfig, spec: DataSpec, model_dir: Path, n_train: int,
-             n_val: int, stats: list, loss_before: float, loss_after: float, seconds: float) -> dict:
+def _summary(model: SwitchModel, manifest: C.Manifest, cfg: CompressConfig, spec: DataSpec, model_dir: Path,
+             n_train: int, n_val: int, stats: list, losses: dict, seconds: float, job: Job, peaks: dict,
+             executor_info: dict) -> dict:
     params_total = sum(p.numel() for p in model.parameters())
     params_experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-    files = [p for p in out.rglob("*") if p.is_file() and p.name not in ("manifest.json", "summary.json")]
-    expert_bytes = sum(p.stat().st_size for p in (out / "experts").iterdir())
-    all_bytes = sum(p.stat().st_size for p in files)
-    summary = {
+    files = {k: v["bytes"] for k, v in manifest.data["files"].items() if k not in ("manifest.json", "summary.json")}
+    expert_bytes = sum(v for k, v in files.items() if k.startswith("experts/"))
+    all_bytes = sum(files.values())
+    return {
         "model": str(model_dir), "scheme": cfg.scheme.value, "method": cfg.method.value,
         "params_total": params_total, "params_experts": params_experts,
         # Every byte on disk but summary.json and manifest.json (written after the count): config, dense
         # weights, tokenizer files, expert files with their metadata and dictionaries.
         "bytes_original": 2 * params_total, "bytes_compressed": all_bytes, "bytes_experts_compressed": expert_bytes,
         "bits_per_param_experts": 8 * expert_bytes / params_experts, "bits_per_param_total": 8 * all_bytes / params_total,
-        "val_loss_before": loss_before, "val_loss_after": loss_after,
+        "val_loss_before": losses.get("before"), "val_loss_after": losses.get("after"),
         "train_samples": n_train, "val_samples": n_val, "seed": spec.seed,
         "calib": str(spec.calib) if spec.calib else "embedded corpus",
         "experts_fallback_rtn": sum(len(s.fallback) for s in stats),
         "experts_token_capped": sum(s.capped for s in stats),
         "blocks": [{"name": s.name, "tokens_per_expert": s.tokens_per_expert, "hessian_tokens": s.hessian_tokens,
                     "fallback": {str(k): v for k, v in s.fallback.items()},
-                    "seconds": {k: round(v, 3) for k, v in s.seconds.items()},
-                    **({"workers_peak_rss_bytes": s.workers} if s.workers else {})} for s in stats],
+                    "seconds": {k: round(v, 3) for k, v in s.seconds.items()}} for s in stats],
         "seconds": round(seconds, 2),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items()},
+        # Anonymous resident memory (not the checkpoint's file-backed pages), the peak of each process.
+        "peak_anon_bytes": {"driver": peaks.get(os.getpid(), 0),
+                            "workers": {str(p): v for p, v in peaks.items() if p != os.getpid()}},
+        "memory_plan": asdict(job.plan),
+        "executor": executor_info,
+        "config": cfg.settings(),
     }
-    return summary
-
-
-def load_bf16_model(reader: CheckpointReader, mcfg) -> SwitchModel:
-    """The whole original model with every weight rounded to bf16 (the baseline QMoE measures against)."""
-    with torch.device("meta"):
-        model = SwitchModel(mcfg)
-    load_into(model, reader, experts=True, dtype=torch.bfloat16)
-    return model.float().eval()

@@ -61,6 +61,9 @@ class RowParams:
     def select(self, idx) -> "RowParams":
         return RowParams(self.scheme, self.a[idx], self.b[idx])
 
+    def to(self, device) -> "RowParams":
+        return RowParams(self.scheme, self.a.to(device), self.b.to(device))
+
 
 def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
     """Row grids from the rows' ranges. W [..., R, C] -> params [..., R]."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -21,6 +23,41 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+              torch.int32: "I32", torch.int16: "I16", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
+
+
+def stream_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], tensor_of,
+                       metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written one tensor at a time (atomically): specs {name: (dtype, shape)} make the header,
+    then tensor_of(name) gives each tensor in turn, so only one is ever in memory. Readable by safetensors."""
+    names = sorted(specs)
+    header, offset = {}, 0
+    for name in names:
+        dtype, shape = specs[name]
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name in names:
+                t = tensor_of(name).detach().to("cpu").contiguous()
+                dtype, shape = specs[name]
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, the header says "
+                                     f"{dtype} {tuple(shape)}")
+                if t.numel():
+                    f.write(memoryview((t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()).cast("B"))
+
+    atomic_write(path, write)
 
 
 def sha256_file(path: Path) -> str:

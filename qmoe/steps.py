@@ -1,0 +1,364 @@
+"""The steps of the block walk (DESIGN.md), run by a `Worker` in whichever process the executor chose.
+
+A Worker opens the checkpoint itself and reads only what a step needs: one block's dense weights (attention,
+norms, router), one batch of experts, the activation rows of the chunk or expert group at hand. Every step reads
+its inputs from files and writes its outputs to new files (activations.py), so running it twice gives the same
+files (a retried task is harmless) and nothing large ever passes through the driver or a pipe: a step returns a
+few numbers. Steps are pure functions of the job's settings and the files, so the output's bytes do not depend on
+how many workers there are or where they run.
+
+Residual-stream files are named by position: `{stack}.x{i}` enters block i of the stack; the block writes
+`{stack}.x{i + 1}`. Legend: n samples in a chunk, S positions, T = n * S tokens, D d_model, F d_ff, E experts.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qmoe import compressed as C
+from qmoe.activations import ActivationStore
+from qmoe.checkpoint import CheckpointReader, _set_param, checkpoint_name, is_expert_param, read_expert
+from qmoe.config import SwitchConfig
+from qmoe.memory import PeakMonitor, Plan
+from qmoe.model import SwitchModel
+from qmoe.pipeline import CompressConfig, expert_outputs, expert_seed, hessian_rows, quantize_experts
+from qmoe.store import sha256_file
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Samples walked through the model with one kind of expert weights: "compressed" (the train stream, whose
+    quantization it drives, and the validation after compression) or "original" (the validation before)."""
+    name: str
+    samples: int
+    experts: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a step needs to know about the run: small and picklable, given to every worker once."""
+    model_dir: str
+    out: str
+    work: str  # the activation files' directory
+    mcfg: SwitchConfig
+    cfg: CompressConfig
+    plan: Plan
+    streams: tuple[Stream, ...]
+    sentinel_floor: int
+    fail_marker: str | None = None  # tests only: an expert step that finds this file deletes it and kills its process
+
+    @property
+    def store(self) -> ActivationStore:
+        return ActivationStore(self.work, self.cfg.activation_dtype)
+
+    def stream(self, name: str) -> Stream:
+        return next(s for s in self.streams if s.name == name)
+
+    def chunks(self, stream: str) -> int:
+        return -(-self.stream(stream).samples // self.cfg.chunk_samples)
+
+
+class Worker:
+    """One process's state: the checkpoint, the dense weights of the unit in use, a read-ahead thread."""
+
+    def __init__(self, job: Job):
+        self.job, self.cfg, self.store = job, job.cfg, job.store
+        torch.set_num_threads(job.cfg.threads)  # a recorded setting: the same float paths in every process
+        self.monitor = PeakMonitor()
+        self.device = torch.device(job.cfg.device)
+        self.reader = CheckpointReader(job.model_dir)
+        self.available = set(self.reader.names())
+        with torch.device("meta"):
+            self.model = SwitchModel(job.mcfg)
+        self._unit: tuple[str, ...] = ()  # module prefixes whose weights are loaded
+        self._io = ThreadPoolExecutor(1)
+        self._ahead: tuple[tuple, object] | None = None  # ((block, experts), future of their weights)
+        self.bytes_read = 0
+
+    # ---- weights ----------------------------------------------------------------------------------------------
+    def _use(self, *prefixes: str) -> None:
+        """Load these modules' dense weights (float32 on the step device) and drop the ones loaded before."""
+        if prefixes == self._unit:
+            return
+        for prefix in self._unit:
+            for name, p in self._params(prefix):
+                _set_param(self.model, name, torch.empty(p.shape, device="meta"))
+        for prefix in prefixes:
+            for name, p in self._params(prefix):
+                t = self.reader.get(checkpoint_name(name, self.available))
+                self.bytes_read += t.numel() * t.element_size()
+                _set_param(self.model, name, t.to(self.device, torch.float32))
+        self._unit = prefixes
+
+    def _params(self, prefix: str):
+        mod = self.model.get_submodule(prefix)
+        return [(f"{prefix}.{n}", p) for n, p in mod.named_parameters() if not is_expert_param(f"{prefix}.{n}")]
+
+    def _block(self, stack: str, i: int):
+        """Block i of a stack with its dense weights, and the stack (for its position bias, block 0's table)."""
+        units = [f"{stack}.block.{i}"] + ([f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"] if i else [])
+        self._use(*units)
+        st = getattr(self.model, stack)
+        return st.block[i], st
+
+    def _read_experts(self, block: str, js: tuple[int, ...]) -> tuple[list[dict], float]:
+        t0 = time.perf_counter()
+        # clone(): a tensor over a memory-mapped shard would be read from disk later, inside GPTQ; copying does the
+        # I/O here (in the read-ahead thread, behind the current batch's compute).
+        weights = [{k: v.clone() for k, v in read_expert(self.reader, block, j, torch.bfloat16).items()} for j in js]
+        self.bytes_read += sum(w.numel() * w.element_size() for ws in weights for w in ws.values())
+        return weights, time.perf_counter() - t0
+
+    def _weights(self, block: str, js: tuple[int, ...]) -> tuple[list[dict], float, float]:
+        """(weights, seconds waited, seconds spent reading): read ahead if they were asked for before."""
+        t0 = time.perf_counter()
+        if self._ahead is not None and self._ahead[0] == (block, js):
+            weights, spent = self._ahead[1].result()
+        else:
+            weights, spent = self._read_experts(block, js)
+        self._ahead = None
+        return weights, time.perf_counter() - t0, spent
+
+    def _read_ahead(self, block: str, js: tuple[int, ...]) -> None:
+        if js:
+            self._ahead = ((block, js), self._io.submit(self._read_experts, block, js))
+
+    # ---- chunk steps ------------------------------------------------------------------------------------------
+    def _ids(self, stream: str, chunk: int) -> dict[str, torch.Tensor]:
+        return self.store.read_small(stream, "ids", chunk)  # written by the driver: enc_ids, dec_ids, labels
+
+    def _x(self, stream: str, kind: str, chunk: int, n: int) -> torch.Tensor:
+        return self.store.read(stream, kind, chunk, self.job.mcfg.d_model).view(n, -1, self.job.mcfg.d_model)
+
+    @torch.no_grad()
+    def embed(self, stack: str, stream: str, chunk: int) -> dict:
+        ids = self._ids(stream, chunk)["enc_ids" if stack == "encoder" else "dec_ids"]
+        self._use("shared")
+        x = F.embedding(ids.to(self.device), self.model.shared.weight)
+        return self._done(bytes_written=self.store.write(stream, f"{stack}.x0", chunk, x.reshape(-1, x.shape[-1])))
+
+    def _inputs(self, stack: str, i: int, stream: str, chunk: int):
+        ids = self._ids(stream, chunk)
+        n = ids["enc_ids"].shape[0]
+        x = self._x(stream, f"{stack}.x{i}", chunk, n).to(self.device)
+        enc = self._x(stream, "enc", chunk, n).to(self.device) if stack == "decoder" else None
+        return ids, x, enc
+
+    @torch.no_grad()
+    def dense_block(self, stack: str, i: int, stream: str, chunk: int) -> dict:
+        """A block without experts, on one chunk."""
+        blk, st = self._block(stack, i)
+        _, x, enc = self._inputs(stack, i, stream, chunk)
+        x = blk(x, st.self_bias(x.shape[1], x.shape[1], self.device), enc, None)
+        return self._done(bytes_written=self.store.write(stream, f"{stack}.x{i + 1}", chunk, x.reshape(-1, x.shape[-1])))
+
+    @torch.no_grad()
+    def route(self, stack: str, i: int, stream: str, chunk: int) -> dict:
+        """Step 1, the dense pass of a sparse block on one chunk: attention, norm, router. Writes h (token order),
+        z sorted by expert and the routing; returns each expert's token count and how many of them may feed a
+        Hessian (not sentinels), [E] each."""
+        blk, st = self._block(stack, i)
+        ids, x, enc = self._inputs(stack, i, stream, chunk)
+        h = blk.attend(x, st.self_bias(x.shape[1], x.shape[1], self.device), enc, None)  # [n, S, D]
+        z = blk.ff.layer_norm(h).reshape(-1, h.shape[-1])  # [T, D]
+        expert, prob, _ = blk.ff.mlp.router(z)  # [T] each
+        expert, prob = expert.cpu(), prob.cpu()
+        perm = torch.sort(expert, stable=True).indices  # sorted row -> token: each expert's tokens in token order
+        E = self.job.mcfg.num_experts
+        counts = torch.bincount(expert, minlength=E)
+        mask_ids = (ids["enc_ids"] if stack == "encoder" else ids["dec_ids"]).reshape(-1)
+        usable = torch.bincount(expert[mask_ids < self.job.sentinel_floor], minlength=E)
+        s = self.store
+        written = s.write(stream, "h", chunk, h.reshape(-1, h.shape[-1])) + s.write(stream, "z", chunk, z[perm.to(z.device)])
+        s.write_small(stream, "route", chunk, {"perm": perm, "offsets": torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
+                                      "prob": prob, "ids": mask_ids[perm]})
+        s.allocate(stream, "y", chunk, z.shape[0], z.shape[1])
+        return self._done(counts=counts.tolist(), usable=usable.tolist(), bytes_written=written)
+
+    @torch.no_grad()
+    def combine(self, stack: str, i: int, stream: str, chunk: int) -> dict:
+        """Step 4: the chunk's residual stream after the block, h + each token's expert output x its router
+        probability (added onto zeros first, as a whole-model forward does)."""
+        D = self.job.mcfg.d_model
+        h = self.store.read(stream, "h", chunk, D)
+        y = self.store.read(stream, "y", chunk, D)
+        r = self.store.read_small(stream, "route", chunk)
+        add = torch.zeros_like(h)
+        add.index_add_(0, r["perm"], y * r["prob"][r["perm"], None])
+        return self._done(bytes_written=self.store.write(stream, f"{stack}.x{i + 1}", chunk, h + add))
+
+    @torch.no_grad()
+    def encoder_output(self, blocks: int, stream: str, chunk: int) -> dict:
+        """The encoder's final norm: what the decoder's cross-attention reads."""
+        self._use("encoder.final_layer_norm")
+        x = self.store.read(stream, f"encoder.x{blocks}", chunk, self.job.mcfg.d_model).to(self.device)
+        return self._done(bytes_written=self.store.write(stream, "enc", chunk, self.model.encoder.final_layer_norm(x)))
+
+    @torch.no_grad()
+    def loss(self, blocks: int, stream: str, chunk: int) -> dict:
+        """Sum of the decoder's cross-entropy (nats) over the chunk's targets, and their count."""
+        head = "shared" if self.job.mcfg.tie_word_embeddings else "lm_head"
+        self._use("decoder.final_layer_norm", head)
+        labels = self._ids(stream, chunk)["labels"]
+        x = self._x(stream, f"decoder.x{blocks}", chunk, labels.shape[0]).to(self.device)
+        logits = self.model.logits(self.model.decoder.final_layer_norm(x))
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(self.device),
+                                reduction="sum")
+        return self._done(loss_sum=float(total), count=labels.numel())
+
+    # ---- expert groups ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def experts(self, stack: str, i: int, g0: int, g1: int, block_index: int, cap: int, replay: bool,
+                next_call: dict | None = None) -> dict:
+        """Step 3 for experts g0..g1-1 of a sparse block: quantize them (GPTQ or RTN, `plan.batch` at a time), encode
+        and write the group's file, and run every stream's tokens through them (the compressed experts for the
+        train and after streams, the original ones for the before stream), writing the outputs into the y files.
+        replay: the group was written before (a resumed run): its experts are read back from the file instead.
+        Returns the file's manifest record and the group's statistics."""
+        t0 = time.perf_counter()
+        if self.job.fail_marker and os.path.exists(self.job.fail_marker):
+            os.remove(self.job.fail_marker)
+            os._exit(1)
+        name = f"{stack}.block.{i}"
+        js = list(range(g0, g1))
+        rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.mcfg.d_model)
+                for s in self.job.streams}
+        secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0)
+        need_original = self._needs_original(replay)
+        decoded = C.GroupReader(self.job.out, name, g0, g1, self.job.mcfg, self.cfg.scheme) if replay else None
+        quantized, reasons, hess = {}, {}, {}
+        train = rows["train"]
+        batches = [tuple(js[k:k + self.job.plan.batch]) for k in range(0, len(js), self.job.plan.batch)]
+        for b, batch in enumerate(batches):
+            original = None
+            if need_original:
+                original, wait, spent = self._weights(name, batch)
+                secs["wait"] += wait
+                secs["read"] += spent
+                # Read the next batch (or the next step's first) behind this batch's compute.
+                if b + 1 < len(batches):
+                    self._read_ahead(name, batches[b + 1])
+                elif next_call and self._needs_original(next_call["replay"]):
+                    self._read_ahead(_block_name(next_call), _first_batch(next_call, self.job.plan.batch))
+            if replay:
+                compressed = {j: decoded.weights(j) for j in batch}
+            else:
+                t1 = time.perf_counter()
+                sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap,
+                                       expert_seed(self.cfg, block_index, j)) for j in batch}
+                slab = self.cfg.slab_rows
+
+                def hessian_slabs(k: int):
+                    j = batch[k]
+                    for s0 in range(0, len(sel[j]), slab):
+                        yield train.gather(j, sel[j][s0:s0 + slab])
+
+                q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device)
+                secs["quantize"] += time.perf_counter() - t1
+                compressed = {}
+                for j, qe, r in zip(batch, q, why):
+                    quantized[j], reasons[j], hess[j] = qe, r, len(sel[j])
+                    compressed[j] = (qe.wi.values(), qe.wo.values())
+            t1 = time.perf_counter()
+            for s in self.job.streams:
+                for k, j in enumerate(batch):
+                    w = compressed[j] if s.experts == "compressed" else (original[k]["wi"], original[k]["wo"])
+                    rows[s.name].run(j, w[0].to(self.device, torch.float32), w[1].to(self.device, torch.float32),
+                                     self.cfg.slab_rows)
+            secs["outputs"] += time.perf_counter() - t1
+            del original, compressed
+        record = {}
+        if not replay:
+            t1 = time.perf_counter()
+            rel, entries = C.write_group(self.job.out, name, g0, g1, quantized, self.cfg.scheme)
+            path = Path(self.job.out) / rel
+            record = {"file": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path), "tensors": entries,
+                      "hessian_tokens": [hess[j] for j in js],
+                      "fallback": {str(j): reasons[j] for j in js if reasons[j]}}
+            secs["encode_write"] = time.perf_counter() - t1
+        secs["total"] = time.perf_counter() - t0
+        return self._done(group=[g0, g1], **record, seconds=secs,
+                          activation_bytes_read=sum(r.bytes_read for r in rows.values()))
+
+    def _needs_original(self, replay: bool) -> bool:
+        """Whether an expert step reads the original weights: to quantize them, or for the before stream."""
+        return not replay or any(s.experts == "original" for s in self.job.streams)
+
+    def _done(self, **result) -> dict:
+        """A step's result: what it measured, plus this process's id, bytes read so far and peak memory."""
+        return dict(result, pid=os.getpid(), checkpoint_bytes_read=self.bytes_read, peak_anon=self.monitor.sample())
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "peak_anon": self.monitor.sample(), "checkpoint_bytes_read": self.bytes_read}
+
+
+def _block_name(call: dict) -> str:
+    return f"{call['stack']}.block.{call['i']}"
+
+
+def _first_batch(call: dict, batch: int) -> tuple[int, ...]:
+    """The experts the next expert step on this worker starts with."""
+    return tuple(range(call["g0"], min(call["g1"], call["g0"] + batch)))
+
+
+class _ExpertRows:
+    """One stream's tokens for a group's experts, read from the chunks' sorted z files: expert j's tokens are rows
+    offsets[j]..offsets[j + 1] of every chunk, in chunk (= token) order."""
+
+    def __init__(self, store: ActivationStore, stream: str, chunks: int, js: list[int], width: int):
+        self.store, self.stream, self.width = store, stream, width
+        self.segments: dict[int, list[tuple[int, int, int]]] = {j: [] for j in js}  # j -> (chunk, r0, r1)
+        self._ids: dict[int, list[torch.Tensor]] = {j: [] for j in js}
+        self.bytes_read = 0
+        for c in range(chunks):
+            route = store.read_small(stream, "route", c)
+            off = route["offsets"]
+            for j in js:
+                r0, r1 = int(off[j]), int(off[j + 1])
+                if r1 > r0:
+                    self.segments[j].append((c, r0, r1))
+                    self._ids[j].append(route["ids"][r0:r1])
+
+    def count(self, j: int) -> int:
+        return sum(r1 - r0 for _, r0, r1 in self.segments[j])
+
+    def ids(self, j: int) -> torch.Tensor:
+        """Token ids of expert j's tokens [n_j] (for the Hessian mask)."""
+        return torch.cat(self._ids[j]) if self._ids[j] else torch.zeros(0, dtype=torch.long)
+
+    def _pieces(self, j: int, idx: torch.Tensor):
+        """(chunk, local rows) for sorted positions idx in expert j's token sequence."""
+        start = 0
+        for c, r0, r1 in self.segments[j]:
+            n = r1 - r0
+            lo, hi = torch.searchsorted(idx, start), torch.searchsorted(idx, start + n)
+            if hi > lo:
+                yield c, idx[lo:hi] - start + r0
+            start += n
+
+    def gather(self, j: int, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of expert j's tokens at sorted positions idx, float32 [len(idx), D]."""
+        parts = []
+        for c, local in self._pieces(j, idx):
+            a, b = int(local[0]), int(local[-1]) + 1
+            rows = self.store.read_rows(self.stream, "z", c, self.width, a, b)
+            self.bytes_read += rows.numel() * self.store.itemsize
+            parts.append(rows if b - a == len(local) else rows[local - a])
+        return torch.cat(parts) if parts else torch.zeros(0, self.width)
+
+    def run(self, j: int, wi: torch.Tensor, wo: torch.Tensor, slab: int) -> None:
+        """Expert j's outputs for all its tokens, slab by slab, written to the y files at the tokens' rows."""
+        n = self.count(j)
+        for s0 in range(0, n, slab):
+            idx = torch.arange(s0, min(n, s0 + slab))
+            y = expert_outputs(wi, wo, self.gather(j, idx).to(wi.device)).cpu()
+            k = 0
+            for c, local in self._pieces(j, idx):
+                self.store.write_rows(self.stream, "y", c, int(local[0]), y[k:k + len(local)])
+                k += len(local)

@@ -1,0 +1,145 @@
+"""The block walk (DESIGN.md): every block in order, encoder first, each step handed to an executor.
+
+Per sparse block: the dense pass on every chunk of every stream (`route`), the Hessian token cap from the train
+stream's routing counts, one `experts` step per group (quantize, encode, write the group file, run every stream's
+tokens through it), then `combine` on every chunk; the manifest records each group as it arrives and the block
+when it is done. The driver holds per-expert counts and file records, never weights or activations.
+
+Streams: "train" (calibration samples through the compressed blocks: what GPTQ sees), and with validation samples
+"before" (through the original experts) and "after" (through the compressed ones), so the validation losses
+before and after compression come out of the same single pass over the checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from qmoe.compressed import Manifest
+from qmoe.data import Samples
+from qmoe.memory import format_size
+from qmoe.model import shift_right
+from qmoe.pipeline import BlockStats, hessian_cap
+from qmoe.steps import Job
+
+
+def write_ids(job: Job, samples: dict[str, Samples]) -> None:
+    """Each stream's token ids, one small file per chunk, for the steps to read."""
+    cs = job.cfg.chunk_samples
+    for s in job.streams:
+        smp = samples[s.name]
+        dec = shift_right(smp.labels, job.mcfg.decoder_start_token_id)
+        for c in range(job.chunks(s.name)):
+            sl = slice(c * cs, (c + 1) * cs)
+            job.store.write_small(s.name, "ids", c, {"enc_ids": smp.input_ids[sl], "dec_ids": dec[sl],
+                                                     "labels": smp.labels[sl]})
+
+
+class Progress:
+    """One line at most every `every` seconds: experts done of all, checkpoint bytes read, rate, time left."""
+
+    def __init__(self, total: int, done: int, out=print, every: float = 10.0):
+        self.total, self.done, self.out, self.every = total, done, out, every
+        self.start_done, self.t0, self.last = done, time.time(), 0.0
+        self.read: dict[int, int] = {}  # pid -> checkpoint bytes that process has read
+
+    def result(self, r: dict, experts: int = 0) -> None:
+        self.read[r["pid"]] = r["checkpoint_bytes_read"]
+        self.done += experts
+        if experts and time.time() - self.last >= self.every:
+            self.print()
+
+    def print(self, prefix: str = "") -> None:
+        self.last = time.time()
+        rate = (self.done - self.start_done) / max(1e-9, self.last - self.t0)
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left == left else "?"
+        self.out(f"{prefix}experts {self.done}/{self.total} ({100 * self.done / max(1, self.total):.0f}%), "
+                 f"{format_size(sum(self.read.values()))} of weights read, {rate:.2f} experts/s, {eta} left")
+
+
+def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> tuple[list[BlockStats], dict, dict]:
+    """Walk every block; returns (stats per sparse block, validation loss per validation stream, peak anonymous
+    memory per process id seen in the steps' results)."""
+    mcfg, cfg = job.mcfg, job.cfg
+    chunks = [(s.name, c) for s in job.streams for c in range(job.chunks(s.name))]
+    n_sparse = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
+    prog = Progress(n_sparse * mcfg.num_experts, len(manifest.blocks_done) * mcfg.num_experts, progress)
+    peaks: dict[int, int] = {}
+
+    def run(step: str, calls: list[dict], on_result=None) -> list[dict]:
+        def seen(r: dict) -> None:
+            peaks[r["pid"]] = max(peaks.get(r["pid"], 0), r["peak_anon"])
+            prog.result(r)
+            if on_result:
+                on_result(r)
+        return executor.map(step, calls, seen)
+
+    stats, block_index = [], 0
+    for stack, pattern in (("encoder", mcfg.encoder_sparse), ("decoder", mcfg.decoder_sparse)):
+        run("embed", [dict(stack=stack, stream=s, chunk=c) for s, c in chunks])
+        for i, sparse in enumerate(pattern):
+            calls = [dict(stack=stack, i=i, stream=s, chunk=c) for s, c in chunks]
+            if sparse:
+                stats.append(_sparse_block(job, run, calls, manifest, stack, i, block_index, prog))
+                block_index += 1
+            else:
+                run("dense_block", calls)
+            for s, c in chunks:
+                job.store.remove(s, f"{stack}.x{i}", c)
+        if stack == "encoder":
+            run("encoder_output", [dict(blocks=len(pattern), stream=s, chunk=c) for s, c in chunks])
+    losses = {}
+    for s in job.streams:
+        if s.name != "train":
+            rs = run("loss", [dict(blocks=len(mcfg.decoder_sparse), stream=s.name, chunk=c)
+                              for c in range(job.chunks(s.name))])
+            losses[s.name] = sum(r["loss_sum"] for r in rs) / max(1, sum(r["count"] for r in rs))
+    return stats, losses, peaks
+
+
+def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: str, i: int, block_index: int,
+                  prog: Progress) -> BlockStats:
+    name, cfg, E = f"{stack}.block.{i}", job.cfg, job.mcfg.num_experts
+    t0 = time.perf_counter()
+    routes = run("route", calls)
+    train = [r for r, c in zip(routes, calls) if c["stream"] == "train"]
+    counts = [sum(r["counts"][j] for r in train) for j in range(E)]
+    usable = [sum(r["usable"][j] for r in train) for j in range(E)]
+    cap, capped = hessian_cap(usable, cfg)
+    t_dense = time.perf_counter() - t0
+    done = manifest.groups(name)
+    gcalls = [dict(stack=stack, i=i, g0=g0, g1=min(E, g0 + cfg.group_size), block_index=block_index, cap=cap,
+                   replay=g0 in done) for g0 in range(0, E, cfg.group_size)]
+    block_done = name in manifest.blocks_done
+
+    def arrived(r: dict) -> None:
+        if "file" in r:
+            manifest.record_group(name, r)
+            manifest.save()
+        if not block_done:
+            prog.result(r, experts=r["group"][1] - r["group"][0])
+
+    t1 = time.perf_counter()
+    results = run("experts", gcalls, arrived)
+    t_experts = time.perf_counter() - t1
+    run("combine", calls)
+    for s, c in {(c["stream"], c["chunk"]) for c in calls}:
+        for kind in ("h", "z", "y", "route"):
+            job.store.remove(s, kind, c)
+    if block_done:
+        st = BlockStats(**manifest.data["block_stats"][manifest.blocks_done.index(name)])
+        st.fallback = {int(k): v for k, v in st.fallback.items()}
+        prog.print(f"{name}: done before, replayed; ")
+        return st
+    groups = manifest.groups(name)
+    st = BlockStats(name, tokens=sum(counts), tokens_per_expert=counts, capped=capped,
+                    hessian_tokens=[n for g in sorted(groups) for n in groups[g]["hessian_tokens"]],
+                    fallback={int(j): why for g in groups.values() for j, why in g["fallback"].items()})
+    secs = {k: sum(r["seconds"][k] for r in results) for k in ("wait", "read", "quantize", "outputs", "encode_write")}
+    st.seconds = dict(dense=t_dense, experts=t_experts, total=time.perf_counter() - t0,
+                      **{f"worker_{k}": v for k, v in secs.items()})
+    manifest.record_block(name, asdict(st) | {"fallback": {str(k): v for k, v in st.fallback.items()}})
+    manifest.save()
+    fb = f", {len(st.fallback)} experts fell back to round-to-nearest" if st.fallback else ""
+    prog.print(f"[{len(manifest.blocks_done)}] {name}: {st.tokens} tokens, {st.seconds['total']:.1f}s{fb}; ")
+    return st
