@@ -10,13 +10,17 @@ is the Hugging Face hub cache's own layout, where a snapshot's files are symlink
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from qmoe.config import SwitchConfig, config_from_hf, read_hf_config
+
+log = logging.getLogger("qmoe")
 
 
 class CheckpointError(Exception):
@@ -177,11 +181,48 @@ def is_expert_param(name: str) -> bool:
 
 
 def read_config(path: Path | str, reader: CheckpointReader | None = None) -> tuple[SwitchConfig, dict]:
-    """The model config, corrected with the checkpoint's tensor names, and the raw config.json dict."""
+    """The model config, corrected with the checkpoint's tensor names and output head, and the raw config.json."""
     path = Path(path)
     hf = read_hf_config(model_file(path, "config.json") or path / "config.json")
     reader = reader or CheckpointReader(path)
-    return config_from_hf(hf, reader.names()), hf
+    cfg = config_from_hf(hf, reader.names())
+    return dataclasses.replace(cfg, tie_word_embeddings=tied_head(hf, reader)), hf
+
+
+def tied_head(hf: dict, reader: CheckpointReader) -> bool:
+    """Whether the output head is the embedding (T5's tied head, after scaling by d_model^-0.5) or a tensor of its
+    own, from config.json's `tie_word_embeddings` and the head tensors the checkpoint holds.
+
+    - no head tensor: tied, unless config.json says false (then loading stops: lm_head.weight is missing);
+    - config.json silent (transformers' default is tied) and a head the checkpoint holds as its own (c2048's
+      `decoder.lm_head.weight`, or an `lm_head.weight` that is not a copy of the embedding): the files win,
+      untied, with a warning; QMoE's code forces this for c2048 too;
+    - config.json says true and the checkpoint's head differs from the embedding: config.json wins (tied, as
+      transformers loads it), with a warning that the stored head is not used.
+    """
+    names = set(reader.names())
+    head = next((n for n in ("decoder.lm_head.weight", "lm_head.weight") if n in names), None)
+    said = hf.get("tie_word_embeddings")
+    if head is None:
+        return said is not False
+    if said is False:
+        return False
+    embedding = checkpoint_name("shared.weight", names)
+
+    def is_copy() -> bool:  # the head is the embedding saved twice (reads both: a vocab x d_model matrix each)
+        return embedding in names and torch.equal(reader.get(head), reader.get(embedding))
+
+    if said is None:
+        if head == "lm_head.weight" and is_copy():  # a tied model's saved copy: config and files agree
+            return True
+        log.warning("%s: config.json does not set tie_word_embeddings (transformers' default: tied), but the "
+                    "checkpoint holds its own output head %s: the files win, the head is untied", reader.dir, head)
+        return False
+    if not is_copy():
+        log.warning("%s: config.json says tie_word_embeddings: true, but the checkpoint's %s differs from the "
+                    "embedding: config.json wins (tied, as transformers loads it); %s is not used", reader.dir, head,
+                    head)
+    return True
 
 
 def load_into(model: torch.nn.Module, reader: CheckpointReader, experts: bool = True,
