@@ -117,14 +117,14 @@ def ternary_model(experts_dir: Path | None) -> Path:
 
 
 def model_experts(experts_dir: Path | None):
-    """Symbols and levels of every expert matrix of a ternary compressed model, grouped as stored: by block file
+    """Symbols and levels of every expert matrix of a ternary compressed model, grouped as stored: by group file
     and matrix kind (wi, wo), each group with its own fitted dictionary."""
     experts_dir = ternary_model(experts_dir)
     groups, mats, levels = [], {}, {}
-    for f in sorted((Path(experts_dir) / "experts").glob("*.safetensors")):
+    for f in sorted((Path(experts_dir) / "experts").glob("*/*.safetensors")):
         by_kind: dict[str, dict] = {}
         for name, m in read_container(f).items():
-            key = f"{f.stem}/{name}"
+            key = f"{f.parent.name}/{f.stem}/{name}"
             by_kind.setdefault(name.rsplit(".", 1)[-1], {})[key] = decode_symbols(m)
             levels[key] = m.levels
         for g in by_kind.values():

@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="memory bound for every process, e.g. 3G or 2500M (default: 80%% of the available memory, "
                         "shared by the processes on this machine)")
+    p.add_argument("--gptq-batch", type=int, default=None, metavar="N",
+                   help="quantize at most N experts at once (default: as many of a group as --max-memory allows)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="continue an unfinished run in --out (same model and settings) from its last finished block")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
 
             executor = RayExecutor(a.workers)
         summary = compress_model(resolve_model(a.model), a.out, cfg, spec, overwrite=a.overwrite, resume=a.resume,
-                                 executor=executor, max_memory=a.max_memory)
+                                 executor=executor, max_memory=a.max_memory, max_batch=a.gptq_batch)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, MemoryError_) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

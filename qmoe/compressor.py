@@ -83,14 +83,15 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSpec, n_train: int, n_val: int,
-             sentinel_floor: int, max_memory: int | None, processes: int, fail_marker: str | None = None) -> Job:
+             sentinel_floor: int, max_memory: int | None, processes: int, fail_marker: str | None = None,
+             max_batch: int | None = None) -> Job:
     """The job every worker gets, with the memory plan for the bound (default: from this machine's memory)."""
     max_memory = max_memory or default_max_memory(processes)
     seq = DataConfig().raw_length  # an upper bound of the samples' lengths (span corruption only shortens)
     plan = plan_memory(max_memory, d_model=mcfg.d_model, d_ff=mcfg.d_ff, num_heads=mcfg.num_heads, d_kv=mcfg.d_kv,
-                       vocab=mcfg.vocab_size, group_size=cfg.group_size, chunk_tokens=cfg.chunk_samples * seq,
+                       vocab=mcfg.vocab_size, group_size=min(cfg.group_size, mcfg.num_experts), chunk_tokens=cfg.chunk_samples * seq,
                        seq_len=seq, slab_rows=cfg.slab_rows, gptq=cfg.method.value == "gptq",
-                       act_bytes=ActivationStore("", cfg.activation_dtype).itemsize)
+                       act_bytes=ActivationStore("", cfg.activation_dtype).itemsize, max_batch=max_batch)
     streams = [Stream("train", n_train, "compressed")]
     if n_val:
         streams += [Stream("before", n_val, "original"), Stream("after", n_val, "compressed")]
@@ -101,14 +102,15 @@ def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSp
 @torch.no_grad()
 def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSpec, overwrite: bool = False,
                    progress=print, resume: bool = False, executor=None, max_memory: int | None = None,
-                   fail_marker: str | None = None) -> dict:
+                   max_batch: int | None = None, fail_marker: str | None = None) -> dict:
     """Compress every expert of a Switch checkpoint; returns the summary also written to out/summary.json.
 
     resume: `out` holds an unfinished run of the same model and settings; the groups and blocks its manifest
     records are replayed from their files (not compressed again) and the run goes on from there. executor: where
     the steps run (qmoe.executor.LocalExecutor by default; workers.ray_executor.RayExecutor for a Ray pool); the
     output's bytes are the same either way. max_memory: the bound, in bytes, for every process (default: from the
-    machine's available memory). fail_marker: tests only (see steps.Job)."""
+    machine's available memory). max_batch: at most this many experts quantized at once (default: as many of a
+    group as the bound allows; never changes a byte). fail_marker: tests only (see steps.Job)."""
     t0 = time.time()
     monitor = PeakMonitor()
     model_dir, out = Path(model_dir), Path(out)
@@ -120,7 +122,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     verify_checkpoint(reader, model)
     train, val, sentinel_floor = load_samples(model_dir, hf, spec)
     job = make_job(model_dir, out, mcfg, cfg, spec, len(train), len(val), sentinel_floor, max_memory,
-                   getattr(executor, "processes", 1), fail_marker)
+                   getattr(executor, "processes", 1), fail_marker, max_batch)
     manifest = _resume_state(out, model_dir, cfg) if resume else None
     if manifest is None:
         _prepare_out(out, overwrite)

@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressor import DataSpec, load_samples, resolve_model
 from qmoe.store import atomic_write_json
@@ -33,8 +35,7 @@ class InferConfig:
 def load_for_inference(model_dir: Path, cfg: InferConfig):
     """(model, hf config, kind): the model on the CPU, experts as the config asks."""
     from qmoe import compressed as C
-    from qmoe.checkpoint import CheckpointReader, read_config
-    from qmoe.compressor import load_bf16_model
+    from qmoe.checkpoint import load_model
     from qmoe.quant import Scheme
     from qmoe.runner import simulate_uncompressed
 
@@ -44,9 +45,10 @@ def load_for_inference(model_dir: Path, cfg: InferConfig):
         model, _, hf = C.load_compressed(model_dir, fused=fused)
         kind = f"compressed {hf['qmoe']['scheme']}, experts " + ("on fused kernels" if fused else "decoded to float32")
     else:
-        reader = CheckpointReader(model_dir)
-        mcfg, hf = read_config(model_dir, reader)
-        model = load_bf16_model(reader, mcfg)
+        # Every weight rounded to bf16 (the baseline QMoE measures against), computed in float32.
+        model, _, _ = load_model(model_dir, dtype=torch.bfloat16)
+        model.float()
+        hf = json.loads((model_dir / "config.json").read_text())
         kind = "original (bf16 weights, float32 compute)"
     if cfg.simulate_uncompressed:
         simulate_uncompressed(model)

@@ -6,11 +6,8 @@ and the page cache are file-backed, the kernel drops them under pressure, so the
 """
 from __future__ import annotations
 
-import math
-import os
 import re
 import threading
-import time
 from dataclasses import dataclass
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -108,7 +105,7 @@ BASE_BYTES = 600 << 20  # Python + torch + numba + safetensors after import, mea
 
 def plan_memory(max_memory: int, *, d_model: int, d_ff: int, num_heads: int, d_kv: int, vocab: int,
                 group_size: int, chunk_tokens: int, seq_len: int, slab_rows: int, gptq: bool,
-                act_bytes: int) -> Plan:
+                act_bytes: int, max_batch: int | None = None) -> Plan:
     """The largest GPTQ batch whose estimated peak fits max_memory, or MemoryError_ naming what does not fit.
 
     Estimates in float32 bytes (4 a value), each term a buffer the step really allocates:
@@ -128,7 +125,7 @@ def plan_memory(max_memory: int, *, d_model: int, d_ff: int, num_heads: int, d_k
     fixed = group_size * 2 * D * F + 4 * slab_rows * (2 * D + F) * 2 + 8 * slab_rows
     base = BASE_BYTES
     avail = max_memory - base - fixed
-    batch = min(group_size, avail // (per_expert + 2 * D * F * 2)) if avail > 0 else 0
+    batch = min(group_size, max_batch or group_size, avail // (per_expert + 2 * D * F * 2)) if avail > 0 else 0
     if batch < 1:
         need = base + fixed + per_expert + 2 * D * F * 2
         raise MemoryError_(f"--max-memory {format_size(max_memory)} cannot hold one expert group's step: one expert "
@@ -142,15 +139,3 @@ def plan_memory(max_memory: int, *, d_model: int, d_ff: int, num_heads: int, d_k
     return Plan(max_memory, int(batch), base, int(dense), int(expert), int(per_expert))
 
 
-def describe_machine() -> str:
-    import psutil
-
-    return f"{os.cpu_count()} cores, {format_size(psutil.virtual_memory().total)} RAM"
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
-
-
-__all__ = ["parse_size", "format_size", "rss_anon", "PeakMonitor", "default_max_memory", "Plan", "plan_memory",
-           "MemoryError_", "describe_machine", "ceil_div", "math"]

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmoe.compressed import DENSE_FILE, expert_file, read_manifest
+from qmoe.compressed import DENSE_FILE, block_files, read_manifest
 from qmoe.config import SwitchConfig, config_from_hf
 from qmoe.runner import split_contiguous, unit_names
 from qmoe.store import atomic_write_text
@@ -99,8 +99,8 @@ def units_from_dir(path: Path) -> tuple[SwitchConfig, list[Unit]]:
     params = unit_params(cfg)
     units = []
     for name in unit_names(cfg):
-        f = path / expert_file(name)
-        units.append(Unit(name, dense.get(name, 0), f.stat().st_size if f.exists() else 0, params[name][1]))
+        expert_bytes = sum(f.stat().st_size for f in block_files(path, name))
+        units.append(Unit(name, dense.get(name, 0), expert_bytes, params[name][1]))
     return cfg, units
 
 
@@ -112,19 +112,19 @@ def units_projected(cfg: SwitchConfig, expert_bits: float) -> list[Unit]:
 def matrix_bits(path: Path) -> list[dict]:
     """Per block and matrix kind: parameters, bytes (tensor data plus the file's header and metadata shared out by
     data bytes) and bits per parameter."""
-    rows = []
+    acc: dict[tuple[str, str], list[float]] = {}  # (block, kind) -> [params, bytes], over the block's group files
     manifest = read_manifest(path, verify=False)
     for fname, tensors in sorted(manifest["tensors"].items()):
         sizes, header = _safetensors_sizes(path / fname)
         data = sum(sizes.values())
         for kind in ("wi", "wo"):
             names = [t for t in tensors if t.endswith("." + kind)]
-            params = sum(tensors[t]["shape"][0] * tensors[t]["shape"][1] for t in names)
             nbytes = sum(v for k, v in sizes.items() if k.split(".")[1] == kind)
-            nbytes += header * nbytes / max(1, data)
-            rows.append({"block": Path(fname).stem, "matrix": kind, "params": params, "bytes": round(nbytes),
-                         "bits_per_param": 8 * nbytes / max(1, params)})
-    return rows
+            a = acc.setdefault((Path(fname).parent.name, kind), [0, 0.0])
+            a[0] += sum(tensors[t]["shape"][0] * tensors[t]["shape"][1] for t in names)
+            a[1] += nbytes + header * nbytes / max(1, data)
+    return [{"block": b, "matrix": k, "params": p, "bytes": round(n), "bits_per_param": 8 * n / max(1, p)}
+            for (b, k), (p, n) in acc.items()]
 
 
 def plan_units(units: list[Unit], count: int, capacity: int | None = None) -> dict:

@@ -83,7 +83,8 @@ class Worker:
 
     # ---- weights ----------------------------------------------------------------------------------------------
     def _use(self, *prefixes: str) -> None:
-        """Load these modules' dense weights (float32 on the step device) and drop the ones loaded before."""
+        """Load these modules' dense weights and drop the ones loaded before. Weights are rounded to bf16 (as stored
+        in the output; a float32 checkpoint's too), then computed in float32 on the step device."""
         if prefixes == self._unit:
             return
         for prefix in self._unit:
@@ -93,7 +94,7 @@ class Worker:
             for name, p in self._params(prefix):
                 t = self.reader.get(checkpoint_name(name, self.available))
                 self.bytes_read += t.numel() * t.element_size()
-                _set_param(self.model, name, t.to(self.device, torch.float32))
+                _set_param(self.model, name, t.to(torch.bfloat16).to(self.device, torch.float32))
         self._unit = prefixes
 
     def _params(self, prefix: str):

@@ -11,6 +11,7 @@ before and after compression come out of the same single pass over the checkpoin
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 
@@ -21,6 +22,7 @@ from qmoe.model import shift_right
 from qmoe.pipeline import BlockStats, hessian_cap
 from qmoe.steps import Job
 
+log = logging.getLogger("qmoe")
 
 def write_ids(job: Job, samples: dict[str, Samples]) -> None:
     """Each stream's token ids, one small file per chunk, for the steps to read."""
@@ -60,7 +62,7 @@ class Progress:
 def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> tuple[list[BlockStats], dict, dict]:
     """Walk every block; returns (stats per sparse block, validation loss per validation stream, peak anonymous
     memory per process id seen in the steps' results)."""
-    mcfg, cfg = job.mcfg, job.cfg
+    mcfg = job.mcfg
     chunks = [(s.name, c) for s in job.streams for c in range(job.chunks(s.name))]
     n_sparse = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
     prog = Progress(n_sparse * mcfg.num_experts, len(manifest.blocks_done) * mcfg.num_experts, progress)
@@ -140,6 +142,8 @@ def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: s
                       **{f"worker_{k}": v for k, v in secs.items()})
     manifest.record_block(name, asdict(st) | {"fallback": {str(k): v for k, v in st.fallback.items()}})
     manifest.save()
+    for j, why in sorted(st.fallback.items()):
+        log.warning("%s expert %d: round-to-nearest fallback (%s)", name, j, why)
     fb = f", {len(st.fallback)} experts fell back to round-to-nearest" if st.fallback else ""
     prog.print(f"[{len(manifest.blocks_done)}] {name}: {st.tokens} tokens, {st.seconds['total']:.1f}s{fb}; ")
     return st

@@ -13,12 +13,17 @@ from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import load_compressed, read_manifest
 from qmoe.compressor import DataSpec, compress_model
-from qmoe.pipeline import CompressConfig, expert_pass, hessian_rows
+from qmoe.pipeline import CompressConfig, expert_outputs, hessian_rows, quantize_experts
 from qmoe.quant import Method, Scheme
 
 SPEC = DataSpec(train_samples=24, val_samples=8, seed=0)
 SUMMARY_KEYS = {"scheme", "method", "params_total", "params_experts", "bytes_original", "bytes_compressed",
-                "val_loss_before", "val_loss_after", "seconds", "peak_rss_bytes", "experts_fallback_rtn"}
+                "val_loss_before", "val_loss_after", "seconds", "peak_anon_bytes", "experts_fallback_rtn"}
+
+
+def expert_files(d) -> dict:
+    """{path under experts/: bytes} of a compressed directory."""
+    return {f.relative_to(d).as_posix(): f.read_bytes() for f in sorted((d / "experts").rglob("*")) if f.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +43,16 @@ def test_full_run_writes_a_complete_checkpoint(compressed_dir, tiny_mixed_bin):
     assert {"config.json", "dense.safetensors", "summary.json"} <= set(manifest["files"])
     assert summary["params_experts"] == 4 * 4 * 2 * 32 * 48
     # Ternary experts are codec containers: 16-bit codewords, bf16 level bits per row, a fitted dictionary.
-    m = read_container(out / "experts" / "encoder.block.1.safetensors")["expert_0.wi"]
+    m = read_container(out / "experts" / "encoder.block.1" / "00000-00003.safetensors")["expert_0.wi"]
     assert m.shape == (48, 32) and m.codes.dtype == np.uint16 and m.levels.shape == (2, 48)
     assert m.dictionary.kind == "tunstall"
-    expert_bytes = sum(f.stat().st_size for f in (out / "experts").iterdir())
+    expert_bytes = sum(len(b) for b in expert_files(out).values())
     assert summary["bits_per_param_experts"] == pytest.approx(8 * expert_bytes / summary["params_experts"])
-    assert manifest["tensors"]["experts/encoder.block.1.safetensors"]["expert_0.wi"]["shape"] == [48, 32]
+    assert manifest["tensors"]["experts/encoder.block.1/00000-00003.safetensors"]["expert_0.wi"]["shape"] == [48, 32]
+    assert set(expert_files(out)) <= set(manifest["files"])
+    assert not (out / ".work").exists()  # the activation files are gone
+    peaks = summary["peak_anon_bytes"]
+    assert 50 << 20 < peaks["driver"] < summary["memory_plan"]["max_memory"]
     model, cfg, _ = load_compressed(out)
     wi = model.encoder.block[1].layer[1].mlp.experts.expert_0.wi.weight
     assert wi.shape == (48, 32) and len(torch.unique(wi[0])) <= 3  # ternary: at most {lo, 0, hi} per row
@@ -66,25 +75,41 @@ def test_infer_reports_the_loss_compress_recorded(compressed_dir, capsys, tmp_pa
 def test_a_flipped_byte_is_caught(compressed_dir, tmp_path):
     out, _ = compressed_dir
     bad = shutil.copytree(out, tmp_path / "bad")
-    f = bad / "experts" / "decoder.block.1.safetensors"
+    f = bad / "experts" / "decoder.block.1" / "00000-00003.safetensors"
     data = bytearray(f.read_bytes())
     data[-5] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="decoder.block.1.safetensors.*checksum"):
+    with pytest.raises(CheckpointError, match="decoder.block.1/00000-00003.safetensors.*checksum"):
         load_compressed(bad)
 
 
-def _assert_same_output(ckpt, reference, other, cfg: CompressConfig) -> None:
-    """Compress `ckpt` into `other` with `cfg`; its expert files must equal `reference`'s byte for byte."""
-    compress_model(ckpt, other, cfg, SPEC, progress=lambda *_: None)
-    names = sorted(f.name for f in (reference / "experts").iterdir())
-    assert names == sorted(f.name for f in (other / "experts").iterdir())
-    for name in names:
-        assert (reference / "experts" / name).read_bytes() == (other / "experts" / name).read_bytes(), name
+def _assert_same_output(ckpt, reference, other, cfg: CompressConfig, **kw) -> dict:
+    """Compress `ckpt` into `other` with `cfg`; its expert files must equal `reference`'s byte for byte, and the
+    validation losses must be the same."""
+    s = compress_model(ckpt, other, cfg, SPEC, progress=lambda *_: None, **kw)
+    ref, got = expert_files(reference), expert_files(other)
+    assert sorted(ref) == sorted(got)
+    for name in ref:
+        assert ref[name] == got[name], name
+    r = json.loads((reference / "summary.json").read_text())
+    assert (s["val_loss_before"], s["val_loss_after"]) == (r["val_loss_before"], r["val_loss_after"])
+    return s
 
 
-def test_output_does_not_depend_on_group_size(tiny_mixed_bin, compressed_dir, tmp_path):
-    _assert_same_output(tiny_mixed_bin, compressed_dir[0], tmp_path / "g1", CompressConfig(group_size=1))
+def test_output_does_not_depend_on_the_memory_plan(tiny_mixed_bin, compressed_dir, tmp_path):
+    """One expert quantized at a time (as a tight --max-memory would plan) gives the bytes of 16 at a time."""
+    s = _assert_same_output(tiny_mixed_bin, compressed_dir[0], tmp_path / "b1", CompressConfig(), max_batch=1)
+    assert s["memory_plan"]["batch"] == 1 and compressed_dir[1]["memory_plan"]["batch"] == 4
+
+
+def test_groups_are_files_of_their_own(tiny_mixed_bin, tmp_path):
+    """group_size 3 of 4 experts: two files a block, each with its own dictionaries, loadable as one model."""
+    s = compress_model(tiny_mixed_bin, tmp_path / "o", CompressConfig(group_size=3), SPEC, progress=lambda *_: None)
+    assert sorted(f.name for f in (tmp_path / "o" / "experts" / "decoder.block.3").iterdir()) == [
+        "00000-00002.safetensors", "00003-00003.safetensors"]
+    model, _, _ = load_compressed(tmp_path / "o")
+    assert model.decoder.block[3].layer[2].mlp.experts.expert_3.wo.weight.shape == (32, 48)
+    assert s["val_loss_after"] == pytest.approx(s["val_loss_before"], abs=0.5)
 
 
 @pytest.mark.parametrize("scheme,method", [(Scheme.INT2, Method.RTN), (Scheme.INT4, Method.GPTQ)])
@@ -132,17 +157,24 @@ def test_token_cap_is_applied(tiny_ckpt, tmp_path):
     assert s["experts_token_capped"] > 0
 
 
-def test_expert_pass_outputs_are_the_quantized_experts():
+def test_quantize_experts_feeds_wo_from_the_quantized_wi():
+    """GPTQ on wo sees relu(quantized wi x): its result equals a GPTQ run fed those activations directly."""
+    from qmoe.gptq import GPTQ
+
     torch.manual_seed(0)
     D, Fd = 12, 20
     weights = [{"wi": torch.randn(Fd, D), "wo": torch.randn(D, Fd)} for _ in range(3)]
     tokens = [torch.randn(n, D) for n in (40, 0, 25)]
-    rows = [torch.arange(t.shape[0]) for t in tokens]
-    experts, outputs, reasons = expert_pass(weights, tokens, rows, CompressConfig(min_tokens=4))
+    cfg = CompressConfig(min_tokens=4, slab_rows=16)
+    experts, reasons = quantize_experts(weights, lambda g: tokens[g].split(16), cfg)
     assert reasons[1] and not reasons[0] and not reasons[2]
-    for e, x, y in zip(experts, tokens, outputs):
-        ref = torch.relu(x @ e.wi.values().T) @ e.wo.values().T
-        assert torch.allclose(y, ref, atol=1e-5)
+    g = GPTQ(1, Fd)
+    for slab in tokens[2].split(16):
+        g.add_batch(0, torch.relu(slab @ experts[2].wi.values().T))
+    ref = g.fasterquant(weights[2]["wo"][None], cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
+    assert torch.equal(ref.codes[0], experts[2].wo.codes)
+    y = expert_outputs(experts[0].wi.values(), experts[0].wo.values(), tokens[0])
+    assert torch.allclose(y, torch.relu(tokens[0] @ experts[0].wi.values().T) @ experts[0].wo.values().T, atol=1e-5)
 
 
 def test_cli_errors_are_one_line_and_leave_no_complete_output(tiny_ckpt, tmp_path, capsys):
@@ -160,11 +192,11 @@ def test_cli_errors_are_one_line_and_leave_no_complete_output(tiny_ckpt, tmp_pat
 
 def test_crash_mid_run_leaves_an_incomplete_manifest(tiny_ckpt, tmp_path, monkeypatch):
     """A failure after some blocks were written: the manifest says incomplete and loading refuses the directory."""
-    import qmoe.compressor as comp
+    import qmoe.steps as steps
 
     d = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
     calls = {"n": 0}
-    real = comp.read_expert
+    real = steps.read_expert
 
     def flaky(reader, block, j, dtype=torch.float32):
         calls["n"] += 1
@@ -172,7 +204,7 @@ def test_crash_mid_run_leaves_an_incomplete_manifest(tiny_ckpt, tmp_path, monkey
             raise CheckpointError(d / "x.safetensors", f"{block}.expert_{j}", "simulated read failure")
         return real(reader, block, j, dtype)
 
-    monkeypatch.setattr(comp, "read_expert", flaky)
+    monkeypatch.setattr(steps, "read_expert", flaky)
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(d, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
@@ -181,7 +213,7 @@ def test_crash_mid_run_leaves_an_incomplete_manifest(tiny_ckpt, tmp_path, monkey
         load_compressed(tmp_path / "o")
     # --resume replays the three finished encoder blocks from their files and compresses the rest: the result is
     # byte for byte the uninterrupted run's.
-    monkeypatch.setattr(comp, "read_expert", real)
+    monkeypatch.setattr(steps, "read_expert", real)
     with pytest.raises(ValueError, match="method"):  # other settings than the unfinished run's
         compress_model(d, tmp_path / "o", CompressConfig(method=Method.RTN), SPEC, progress=lambda *_: None,
                        resume=True)
@@ -198,11 +230,86 @@ def test_existing_output_is_not_overwritten(compressed_dir, tiny_mixed_bin):
         compress_model(tiny_mixed_bin, out, CompressConfig(), SPEC, progress=lambda *_: None)
 
 
-def test_memory_mapped_activations_give_the_same_output(tiny_mixed_bin, compressed_dir, tmp_path):
-    """memmap_bytes=0 puts every activation buffer in a memory-mapped file: same bytes out, no file left."""
-    mm = tmp_path / "mm"
-    _assert_same_output(tiny_mixed_bin, compressed_dir[0], mm, CompressConfig(memmap_bytes=0))
-    assert not list(mm.glob("activations-*"))
+def test_resume_mid_block_replays_the_groups_written(tiny_ckpt, tmp_path, monkeypatch):
+    """A crash after some groups of a block were written: --resume replays those groups from their files (does not
+    quantize them again) and the output equals an uninterrupted run's."""
+    import qmoe.steps as steps
+
+    cfg = CompressConfig(group_size=1)
+    real = steps.read_expert
+
+    def flaky(reader, block, j, dtype=torch.float32):
+        if block == "encoder.block.1" and j == 2:
+            raise CheckpointError("x", block, "simulated read failure")
+        return real(reader, block, j, dtype)
+
+    monkeypatch.setattr(steps, "read_expert", flaky)
+    with pytest.raises(CheckpointError, match="simulated"):
+        compress_model(tiny_ckpt, tmp_path / "o", cfg, SPEC, progress=lambda *_: None)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["blocks_done"] == ["encoder.block.0"] and sorted(manifest["groups"]["encoder.block.1"]) == ["0", "1"]
+    monkeypatch.setattr(steps, "read_expert", real)
+    quantized = []
+    real_q = steps.quantize_experts
+    monkeypatch.setattr(steps, "quantize_experts", lambda w, *a, **k: quantized.append(len(w)) or real_q(w, *a, **k))
+    lines = []
+    compress_model(tiny_ckpt, tmp_path / "o", cfg, SPEC, progress=lines.append, resume=True)
+    assert sum(quantized) == 6 * 4 - 4 - 2  # every expert but block 0's four and block 1's first two
+    assert any("resuming" in line for line in lines)
+    _assert_same_output(tiny_ckpt, tmp_path / "o", tmp_path / "fresh", cfg)
+
+
+def test_bfloat16_activations(tiny_ckpt, tmp_path):
+    """Activation files in bf16: half the bytes, a recorded setting, deterministic, loss close to float32's."""
+    cfg = CompressConfig(activation_dtype="bfloat16")
+    s = compress_model(tiny_ckpt, tmp_path / "a", cfg, SPEC, progress=lambda *_: None)
+    _assert_same_output(tiny_ckpt, tmp_path / "a", tmp_path / "b", cfg)
+    f = compress_model(tiny_ckpt, tmp_path / "f", CompressConfig(), SPEC, progress=lambda *_: None)
+    assert s["val_loss_after"] == pytest.approx(f["val_loss_after"], rel=5e-2)  # a random model: loss 18
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["qmoe"]["settings"]["activation_dtype"] == "bfloat16"
+
+
+def test_a_memory_bound_too_small_is_refused_before_any_work(tiny_ckpt, tmp_path, capsys):
+    rc = compress_cli.main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--max-memory", "100M",
+                            "--train-samples", "4", "--val-samples", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--max-memory 100.00 MB cannot hold" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        compress_cli.parse_args(["--model", "x", "--out", "y", "--max-memory", "lots"])
+
+
+def test_step_results_are_small_and_hold_no_tensors(tiny_ckpt, tmp_path):
+    """What a worker returns crosses a process boundary: a few numbers, never a tensor or an array (a view of a
+    larger storage would carry all of it)."""
+    import pickle
+
+    from qmoe.executor import LocalExecutor
+
+    results = []
+
+    class Recording(LocalExecutor):
+        def map(self, step, calls, on_result=None):
+            out = super().map(step, calls, on_result)
+            results.extend((step, r) for r in out)
+            return out
+
+    compress_model(tiny_ckpt, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None, executor=Recording())
+
+    def leaves(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from leaves(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from leaves(v)
+        else:
+            yield x
+
+    assert {s for s, _ in results} == {"embed", "route", "experts", "combine", "encoder_output", "loss"}
+    for step, r in results:
+        assert all(isinstance(v, (int, float, str, bool, type(None))) for v in leaves(r)), step
+        assert len(pickle.dumps(r)) < 4096, step
 
 
 def _word_tokenizer(path, vocab_size: int):
