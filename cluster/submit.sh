@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
-# Submit a compression job to the Ray head at $RAY_API (default http://127.0.0.1:8265), from the repository root.
+# Submit a compression job to a Ray head's job server, from the repository root, with the cluster's token.
 # Usage: cluster/submit.sh --model default --out /abs/path/out --workers 2 [other qmoe.compress flags]
 # --out should be an absolute path on the head node: the job runs in a temporary copy of the working directory.
+#
+# Where: $RAY_API if set, else the head cluster/start-head.sh started from $QMOE_RAY_DIR (default
+# /tmp/qmoe-ray-$(id -u); its head.env), else http://127.0.0.1:8265. Token: $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH
+# if set, else that head's, else Ray's default ~/.ray/auth_token. The token travels in the request's Authorization
+# header: to a head on another machine, only through an SSH tunnel (`ray dashboard cluster/gpu-cluster.yaml`) or
+# a TLS proxy, never over the open network.
 set -euo pipefail
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+dir="${QMOE_RAY_DIR:-/tmp/qmoe-ray-$(id -u)}"
+api="${RAY_API:-}"
+if [ -f "$dir/head.env" ]; then
+    [ -n "$api" ] || api="$(sed -n 's/^RAY_API_SERVER_ADDRESS=//p' "$dir/head.env")"
+    if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        token_path="$(sed -n 's/^RAY_AUTH_TOKEN_PATH=//p' "$dir/head.env")"
+        if [ -n "$token_path" ]; then export RAY_AUTH_TOKEN_PATH="$token_path"; fi
+    fi
+fi
+# RAY_API_SERVER_ADDRESS: Ray lets it (then RAY_ADDRESS, e.g. left over from a job) override --address.
+export RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS="${api:-http://127.0.0.1:8265}"
 cd "$(dirname "$0")/.."
-exec ray job submit --address "${RAY_API:-http://127.0.0.1:8265}" --working-dir . \
+exec ray job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \
     --runtime-env cluster/runtime_env.yaml -- python -m qmoe.compress "$@"

@@ -1,11 +1,23 @@
+import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# Every Ray the tests start is single-node on 127.0.0.1: without this, Ray (on Linux) replaces 127.0.0.1 by the
+# machine's address, for a node's own address and for the address a driver connects to, and binds every interface.
+# Set before any test module imports Ray (Ray reads it once, at import).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_fixtures import make_hf_model, save_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +30,65 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def tiny_mixed_bin(tmp_path_factory) -> Path:
     """Dense and sparse blocks mixed, tied embeddings, torch .bin shards with an index."""
     return save_checkpoint(make_hf_model("mixed", seed=1), tmp_path_factory.mktemp("tinybin") / "ckpt", "bin")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 now."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def head_processes(head_dir: Path) -> list:
+    """psutil processes of the head cluster/start-head.sh started from head_dir: its `ray start --block` process
+    and every descendant."""
+    import psutil
+
+    root = psutil.Process(int((head_dir / "head.pid").read_text()))
+    return [root] + root.children(recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A head started by cluster/start-head.sh in its own directory, on free ports, with its own token; stopped
+    by cluster/stop-head.sh (only its own processes: other Rays on the machine are left alone).
+    Yields (environment for the scripts and `ray` CLI, head directory, {"gcs", "dashboard", "client"} ports)."""
+    import psutil
+
+    head_dir = Path(tempfile.mkdtemp(prefix="qh-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    gcs, dashboard, client = free_ports(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(QMOE_RAY_DIR=str(head_dir), QMOE_RAY_PORT=str(gcs), QMOE_DASHBOARD_PORT=str(dashboard),
+               QMOE_CLIENT_PORT=str(client))
+    r = subprocess.run(["bash", str(ROOT / "cluster" / "start-head.sh"), "--num-cpus", "3"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    procs = head_processes(head_dir)
+    try:
+        yield env, head_dir, {"gcs": gcs, "dashboard": dashboard, "client": client}
+    finally:
+        procs = [p for p in procs + head_processes(head_dir) if p.is_running()]
+        r = subprocess.run(["bash", str(ROOT / "cluster" / "stop-head.sh")], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+        _, alive = psutil.wait_procs(procs, timeout=30)
+        assert not alive, f"head processes still running after stop-head.sh: {alive}"
+        shutil.rmtree(head_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def local_ray():
+    """A Ray of this test process's own (workers.local_ray): 127.0.0.1 only, token auth, own temp dir and ports;
+    shut down after the test, stopping only its own processes."""
+    from workers.local_ray import start_local_ray
+
+    handle = start_local_ray(num_cpus=2)
+    try:
+        yield handle
+    finally:
+        handle.shutdown()
