@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from qmoe.checkpoint import CheckpointError
@@ -50,8 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM ends compress like Ctrl-C does: through every finally (the local Ray it started is stopped; the
+    manifest keeps the groups done, for --resume)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         cfg = CompressConfig(scheme=Scheme(a.scheme), method=Method(a.method), group_size=a.group_size,

@@ -151,8 +151,8 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     store = job.store
     store.clear()
     write_ids(job, {"train": train, "before": val, "after": val})
-    executor.start(job, str(out))
     try:
+        executor.start(job, str(out))
         stats, losses, peaks = compress_blocks(job, executor, manifest, progress)
     finally:
         executor_info = executor.close()

@@ -81,7 +81,7 @@ def _quantize(W: torch.Tensor, inputs, cfg: CompressConfig):
     inputs(g) yields expert g's layer inputs [n, C] in slabs (on W's device), so the [n, F] activations of wo are
     never held whole: the Hessian is accumulated slab by slab."""
     if cfg.method is Method.RTN:
-        codes, _, p = rtn(W, cfg.scheme)
+        codes, p = rtn(W, cfg.scheme)
         return [QuantizedMatrix(codes[g].cpu(), p.select(g).to("cpu")) for g in range(W.shape[0])], [""] * W.shape[0]
     gptq = GPTQ(W.shape[0], W.shape[2], device=W.device)
     for g in range(W.shape[0]):

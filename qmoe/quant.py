@@ -78,17 +78,22 @@ def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
     return RowParams(scheme, scale, zero)
 
 
-def quantize(w: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest grid point per weight. w [..., R] or [..., R, C] (params broadcast over trailing C when given
-    unsqueezed) -> (codes uint8, values float32)."""
+def quantize_codes(w: torch.Tensor, p: RowParams) -> torch.Tensor:
+    """Nearest grid point per weight, as codes (uint8). w [..., R] or [..., R, C] (params broadcast over trailing C
+    when given unsqueezed)."""
     a, b = p.a, p.b
     if w.dim() == a.dim() + 1:
         a, b = a.unsqueeze(-1), b.unsqueeze(-1)
     if p.scheme is Scheme.TERNARY:
         # Thresholds halfway between 0 and each level: nearest of {lo, 0, hi}.
-        codes = torch.where(w > b / 2, 1, torch.where(w < a / 2, 2, 0)).to(torch.uint8)
-        return codes, dequantize_codes(codes, p, a, b)
-    codes = torch.clamp(torch.round(w / a) + b, 0, p.scheme.maxq).to(torch.uint8)
+        return torch.where(w > b / 2, 1, torch.where(w < a / 2, 2, 0)).to(torch.uint8)
+    return torch.clamp(torch.round(w / a) + b, 0, p.scheme.maxq).to(torch.uint8)
+
+
+def quantize(w: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8, values float32) of the nearest grid points (see quantize_codes)."""
+    codes = quantize_codes(w, p)
+    a, b = (p.a.unsqueeze(-1), p.b.unsqueeze(-1)) if w.dim() == p.a.dim() + 1 else (p.a, p.b)
     return codes, dequantize_codes(codes, p, a, b)
 
 
@@ -96,14 +101,12 @@ def dequantize_codes(codes: torch.Tensor, p: RowParams, a=None, b=None) -> torch
     """codes [..., R, C] (or [..., R] with a, b given broadcastable) -> float32 values."""
     if a is None:
         a, b = p.a.unsqueeze(-1), p.b.unsqueeze(-1)
-    if p.scheme is Scheme.TERNARY:
-        c = codes.to(torch.int64)
-        return torch.where(c == 1, b, torch.where(c == 2, a, torch.zeros((), dtype=a.dtype))).to(torch.float32)
+    if p.scheme is Scheme.TERNARY:  # 0 -> 0, 1 -> hi, 2 -> lo
+        return torch.where(codes == 1, b, torch.where(codes == 2, a, torch.zeros((), dtype=a.dtype))).to(torch.float32)
     return (a * (codes.to(torch.float32) - b)).to(torch.float32)
 
 
-def rtn(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, RowParams]:
-    """Round-to-nearest: W [E, R, C] -> (codes, values, params)."""
+def rtn(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, RowParams]:
+    """Round-to-nearest: W [E, R, C] -> (codes, params)."""
     p = find_params(W, scheme)
-    codes, values = quantize(W, p)
-    return codes, values, p
+    return quantize_codes(W, p), p

@@ -2,19 +2,22 @@
 wo 2080x6144) but only a few blocks and experts, random weights, in the published sharded-safetensors layout (one
 shard per block, plus an index), for measuring compression at real expert sizes without a 3 TB download.
 
-Weights are N(0, 1/fan_in) (embeddings N(0, 1), norms 1), written in bf16 one shard at a time, so generating needs
-memory for one block, not the model. Deterministic in --seed.
+Weights are N(0, 1/fan_in) (embeddings N(0, 1), norms 1), written in bf16 one tensor at a time (each from its own
+generator, seeded by --seed and the tensor's name), so generating needs memory for one tensor, not a block: a
+checkpoint larger than RAM can be made. Deterministic in --seed.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import zlib
 from pathlib import Path
 
 import torch
 
 from qmoe.config import SwitchConfig
-from qmoe.store import atomic_save_safetensors, atomic_write_json
+from qmoe.store import atomic_write_json, stream_safetensors
 
 C2048 = dict(d_model=2080, d_ff=6144, num_heads=30, d_kv=64)
 
@@ -27,11 +30,12 @@ def synth_config(blocks: int, experts: int, d_model: int, d_ff: int, num_heads: 
                         tie_word_embeddings=False)
 
 
-def _tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+def _tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     if "layer_norm" in name:
-        return torch.ones(shape)
+        return torch.ones(shape, dtype=torch.bfloat16)
     std = 1.0 if name == "shared.weight" or "relative_attention_bias" in name else shape[-1] ** -0.5
-    return torch.randn(shape, generator=g) * std
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
 
 
 def write_synthetic(out: Path, cfg: SwitchConfig, seed: int = 0, progress=print) -> Path:
@@ -45,15 +49,14 @@ def write_synthetic(out: Path, cfg: SwitchConfig, seed: int = 0, progress=print)
     for name, p in model.named_parameters():
         unit = ".".join(name.split(".")[:3]) if name.startswith(("encoder.block.", "decoder.block.")) else "rest"
         shards.setdefault(unit, []).append((name, tuple(p.shape)))
-    g = torch.Generator().manual_seed(seed)
     weight_map = {}
     for k, (unit, params) in enumerate(shards.items()):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _tensor(name, shape, g).to(torch.bfloat16) for name, shape in params}
-        atomic_save_safetensors(out / fname, tensors, metadata={"format": "pt"})
-        weight_map.update({name: fname for name in tensors})
-        progress(f"{out / fname}: {unit}, {sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters")
-        del tensors
+        shapes = dict(params)
+        stream_safetensors(out / fname, {name: (torch.bfloat16, shape) for name, shape in params},
+                           lambda name: _tensor(name, shapes[name], seed), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shapes})
+        progress(f"{out / fname}: {unit}, {sum(math.prod(s) for s in shapes.values()) / 1e6:.1f}M parameters")
     atomic_write_json(out / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     atomic_write_json(out / "config.json", cfg.to_hf_dict() | {"torch_dtype": "bfloat16",
                                                                "qmoe": {"tokenizer": "bytes", "synthetic": True}})

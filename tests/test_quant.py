@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from qmoe.gptq import GPTQ
 from qmoe.packed import QuantizedMatrix, pack, unpack
-from qmoe.quant import RowParams, Scheme, find_params, quantize, rtn
+from qmoe.quant import RowParams, Scheme, dequantize_codes, find_params, quantize, rtn
 
 
 @settings(max_examples=80, deadline=None)
@@ -24,7 +24,8 @@ def test_quantized_matrix_storage_round_trip(scheme):
     W = torch.randn(1, 17, 29)
     W[0, 3] = 0.0  # an all-zero row
     W[0, 4] = W[0, 4].abs() + 0.1  # a row with no negative weight
-    codes, values, p = rtn(W, scheme)
+    codes, p = rtn(W, scheme)
+    values = dequantize_codes(codes, p)
     qm = QuantizedMatrix(codes[0], p.select(0))
     back = QuantizedMatrix.from_tensors(qm.tensors("m"), "m", scheme, (17, 29))
     assert torch.equal(back.codes, qm.codes)
@@ -33,7 +34,8 @@ def test_quantized_matrix_storage_round_trip(scheme):
 
 def test_ternary_grid_is_row_min_zero_row_max():
     W = torch.tensor([[[-2.0, -0.9, -1.1, 0.2, 0.6, 3.0]]])
-    _, values, p = rtn(W, Scheme.TERNARY)
+    codes, p = rtn(W, Scheme.TERNARY)
+    values = dequantize_codes(codes, p)
     assert p.a.item() == -2.0 and p.b.item() == 3.0
     assert values.tolist() == [[[-2.0, 0.0, -2.0, 0.0, 0.0, 3.0]]]  # thresholds at lo/2 = -1 and hi/2 = 1.5
 
@@ -41,7 +43,8 @@ def test_ternary_grid_is_row_min_zero_row_max():
 @pytest.mark.parametrize("scheme", list(Scheme))
 def test_rtn_is_nearest_grid_point(scheme):
     W = torch.randn(2, 8, 50)
-    _, values, p = rtn(W, scheme)
+    codes, p = rtn(W, scheme)
+    values = dequantize_codes(codes, p)
     if scheme is Scheme.TERNARY:
         levels = torch.stack([p.a, torch.zeros_like(p.a), p.b], -1)  # [E, R, 3]
     else:
@@ -66,7 +69,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(scheme):
         g.add_batch(e, X[e][:200])
         g.add_batch(e, X[e][200:])  # accumulating in pieces gives the same Hessian
     r = g.fasterquant(W, scheme, blocksize=32)
-    _, Q_rtn, _ = rtn(W, scheme)
+    Q_rtn = dequantize_codes(*rtn(W, scheme))
     for e in range(E):
         err_gptq = (X[e] @ (W[e] - r.values[e]).T).pow(2).sum()
         err_rtn = (X[e] @ (W[e] - Q_rtn[e]).T).pow(2).sum()
@@ -84,7 +87,7 @@ def test_expert_without_tokens_falls_back_to_rtn():
     r = g.fasterquant(W, Scheme.TERNARY, min_tokens=8)
     assert r.fallback.tolist() == [False, True, True]
     assert "0 calibration tokens" in r.reasons[1] and "3 calibration tokens" in r.reasons[2]
-    _, Q_rtn, _ = rtn(W, Scheme.TERNARY)
+    Q_rtn = dequantize_codes(*rtn(W, Scheme.TERNARY))
     assert torch.equal(r.values[1:], Q_rtn[1:])
     assert not torch.equal(r.values[0], Q_rtn[0])
 
@@ -98,7 +101,7 @@ def test_hessian_that_will_not_factor_falls_back_to_rtn():
     g.nsamples[1] = 40
     r = g.fasterquant(W, Scheme.INT2)
     assert r.fallback.tolist() == [False, True] and "positive definite" in r.reasons[1]
-    assert torch.equal(r.values[1], rtn(W[1:], Scheme.INT2)[1][0])
+    assert torch.equal(r.values[1], dequantize_codes(*rtn(W[1:], Scheme.INT2))[0])
     g.H[1] = float("nan")
     r = g.fasterquant(W, Scheme.INT2)
     assert r.fallback.tolist() == [False, True] and "not finite" in r.reasons[1]

@@ -26,3 +26,16 @@ def test_deterministic_in_seed(tmp_path):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
     shard = "model-00002-of-00003.safetensors"
     assert (tmp_path / "a" / shard).read_bytes() != (tmp_path / "c" / shard).read_bytes()
+
+
+def test_generation_holds_one_tensor_not_a_block(tmp_path):
+    """A block of 16 experts (128 MB in bf16) is written with far less memory than the block: tensor by tensor."""
+    from qmoe.memory import PeakMonitor
+
+    cfg = synth_config(blocks=1, experts=16, d_model=512, d_ff=4096, num_heads=2, d_kv=8)
+    mon = PeakMonitor(interval=0.005)
+    base = mon.sample()
+    write_synthetic(tmp_path / "s", cfg, progress=lambda *_: None)
+    grown = mon.stop() - base
+    block = 16 * 2 * 512 * 4096 * 2
+    assert grown < block / 2, f"grew by {grown / 2**20:.0f} MiB for a {block / 2**20:.0f} MiB block"

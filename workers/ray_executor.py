@@ -29,7 +29,7 @@ class RayExecutor:
         self.processes = workers + 1  # on a one-machine run: the driver and its workers share the memory
         self.description = f"on a Ray pool of {workers} workers"
         self.actors: list = []
-        self._started_ray = False
+        self._local = None  # the LocalRay this executor started, if it started one
 
     def start(self, job: Job, out_dir: str) -> None:
         self._connect()
@@ -44,7 +44,7 @@ class RayExecutor:
 
     def _connect(self) -> None:
         """Join the running Ray (this process's, or RAY_ADDRESS's, as under `ray job submit`), else start a local
-        one bound to loopback."""
+        one: loopback only, token authentication, its own temp dir and ports (workers/local_ray.py)."""
         if ray.is_initialized():
             return
         if os.environ.get("RAY_ADDRESS"):
@@ -52,8 +52,7 @@ class RayExecutor:
         else:
             from workers.local_ray import start_local_ray
 
-            start_local_ray(num_cpus=self.n)
-            self._started_ray = True
+            self._local = start_local_ray(num_cpus=self.n)
 
     def map(self, step: str, calls: list[dict], on_result=None) -> list[dict]:
         refs = []
@@ -77,11 +76,9 @@ class RayExecutor:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
-        if self._started_ray:
-            from workers.local_ray import stop_local_ray
-
-            stop_local_ray()
-            self._started_ray = False
+        if self._local is not None:
+            self._local.shutdown()
+            self._local = None
         return info
 
 
