@@ -50,7 +50,7 @@ class ActivationStore:
     # ---- float rows -------------------------------------------------------------------------------------------
     def write(self, stream: str, kind: str, chunk: int, rows: torch.Tensor) -> int:
         """Replace the whole file with rows [T, D] (converted to the store's dtype); returns bytes written."""
-        data = _raw(rows.to(self.torch_dtype).contiguous())
+        data = _raw(rows.detach().to("cpu", self.torch_dtype).contiguous())
         p = self.path(stream, kind, chunk)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
@@ -86,7 +86,7 @@ class ActivationStore:
 
     def write_rows(self, stream: str, kind: str, chunk: int, r0: int, rows: torch.Tensor) -> int:
         """Rows [r0, r0 + n) of an allocated file; each writer owns its own range. Returns bytes written."""
-        data = _raw(rows.to(self.torch_dtype).contiguous())
+        data = _raw(rows.detach().to("cpu", self.torch_dtype).contiguous())
         with open(self.path(stream, kind, chunk), "r+b") as f:
             os.pwrite(f.fileno(), data, r0 * rows.shape[1] * self.itemsize)
         return len(data)

@@ -1,5 +1,5 @@
-"""python -m qmoe.bench {codec,kernels,compress} [--json FILE]: benchmarks, each run side by side with its baselines
-in one process. codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py; compress: qmoe/bench_compress.py."""
+"""python -m qmoe.bench {codec,kernels,scale} [--json FILE]: benchmarks, each run side by side with its baselines.
+codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py; scale: qmoe/bench_scale.py."""
 from __future__ import annotations
 
 import argparse
@@ -17,23 +17,38 @@ def main(argv=None) -> int:
     k = sub.add_parser("kernels", help="fused decode-GEMM against dense bf16/fp32 F.linear, and end to end")
     k.add_argument("--experts", type=Path, help="a ternary compressed directory (default: compress the default model)")
     k.add_argument("--repeats", type=int, default=7)
+    k.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the kernels run (default: cpu)")
     k.add_argument("--json", type=Path)
-    c = sub.add_parser("compress", help="Ray pool compression with 1 and 2 workers on c2048-shaped experts")
-    c.add_argument("--checkpoint", type=Path, help="a checkpoint (default: a synthetic one, qmoe.synth)")
+    c = sub.add_parser("scale", help="compress c2048-shaped synthetic checkpoints of growing size, one larger than RAM")
+    c.add_argument("--experts", type=lambda t: [int(x) for x in t.split(",")], default=[8, 32, 128, 320],
+                   help="experts per block, one checkpoint each (default: 8,32,128,320; 320 is 32.7 GB)")
+    c.add_argument("--blocks", type=int, default=1, help="sparse blocks per stack")
+    c.add_argument("--gptq", type=lambda t: [int(x) for x in t.split(",")], default=[8],
+                   help="the E values that also get a GPTQ run (single-process)")
+    c.add_argument("--identical", type=int, default=32, help="the E whose 0- and 2-worker outputs are compared")
     c.add_argument("--train-samples", type=int, default=32)
-    c.add_argument("--group-size", type=int, default=2)
+    c.add_argument("--val-samples", type=int, default=16)
+    c.add_argument("--max-memory", default="4G")
+    c.add_argument("--dir", type=Path, default=Path("out/bench-scale"), help="where checkpoints and outputs go")
+    c.add_argument("--keep", action="store_true", help="keep checkpoints and outputs (default: delete each after use)")
     c.add_argument("--json", type=Path)
+    c.add_argument("--plot", type=Path, help="PNG: peak memory per process against checkpoint size")
     a = p.parse_args(argv)
-    if a.what == "compress":
-        from qmoe import bench_compress as b
+    if a.what == "scale":
+        from qmoe import bench_scale as b
 
-        result = b.run(a.checkpoint, 1, train_samples=a.train_samples, group_size=a.group_size)
+        result = b.run(a)
+        if a.plot:
+            b.plot(result, a.plot)
     else:
         if a.what == "codec":
             from qmoe import bench_codec as b
+
+            result = b.run(a.experts, a.repeats)
         else:
             from qmoe import bench_kernels as b
-        result = b.run(a.experts, a.repeats)
+
+            result = b.run(a.experts, a.repeats, device=a.device)
     print(b.format_table(result))
     if a.json:
         from qmoe.store import atomic_write_json

@@ -153,15 +153,16 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     write_ids(job, {"train": train, "before": val, "after": val})
     try:
         executor.start(job, str(out))
-        stats, losses, peaks = compress_blocks(job, executor, manifest, progress)
+        stats, losses, procs = compress_blocks(job, executor, manifest, progress)
     finally:
         executor_info = executor.close()
     store.clear()
     if losses:
         progress(f"validation loss {losses['before']:.4f} -> {losses['after']:.4f}")
-    peaks[os.getpid()] = max(peaks.get(os.getpid(), 0), monitor.stop())
+    me = procs.setdefault(os.getpid(), {"peak_anon": 0, "checkpoint_bytes_read": 0})
+    me["peak_anon"] = max(me["peak_anon"], monitor.stop())
     summary = _summary(model, manifest, cfg, spec, model_dir, len(train), len(val), stats, losses,
-                       time.time() - t0, job, peaks, executor_info)
+                       time.time() - t0, job, procs, executor_info)
     atomic_write_json(out / "summary.json", summary)
     manifest.record_file("summary.json")
     manifest.save(complete=True)
@@ -194,7 +195,7 @@ def _settings(cfg: CompressConfig, spec: DataSpec) -> dict:
 
 
 def _summary(model: SwitchModel, manifest: C.Manifest, cfg: CompressConfig, spec: DataSpec, model_dir: Path,
-             n_train: int, n_val: int, stats: list, losses: dict, seconds: float, job: Job, peaks: dict,
+             n_train: int, n_val: int, stats: list, losses: dict, seconds: float, job: Job, procs: dict,
              executor_info: dict) -> dict:
     params_total = sum(p.numel() for p in model.parameters())
     params_experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
@@ -218,8 +219,11 @@ def _summary(model: SwitchModel, manifest: C.Manifest, cfg: CompressConfig, spec
                     "seconds": {k: round(v, 3) for k, v in s.seconds.items()}} for s in stats],
         "seconds": round(seconds, 2),
         # Anonymous resident memory (not the checkpoint's file-backed pages), the peak of each process.
-        "peak_anon_bytes": {"driver": peaks.get(os.getpid(), 0),
-                            "workers": {str(p): v for p, v in peaks.items() if p != os.getpid()}},
+        "peak_anon_bytes": {"driver": procs[os.getpid()]["peak_anon"],
+                            "workers": {str(p): v["peak_anon"] for p, v in procs.items() if p != os.getpid()}},
+        # Expert and dense weights every step read from the checkpoint (the driver's dense.safetensors copy not
+        # counted), summed over processes.
+        "checkpoint_bytes_read": sum(v["checkpoint_bytes_read"] for v in procs.values()),
         "memory_plan": asdict(job.plan),
         "executor": executor_info,
         "config": cfg.settings(),

@@ -191,7 +191,7 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
+def save_png(plt, fig, path: Path) -> None:
     """The figure as a PNG, written to a temp file and renamed (no half-written plot)."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
@@ -227,7 +227,7 @@ def _plot_plans(plans: dict[str, dict], title: str, path: Path) -> None:
         ax.set_ylabel(name)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    _save(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def _plot_bits(rows: list[dict], path: Path) -> None:
@@ -244,7 +244,7 @@ def _plot_bits(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("bits per parameter")
     ax.set_title("expert bits per parameter, every byte of the files counted", fontsize=10)
     ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def _plot_overhead(rows: list[dict], path: Path) -> None:
@@ -262,7 +262,7 @@ def _plot_overhead(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("compressed (fused kernels) vs simulated uncompressed, measured on this machine", fontsize=10)
     ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def _plan_table(plans: dict[str, dict]) -> list[str]:

@@ -60,17 +60,19 @@ class Progress:
 
 
 def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> tuple[list[BlockStats], dict, dict]:
-    """Walk every block; returns (stats per sparse block, validation loss per validation stream, peak anonymous
-    memory per process id seen in the steps' results)."""
+    """Walk every block; returns (stats per sparse block, validation loss per validation stream, per process id seen
+    in the steps' results: {"peak_anon": bytes, "checkpoint_bytes_read": bytes})."""
     mcfg = job.mcfg
     chunks = [(s.name, c) for s in job.streams for c in range(job.chunks(s.name))]
     n_sparse = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
     prog = Progress(n_sparse * mcfg.num_experts, len(manifest.blocks_done) * mcfg.num_experts, progress)
-    peaks: dict[int, int] = {}
+    procs: dict[int, dict] = {}
 
     def run(step: str, calls: list[dict], on_result=None) -> list[dict]:
         def seen(r: dict) -> None:
-            peaks[r["pid"]] = max(peaks.get(r["pid"], 0), r["peak_anon"])
+            p = procs.setdefault(r["pid"], {"peak_anon": 0, "checkpoint_bytes_read": 0})
+            p["peak_anon"] = max(p["peak_anon"], r["peak_anon"])
+            p["checkpoint_bytes_read"] = max(p["checkpoint_bytes_read"], r["checkpoint_bytes_read"])
             prog.result(r)
             if on_result:
                 on_result(r)
@@ -96,7 +98,7 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
             rs = run("loss", [dict(blocks=len(mcfg.decoder_sparse), stream=s.name, chunk=c)
                               for c in range(job.chunks(s.name))])
             losses[s.name] = sum(r["loss_sum"] for r in rs) / max(1, sum(r["count"] for r in rs))
-    return stats, losses, peaks
+    return stats, losses, procs
 
 
 def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: str, i: int, block_index: int,

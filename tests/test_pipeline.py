@@ -344,3 +344,13 @@ def test_model_tokenizer_and_jsonl_calibration(tiny_ckpt, tmp_path):
         assert sum(b["hessian_tokens"]) < sum(b["tokens_per_expert"])
     r = infer_cli.run(tmp_path / "o", infer_cli.InferConfig(eval=True), DataSpec(val_samples=4, seed=0, calib=calib))
     assert r["val_loss"] == pytest.approx(s["val_loss_after"], rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compress_on_a_gpu(tiny_ckpt, tmp_path):
+    """--device cuda: GPTQ and the dense pass on the GPU; the float results differ from the CPU's by rounding only."""
+    g = compress_model(tiny_ckpt, tmp_path / "g", CompressConfig(device="cuda"), SPEC, progress=lambda *_: None)
+    c = compress_model(tiny_ckpt, tmp_path / "c", CompressConfig(), SPEC, progress=lambda *_: None)
+    assert g["val_loss_before"] == pytest.approx(c["val_loss_before"], rel=1e-4)
+    assert g["val_loss_after"] == pytest.approx(c["val_loss_after"], rel=2e-2)
+    _assert_same_output(tiny_ckpt, tmp_path / "g", tmp_path / "g2", CompressConfig(device="cuda"))

@@ -1,6 +1,6 @@
-"""Compression on a real local Ray cluster (ray.cluster_utils.Cluster, several nodes, some declaring a GPU so the
-GPU scheduling path is taken without a GPU): output byte-identical to the single-process run, a killed worker, a
-removed node, and --resume after the driver is killed."""
+"""Compression on real Ray clusters: a local multi-node cluster (ray.cluster_utils.Cluster) for the pool's output,
+a killed worker and a removed node; the CLI's own local Ray for --resume after the driver is killed and for
+SIGTERM; a node that does not share the output directory (its own mount namespace) for the up-front check."""
 import json
 import os
 import signal
@@ -14,16 +14,19 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from qmoe.compressor import CompressConfig, DataSpec, compress_model  # noqa: E402
+from workers.ray_executor import RayExecutor, check_shared_dir  # noqa: E402
 
 SPEC = DataSpec(train_samples=16, val_samples=4, seed=0)
 ROOT = Path(__file__).resolve().parents[1]
+CMD = ["--train-samples", "16", "--val-samples", "4"]
 
 
 def _expert_bytes(d: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted((d / "experts").iterdir())}
+    return {f.relative_to(d).as_posix(): f.read_bytes() for f in sorted((d / "experts").rglob("*")) if f.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,11 @@ def reference(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head with 2 CPUs and three worker nodes of 1 CPU; two of them declare one GPU each."""
+    """A head with 2 CPUs and three worker nodes of 1 CPU, on 127.0.0.1."""
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                      "node_ip_address": "127.0.0.1",
                                                       "object_store_memory": 150 << 20})
-    nodes = [c.add_node(num_cpus=1, num_gpus=g, object_store_memory=100 << 20) for g in (1, 1, 0)]
+    nodes = [c.add_node(num_cpus=1, object_store_memory=100 << 20, node_ip_address="127.0.0.1") for _ in range(3)]
     ray.init(address=c.address)
     yield c, nodes
     ray.shutdown()
@@ -46,71 +50,143 @@ def cluster():
 
 
 def test_pool_output_equals_single_process(cluster, tiny_ckpt, reference, tmp_path):
-    assert ray.cluster_resources()["GPU"] == 2  # the pool asks for GPUs: one worker per GPU node
-    s = compress_model(tiny_ckpt, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None, workers=2)
+    s = compress_model(tiny_ckpt, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None,
+                       executor=RayExecutor(2))
     assert _expert_bytes(tmp_path / "o") == _expert_bytes(reference)
-    assert s["val_loss_after"] == json.loads((reference / "summary.json").read_text())["val_loss_after"]
+    r = json.loads((reference / "summary.json").read_text())
+    assert (s["val_loss_before"], s["val_loss_after"]) == (r["val_loss_before"], r["val_loss_after"])
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["complete"]
+    workers = s["peak_anon_bytes"]["workers"]
+    assert len(workers) == 2 and all(v > 50 << 20 for v in workers.values())  # both actors did steps
+    assert s["executor"]["object_store_spilled_bytes"] == 0
 
 
 def test_a_killed_worker_is_replaced_and_its_task_retried(cluster, tiny_ckpt, reference, tmp_path):
     marker = tmp_path / "kill-once"
-    marker.write_text("")  # the first expert task to see it deletes it and kills its own process
-    compress_model(tiny_ckpt, tmp_path / "o", CompressConfig(group_size=2), SPEC, progress=lambda *_: None,
-                   workers=2, fail_marker=str(marker))
+    marker.write_text("")  # the first expert step to see it deletes it and kills its own process
+    compress_model(tiny_ckpt, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None,
+                   executor=RayExecutor(2), fail_marker=str(marker))
     assert not marker.exists()  # a worker did die
     assert _expert_bytes(tmp_path / "o") == _expert_bytes(reference)
 
 
 def test_a_removed_node_does_not_change_the_output(cluster, tiny_ckpt, reference, tmp_path):
-    """A GPU node is removed once the first block is recorded; its worker (if it held one) restarts on the other GPU
-    node, lost objects are rebuilt from their tasks, and the output is unchanged."""
+    """A worker node is removed once the first group is recorded; its actor restarts on another node and the
+    output is unchanged."""
     c, nodes = cluster
     out = tmp_path / "o"
     errors = []
 
     def run():
         try:
-            compress_model(tiny_ckpt, out, CompressConfig(group_size=1), SPEC, progress=lambda *_: None, workers=1)
+            compress_model(tiny_ckpt, out, CompressConfig(group_size=1), SPEC, progress=lambda *_: None,
+                           executor=RayExecutor(3))
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
     t = threading.Thread(target=run)
     t.start()
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / "manifest.json").exists():
+    while time.time() < deadline and not _groups_done(out):
         time.sleep(0.05)
     removed_mid_run = not json.loads((out / "manifest.json").read_text())["complete"]
     c.remove_node(nodes[0], allow_graceful=False)
     t.join(timeout=600)
     assert not t.is_alive() and not errors, errors
     assert removed_mid_run
-    assert _expert_bytes(out) == _expert_bytes(reference)
-    nodes[0] = c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 << 20)  # back for other tests
+    ref = tmp_path / "ref"
+    compress_model(tiny_ckpt, ref, CompressConfig(group_size=1), SPEC, progress=lambda *_: None)
+    assert _expert_bytes(out) == _expert_bytes(ref)
+    nodes[0] = c.add_node(num_cpus=1, object_store_memory=100 << 20, node_ip_address="127.0.0.1")
+
+
+def _groups_done(out: Path) -> bool:
+    mf = out / "manifest.json"
+    try:
+        return bool(json.loads(mf.read_text())["groups"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def test_an_output_directory_a_node_does_not_share_is_refused(cluster, tmp_path):
+    """A node joined from its own mount namespace, where the output directory is another directory: the probe
+    finds it before any work."""
+    c, _ = cluster
+    out, other = tmp_path / "out", tmp_path / "other"
+    out.mkdir()
+    other.mkdir()
+    check_shared_dir(str(out))  # every node of the cluster shares it
+    script = (f"mount --bind {other} {out} && exec {sys.executable} -m ray.scripts.scripts start --block "
+              f"--address={c.address} --num-cpus=1 --node-ip-address=127.0.0.1 --temp-dir={tmp_path / 'rt'}")
+    try:
+        p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        pytest.skip("no unshare on this machine")
+    try:
+        deadline = time.time() + 120
+        n0 = len([n for n in ray.nodes() if n["Alive"]])
+        while time.time() < deadline and len([n for n in ray.nodes() if n["Alive"]]) == n0 and p.poll() is None:
+            time.sleep(0.2)
+        if p.poll() is not None:
+            pytest.skip("could not start a node in a private mount namespace here")
+        with pytest.raises(ValueError, match="not the same directory on every node"):
+            check_shared_dir(str(out))
+        assert not list(out.glob(".probe-*")) and not list(other.glob(".probe-*"))
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def _cli(out: Path, ckpt: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qmoe.compress", "--model", str(ckpt), "--out", str(out), *CMD, *extra]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for k in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(k, None)
+    return env
 
 
 def test_resume_after_the_driver_is_killed(tiny_ckpt, reference, tmp_path):
-    """The driver (with its own local Ray) is killed after its first block; --resume in a new driver finishes the
-    run, byte-identical."""
+    """The driver (with its own local Ray) is killed with SIGKILL after its first group; --resume in a new driver
+    finishes the run, byte-identical."""
     out = tmp_path / "o"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "qmoe.compress", "--model", str(tiny_ckpt), "--out", str(out), "--workers", "1",
-           "--train-samples", "16", "--val-samples", "4"]
-    p = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = _cli(out, tiny_ckpt, "--workers", "1")
+    p = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and p.poll() is None:
-            mf = out / "manifest.json"
-            if mf.exists() and json.loads(mf.read_text())["blocks_done"]:
-                break
+        while time.time() < deadline and p.poll() is None and not _groups_done(out):
             time.sleep(0.05)
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray it started
         p.wait()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert not manifest["complete"] and manifest["blocks_done"]
-    r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert not manifest["complete"] and manifest["groups"]
+    r = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stdout + r.stderr
     assert _expert_bytes(out) == _expert_bytes(reference)
+
+
+def test_sigterm_stops_the_local_ray_it_started(tiny_ckpt, tmp_path):
+    """SIGTERM to a `--workers 1` run: it exits through its cleanup, and no process it started is left."""
+    out = tmp_path / "o"
+    p = subprocess.Popen(_cli(out, tiny_ckpt, "--workers", "1"), env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    me = psutil.Process(p.pid)
+    deadline = time.time() + 300
+    children = []
+    while time.time() < deadline and p.poll() is None and not _groups_done(out):
+        children = me.children(recursive=True) or children
+        time.sleep(0.05)
+    children = me.children(recursive=True) or children
+    assert children, "the run started no Ray processes"
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr.read()[-2000:]
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [c.cmdline()[:3] for c in alive]
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
