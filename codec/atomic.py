@@ -17,6 +17,11 @@ def atomic_write(path: Path | str, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # some writers create 0600 temp files; outputs are ordinary files
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename:
+            raise
+        # A writer's error often names no file (ENOSPC from write()): name the one being written.
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         if tmp.exists():
             tmp.unlink()

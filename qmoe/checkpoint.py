@@ -158,11 +158,18 @@ class CheckpointReader:
         return t
 
     def shape(self, name: str) -> tuple[int, ...] | None:
-        """The stored shape, read from the safetensors header without touching the data; None for .bin shards."""
+        """The stored shape without touching the data: from the safetensors header, or from a .bin shard's index
+        (memory-mapped); None when the name is not in the checkpoint."""
         f = self.file_of.get(name)
-        if f is None or f.suffix != ".safetensors":
+        if f is None:
             return None
-        return tuple(self._st_open(f, name).get_slice(name).get_shape())
+        if f.suffix == ".safetensors":
+            return tuple(self._st_open(f, name).get_slice(name).get_shape())
+        t = self._bin_open(f, name).get(name)
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f, name, "tensor listed in the index is not in the shard" if t is None else
+                                  f"entry is a {type(t).__name__}, not a tensor")
+        return tuple(t.shape)
 
 
 def checkpoint_name(model_name: str, available: set[str]) -> str:

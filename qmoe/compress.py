@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default=d.method.value, choices=[x.value for x in Method])
     p.add_argument("--calib", type=Path, help="calibration text: plain text or JSON lines with a 'text' field")
     p.add_argument("--train-samples", type=int, default=s.train_samples)
-    p.add_argument("--val-samples", type=int, default=s.val_samples)
+    p.add_argument("--val-samples", type=int, default=s.val_samples, help="0: no validation losses")
     p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--group-size", type=int, default=d.group_size, help="experts per batched GPTQ")
     p.add_argument("--percdamp", type=float, default=d.percdamp)
@@ -68,6 +68,10 @@ def main(argv=None) -> int:
                              percdamp=a.percdamp, token_cap=a.token_cap, seed=a.seed, chunk_samples=a.chunk_samples,
                              threads=a.threads, activation_dtype=a.activation_dtype, device=a.device)
         spec = DataSpec(train_samples=a.train_samples, val_samples=a.val_samples, seed=a.seed, calib=a.calib)
+        if a.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0: in this process), got {a.workers}")
+        if a.gptq_batch is not None and a.gptq_batch < 1:
+            raise ValueError(f"--gptq-batch must be >= 1, got {a.gptq_batch}")
         executor = None
         if a.workers:
             from workers.ray_executor import RayExecutor
@@ -75,12 +79,16 @@ def main(argv=None) -> int:
             executor = RayExecutor(a.workers)
         summary = compress_model(resolve_model(a.model), a.out, cfg, spec, overwrite=a.overwrite, resume=a.resume,
                                  executor=executor, max_memory=a.max_memory, max_batch=a.gptq_batch)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, MemoryError_) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, OSError, ValueError, MemoryError_) as e:
+        # One line naming the file: a bad checkpoint, a bad argument, an output directory that cannot be written
+        # (read-only, a file, disk full: atomic writes name the path).
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"error: {msg}", file=sys.stderr)
         return 2
+    loss = (f", val loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}"
+            if summary["val_loss_before"] is not None else ", no validation (--val-samples 0)")
     print(f"wrote {a.out}: {summary['bytes_compressed'] / 1e6:.2f} MB "
-          f"({summary['bytes_original'] / summary['bytes_compressed']:.1f}x smaller than bf16), "
-          f"val loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}")
+          f"({summary['bytes_original'] / summary['bytes_compressed']:.1f}x smaller than bf16){loss}")
     return 0
 
 

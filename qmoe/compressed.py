@@ -10,6 +10,7 @@ a complete manifest is refused, so a crashed run is never taken for a finished o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -161,11 +162,17 @@ class Manifest:
 
     @classmethod
     def load(cls, out: Path) -> "Manifest":
+        """The manifest, its own checksum verified (a hand-edited manifest is refused)."""
         mf = Path(out) / "manifest.json"
         try:
-            return cls(out, json.loads(mf.read_text()))
+            data = json.loads(mf.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(mf, None, f"not valid JSON ({e})") from None
+        except UnicodeDecodeError:
+            raise CheckpointError(mf, None, "not UTF-8 text") from None
+        if not isinstance(data, dict) or data.get("sha256") != _self_sha256(data):
+            raise CheckpointError(mf, None, "its checksum does not match its contents: it was edited or is corrupt")
+        return cls(out, data)
 
     def record_file(self, rel: str, nbytes: int | None = None, sha256: str | None = None) -> None:
         p = self.out / rel
@@ -192,23 +199,40 @@ class Manifest:
 
     def save(self, complete: bool = False) -> None:
         self.data["complete"] = complete
+        self.data["sha256"] = _self_sha256(self.data)
         atomic_write_json(self.out / "manifest.json", self.data)
 
 
-def read_manifest(path: Path, verify: bool = True) -> dict:
+def _self_sha256(data: dict) -> str:
+    """The manifest's checksum of itself: sha256 of its canonical JSON without the checksum field."""
+    rest = {k: v for k, v in data.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every file the manifest lists exists with its recorded size and sha256; config.json's record of
+    dense.safetensors agrees too (so a manifest rewritten around a changed dense file is still caught)."""
+    for rel, info in manifest["files"].items():
+        f = Path(path) / rel
+        if not f.is_file():
+            raise CheckpointError(f, None, "listed in the manifest but missing")
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
+            raise CheckpointError(f, None, "contents do not match the manifest's checksum")
+    if DENSE_FILE in manifest["files"]:
+        want = json.loads((Path(path) / "config.json").read_text()).get("qmoe", {}).get("dense_sha256")
+        if want != manifest["files"][DENSE_FILE]["sha256"]:
+            raise CheckpointError(Path(path) / DENSE_FILE, None, "its checksum in config.json does not match")
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a complete run, every file it lists verified (size, sha256), itself verified too."""
     mf = Path(path) / "manifest.json"
     if not mf.exists():
         raise CheckpointError(mf, None, "missing: the compression run did not finish")
     manifest = Manifest.load(path).data
     if not manifest.get("complete"):
         raise CheckpointError(mf, None, "run is incomplete (blocks done: %s)" % manifest.get("blocks_done"))
-    if verify:
-        for rel, info in manifest["files"].items():
-            f = Path(path) / rel
-            if not f.exists():
-                raise CheckpointError(f, None, "listed in the manifest but missing")
-            if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
-                raise CheckpointError(f, None, "contents do not match the manifest's checksum")
+    verify_files(path, manifest)
     return manifest
 
 
@@ -254,14 +278,14 @@ def is_compressed(path: Path) -> bool:
     return cfg.exists() and "scheme" in json.loads(cfg.read_text()).get("qmoe", {})
 
 
-def load_compressed(path: Path, verify: bool = True, require_manifest: bool = True, fused: bool = False):
-    """(model, cfg, hf config dict) from a compressed directory. Experts are dequantized to float32 weights, or,
-    with `fused` (ternary only), kept encoded in CompressedLinear modules that run the decode-GEMM kernels."""
+def load_compressed(path: Path, fused: bool = False):
+    """(model, cfg, hf config dict) from a compressed directory, every file's checksum verified first. Experts are
+    dequantized to float32 weights, or, with `fused` (ternary only), kept encoded in CompressedLinear modules that
+    run the decode-GEMM kernels."""
     from qmoe.model import SwitchModel
 
     path = Path(path)
-    if require_manifest:
-        read_manifest(path, verify)
+    read_manifest(path)
     hf = json.loads((path / "config.json").read_text())
     scheme = Scheme(hf["qmoe"]["scheme"])
     with safe_open(str(path / DENSE_FILE), framework="pt") as f:

@@ -4,7 +4,6 @@ then runs the block walk (walk.py) on the executor it is given (in this process,
 writes summary.json and the complete manifest last."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,8 @@ import torch
 
 from qmoe import compressed as C
 from qmoe.activations import ActivationStore
-from qmoe.checkpoint import CheckpointError, CheckpointReader, checkpoint_name, read_config
+from qmoe import outdir
+from qmoe.checkpoint import CheckpointError, CheckpointReader, checkpoint_name, model_file, read_config
 from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, Samples, train_val_samples
 from qmoe.executor import LocalExecutor
@@ -25,6 +25,7 @@ from qmoe.memory import PeakMonitor, default_max_memory, plan_memory
 from qmoe.model import SwitchModel
 from qmoe.pipeline import CompressConfig
 from qmoe.steps import Job, Stream
+from codec.atomic import atomic_write
 from qmoe.store import atomic_write_json
 from qmoe.tokenizer import load_tokenizer, read_text_file
 from qmoe.walk import compress_blocks, write_ids
@@ -36,10 +37,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclass(frozen=True)
 class DataSpec:
     train_samples: int = 512
-    val_samples: int = 256
+    val_samples: int = 256  # 0: no validation losses
     seed: int = 0
     calib: Path | None = None  # plain text or JSON lines; None: the embedded corpus
     data: DataConfig = DataConfig()
+
+    def __post_init__(self):
+        if self.train_samples < 1:
+            raise ValueError(f"--train-samples must be >= 1 (GPTQ's Hessians and the walk need calibration "
+                             f"samples), got {self.train_samples}")
+        if self.val_samples < 0:
+            raise ValueError(f"--val-samples must be >= 0 (0: no validation), got {self.val_samples}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.calib is not None and not Path(self.calib).is_file():
+            raise ValueError(f"--calib {self.calib}: not a file")
 
 
 def resolve_model(model: str) -> Path:
@@ -50,16 +62,19 @@ def resolve_model(model: str) -> Path:
 
 
 def verify_checkpoint(reader: CheckpointReader, model: SwitchModel) -> None:
-    """Before any work: every parameter has a tensor of the right shape (read from safetensors headers), and every
-    shard opens (a truncated shard fails here, not hours later)."""
+    """Before any work: every parameter has a tensor of the right shape (read from the safetensors headers or the
+    .bin shards' indexes, no data), and every shard opens (a truncated shard fails here, not hours later)."""
     available = set(reader.names())
+    params = []
     for name, p in model.named_parameters():
         src = checkpoint_name(name, available)
         if src not in available:
             raise CheckpointError(reader.dir, src, "tensor is missing from the checkpoint")
+        params.append((str(reader.file_of[src]), src, tuple(p.shape)))
+    for _, src, want in sorted(params):  # shard by shard: a .bin shard is opened once
         shape = reader.shape(src)
-        if shape is not None and tuple(shape) != tuple(p.shape):
-            raise CheckpointError(reader.file_of[src], src, f"shape {tuple(shape)}, expected {tuple(p.shape)}")
+        if shape is not None and tuple(shape) != want:
+            raise CheckpointError(reader.file_of[src], src, f"shape {tuple(shape)}, expected {want}")
     first_of = {}
     for name, f in reader.file_of.items():
         first_of.setdefault(f, name)
@@ -72,14 +87,6 @@ def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Sa
     text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
     train, val = train_val_samples(text, tok, spec.train_samples, spec.val_samples, spec.seed, spec.data)
     return train, val, tok.sentinel_floor
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSpec, n_train: int, n_val: int,
@@ -115,6 +122,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     monitor = PeakMonitor()
     model_dir, out = Path(model_dir), Path(out)
     executor = executor or LocalExecutor()
+    outdir.check_out(out, model_dir)
     reader = CheckpointReader(model_dir)
     mcfg, hf = read_config(model_dir, reader)
     with torch.device("meta"):
@@ -123,9 +131,13 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     train, val, sentinel_floor = load_samples(model_dir, hf, spec)
     job = make_job(model_dir, out, mcfg, cfg, spec, len(train), len(val), sentinel_floor, max_memory,
                    getattr(executor, "processes", 1), fail_marker, max_batch)
-    manifest = _resume_state(out, model_dir, cfg) if resume else None
-    if manifest is None:
-        _prepare_out(out, overwrite)
+    settings = _settings(cfg, spec, model_dir)
+    if resume:
+        manifest = outdir.check_resume(out, settings)
+        for p in outdir.clean_leftovers(out):
+            progress(f"removed {p}: a write the previous run did not finish")
+    else:
+        outdir.prepare(out, overwrite, progress)
         manifest = C.Manifest(out)
     n_blocks = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
     progress(f"{model_dir}: {mcfg.num_layers}+{mcfg.num_decoder_layers} blocks, {n_blocks} sparse x "
@@ -137,11 +149,13 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     C.write_dense(out, reader, model)
     manifest.record_file(C.DENSE_FILE)
     for name in TOKENIZER_FILES:
-        if (model_dir / name).exists():
-            shutil.copy2(model_dir / name, out / name)
+        src = model_file(model_dir, name)  # a regular file inside the model directory, or None
+        if src is not None:
+            atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
             manifest.record_file(name)
     qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
-                     method=cfg.method.value, source=str(model_dir), settings=_settings(cfg, spec))
+                     method=cfg.method.value, source=str(model_dir), settings=settings,
+                     dense_sha256=manifest.data["files"][C.DENSE_FILE]["sha256"])
     atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
     manifest.record_file("config.json")
     manifest.save()
@@ -169,29 +183,15 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     return summary
 
 
-def _resume_state(out: Path, model_dir: Path, cfg: CompressConfig) -> C.Manifest:
-    """The manifest of the unfinished run in `out`, after checking it is one of this model with these settings."""
-    mf = out / "manifest.json"
-    if not mf.exists():
-        raise FileNotFoundError(f"{mf}: nothing to resume (no manifest; start without --resume)")
-    manifest = C.Manifest.load(out)
-    if manifest.data.get("complete"):
-        raise ValueError(f"{mf}: the run is complete; nothing to resume")
-    if manifest.data.get("version") != C.VERSION:
-        raise ValueError(f"{mf}: written by format version {manifest.data.get('version')}, this is {C.VERSION}: "
-                         "start over without --resume")
-    meta = json.loads((out / "config.json").read_text()).get("qmoe", {})
-    want = {"scheme": cfg.scheme.value, "method": cfg.method.value, "source": str(model_dir)}
-    for key, value in want.items():
-        if meta.get(key) != value:
-            raise ValueError(f"{out / 'config.json'}: {key} is {meta.get(key)!r}, this run's is {value!r}: "
-                             "resume with the same model and settings")
-    return manifest
-
-
-def _settings(cfg: CompressConfig, spec: DataSpec) -> dict:
-    """The settings that decide the output's bytes (recorded in config.json; a resume must match them)."""
-    return cfg.settings()
+def _settings(cfg: CompressConfig, spec: DataSpec, model_dir: Path) -> dict:
+    """Every setting that decides an output byte (recorded in config.json; a resume must match each): the
+    compression settings, the data (sample counts, seed, the calibration text's path and checksum, the span
+    corruption settings) and the source model."""
+    calib = Path(spec.calib).resolve() if spec.calib else None
+    return {**cfg.settings(), "train_samples": spec.train_samples, "val_samples": spec.val_samples,
+            "data_seed": spec.seed, "calib": str(calib) if calib else "embedded corpus",
+            "calib_sha256": outdir.file_sha256(calib), **{f"data_{k}": v for k, v in asdict(spec.data).items()},
+            "source": str(model_dir.resolve())}
 
 
 def _summary(model: SwitchModel, manifest: C.Manifest, cfg: CompressConfig, spec: DataSpec, model_dir: Path,
@@ -216,6 +216,9 @@ def _summary(model: SwitchModel, manifest: C.Manifest, cfg: CompressConfig, spec
         "experts_token_capped": sum(s.capped for s in stats),
         "blocks": [{"name": s.name, "tokens_per_expert": s.tokens_per_expert, "hessian_tokens": s.hessian_tokens,
                     "fallback": {str(k): v for k, v in s.fallback.items()},
+                    # The method each expert was quantized with: round-to-nearest where GPTQ fell back.
+                    "methods": [cfg.method.value if j not in s.fallback else "rtn"
+                                for j in range(len(s.tokens_per_expert))],
                     "seconds": {k: round(v, 3) for k, v in s.seconds.items()}} for s in stats],
         "seconds": round(seconds, 2),
         # Anonymous resident memory (not the checkpoint's file-backed pages), the peak of each process.

@@ -83,7 +83,9 @@ def _hf_sparse_pattern(num_layers: int, num_sparse: int, step: int | None) -> tu
 
 
 _BLOCK_RE = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.")
-_ROUTER_RE = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.router\.classifier\.weight$")
+# A block is sparse when it has a router or experts: a checkpoint missing one of the two then fails naming it.
+_ROUTER_RE = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.(router\.classifier|experts\.expert_\d+\.w[io])"
+                        r"\.weight$")
 
 
 def _pattern_from_names(names: Iterable[str], stack: str) -> tuple[bool, ...] | None:

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import DENSE_FILE, block_files, read_manifest
 from qmoe.config import SwitchConfig, config_from_hf
 from qmoe.runner import split_contiguous, unit_names
@@ -109,11 +110,10 @@ def units_projected(cfg: SwitchConfig, expert_bits: float) -> list[Unit]:
     return [Unit(n, 2 * params[n][0], int(params[n][1] * expert_bits / 8), params[n][1]) for n in unit_names(cfg)]
 
 
-def matrix_bits(path: Path) -> list[dict]:
+def matrix_bits(path: Path, manifest: dict) -> list[dict]:
     """Per block and matrix kind: parameters, bytes (tensor data plus the file's header and metadata shared out by
     data bytes) and bits per parameter."""
     acc: dict[tuple[str, str], list[float]] = {}  # (block, kind) -> [params, bytes], over the block's group files
-    manifest = read_manifest(path, verify=False)
     for fname, tensors in sorted(manifest["tensors"].items()):
         sizes, header = _safetensors_sizes(path / fname)
         data = sum(sizes.values())
@@ -152,11 +152,12 @@ def _display(path: Path) -> str:
 
 def build(path: Path, devices: list[str], targets: list[Target], project: Path | None, expert_bits: float | None,
           measure: bool) -> dict:
+    manifest = read_manifest(path)  # every file checked against its checksum before anything is read
     summary = json.loads((path / "summary.json").read_text())
     cfg, units = units_from_dir(path)
     rep = {"model": str(path), "summary": {k: summary.get(k) for k in (
         "scheme", "method", "params_total", "params_experts", "bits_per_param_experts", "bits_per_param_total",
-        "val_loss_before", "val_loss_after")}, "matrices": matrix_bits(path),
+        "val_loss_before", "val_loss_after")}, "matrices": matrix_bits(path, manifest),
         "devices": {"names": devices, **plan_units(units, len(devices))},
         "targets": {t.label: plan_units(units, t.count, t.bytes_each) for t in targets}}
     if measure:
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
         rep = build(a.model, devices, targets, None if a.no_project else a.project, a.expert_bits,
                     measure=not a.no_measure)
         f = render(rep, a.out or a.model / "report")
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {f}")

@@ -85,15 +85,23 @@ def load_tokenizer(model_dir: Path | None, hf_config: dict | None = None):
 def read_text_file(path: Path) -> str:
     """Plain text, or JSON lines with a "text" field (C4's format); documents joined by blank lines."""
     path = Path(path)
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the calibration text ({e.strerror or e})") from None
     first = next((ln for ln in raw.splitlines() if ln.strip()), "")
     if path.suffix in (".jsonl", ".json") or first.lstrip().startswith("{"):
         docs = []
         for n, line in enumerate(raw.splitlines(), 1):
             if line.strip():
                 try:
-                    docs.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise ValueError(f"{path}:{n}: not a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{n}: 'text' is a {type(text).__name__}, not a string")
+                docs.append(text)
         return "\n\n".join(docs)
     return raw

@@ -1,0 +1,280 @@
+"""Faults and bad input, each done for real: overlapping directories, a resume with other settings, bad arguments,
+a write killed mid-way, a read-only directory and a full disk (private mount namespaces), corrupt and edited files.
+Every failure is one line naming the file, before any work where it can be."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qmoe import compress as compress_cli
+from qmoe import report
+from qmoe.checkpoint import CheckpointError
+from qmoe.compressed import load_compressed
+from qmoe.compressor import DataSpec, compress_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--train-samples", "8", "--val-samples", "2", "--method", "rtn"]
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    rc = compress_cli.main([*argv])
+    return rc, capsys.readouterr().err.strip()
+
+
+@pytest.fixture(scope="module")
+def done(tiny_ckpt, tmp_path_factory):
+    """A complete compressed directory (RTN, few samples)."""
+    out = tmp_path_factory.mktemp("faults") / "o"
+    assert compress_cli.main(["--model", str(tiny_ckpt), "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_overwrite_never_touches_the_model_directory(tiny_ckpt, tmp_path, capsys):
+    model = shutil.copytree(tiny_ckpt, tmp_path / "m")
+    before = sorted(p.name for p in model.iterdir())
+    link = tmp_path / "link"
+    link.symlink_to(model)
+    for out, word in ((model, "is"), (model / "sub", "lies inside"), (tmp_path, "contains"), (link, "is")):
+        rc, err = _cli(capsys, "--model", str(model), "--out", str(out), "--overwrite", *ARGS)
+        assert rc == 2 and f"{word} the model directory" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_overwrite_replaces_only_what_qmoe_wrote(tiny_ckpt, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(mine), "--overwrite", *ARGS)
+    assert rc == 2 and "is not a qmoe output" in err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_resume_with_other_data_settings_is_refused(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import qmoe.steps as steps
+
+    out = tmp_path / "o"
+
+    def fail(*a, **k):
+        raise CheckpointError("x", "y", "simulated failure")
+
+    real = steps.Worker.experts
+    calls = {"n": 0}
+
+    def second_fails(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            fail()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(steps.Worker, "experts", second_fails)
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(out), *ARGS)
+    assert rc == 2 and "simulated failure" in err
+    monkeypatch.setattr(steps.Worker, "experts", real)
+    for flag, value, key in (("--train-samples", "9", "train_samples"), ("--seed", "3", "data_seed"),
+                             ("--val-samples", "3", "val_samples")):
+        argv = [*ARGS[:0], "--model", str(tiny_ckpt), "--out", str(out), *ARGS, flag, value, "--resume"]
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and f"used {key} = " in err and f"this run {key} = " in err and "--overwrite" in err, err
+    calib = tmp_path / "c.txt"
+    calib.write_text("some text " * 5000)
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(out), *ARGS, "--calib", str(calib), "--resume")
+    assert rc == 2 and "used calib = 'embedded corpus'" in err
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(out), *ARGS, "--resume")
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train-samples", "0"], "--train-samples must be >= 1"),
+    (["--train-samples", "-4"], "--train-samples must be >= 1"),
+    (["--val-samples", "-1"], "--val-samples must be >= 0"),
+    (["--group-size", "0"], "group_size must be >= 1"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--chunk-samples", "0"], "chunk_samples must be >= 1"),
+    (["--threads", "0"], "threads must be >= 1"),
+    (["--gptq-batch", "0"], "--gptq-batch must be >= 1"),
+])
+def test_bad_arguments_are_refused_before_any_work(tiny_ckpt, tmp_path, capsys, argv, message):
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(tmp_path / "o"), *ARGS, *argv)
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_validation_samples_and_the_method_of_each_expert(tiny_ckpt, tmp_path):
+    s = compress_model(tiny_ckpt, tmp_path / "o", compress_cli.CompressConfig(min_tokens=1000),
+                       DataSpec(train_samples=8, val_samples=0), progress=lambda *_: None)
+    assert s["val_loss_before"] is None and s["val_loss_after"] is None
+    # Every expert has fewer than 1000 calibration tokens: each is said to be round-to-nearest, with its reason.
+    for b in s["blocks"]:
+        assert b["methods"] == ["rtn"] * len(b["tokens_per_expert"]) and len(b["fallback"]) == len(b["methods"])
+
+
+def _kill_mid_write(path: Path) -> None:
+    """A process that writes `path` atomically and is killed (SIGKILL) half way: its temp file stays behind."""
+    code = ("import sys, time; from codec.atomic import atomic_write\n"
+            "def w(tmp):\n    f = open(tmp, 'wb'); f.write(b'x' * 100000); f.flush(); print('half', flush=True); "
+            "time.sleep(60)\n"
+            f"atomic_write({str(path)!r}, w)")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "half"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def test_temp_files_of_a_killed_write_are_not_counted_and_are_cleaned(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import qmoe.steps as steps
+
+    out = tmp_path / "o"
+    real = steps.Worker.experts
+    calls = {"n": 0}
+
+    def third_fails(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise CheckpointError("x", None, "simulated failure")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(steps.Worker, "experts", third_fails)
+    assert _cli(capsys, "--model", str(tiny_ckpt), "--out", str(out), *ARGS)[0] == 2
+    monkeypatch.setattr(steps.Worker, "experts", real)
+    _kill_mid_write(out / "experts" / "decoder.block.0" / "00000-00003.safetensors")
+    _kill_mid_write(out / "dense.safetensors")
+    temps = list(out.rglob(".*.tmp-*"))
+    assert len(temps) == 2
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(out), *ARGS, "--resume")
+    assert rc == 0, err
+    assert not list(out.rglob(".*.tmp-*"))
+    s = json.loads((out / "summary.json").read_text())
+    files = [f for f in out.rglob("*") if f.is_file() and f.name not in ("summary.json", "manifest.json")]
+    assert s["bytes_compressed"] == sum(f.stat().st_size for f in files)
+    _kill_mid_write(out / "experts" / "x.safetensors")
+    assert _cli(capsys, "--model", str(tiny_ckpt), "--out", str(out), *ARGS, "--overwrite")[0] == 0
+    assert not list(out.rglob(".*.tmp-*"))
+
+
+def test_a_wrong_shape_in_a_bin_shard_fails_before_any_output(tiny_mixed_bin, tmp_path, capsys):
+    d = shutil.copytree(tiny_mixed_bin, tmp_path / "ckpt")
+    shard = sorted(d.glob("pytorch_model-*.bin"))[-1]
+    sd = torch.load(shard, weights_only=True)
+    name = next(k for k in sd if ".mlp.experts." in k)
+    sd[name] = sd[name][:, :-1].clone()
+    torch.save(sd, shard)
+    rc, err = _cli(capsys, "--model", str(d), "--out", str(tmp_path / "o"), *ARGS)
+    assert rc == 2 and shard.name in err and name in err and "shape" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_router_is_named(tiny_ckpt, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    d = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    name = "decoder.block.1.layer.2.mlp.router.classifier.weight"
+    shard = d / index["weight_map"].pop(name)
+    sd = load_file(shard)
+    del sd[name]
+    save_file(sd, shard)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    rc, err = _cli(capsys, "--model", str(d), "--out", str(tmp_path / "o"), *ARGS)
+    assert rc == 2 and name in err and "missing" in err, err
+
+
+def _in_namespace(setup: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """The compress CLI in a private mount namespace prepared by `setup` (shell): a real read-only directory or a
+    real full disk, for root too."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = " ".join([setup, "&&", sys.executable, "-m", "qmoe.compress", *argv])
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd], env=env,
+                              capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+
+
+def test_a_read_only_output_directory(tiny_ckpt, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = _in_namespace(f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro}",
+                      ["--model", str(tiny_ckpt), "--out", str(ro / "o"), *ARGS])
+    if "mount:" in r.stderr:
+        pytest.skip(f"mounts not allowed here: {r.stderr.strip()}")
+    err = r.stderr.strip()
+    assert r.returncode == 2 and str(ro / "o") in err and "Read-only file system" in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_full_disk_mid_write(tiny_ckpt, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    r = _in_namespace(f"mount -t tmpfs -o size=96k tmpfs {full}",
+                      ["--model", str(tiny_ckpt), "--out", str(full / "o"), *ARGS])
+    if "mount:" in r.stderr:
+        pytest.skip(f"mounts not allowed here: {r.stderr.strip()}")
+    err = r.stderr.strip()
+    assert r.returncode == 2 and "No space left on device" in err and str(full / "o") in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_calibration_files_that_are_not_text(tiny_ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(tmp_path / "o"), *ARGS, "--calib", str(bad))
+    assert rc == 2 and str(bad) in err and "not UTF-8" in err
+    jl = tmp_path / "c.jsonl"
+    jl.write_text('{"text": "fine"}\n{"text": 5}\n')
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(tmp_path / "o"), *ARGS, "--calib", str(jl))
+    assert rc == 2 and f"{jl}:2" in err and "not a string" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_broken_manifest_is_named(done, tmp_path, capsys, tiny_ckpt):
+    d = shutil.copytree(done, tmp_path / "d")
+    (d / "manifest.json").write_text('{"complete": tr')
+    with pytest.raises(CheckpointError, match="manifest.json.*not valid JSON"):
+        load_compressed(d)
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(d), *ARGS, "--resume")
+    assert rc == 2 and "manifest.json" in err
+
+
+def _rewrite_manifest(d: Path, edit) -> None:
+    """Edit the manifest and give it a consistent checksum of itself, as a careful forger would."""
+    from qmoe.compressed import _self_sha256
+
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    m["sha256"] = _self_sha256(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_every_file_is_covered_by_a_checksum_every_reader_checks(done, tmp_path):
+    # An edited manifest (one checksum changed by hand) is refused by its own checksum.
+    d = shutil.copytree(done, tmp_path / "a")
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["config.json"]["sha256"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="manifest.json.*edited or is corrupt"):
+        load_compressed(d)
+    # A changed dense file with the manifest rewritten around it: config.json's record of it still catches it.
+    d = shutil.copytree(done, tmp_path / "b")
+    dense = d / "dense.safetensors"
+    data = bytearray(dense.read_bytes())
+    data[-3] ^= 0x40
+    dense.write_bytes(bytes(data))
+    sha = hashlib.sha256(bytes(data)).hexdigest()
+    _rewrite_manifest(d, lambda m: m["files"]["dense.safetensors"].update(sha256=sha))
+    with pytest.raises(CheckpointError, match="dense.safetensors.*config.json"):
+        load_compressed(d)
+    # report checks every file too, with --no-measure.
+    d = shutil.copytree(done, tmp_path / "c")
+    f = next((d / "experts").rglob("*.safetensors"))
+    data = bytearray(f.read_bytes())
+    data[-2] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert report.main([str(d), "--no-measure", "--out", str(tmp_path / "rep")]) == 2
+    assert not (tmp_path / "rep").exists()
