@@ -6,10 +6,10 @@ upper Cholesky factor of H^-1; columns are quantized left to right in blocks of 
 error, scaled by Hinv's diagonal, is spread onto the not-yet-quantized columns (Err1 within a block, then one
 matmul for the rest).
 
-Robustness (each counted in `GPTQResult`, none fatal): a Hessian is dampened by `percdamp` x its mean diagonal;
-a column no input ever touches ("dead") is zeroed; an expert with fewer than `min_tokens` inputs, or whose Hessian
-will not factor (not positive definite, or not finite), is quantized with the identity Hessian, which is exactly
-round-to-nearest.
+Robustness (each counted in `GPTQResult`, none fatal): a Hessian is dampened by `percdamp` x the mean of its live
+diagonal; a column no input ever touches ("dead": its diagonal is 0) is zeroed and left out of that mean; an expert
+with fewer than `min_tokens` inputs, or whose Hessian will not factor (not positive definite, or not finite), is
+quantized with the identity Hessian, which is exactly round-to-nearest.
 """
 from __future__ import annotations
 
@@ -71,9 +71,13 @@ class GPTQ:
         params = find_params(W, scheme)  # the grid comes from the original weights, as in GPTQ
         diag = torch.diagonal(H, dim1=1, dim2=2)  # [E, C], a view
         dead = diag == 0
-        H[dead.unsqueeze(1).expand(E, C, C) & eye.bool()] = 1.0
+        # Dampening from the live diagonal only, taken before a dead column's diagonal becomes 1: with small
+        # activations those 1s would dominate the mean, and GPTQ would drift toward round-to-nearest.
+        live = (~dead).sum(-1, keepdim=True).clamp_min(1)  # [E, 1]
+        damp = (percdamp * diag.sum(-1, keepdim=True) / live).clamp_min(0)  # [E, 1]
+        H[dead.unsqueeze(1).expand(E, C, C) & eye.bool()] = 1.0  # dead columns: decoupled, their weights zeroed
         W[dead.unsqueeze(1).expand(E, R, C)] = 0.0
-        diag.add_((percdamp * diag.mean(-1, keepdim=True)).clamp_min(0))
+        diag.add_(damp)
 
         Hinv, ok = _inverse_cholesky(H)
         for e in torch.nonzero(~ok).flatten().tolist():

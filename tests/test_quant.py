@@ -131,3 +131,34 @@ def test_dead_input_columns_are_zeroed():
     g.add_batch(0, X)
     r = g.fasterquant(torch.randn(E, R, C) + 5.0, Scheme.INT4)
     assert torch.all(r.values[0, :, 5] == 0)
+
+
+def test_dampening_comes_from_the_live_diagonal_only():
+    """A dead column (an input that never fires: diagonal 0) must not change the dampening. Small activations make
+    the stand-in diagonal 1 of a dead column dominate a plain mean; the live columns must come out exactly as GPTQ
+    on the Hessian without that column, dampened by hand with percdamp x the mean of its diagonal."""
+    R, C, dead, percdamp = 16, 40, 13, 0.1
+    X = _correlated_inputs(400, C, 3) * 0.01  # diag(H) ~ 1e-4: a stand-in 1 would be 250x the live mean
+    X[:, dead] = 0.0
+    W = torch.randn(1, R, C, generator=torch.Generator().manual_seed(4))
+    W[:, :, dead] = 0.0  # the row grids (from the original weights) then match the reference's
+    live = [c for c in range(C) if c != dead]
+
+    g = GPTQ(1, C)
+    g.add_batch(0, X)
+    r = g.fasterquant(W, Scheme.TERNARY, blocksize=C, percdamp=percdamp)
+    assert torch.all(r.values[0, :, dead] == 0)  # dead weights are still zeroed
+
+    ref = GPTQ(1, C - 1)
+    ref.add_batch(0, X[:, live])
+    hand = percdamp * torch.diagonal(ref.H[0]).mean()  # mean over the live columns only
+    ref.H[0] += hand * torch.eye(C - 1)
+    expect = ref.fasterquant(W[:, :, live], Scheme.TERNARY, blocksize=C, percdamp=0.0)  # already dampened
+    assert torch.equal(r.codes[0][:, live], expect.codes[0])
+
+    # The test can tell: the old dampening (the stand-in 1 inside the mean) gives other codes.
+    old = GPTQ(1, C - 1)
+    old.add_batch(0, X[:, live])
+    old.H[0] += percdamp * (torch.diagonal(old.H[0]).sum() + 1.0) / C * torch.eye(C - 1)
+    assert not torch.equal(old.fasterquant(W[:, :, live], Scheme.TERNARY, blocksize=C, percdamp=0.0).codes[0],
+                           expect.codes[0])
