@@ -21,6 +21,18 @@ def test_ray_job_submit_compresses(ray_head, tiny_ckpt, tmp_path):
     assert "succeeded" in r.stdout + r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["blocks_done"]) == 6  # tiny_ckpt: 3 + 3 sparse blocks
+    # The same bytes as an in-process run with the same settings: the launch path changes nothing.
+    from qmoe.compressor import CompressConfig, DataSpec, compress_model
+
+    here = tmp_path / "in-process"
+    compress_model(tiny_ckpt, here, CompressConfig(), DataSpec(train_samples=16, val_samples=4),
+                   progress=lambda *_: None)
+    files = sorted(f.relative_to(here) for f in (here / "experts").rglob("*.safetensors"))
+    assert files == sorted(f.relative_to(out) for f in (out / "experts").rglob("*.safetensors"))
+    for f in files:
+        assert (here / f).read_bytes() == (out / f).read_bytes(), f
+    assert json.loads((out / "summary.json").read_text())["val_loss_after"] == json.loads(
+        (here / "summary.json").read_text())["val_loss_after"]
 
 
 def test_stopping_a_head_leaves_other_rays_running(ray_head):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -37,16 +36,39 @@ def reference(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head with 2 CPUs and three worker nodes of 1 CPU, on 127.0.0.1."""
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
-                                                      "node_ip_address": "127.0.0.1",
-                                                      "object_store_memory": 150 << 20})
-    nodes = [c.add_node(num_cpus=1, object_store_memory=100 << 20, node_ip_address="127.0.0.1") for _ in range(3)]
+def cluster(tmp_path_factory):
+    """A head with 2 CPUs and three worker nodes of 1 CPU, on 127.0.0.1, with token authentication (a fresh token)
+    and a temp dir of its own; the machine-wide "current cluster" file Ray's test cluster writes is not written."""
+    import secrets
+    import tempfile
+
+    from workers.local_ray import _refresh_auth_config
+
+    root = Path(tempfile.mkdtemp(prefix="qw-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    token = root / "token"
+    token.write_text(secrets.token_hex(32))
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    _refresh_auth_config()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    node = dict(node_ip_address="127.0.0.1", temp_dir=str(root / "r"), include_dashboard=False)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 << 20, **node})
+    nodes = [c.add_node(num_cpus=1, object_store_memory=100 << 20, **node) for _ in range(3)]
     ray.init(address=c.address)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    try:
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        mp.undo()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _refresh_auth_config()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_pool_output_equals_single_process(cluster, tiny_ckpt, reference, tmp_path):
@@ -116,8 +138,14 @@ def test_an_output_directory_a_node_does_not_share_is_refused(cluster, tmp_path)
     out.mkdir()
     other.mkdir()
     check_shared_dir(str(out))  # every node of the cluster shares it
-    script = (f"mount --bind {other} {out} && exec {sys.executable} -m ray.scripts.scripts start --block "
-              f"--address={c.address} --num-cpus=1 --node-ip-address=127.0.0.1 --temp-dir={tmp_path / 'rt'}")
+    # A node started the way the test cluster starts its nodes (ray's Node, loopback, the cluster's token), in a
+    # process whose mount namespace puts `other` at `out`.
+    node_py = ("import time; from ray._private.node import Node; from ray._private.parameter import RayParams; "
+               f"Node(RayParams(node_ip_address='127.0.0.1', gcs_address='{c.address}', num_cpus=1, "
+               f"temp_dir='{c.head_node.get_temp_dir_path()}', include_log_monitor=False, node_manager_port=0, "
+               "min_worker_port=0, max_worker_port=0, object_store_memory=100 << 20, dashboard_agent_listen_port=None),"
+               " head=False, shutdown_at_exit=True, spawn_reaper=True); time.sleep(3600)")
+    script = f"mount --bind {other} {out} && exec {sys.executable} -c \"{node_py}\""
     try:
         p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -134,7 +162,8 @@ def test_an_output_directory_a_node_does_not_share_is_refused(cluster, tmp_path)
             check_shared_dir(str(out))
         assert not list(out.glob(".probe-*")) and not list(other.glob(".probe-*"))
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
         p.wait()
 
 
@@ -144,7 +173,7 @@ def _cli(out: Path, ckpt: Path, *extra: str) -> list[str]:
 
 def _env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for k in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+    for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
         env.pop(k, None)
     return env
 

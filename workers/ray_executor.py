@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import uuid
 from pathlib import Path
 
@@ -47,12 +49,18 @@ class RayExecutor:
         one: loopback only, token authentication, its own temp dir and ports (workers/local_ray.py)."""
         if ray.is_initialized():
             return
+        # Ray's core worker installs a SIGTERM handler of its own that exits at once; keep this process's, so a
+        # SIGTERM still ends the run through its cleanup (which stops the local Ray started here).
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.getsignal(signal.SIGTERM) if main else None
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         else:
             from workers.local_ray import start_local_ray
 
             self._local = start_local_ray(num_cpus=self.n)
+        if main and callable(handler):
+            signal.signal(signal.SIGTERM, handler)
 
     def map(self, step: str, calls: list[dict], on_result=None) -> list[dict]:
         refs = []
@@ -84,8 +92,11 @@ class RayExecutor:
 
 @ray.remote(num_cpus=0)
 def _probe(directory: str, name: str, token: str | None) -> dict:
-    """Write token to directory/name (when given), then read every probe file there."""
+    """Write token to directory/name (when given), then read every probe file there; token "" removes the file."""
     d = Path(directory)
+    if token == "":
+        (d / name).unlink(missing_ok=True)
+        return {}
     if token is not None:
         (d / name).write_text(token)
     return {p.name: p.read_text() for p in d.glob(".probe-*")}
@@ -110,7 +121,8 @@ def check_shared_dir(directory: str) -> None:
             if any(files.get(k) != v for k, v in tokens.items()):
                 raise ValueError(f"{directory}: not the same directory on every node (node {node} does not see "
                                  "the others' probe files): put --out on a filesystem that every node mounts")
-    finally:
+    finally:  # each node removes its own probe (where the directories differ, this process cannot)
+        ray.get([_probe.options(scheduling_strategy=on[n]).remote(directory, f".probe-{n}", "") for n in nodes])
         for name in tokens:
             (d / name).unlink(missing_ok=True)
 
