@@ -4,14 +4,19 @@ device; `reference=True` takes the plain torch path instead: decode W to a dense
 """
 from __future__ import annotations
 
-import numpy as np
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from codec.ternary import EncodedMatrix, bf16_bits_to_f32, decode
 from kernels import cpu
-from kernels.records import Records, check_rows, records
+from kernels.records import Records, check_rows, records, window_starts
+
+GRANULE = 1024  # = kernels.cuda.GRANULE (not imported: nothing of numba.cuda at import)
+# (dictionary sha256, buffer name, device) -> the one copy of a dictionary's records there
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class CompressedLinear(nn.Module):
@@ -20,7 +25,9 @@ class CompressedLinear(nn.Module):
 
     Buffers (moved by .to(device)): codes [n] uint16 (the codewords), offsets
     [out + 1] int64, table [2^16] int64 and extra uint8 (the dictionary's records, records.Records: one storage
-    shared by every matrix built with the same dictionary), lo and hi [out] float32."""
+    shared by every matrix built with the same dictionary), lo and hi [out] float32, windows int32 (where each
+    row's column windows of GRANULE columns start, records.window_starts: lets the CUDA kernel split long rows;
+    empty when in_features <= GRANULE)."""
 
     def __init__(self, m: EncodedMatrix, name: str = "matrix"):
         super().__init__()
@@ -31,18 +38,38 @@ class CompressedLinear(nn.Module):
         if bad >= 0:
             raise ValueError(f"{name}: row {bad} does not decode to exactly {self.in_features} weights")
         self.encoded = m  # for the reference path
+        self._dictionary_key = m.dictionary.sha256
         self.register_buffer("codes", torch.from_numpy(m.codes), persistent=False)
         self.register_buffer("offsets", torch.from_numpy(m.row_offsets), persistent=False)
         self.register_buffer("table", torch.from_numpy(recs.table), persistent=False)
         self.register_buffer("extra", torch.from_numpy(recs.extra), persistent=False)
         self.register_buffer("lo", torch.from_numpy(bf16_bits_to_f32(m.levels[0])), persistent=False)
         self.register_buffer("hi", torch.from_numpy(bf16_bits_to_f32(m.levels[1])), persistent=False)
+        wins = window_starts(m.codes, m.row_offsets, recs, self.in_features, GRANULE)
+        self.register_buffer("windows", torch.from_numpy(wins), persistent=False)
+        self.halo = int((recs.table & 127).max()) if len(recs.table) else 1  # the longest word
         self._host: tuple | None = None  # numpy views of the buffers, while they are on the CPU
+        self._device_args: tuple | None = None  # (codes' address, kernels.cuda.prepare(...), dummy windows)
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (.to(device) and the like), then every matrix of one dictionary shares one copy of its
+        records on each device, as on the CPU: torch would give each module its own (512 KB a copy, and the
+        kernels would read a different table per expert instead of one that stays in the L2)."""
+        super()._apply(fn, recurse)
+        for name in ("table", "extra"):
+            t = self._buffers[name]
+            key = (self._dictionary_key, name, str(t.device))
+            shared = _SHARED.get(key)
+            if shared is None or shared.dtype != t.dtype or shared.shape != t.shape:
+                _SHARED[key] = t
+            else:
+                self._buffers[name] = shared
+        return self
 
     @property
     def nbytes(self) -> int:
         """Bytes this matrix holds on its device, not counting the shared dictionary records."""
-        return sum(b.numel() * b.element_size() for b in (self.codes, self.offsets, self.lo, self.hi))
+        return sum(b.numel() * b.element_size() for b in (self.codes, self.offsets, self.lo, self.hi, self.windows))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -77,10 +104,19 @@ class CompressedLinear(nn.Module):
     def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
         from kernels import cuda as kcuda
 
-        from numba import cuda as ncuda
+        if self._device_args is None or self._device_args[0] != self.codes.data_ptr():
+            wins = self.windows if self.windows.numel() else torch.zeros(1, dtype=torch.int32, device=x2.device)
+            args = kcuda.prepare(self.codes, self.offsets, wins, self.table, self.extra, self.lo, self.hi)
+            self._device_args = (self.codes.data_ptr(), args, wins)
+        return kcuda.gemm(self._device_args[1], x2.contiguous(), rows=self.out_features, halo=self.halo)
 
-        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32, device=x2.device)
-        stream = ncuda.external_stream(torch.cuda.current_stream(x2.device).cuda_stream)  # run on torch's stream
-        kcuda.decode_gemm(self.codes, self.offsets, self.table, self.extra, self.lo, self.hi, x2.contiguous(), y,
-                          stream=stream)
-        return y
+    def dense_bf16(self) -> torch.Tensor:
+        """W [out, in] as bf16, decoded on the buffers' device (the CUDA decode kernel on a GPU)."""
+        if self.codes.device.type != "cuda":
+            return self.dense(self.codes.device).bfloat16()
+        from kernels import cuda as kcuda
+
+        if getattr(self, "_levels16", None) is None or self._levels16.device != self.lo.device:
+            self._levels16 = (torch.stack([self.lo, self.hi]).view(torch.int32) >> 16).to(torch.int16)  # bf16 bits
+        return kcuda.decode_torch(self.codes, self.offsets, self.table, self.extra, self._levels16,
+                                  self.in_features)

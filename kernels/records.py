@@ -97,3 +97,36 @@ def check_rows(codes: np.ndarray, offsets: np.ndarray, recs: Records, width: int
     bad = np.zeros(rows, dtype=np.uint8)
     _bad_rows(codes, offsets, recs.table, recs.extra, width, bad)
     return int(np.argmax(bad)) if bad.any() else -1
+
+
+@numba.njit(parallel=True, cache=True)
+def _window_starts(codes, offsets, table, granule, nwin, out):
+    for r in numba.prange(len(offsets) - 1):
+        pos = 0
+        k = 1
+        for t in range(offsets[r], offsets[r + 1]):
+            while k < nwin and pos >= k * granule:
+                out[r, k - 1] = ((t - offsets[r]) << 7) | (pos - k * granule)
+                k += 1
+            pos += table[codes[t]] & 127
+        while k < nwin:  # the row's last word covers this boundary: the window starts at the row's end
+            out[r, k - 1] = ((offsets[r + 1] - offsets[r]) << 7) | (pos - k * granule)
+            k += 1
+
+
+def window_starts(codes: np.ndarray, offsets: np.ndarray, recs: Records, width: int, granule: int) -> np.ndarray:
+    """Where each row's column window k (columns [k * granule, (k + 1) * granule)) starts, for k = 1 .. nwin - 1
+    (nwin = ceil(width / granule)): int32 [R * (nwin - 1)], row-major, each (i << 7) | d where i is the index,
+    within the row, of the row's first codeword that starts at a column >= k * granule, and d = that column minus
+    k * granule (< the longest word <= 127). Lets the CUDA kernel split rows over blocks that each hold a window of
+    x. granule >= 128. Rows must have passed check_rows."""
+    if granule < 128:
+        raise ValueError(f"granule must be >= 128 (the longest word), got {granule}")
+    rows = len(offsets) - 1
+    nwin = max(1, -(-width // granule))
+    if rows and int(np.max(np.diff(offsets))) >= 1 << 24:
+        raise ValueError("a row of more than 2^24 codewords does not fit a window start")
+    out = np.zeros((rows, nwin - 1), dtype=np.int32)
+    if nwin > 1 and rows:
+        _window_starts(codes, offsets, recs.table, granule, nwin, out)
+    return out.reshape(-1)

@@ -85,7 +85,7 @@ def _matrices(experts_dir: Path | None) -> list[tuple[str, object]]:
         mats, levels = iid_matrices(shape, 0.885, seed=shape[0])
         d = tunstall(normalize_probs((0.885, 0.0575, 0.0575)))
         out.append((f"c2048 shape {shape[0]}x{shape[1]}, P(0)=0.885", encode(mats["m"], levels["m"], d)))
-    f = sorted((ternary_model(experts_dir) / "experts").glob("*.safetensors"))[0]
+    f = sorted((ternary_model(experts_dir) / "experts").rglob("*.safetensors"))[0]
     for name, m in sorted(read_container(f).items())[:2]:  # expert_0.wi, expert_0.wo
         out.append((f"default model {f.stem} {name} {m.shape[0]}x{m.shape[1]}", m))
     return out
@@ -123,7 +123,8 @@ def kernel_rows(experts_dir: Path | None, repeats: int) -> list[dict]:
     return rows
 
 
-def end_to_end_rows(experts_dir: Path | None, repeats: int, val_samples: int = 64, gen_tokens: int = 16) -> list[dict]:
+def end_to_end_rows(experts_dir: Path | None, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
+                    device: str = "cpu") -> list[dict]:
     from qmoe.compressed import load_compressed
     from qmoe.compressor import DataSpec, load_samples
     from qmoe.evaluate import validation_loss
@@ -134,8 +135,8 @@ def end_to_end_rows(experts_dir: Path | None, repeats: int, val_samples: int = 6
               "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]),
               "decoded fp32": load_compressed(path)[0]}
     hf = json.loads((path / "config.json").read_text())
-    _, val, _ = load_samples(path, hf, DataSpec(train_samples=0, val_samples=val_samples))
-    runners = {k: Runner(m, ["cpu"]) for k, m in models.items()}
+    _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))  # validation only
+    runners = {k: Runner(m, [device]) for k, m in models.items()}
     rows = []
     eval_tokens = val.labels.numel() + val.input_ids.numel()
     work = {"eval (teacher-forced, batch 32)": (eval_tokens, lambda r: validation_loss(r, val, batch_size=32))}
@@ -153,10 +154,14 @@ def end_to_end_rows(experts_dir: Path | None, repeats: int, val_samples: int = 6
     return rows
 
 
-def run(experts_dir: Path | None, repeats: int) -> dict:
-    return {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "numba_threads": numba.get_num_threads(), "torch_threads": torch.get_num_threads(),
-                        "torch": torch.__version__},
+def run(experts_dir: Path | None, repeats: int, device: str = "cpu") -> dict:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device here")
+        return {"machine": cuda_machine(), "kernels": cuda_kernel_rows(repeats),
+                "end_to_end": end_to_end_rows(experts_dir, repeats, device="cuda:0")}
+    return {"machine": {"cpu": cpu_description(), "numba_threads": numba.get_num_threads(),
+                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
             "kernels": kernel_rows(experts_dir, repeats), "end_to_end": end_to_end_rows(experts_dir, repeats)}
 
 
@@ -167,9 +172,12 @@ def _kernel_line(r: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| matrix | batch | fused ms | bf16 F.linear ms | fp32 F.linear ms | fused vs bf16 | fused vs fp32 "
-             "| floors: walk / csr ms |", "|---|---|---|---|---|---|---|---|"]
-    lines += [_kernel_line(r) for r in result["kernels"]]
+    if "gpu" in result["machine"]:
+        lines = [cuda_table(result["kernels"])]
+    else:
+        lines = ["| matrix | batch | fused ms | bf16 F.linear ms | fp32 F.linear ms | fused vs bf16 | fused vs fp32 "
+                 "| floors: walk / csr ms |", "|---|---|---|---|---|---|---|---|"]
+        lines += [_kernel_line(r) for r in result["kernels"]]
     e2e = [r for r in result["end_to_end"] if "tokens" in r]
     keys = [k for k in e2e[0] if k.endswith("tokens/s")]
     lines += ["", "| task | " + " | ".join(keys) + " | fused / simulated | fused / decoded fp32 |",
@@ -178,3 +186,204 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['task']} | " + " | ".join(f"{r[k]:.0f}" for k in keys)
                      + f" | {r['fused / simulated']:.2f}x | {r['fused / decoded fp32']:.2f}x |")
     return "\n".join(lines)
+
+
+# ---- CUDA: `python -m qmoe.bench kernels --device cuda` ----
+
+def _gpu_medians(fns: dict, repeats: int, inner: int = 20) -> dict[str, dict]:
+    """Per function: `gpu_ms`, device time per call (CUDA events around `inner` calls queued behind a sleep kernel,
+    so that the host's launch overhead is hidden; median over `repeats` rounds, functions alternated) and `wall_ms`,
+    host time per call with a synchronize after the `inner` calls (what a caller waits when the host is the bound).
+    `launch_bound` is set when enqueueing took longer than the sleep (the gpu_ms then include host gaps)."""
+    sync = torch.cuda.synchronize
+    for f in fns.values():  # warm up: compile, plan, allocate
+        f()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(300):  # half a second of work right before timing: a GPU left idle runs slow for a while
+        a @ a
+    sync()
+    del a
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    torch.cuda._sleep(1_000_000)
+    e.record()
+    e.synchronize()
+    ms_per_mcycle = s.elapsed_time(e)
+    out = {k: {"gpu": [], "wall": [], "launch_bound": False} for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            sync()
+            wall = (time.perf_counter() - t) * 1e3
+            out[k]["wall"].append(wall / inner)
+            torch.cuda._sleep(int(2.0 * wall / ms_per_mcycle * 1e6) + 100_000)  # twice the host's enqueue time
+            s.record()
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            e.record()
+            enqueue = (time.perf_counter() - t) * 1e3
+            e.synchronize()
+            out[k]["gpu"].append(s.elapsed_time(e) / inner)
+            out[k]["launch_bound"] |= enqueue > 2.0 * wall
+    return {k: {"gpu_ms": statistics.median(v["gpu"]), "wall_ms": statistics.median(v["wall"]),
+                "launch_bound": v["launch_bound"]} for k, v in out.items()}
+
+
+def _rotating(items: list):
+    """A function returning items[0], items[1], ... cyclically: timed calls walk through copies of the weights,
+    more bytes than the L2 holds, as a model's experts would."""
+    state = {"i": -1}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+    return nxt
+
+
+def cuda_kernel_rows(repeats: int, shapes=C2048_SHAPES, batches=BATCHES, variants: dict | None = None) -> list[dict]:
+    """c2048 shapes, i.i.d. at P(0) = 0.885: fused kernel vs bf16 F.linear (cuBLAS) vs decode-then-bf16, and the
+    walk / gather floors at batch 1. variants: {name: gemm options}, extra fused variants (tuning)."""
+    from kernels import cuda as kc
+    from kernels._cuda_floors import make_csr, make_walk
+    from kernels.module import CompressedLinear
+
+    dev = torch.device("cuda")
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    rows = []
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        mats, levels = iid_matrices(shape, 0.885, seed=shape[0])
+        m = encode(mats["m"], levels["m"], tunstall(normalize_probs((0.885, 0.0575, 0.0575))))
+        W = decode(m)
+        copies = max(2, -(-3 * l2 // (2 * W.size)))  # bf16 copies: three times the L2
+        lins = [CompressedLinear(m).to(dev) for _ in range(copies)]
+        wbs = [torch.from_numpy(W).to(dev, torch.bfloat16) for _ in range(copies)]
+        lin, wb = _rotating(lins), _rotating(wbs)
+        walk, csr = make_walk(kc.WARPS), make_csr(kc.WARPS)
+        for B in batches:
+            x = rng.standard_normal((B, m.shape[1])).astype(np.float32)
+            xf = torch.from_numpy(x).to(dev)
+            xb = xf.bfloat16()
+            y = lins[0](xf).double().cpu().numpy()
+            ref = x.astype(np.float64) @ W.astype(np.float64).T
+            err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+            assert err < 1e-5, f"{shape} batch {B}: relative error {err}"
+            dec = lins[0].dense_bf16()
+            assert torch.equal(dec.cpu(), torch.from_numpy(W).bfloat16()), "decode kernel disagrees"
+            fns = {"fused": lambda: lin()(xf), "bf16": lambda: F.linear(xb, wb()),
+                   "decode+bf16": lambda: F.linear(xb, lin().dense_bf16())}
+            for name, kw in (variants or {}).items():
+                fns[name] = lambda kw=kw: _gemm_variant(lin(), xf, kw)
+            if B == 1:
+                from numba import cuda as ncuda
+
+                def nd(t):  # a numba view made once: numba syncs the stream whenever it imports a torch tensor
+                    return ncuda.as_cuda_array(t, sync=False)
+                out_i = torch.empty(m.shape[0], dtype=torch.int32, device=dev)
+                out_f = torch.empty(m.shape[0], dtype=torch.float32, device=dev)
+                grid = min(-(-m.shape[0] // kc.WARPS), 32 * kc.device_info().sms)
+                indptr, idx, split = _csr_arrays(W)
+                cargs = [nd(torch.from_numpy(a).to(dev)) for a in (indptr, split, idx.astype(np.int16))]
+                cargs += [nd(xf[0]), nd(out_f)]
+                wargs = [nd(lins[0].codes), nd(lins[0].offsets), nd(lins[0].table), nd(out_i)]
+                fns["floor_walk"] = lambda: walk[grid, kc.WARPS * 32](*wargs)
+                fns["floor_csr"] = lambda: csr[grid, kc.WARPS * 32, 0, 4 * m.shape[1]](*cargs)
+                fns["floor_launch"] = lambda: out_i[:1].zero_()
+            t = _gpu_medians(fns, repeats)
+            launch = kc._plan_cached(m.shape[0], m.shape[1], B, lins[0].halo, 0, kc.GRANULE, kc.WARPS, ())[0]
+            row = {"matrix": f"c2048 shape {shape[0]}x{shape[1]}, P(0)=0.885", "shape": list(shape), "batch": B,
+                   "rel_error": err, "weight_copies": copies,
+                   "compressed_bytes": lins[0].nbytes, "bf16_bytes": 2 * W.size,
+                   **{f"{k}_ms": round(v["gpu_ms"], 5) for k, v in t.items()},
+                   **{f"{k}_wall_ms": round(v["wall_ms"], 5) for k, v in t.items()},
+                   "launch_bound": [k for k, v in t.items() if v["launch_bound"]],
+                   "speedup_vs_bf16": t["bf16"]["gpu_ms"] / t["fused"]["gpu_ms"],
+                   "speedup_vs_decode_bf16": t["decode+bf16"]["gpu_ms"] / t["fused"]["gpu_ms"],
+                   "bf16_GBps": 2 * W.size / t["bf16"]["gpu_ms"] / 1e6,
+                   "plan": {"grid": launch.grid, "block": launch.block, "shared": launch.shared,
+                            "bt": 1 << launch.bt_log2, "kpb": launch.kpb, "atomic": launch.atomic}}
+            rows.append(row)
+            print(_cuda_line(row), flush=True)
+            if variants:
+                print("   variants:", {k: round(t[k]["gpu_ms"], 4) for k in variants}, flush=True)
+    return rows
+
+
+def _gemm_variant(lin, x, kw: dict):
+    """lin(x) through kernels.cuda.gemm with planner options (warps, blocks_per_sm, kpb_max, bt_max)."""
+    from kernels import cuda as kc
+
+    if lin._device_args is None:
+        lin(x[:1])  # makes lin's device argument lists
+    return kc.gemm(lin._device_args[1], x, rows=lin.out_features, halo=lin.halo, **kw)
+
+
+def cuda_machine() -> dict:
+    from kernels import cuda as kc
+
+    p = torch.cuda.get_device_properties(0)
+    info = kc.device_info()
+    try:
+        from importlib.metadata import version
+        nc = version("numba-cuda")
+    except Exception:  # noqa: BLE001
+        nc = "?"
+    return {"gpu": torch.cuda.get_device_name(0), "sms": p.multi_processor_count,
+            "l2_bytes": getattr(p, "L2_cache_size", None), "memory_bytes": p.total_memory,
+            "shared_per_block_used": info.smem, "launch_path": kc.launch_path(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "numba": numba.__version__, "numba_cuda": nc, "cpu": cpu_description()}
+
+
+def _cuda_line(r: dict) -> str:
+    floors = (f"{r['floor_walk_ms'] * 1e3:.1f} / {r['floor_csr_ms'] * 1e3:.1f} / {r['floor_launch_ms'] * 1e3:.1f}"
+              if "floor_walk_ms" in r else "")
+    return (f"| {r['matrix']} | {r['batch']} | {r['fused_ms'] * 1e3:.1f} | {r['bf16_ms'] * 1e3:.1f} | "
+            f"{r['decode+bf16_ms'] * 1e3:.1f} | {r['speedup_vs_bf16']:.2f}x | {r['speedup_vs_decode_bf16']:.2f}x | "
+            f"{r['fused_wall_ms'] * 1e3:.1f} / {r['bf16_wall_ms'] * 1e3:.1f} | {floors} |")
+
+
+def cuda_table(rows: list[dict]) -> str:
+    lines = ["| matrix | batch | fused us | bf16 cuBLAS us | decode+bf16 us | fused vs bf16 | fused vs decode+bf16 "
+             "| host us/call fused / bf16 | floors: walk / gather / launch us |", "|---" * 9 + "|"]
+    return "\n".join(lines + [_cuda_line(r) for r in rows])
+
+
+def cpu_description() -> dict:
+    """lscpu's model name and the flags that decide torch's bf16 speed."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+        have = set(next(ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")))
+        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have]
+    except (OSError, StopIteration):
+        pass
+    return {"model": model, "flags": flags, "cores": os.cpu_count()}
+
+
+TUNE_VARIANTS = {"w4": {"warps": 4}, "w16": {"warps": 16}, "bps1": {"blocks_per_sm": 1},
+                 "bps2": {"blocks_per_sm": 2}, "bps4": {"blocks_per_sm": 4}, "bps8": {"blocks_per_sm": 8},
+                 "kpb2": {"kpb_max": 2}, "bt8": {"bt_max": 8}, "bt8_bps1": {"bt_max": 8, "blocks_per_sm": 1},
+                 "bt16_bps1": {"bt_max": 16, "blocks_per_sm": 1}, "w16_bps1": {"warps": 16, "blocks_per_sm": 1},
+                 "w16_bps2": {"warps": 16, "blocks_per_sm": 2}, "w4_bps8": {"warps": 4, "blocks_per_sm": 8}}
+
+
+def cuda_tune(json_path: str | None = None, repeats: int = 7) -> list[dict]:
+    """The kernel rows with the planner's options varied (TUNE_VARIANTS), to choose kernels.cuda's defaults."""
+    from kernels import cuda as kc
+
+    for w in (4, 8, 16):  # compile first; report what the compiler made of each block size
+        k = kc._compiled("gemm", w, 0)
+        print(f"warps {w}: {getattr(k, 'regs_per_thread', '?')} registers/thread, "
+              f"{getattr(k, 'local_mem_per_thread', '?')} B local, {getattr(k, 'shared_mem_per_block', '?')} B static "
+              f"shared", flush=True)
+    print(cuda_machine(), flush=True)
+    rows = cuda_kernel_rows(repeats, variants=TUNE_VARIANTS)
+    if json_path:
+        from qmoe.store import atomic_write_json
+
+        atomic_write_json(Path(json_path), {"machine": cuda_machine(), "rows": rows})
+    return rows

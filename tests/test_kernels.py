@@ -12,7 +12,7 @@ from codec.dictionary import normalize_probs, qmoe_pairs, tunstall
 from codec.ternary import bf16_bits_to_f32, decode, encode, f32_to_bf16_bits
 from kernels.cpu import decode_gemm
 from kernels.module import CompressedLinear
-from kernels.records import check_rows, records
+from kernels.records import check_rows, records, window_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 7), (3, 1), (5, 37), (33, 129), (64, 256), (17, 300), (130, 2)]
@@ -142,22 +142,142 @@ def test_module_shapes_dtypes_and_reference_path():
     assert lin.nbytes == m.codes.nbytes + m.row_offsets.nbytes + 2 * 4 * 24
 
 
+def test_window_starts():
+    """Window k of a row starts at its first codeword starting at a column >= k * granule."""
+    for shape, p in [((7, 1000), (0.85, 0.09, 0.06)), ((5, 777), (0.34, 0.33, 0.33)), ((3, 129), (0.97, 0.02, 0.01))]:
+        m = random_matrix(shape, p=p, seed=shape[1])
+        recs = records(m.dictionary)
+        wins = window_starts(m.codes, m.row_offsets, recs, shape[1], 128).reshape(shape[0], -1)
+        assert wins.shape[1] == -(-shape[1] // 128) - 1
+        for r in range(shape[0]):
+            codes = m.codes[m.row_offsets[r]:m.row_offsets[r + 1]]
+            starts = np.concatenate([[0], np.cumsum(recs.table[codes] & 127)])  # start of each word, then the end
+            for k in range(1, wins.shape[1] + 1):
+                i = int(np.argmax(starts >= k * 128))
+                assert wins[r, k - 1] >> 7 == i and wins[r, k - 1] & 127 == starts[i] - k * 128
+    assert window_starts(m.codes, m.row_offsets, recs, 129, 1024).size == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8, 16, 17, 32, 33, 64])
+@pytest.mark.parametrize("shape", [(1, 1), (2080, 6144), (6144, 2080), (17, 300), (5, 20000)])
+def test_cuda_plan(shape, batch):
+    """The launch plan fits the shared memory, holds every column a block's words reach, and covers the batch."""
+    from kernels.cuda import GRANULE, LIST, plan, xs_stride
+
+    rows, width = shape
+    halo = 60
+    for smem, kw in [(48 * 1024, {}), (100 * 1024, {}), (48 * 1024, {"kpb_max": 1}), (100 * 1024, {"bt_max": 8})]:
+        launch = plan(rows, width, batch, halo, sms=132, smem=smem, **kw)
+        bt = 1 << launch.bt_log2
+        nwin = -(-width // GRANULE)
+        assert launch.shared <= smem and bt <= kw.get("bt_max", 32) and bt <= max(1, 2 * batch - 1)
+        assert launch.grid[1] * launch.kpb >= nwin > (launch.grid[1] - 1) * launch.kpb
+        assert launch.grid[2] * bt >= batch > (launch.grid[2] - 1) * bt
+        win = min(width, launch.kpb * GRANULE + halo)  # the widest window a block stages
+        assert launch.lists_at == win * xs_stride(bt)
+        assert launch.shared == 4 * (launch.lists_at + (launch.block // 32 * LIST if bt > 1 else 0))
+        assert launch.atomic == (launch.grid[1] > 1)
+        assert 1 <= launch.grid[0] <= -(-rows // (launch.block // 32))
+
+
 def test_cuda_kernel_in_simulator():
-    """The numba.cuda kernel, run by numba's CUDA simulator (no GPU), over shapes and batch sizes."""
+    """The numba.cuda kernels, run by numba's CUDA simulator (no GPU), over shapes, batch sizes and launch plans
+    (tests/cuda_sim_check.py lists them)."""
     script = ROOT / "tests" / "cuda_sim_check.py"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "checked 15 cases" in r.stdout
+    assert "checked 27 cases" in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("cc", [(8, 0), (8, 6)])
+@pytest.mark.parametrize("cc", [(8, 0), (8, 6), (9, 0)])
 def test_cuda_kernel_compiles_to_ptx(cc):
-    """Compiled for A100 (sm_80) and RTX 3090 / A6000 (sm_86) without a GPU, when numba's CUDA toolchain
-    (numba-cuda, nvidia-cuda-nvrtc) is installed: the test extra installs it."""
+    """Compiled for A100 (sm_80), RTX 3090 / A6000 (sm_86) and H100 (sm_90) without a GPU, when numba's CUDA
+    toolchain (numba-cuda, nvidia-cuda-nvrtc) is installed: the test extra installs it."""
     pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
     from kernels.cuda import compile_ptx
 
     ptx = compile_ptx(cc)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
-    assert ".entry" in ptx
+    assert ".entry" in ptx and "shfl.sync" in ptx
+    assert ".local" not in ptx  # no per-thread arrays spilled to local memory
+
+
+# ---- on a real GPU (skipped without one) ----
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def _poisoned_gemm(fn, batch, rows):
+    """fn() after freeing a NaN block of y's size, which the caching allocator hands out next: an element the
+    kernel does not write stays NaN."""
+    torch.full((batch, rows), float("nan"), device="cuda")
+    return fn()
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", SHAPES + [(70, 2500), (260, 1536), (100, 6144)])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 16, 17, 33, 64])
+def test_cuda_module_matches_reference(shape, batch):
+    m = random_matrix(shape, seed=shape[0] * 1000 + shape[1])
+    lin = CompressedLinear(m).cuda()
+    x = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, shape[1])).astype(np.float32))
+    y = _poisoned_gemm(lambda: lin(x.cuda()), batch, shape[0])
+    torch.cuda.synchronize()
+    assert_close(y.cpu().double().numpy(), reference(m, x.numpy()))
+
+
+@cuda_only
+@pytest.mark.parametrize("opts", [{"kpb_max": 1}, {"bt_max": 4}, {"warps": 4, "blocks_per_sm": 1},
+                                  {"granule": 128, "kpb_max": 1}, {"granule": 256, "kpb_max": 2, "warps": 2}])
+@pytest.mark.parametrize("batch", [1, 3, 16, 40])
+def test_cuda_launch_plans(opts, batch):
+    """Rows split over windows (atomic adds), batch tiles, block sizes: every plan gives the same product."""
+    from kernels import cuda as kc
+
+    p = (0.85, 0.09, 0.06) if "granule" not in opts else (0.34, 0.33, 0.33)  # the dense one overflows records
+    m = random_matrix((90, 1300), p=p, seed=3)
+    recs = records(m.dictionary)
+    granule = opts.get("granule", kc.GRANULE)
+    dev = torch.device("cuda")
+    wins = window_starts(m.codes, m.row_offsets, recs, 1300, granule)
+    bufs = [torch.from_numpy(a).to(dev) for a in (m.codes, m.row_offsets, wins if len(wins) else np.zeros(1, np.int32),
+                                                  recs.table, recs.extra, bf16_bits_to_f32(m.levels[0]),
+                                                  bf16_bits_to_f32(m.levels[1]))]
+    x = np.random.default_rng(batch).standard_normal((batch, 1300)).astype(np.float32)
+    halo = int((recs.table & 127).max())
+    y = _poisoned_gemm(lambda: kc.gemm(kc.prepare(*bufs), torch.from_numpy(x).to(dev), rows=90, halo=halo, **opts),
+                       batch, 90)
+    assert_close(y.cpu().double().numpy(), reference(m, x))
+    y2 = torch.full((batch, 90), float("nan"), device=dev)  # the dispatcher path, same plan
+    kc.decode_gemm(*bufs, torch.from_numpy(x).to(dev), y2, halo=halo,
+                   **{k: v for k, v in opts.items()})
+    torch.cuda.synchronize()
+    assert_close(y2.cpu().double().numpy(), reference(m, x))
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", [(1, 1), (33, 129), (300, 2080), (4, 40)])
+def test_cuda_decode_matches_codec(shape):
+    p = (0.34, 0.33, 0.33) if shape == (4, 40) else (0.85, 0.09, 0.06)
+    m = random_matrix(shape, p=p, seed=shape[1])
+    lin = CompressedLinear(m).cuda()
+    assert torch.equal(lin.dense_bf16().cpu(), torch.from_numpy(decode(m)).bfloat16())
+
+
+@cuda_only
+def test_cuda_launch_path_is_direct():
+    """The direct launch (no numba argument typing per call) works with this numba-cuda; the fallback is tested
+    by test_cuda_launch_plans' dispatcher calls."""
+    from kernels import cuda as kc
+
+    assert kc.launch_path() == "direct"
+
+
+@cuda_only
+def test_cuda_modules_share_records():
+    """Matrices of one dictionary share one copy of its records on the GPU, as on the CPU."""
+    d = tunstall(normalize_probs(np.array((0.85, 0.09, 0.06))))
+    a, b = (CompressedLinear(random_matrix((5 + i, 40), seed=i, dictionary=d)).cuda() for i in range(2))
+    assert a.table.data_ptr() == b.table.data_ptr() and a.extra.data_ptr() == b.extra.data_ptr()
+    assert a.table.is_cuda
