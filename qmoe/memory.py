@@ -111,7 +111,7 @@ def plan_memory(max_memory: int, *, d_model: int, d_ff: int, num_heads: int, d_k
     Estimates in float32 bytes (4 a value), each term a buffer the step really allocates:
     - dense step: the block's weights (attention x2 for decoders, router), x/h/z and the attention scores of one
       chunk of chunk_tokens tokens in sequences of seq_len, its activation files' rows, the embedding / head.
-    - expert step, per expert in the batch: weights (bf16 read + f32), GPTQ's Hessian and its factors (5 C x C for
+    - expert step, per expert in the batch: weights (bf16 read + f32), GPTQ's Hessian and its factors (6 C x C for
       the widest matrix), W, Q, the error terms (4 R x C); per group: the codes kept until the dictionary is fitted
       (1 byte a weight), slab buffers (slab_rows x (2 D + F)), and the next batch's weights read ahead (bf16).
     """
@@ -121,7 +121,9 @@ def plan_memory(max_memory: int, *, d_model: int, d_ff: int, num_heads: int, d_k
     scores = 4 * chunk_tokens * num_heads * seq_len * 3
     dense = weights_dense + 4 * chunk_tokens * (8 * D + 2 * inner) + scores + chunk_tokens * act_bytes * 3 * D
     C = max(D, F)
-    per_expert = 2 * 2 * D * F + 4 * 2 * D * F + (5 * 4 * C * C + 4 * 4 * D * F if gptq else 4 * 2 * D * F)
+    # Measured on c2048's shapes (2080 x 6144), one process, GPTQ ternary: peak 2.58 GB at 1 expert a batch, 4.97 GB
+    # at 3, so 1.20 GB an expert; the GPTQ term below gives 1.26 GB. RTN: 1.35 GB at 1, 1.85 GB at 8 (the terms: 0.31).
+    per_expert = 2 * 2 * D * F + 4 * 2 * D * F + (6 * 4 * C * C + 4 * 4 * D * F if gptq else 4 * 2 * D * F)
     fixed = group_size * 2 * D * F + 4 * slab_rows * (2 * D + F) * 2 + 8 * slab_rows
     base = BASE_BYTES
     avail = max_memory - base - fixed
