@@ -43,9 +43,8 @@ class DataSpec:
     data: DataConfig = DataConfig()
 
     def __post_init__(self):
-        if self.train_samples < 1:
-            raise ValueError(f"--train-samples must be >= 1 (GPTQ's Hessians and the walk need calibration "
-                             f"samples), got {self.train_samples}")
+        if self.train_samples < 0:
+            raise ValueError(f"--train-samples must be >= 1, got {self.train_samples}")
         if self.val_samples < 0:
             raise ValueError(f"--val-samples must be >= 0 (0: no validation), got {self.val_samples}")
         if self.seed < 0:
@@ -122,6 +121,9 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     monitor = PeakMonitor()
     model_dir, out = Path(model_dir), Path(out)
     executor = executor or LocalExecutor()
+    if spec.train_samples < 1:
+        raise ValueError(f"--train-samples must be >= 1 (GPTQ's Hessians and the walk need calibration samples), "
+                         f"got {spec.train_samples}")
     outdir.check_out(out, model_dir)
     reader = CheckpointReader(model_dir)
     mcfg, hf = read_config(model_dir, reader)
@@ -215,7 +217,7 @@ def _summary(model: SwitchModel, manifest: C.Manifest, cfg: CompressConfig, spec
         "experts_fallback_rtn": sum(len(s.fallback) for s in stats),
         "experts_token_capped": sum(s.capped for s in stats),
         "blocks": [{"name": s.name, "tokens_per_expert": s.tokens_per_expert, "hessian_tokens": s.hessian_tokens,
-                    "fallback": {str(k): v for k, v in s.fallback.items()},
+                    "fallback": {str(k): v for k, v in s.fallback.items()}, "experts_fallback_rtn": len(s.fallback),
                     # The method each expert was quantized with: round-to-nearest where GPTQ fell back.
                     "methods": [cfg.method.value if j not in s.fallback else "rtn"
                                 for j in range(len(s.tokens_per_expert))],

@@ -61,7 +61,7 @@ def test_report_renders(tiny_ckpt, tmp_path):
     assert "A projection, not a measurement" in md and "0.700 bits/param" in md
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert len(rep["devices"]["slots"]) == 3 and rep["targets"]["2x1GB"]["fits"]
-    expert_bytes = sum(f.stat().st_size for f in (out / "experts").iterdir())
+    expert_bytes = sum(f.stat().st_size for f in (out / "experts").rglob("*.safetensors"))
     assert sum(r["bytes"] for r in rep["matrices"]) == pytest.approx(expert_bytes, abs=len(rep["matrices"]))
     assert sum(s["experts"] for s in rep["devices"]["slots"]) == expert_bytes
     assert not rep["projection"]["targets"]["2x1GB"]["fits"]
