@@ -8,7 +8,6 @@ symbols packed 2 bits a weight, and encode/decode speed in million weights per s
 """
 from __future__ import annotations
 
-import json
 import lzma
 import statistics
 import sys

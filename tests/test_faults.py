@@ -197,28 +197,18 @@ def _in_namespace(setup: str, argv: list[str]) -> subprocess.CompletedProcess:
         pytest.skip("no unshare here")
 
 
-def test_a_read_only_output_directory(tiny_ckpt, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    r = _in_namespace(f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro}",
-                      ["--model", str(tiny_ckpt), "--out", str(ro / "o"), *ARGS])
+@pytest.mark.parametrize("setup,message", [
+    ("mount --bind {d} {d} && mount -o remount,bind,ro {d}", "Read-only file system"),  # a read-only directory
+    ("mount -t tmpfs -o size=96k tmpfs {d}", "No space left on device"),  # a disk that fills mid-write
+])
+def test_an_output_directory_that_cannot_be_written(tiny_ckpt, tmp_path, setup, message):
+    d = tmp_path / "d"
+    d.mkdir()
+    r = _in_namespace(setup.format(d=d), ["--model", str(tiny_ckpt), "--out", str(d / "o"), *ARGS])
     if "mount:" in r.stderr:
         pytest.skip(f"mounts not allowed here: {r.stderr.strip()}")
     err = r.stderr.strip()
-    assert r.returncode == 2 and str(ro / "o") in err and "Read-only file system" in err, err
-    assert len(err.splitlines()) == 1
-
-
-def test_a_full_disk_mid_write(tiny_ckpt, tmp_path):
-    full = tmp_path / "full"
-    full.mkdir()
-    r = _in_namespace(f"mount -t tmpfs -o size=96k tmpfs {full}",
-                      ["--model", str(tiny_ckpt), "--out", str(full / "o"), *ARGS])
-    if "mount:" in r.stderr:
-        pytest.skip(f"mounts not allowed here: {r.stderr.strip()}")
-    err = r.stderr.strip()
-    assert r.returncode == 2 and "No space left on device" in err and str(full / "o") in err, err
-    assert len(err.splitlines()) == 1
+    assert r.returncode == 2 and message in err and str(d / "o") in err and len(err.splitlines()) == 1, err
 
 
 def test_calibration_files_that_are_not_text(tiny_ckpt, tmp_path, capsys):

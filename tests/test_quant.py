@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from qmoe.gptq import GPTQ
 from qmoe.packed import QuantizedMatrix, pack, unpack
-from qmoe.quant import RowParams, Scheme, dequantize_codes, find_params, quantize, rtn
+from qmoe.quant import Scheme, dequantize_codes, quantize, rtn
 
 
 @settings(max_examples=80, deadline=None)
