@@ -54,37 +54,48 @@ def _make_kernels(overflow: bool):
     def _gemv(codes, offsets, table, extra, lo, hi, x, y):
         """Batch 1. x [C] float32, y [R] float32.
 
-        The row's sum over all non-zeros and its sum over the lo ones (v * is_lo[bit], no branch on the symbol: a sign
-        branch mispredicts half the time) each run in two interleaved accumulators to halve the add-latency chain;
-        hi's sum is their difference."""
-        is_lo = _IS_LO
+        A row's sum over all non-zeros and its sum over the lo ones (v * is_lo, no branch on the symbol: a sign
+        branch mispredicts half the time), each in three accumulators, one per unrolled slot: almost every word has
+        2-4 non-zeros (3 for 78% at P(0) = 0.885), so the slot guards predict well and the slots' loads and adds
+        do not wait for each other; hi's sum is their difference. Against the previous form (one loop over a word's
+        n non-zeros, two accumulators), alternated in one process on the 2-core Xeon while other jobs ran:
+        0.75-0.88x the time at batch 1 on c2048's shapes."""
         for r in numba.prange(len(offsets) - 1):
             pos = 0
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            l0 = np.float32(0.0)
-            l1 = np.float32(0.0)
+            a0 = a1 = a2 = np.float32(0.0)
+            l0 = l1 = l2 = np.float32(0.0)
             for t in range(offsets[r], offsets[r + 1]):
                 w = table[codes[t]]
                 n = (w >> 7) & 7
                 s = w >> SLOT0
                 if overflow and n == OVERFLOW:  # a word of more than 6 non-zeros: its bytes are in `extra`
-                    a, lsum = _overflow_sums(extra, s, pos, x, is_lo)
+                    a, lsum = _overflow_sums(extra, s, pos, x, _IS_LO)
                     a0 += a
                     l0 += lsum
                     n = 0
-                for j in range(n):
-                    b = (s >> (8 * j)) & 255
-                    v = x[pos + (b & 127)]
-                    if j & 1:
-                        a1 += v
-                        l1 += v * is_lo[b >> 7]
-                    else:
+                if n >= 1:
+                    c = s & 255
+                    v = x[pos + (c & 127)]
+                    a0 += v
+                    l0 += v * np.float32(c >> 7)
+                if n >= 2:
+                    c = (s >> 8) & 255
+                    v = x[pos + (c & 127)]
+                    a1 += v
+                    l1 += v * np.float32(c >> 7)
+                if n >= 3:
+                    c = (s >> 16) & 255
+                    v = x[pos + (c & 127)]
+                    a2 += v
+                    l2 += v * np.float32(c >> 7)
+                    for j in range(3, n):
+                        c = (s >> (8 * j)) & 255
+                        v = x[pos + (c & 127)]
                         a0 += v
-                        l0 += v * is_lo[b >> 7]
+                        l0 += v * np.float32(c >> 7)
                 pos += w & 127
-            lsum = l0 + l1
-            y[r] = hi[r] * (a0 + a1 - lsum) + lo[r] * lsum
+            lsum = l0 + l1 + l2
+            y[r] = hi[r] * (a0 + a1 + a2 - lsum) + lo[r] * lsum
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def _gemm(codes, offsets, table, extra, lo, hi, xt, y):
