@@ -11,7 +11,7 @@ from pathlib import Path
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressor import DataSpec, compress_model, resolve_model
 from qmoe.memory import MemoryError_, parse_size
-from qmoe.pipeline import CompressConfig
+from qmoe.pipeline import DECODER_MASKS, CompressConfig
 from qmoe.quant import Method, Scheme
 
 
@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=d.group_size, help="experts per batched GPTQ")
     p.add_argument("--percdamp", type=float, default=d.percdamp)
     p.add_argument("--token-cap", type=float, default=d.token_cap, help="Hessian tokens per expert, x the mean")
+    p.add_argument("--decoder-mask", default=d.decoder_mask, choices=list(DECODER_MASKS),
+                   help="decoder positions left out of the Hessians: those whose target is a sentinel, and each "
+                        "sample's last (target), or those whose input is a sentinel (input)")
     p.add_argument("--chunk-samples", type=int, default=d.chunk_samples,
                    help="samples per activation chunk (the dense pass's batch; changes float results)")
     p.add_argument("--threads", type=int, default=d.threads,
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
     try:
         cfg = CompressConfig(scheme=Scheme(a.scheme), method=Method(a.method), group_size=a.group_size,
                              percdamp=a.percdamp, token_cap=a.token_cap, seed=a.seed, chunk_samples=a.chunk_samples,
-                             threads=a.threads, activation_dtype=a.activation_dtype, device=a.device)
+                             threads=a.threads, activation_dtype=a.activation_dtype, device=a.device,
+                             decoder_mask=a.decoder_mask)
         spec = DataSpec(train_samples=a.train_samples, val_samples=a.val_samples, seed=a.seed, calib=a.calib)
         if a.workers < 0:
             raise ValueError(f"--workers must be >= 0 (0: in this process), got {a.workers}")

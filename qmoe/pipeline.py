@@ -17,6 +17,7 @@ from qmoe.packed import QuantizedMatrix
 from qmoe.quant import Method, Scheme, rtn
 
 log = logging.getLogger("qmoe")
+DECODER_MASKS = ("input", "target")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class CompressConfig:
     threads: int = 2  # torch threads in every step of every process (float results depend on it)
     activation_dtype: str = "float32"  # the activation files' dtype: float32 or bfloat16
     device: str = "cpu"  # where steps compute: cpu or cuda (a GPU's float results differ from the CPU's)
+    # Which decoder positions feed Hessians: "target" leaves out those whose target (label) is a sentinel and each
+    # sample's last position (QMoE's convention); "input" those whose decoder input is a sentinel (measured worse:
+    # README, "GPTQ").
+    decoder_mask: str = "target"
 
     def __post_init__(self):
         problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in
@@ -49,6 +54,8 @@ class CompressConfig:
             problems.append(f"activation_dtype must be float32 or bfloat16, got {self.activation_dtype!r}")
         if self.device not in ("cpu", "cuda"):
             problems.append(f"device must be cpu or cuda, got {self.device!r}")
+        if self.decoder_mask not in DECODER_MASKS:
+            problems.append(f"decoder_mask must be one of {', '.join(DECODER_MASKS)}, got {self.decoder_mask!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -134,10 +141,29 @@ def expert_seed(cfg: CompressConfig, block_index: int, j: int) -> int:
     return cfg.seed * 1_000_003 + block_index * 65_537 + j
 
 
-def hessian_rows(token_ids: torch.Tensor, sentinel_floor: int, cap: int, seed: int) -> torch.Tensor:
+def hessian_mask_ids(ids: dict[str, torch.Tensor], stack: str, decoder_mask: str, sentinel_floor: int) -> torch.Tensor:
+    """Per position [n, S], the id that decides whether the position may feed a Hessian (hessian_rows leaves out
+    ids >= sentinel_floor). ids: a chunk's {"enc_ids", "dec_ids", "labels"}. Encoder: the input id. Decoder, "input":
+    the decoder input (the labels shifted right); "target": the label, with each sample's last position and any
+    ignored label (< 0) marked as a sentinel (QMoE's convention)."""
+    if stack == "encoder":
+        return ids["enc_ids"]
+    if decoder_mask == "input":
+        return ids["dec_ids"]
+    m = ids["labels"].clone()
+    m[m < 0] = sentinel_floor
+    m[:, -1] = sentinel_floor
+    return m
+
+
+def hessian_rows(token_ids: torch.Tensor, sentinel_floor: int, cap: int, seed: int, min_rows: int = 0) -> torch.Tensor:
     """Which of an expert's tokens feed its Hessian: not sentinels, at most `cap` of them (a seeded random
-    subset, so the choice depends on the data and seed only, never on grouping or workers)."""
+    subset, so the choice depends on the data and seed only, never on grouping or workers). When fewer than
+    `min_rows` are not sentinels, all of the expert's tokens instead (so an expert that gets tokens is not left to
+    round-to-nearest for want of unmasked ones)."""
     rows = torch.nonzero(token_ids < sentinel_floor).flatten()
+    if rows.numel() < min_rows:
+        rows = torch.arange(token_ids.numel())
     if cap and rows.numel() > cap:
         g = torch.Generator().manual_seed(seed)
         rows = rows[torch.randperm(rows.numel(), generator=g)[:cap]].sort().values

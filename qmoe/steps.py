@@ -27,7 +27,8 @@ from qmoe.checkpoint import CheckpointReader, _set_param, checkpoint_name, is_ex
 from qmoe.config import SwitchConfig
 from qmoe.memory import PeakMonitor, Plan
 from qmoe.model import SwitchModel
-from qmoe.pipeline import CompressConfig, expert_outputs, expert_seed, hessian_rows, quantize_experts
+from qmoe.pipeline import (CompressConfig, expert_outputs, expert_seed, hessian_mask_ids, hessian_rows,
+                           quantize_experts)
 from qmoe.store import sha256_file
 
 
@@ -173,7 +174,7 @@ class Worker:
         perm = torch.sort(expert, stable=True).indices  # sorted row -> token: each expert's tokens in token order
         E = self.job.mcfg.num_experts
         counts = torch.bincount(expert, minlength=E)
-        mask_ids = (ids["enc_ids"] if stack == "encoder" else ids["dec_ids"]).reshape(-1)
+        mask_ids = hessian_mask_ids(ids, stack, self.cfg.decoder_mask, self.job.sentinel_floor).reshape(-1)  # [T]
         usable = torch.bincount(expert[mask_ids < self.job.sentinel_floor], minlength=E)
         s = self.store
         written = s.write(stream, "h", chunk, h.reshape(-1, h.shape[-1])) + s.write(stream, "z", chunk, z[perm.to(z.device)])
@@ -252,7 +253,7 @@ class Worker:
             else:
                 t1 = time.perf_counter()
                 sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap,
-                                       expert_seed(self.cfg, block_index, j)) for j in batch}
+                                       expert_seed(self.cfg, block_index, j), self.cfg.min_tokens) for j in batch}
                 slab = self.cfg.slab_rows
 
                 def hessian_slabs(k: int):

@@ -12,7 +12,9 @@ before and after compression come out of the same single pass over the checkpoin
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections import Counter
 from dataclasses import asdict
 
 from qmoe.compressed import Manifest
@@ -146,6 +148,10 @@ def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: s
     manifest.save()
     for j, why in sorted(st.fallback.items()):
         log.warning("%s expert %d: round-to-nearest fallback (%s)", name, j, why)
-    fb = f", {len(st.fallback)} experts fell back to round-to-nearest" if st.fallback else ""
+    # How many experts fell back and why, counted by reason (token counts left out so that alike reasons add up).
+    reasons = Counter(re.sub(r"\d+ calibration tokens.*", "too few calibration tokens", r)
+                      for r in st.fallback.values())
+    fb = f", {len(st.fallback)} of {E} experts round-to-nearest" + (
+        f" ({', '.join(f'{k} {r}' for r, k in sorted(reasons.items()))})" if reasons else "")
     prog.print(f"[{len(manifest.blocks_done)}] {name}: {st.tokens} tokens, {st.seconds['total']:.1f}s{fb}; ")
     return st

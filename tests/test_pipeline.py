@@ -13,7 +13,7 @@ from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import load_compressed, read_manifest
 from qmoe.compressor import DataSpec, compress_model
-from qmoe.pipeline import CompressConfig, expert_outputs, hessian_rows, quantize_experts
+from qmoe.pipeline import CompressConfig, expert_outputs, hessian_mask_ids, hessian_rows, quantize_experts
 from qmoe.quant import Method, Scheme
 
 SPEC = DataSpec(train_samples=24, val_samples=8, seed=0)
@@ -135,6 +135,7 @@ def test_expert_without_tokens_is_logged_and_not_fatal(tiny_ckpt, tmp_path, capl
     block0 = s["blocks"][0]
     starved = [j for j, n in enumerate(block0["tokens_per_expert"]) if n < 8]
     assert starved and set(map(int, block0["fallback"])) >= set(starved)
+    assert block0["experts_fallback_rtn"] == len(block0["fallback"])
     assert s["experts_fallback_rtn"] >= len(starved)
     assert any("round-to-nearest fallback" in r.message for r in caplog.records)
 
@@ -146,6 +147,44 @@ def test_hessian_rows_leave_out_sentinels_and_cap():
     capped = hessian_rows(ids, 259, cap=3, seed=0)
     assert len(capped) == 3 and set(capped.tolist()) <= set(rows.tolist())
     assert torch.equal(capped, hessian_rows(ids, 259, cap=3, seed=0))
+
+
+def test_hessian_rows_use_masked_tokens_when_too_few_are_left():
+    ids = torch.tensor([300, 5, 301, 302, 303])
+    assert hessian_rows(ids, 259, cap=0, seed=0, min_rows=1).tolist() == [1]
+    assert hessian_rows(ids, 259, cap=0, seed=0, min_rows=2).tolist() == [0, 1, 2, 3, 4]  # 1 < 2: all of them
+    assert hessian_rows(ids[[0, 2]], 259, cap=0, seed=0, min_rows=8).tolist() == [0, 1]
+
+
+def test_decoder_mask_conventions_on_real_span_corruption():
+    """Real samples (byte tokenizer, span corruption): "target" leaves out the positions whose label is a sentinel
+    and each sample's last one (QMoE's), "input" those whose decoder input is; the encoder's mask is its input's."""
+    from qmoe.data import DataConfig, train_val_samples
+    from qmoe.model import shift_right
+    from qmoe.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+    smp, _ = train_val_samples(text, tok, 4, 1, seed=0, cfg=DataConfig(raw_length=64))
+    floor = tok.sentinel_floor
+    ids = {"enc_ids": smp.input_ids, "dec_ids": shift_right(smp.labels, 0), "labels": smp.labels}
+    assert (smp.labels >= floor).any() and (smp.input_ids >= floor).any()
+    target = hessian_mask_ids(ids, "decoder", "target", floor) < floor  # [n, S]: may feed a Hessian
+    expect = smp.labels < floor
+    expect[:, -1] = False
+    assert torch.equal(target, expect)
+    assert not target[:, -1].any() and not (target & (smp.labels >= floor)).any()
+    # A sentinel label at t is the decoder input at t + 1: "target" is "input" moved one position left.
+    inp = hessian_mask_ids(ids, "decoder", "input", floor) < floor
+    assert torch.equal(inp, ids["dec_ids"] < floor)
+    assert torch.equal(target[:, :-1], inp[:, 1:])
+    for mask in ("input", "target"):
+        assert torch.equal(hessian_mask_ids(ids, "encoder", mask, floor), smp.input_ids)
+    labels = smp.labels.clone()
+    labels[0, 3] = -100  # an ignored target never feeds a Hessian
+    assert not (hessian_mask_ids(dict(ids, labels=labels), "decoder", "target", floor)[0, 3] < floor)
+    with pytest.raises(ValueError, match="decoder_mask"):
+        CompressConfig(decoder_mask="labels")
 
 
 def test_token_cap_is_applied(tiny_ckpt, tmp_path):
