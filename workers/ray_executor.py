@@ -132,7 +132,8 @@ def _spilled_bytes() -> int:
     try:
         from ray._private.internal_api import memory_summary
 
-        m = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+        summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+        m = re.search(r"Spilled (\d+) MiB", summary)
         return int(m.group(1)) << 20 if m else 0
     except Exception:  # noqa: BLE001 - a statistic; an older or newer Ray may not have this summary
         return -1
