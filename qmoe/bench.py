@@ -1,5 +1,5 @@
-"""python -m qmoe.bench {codec,kernels,scale} [--json FILE]: benchmarks, each run side by side with its baselines.
-codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py; scale: qmoe/bench_scale.py."""
+"""python -m qmoe.bench {codec,kernels,scale,gptq} [--json FILE]: benchmarks, each run side by side with its baselines.
+codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py; scale: qmoe/bench_scale.py; gptq: qmoe/bench_gptq.py."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +33,23 @@ def main(argv=None) -> int:
     c.add_argument("--keep", action="store_true", help="keep checkpoints and outputs (default: delete each after use)")
     c.add_argument("--json", type=Path)
     c.add_argument("--plot", type=Path, help="PNG: peak memory per process against checkpoint size")
+    g = sub.add_parser("gptq", help="GPTQ against round-to-nearest: layer-wise errors and end-to-end loss, 3 seeds")
+    g.add_argument("--model", default="default")
+    g.add_argument("--schemes", type=lambda t: t.split(","), default=["ternary", "int2"])
+    g.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2])
+    g.add_argument("--decoder-mask", choices=["input", "target"], help="default: CompressConfig's")
+    g.add_argument("--percdamp", type=float, help="default: CompressConfig's")
+    g.add_argument("--train-samples", type=int, default=512)
+    g.add_argument("--val-samples", type=int, default=256)
+    g.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    if a.what == "scale":
+    if a.what == "gptq":
+        from qmoe import bench_gptq as b
+        from qmoe.quant import Scheme
+
+        result = b.run(a.model, [Scheme(x) for x in a.schemes], a.seeds, a.decoder_mask, a.train_samples,
+                       a.val_samples, percdamp=a.percdamp)
+    elif a.what == "scale":
         from qmoe import bench_scale as b
 
         result = b.run(a)
