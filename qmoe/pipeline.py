@@ -107,16 +107,19 @@ def quantize_experts(weights: list[dict[str, torch.Tensor]], hessian_slabs, cfg:
     Hessians ([n, D] slabs of at most slab_rows, sentinels left out, capped), and can be called more than once.
     GPTQ quantizes wi from those inputs, then wo from the hidden activations of the *quantized* wi. Returns the
     quantized experts and, per expert, why it fell back to round-to-nearest ("" if it did not)."""
-    wi = torch.stack([w["wi"] for w in weights]).to(device, torch.float32)  # [b, F, D]
-    wo = torch.stack([w["wo"] for w in weights]).to(device, torch.float32)  # [b, D, F]
+    # One matrix kind at a time in float32: [b, F, D], then [b, D, F] (each freed before the next is made).
+    wi = torch.stack([w["wi"].to(device, torch.float32) for w in weights])
     q_wi, why_wi = _quantize(wi, lambda g: (s.to(device) for s in hessian_slabs(g)), cfg)
     del wi
-    wi_q = [q.values().to(device) for q in q_wi]
+    wi_q = [q.values().to(device) for q in q_wi] if cfg.method is Method.GPTQ else None
 
     def hidden(g: int):  # expert g's quantized wi, then relu: [n, D] -> [n, F]
         return (F.relu(F.linear(s.to(device), wi_q[g])) for s in hessian_slabs(g))
 
+    wo = torch.stack([w["wo"].to(device, torch.float32) for w in weights])
     q_wo, why_wo = _quantize(wo, hidden, cfg)
+    del wo
+    wi_q = None  # noqa: F841 - frees the quantized wi values (the closure above holds the cell)
     reasons = [f"wi: {a}" if a else (f"wo: {b}" if b else "") for a, b in zip(why_wi, why_wo)]
     return [QuantizedExpert(a, b) for a, b in zip(q_wi, q_wo)], reasons
 

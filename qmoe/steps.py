@@ -248,9 +248,7 @@ class Worker:
                     self._read_ahead(name, batches[b + 1])
                 elif next_call and self._needs_original(next_call["replay"]):
                     self._read_ahead(_block_name(next_call), _first_batch(next_call, self.job.plan.batch))
-            if replay:
-                compressed = {j: decoded.weights(j) for j in batch}
-            else:
+            if not replay:
                 t1 = time.perf_counter()
                 sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap,
                                        expert_seed(self.cfg, block_index, j), self.cfg.min_tokens) for j in batch}
@@ -263,18 +261,20 @@ class Worker:
 
                 q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device)
                 secs["quantize"] += time.perf_counter() - t1
-                compressed = {}
                 for j, qe, r in zip(batch, q, why):
                     quantized[j], reasons[j], hess[j] = qe, r, len(sel[j])
-                    compressed[j] = (qe.wi.values(), qe.wo.values())
             t1 = time.perf_counter()
-            for s in self.job.streams:
-                for k, j in enumerate(batch):
-                    w = compressed[j] if s.experts == "compressed" else (original[k]["wi"], original[k]["wo"])
-                    rows[s.name].run(j, w[0].to(self.device, torch.float32), w[1].to(self.device, torch.float32),
+            for k, j in enumerate(batch):  # one expert's float32 weights at a time, for every stream
+                w = {"original": None if original is None else (original[k]["wi"], original[k]["wo"]),
+                     "compressed": decoded.weights(j) if replay else (quantized[j].wi.values(),
+                                                                      quantized[j].wo.values())}
+                for s in self.job.streams:
+                    wi, wo = w[s.experts]
+                    rows[s.name].run(j, wi.to(self.device, torch.float32), wo.to(self.device, torch.float32),
                                      self.cfg.slab_rows)
+                del w
             secs["outputs"] += time.perf_counter() - t1
-            del original, compressed
+            del original
         record = {}
         if not replay:
             t1 = time.perf_counter()
