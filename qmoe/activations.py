@@ -102,9 +102,6 @@ class ActivationStore:
     def read_small(self, stream: str, kind: str, chunk: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.path(stream, kind, chunk)))
 
-    def rename(self, stream: str, kind: str, new_kind: str, chunk: int) -> None:
-        os.replace(self.path(stream, kind, chunk), self.path(stream, new_kind, chunk))
-
     def remove(self, stream: str, kind: str, chunk: int) -> None:
         self.path(stream, kind, chunk).unlink(missing_ok=True)
 

@@ -58,9 +58,6 @@ class PeakMonitor:
         while not self._stop.wait(self._interval):
             self.peak = max(self.peak, rss_anon())
 
-    def reset(self) -> None:
-        self.peak = rss_anon()
-
     def sample(self) -> int:
         self.peak = max(self.peak, rss_anon())
         return self.peak

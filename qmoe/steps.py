@@ -296,9 +296,6 @@ class Worker:
         """A step's result: what it measured, plus this process's id, bytes read so far and peak memory."""
         return dict(result, pid=os.getpid(), checkpoint_bytes_read=self.bytes_read, peak_anon=self.monitor.sample())
 
-    def stats(self) -> dict:
-        return {"pid": os.getpid(), "peak_anon": self.monitor.sample(), "checkpoint_bytes_read": self.bytes_read}
-
 
 def _block_name(call: dict) -> str:
     return f"{call['stack']}.block.{call['i']}"
