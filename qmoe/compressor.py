@@ -26,7 +26,7 @@ from qmoe.model import SwitchModel
 from qmoe.pipeline import CompressConfig
 from qmoe.steps import Job, Stream
 from codec.atomic import atomic_write
-from qmoe.store import atomic_write_json
+from qmoe.store import atomic_write_json, sha256_file
 from qmoe.tokenizer import load_tokenizer, read_text_file
 from qmoe.walk import compress_blocks, write_ids
 
@@ -192,8 +192,8 @@ def _settings(cfg: CompressConfig, spec: DataSpec, model_dir: Path) -> dict:
     calib = Path(spec.calib).resolve() if spec.calib else None
     return {**cfg.settings(), "train_samples": spec.train_samples, "val_samples": spec.val_samples,
             "data_seed": spec.seed, "calib": str(calib) if calib else "embedded corpus",
-            "calib_sha256": outdir.file_sha256(calib), **{f"data_{k}": v for k, v in asdict(spec.data).items()},
-            "source": str(model_dir.resolve())}
+            "calib_sha256": sha256_file(calib) if calib is not None else None,
+            **{f"data_{k}": v for k, v in asdict(spec.data).items()}, "source": str(model_dir.resolve())}
 
 
 def _summary(model: SwitchModel, manifest: C.Manifest, cfg: CompressConfig, spec: DataSpec, model_dir: Path,

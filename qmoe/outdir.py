@@ -6,7 +6,6 @@ directory (or a directory that holds it), whatever the flags.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -63,16 +62,6 @@ def clean_leftovers(out: Path) -> list[Path]:
         p.unlink()
     shutil.rmtree(out / WORK, ignore_errors=True)
     return temps
-
-
-def file_sha256(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_resume(out: Path, settings: dict) -> C.Manifest:
