@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from qmoe import compressed as C
 from qmoe.activations import ActivationStore
@@ -316,13 +317,17 @@ class _ExpertRows:
         self._ids: dict[int, list[torch.Tensor]] = {j: [] for j in js}
         self.bytes_read = 0
         for c in range(chunks):
-            route = store.read_small(stream, "route", c)
-            off = route["offsets"]
+            # Only offsets [E + 1] and the group's rows of ids are read, not the whole route file (perm, prob and
+            # ids are [T] each): every expert group reads every chunk's route file.
+            with safe_open(store.path(stream, "route", c), "pt") as f:
+                off = f.get_tensor("offsets")  # [E + 1]
+                lo, hi = int(off[min(js)]), int(off[max(js) + 1])  # the group's rows (z is sorted by expert)
+                ids = f.get_slice("ids")[lo:hi] if hi > lo else None
             for j in js:
                 r0, r1 = int(off[j]), int(off[j + 1])
                 if r1 > r0:
                     self.segments[j].append((c, r0, r1))
-                    self._ids[j].append(route["ids"][r0:r1])
+                    self._ids[j].append(ids[r0 - lo:r1 - lo])
 
     def count(self, j: int) -> int:
         return sum(r1 - r0 for _, r0, r1 in self.segments[j])
