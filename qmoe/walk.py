@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from dataclasses import asdict
 
+import numpy as np
+
 from qmoe.compressed import Manifest
 from qmoe.data import Samples
 from qmoe.memory import format_size
@@ -109,8 +111,9 @@ def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: s
     t0 = time.perf_counter()
     routes = run("route", calls)
     train = [r for r, c in zip(routes, calls) if c["stream"] == "train"]
-    counts = [sum(r["counts"][j] for r in train) for j in range(E)]
-    usable = [sum(r["usable"][j] for r in train) for j in range(E)]
+    # Per-chunk [chunks, E] summed over the chunks, as lists of E Python ints (they go into the manifest's JSON).
+    counts = np.array([r["counts"] for r in train], dtype=np.int64).reshape(-1, E).sum(0).tolist()
+    usable = np.array([r["usable"] for r in train], dtype=np.int64).reshape(-1, E).sum(0).tolist()
     cap, capped = hessian_cap(usable, cfg)
     t_dense = time.perf_counter() - t0
     done = manifest.groups(name)
