@@ -3,19 +3,34 @@
 W is a codec-encoded ternary matrix [R, C]: row r is the codewords codes[offsets[r]:offsets[r + 1]], each a word
 of the dictionary (see records.py), with levels lo[r] and hi[r]. Row r's output is
     y[:, r] = hi[r] * (sum of x[:, p] over its hi positions p) + lo[r] * (sum over its lo positions),
-so the work is one table load per codeword and one gather-add per non-zero (about 12% of the weights), never one
-per weight. Every matrix must have passed records.check_rows first: the kernels do not bounds-check positions.
+so the work is a table load or two per codeword and one add per non-zero (about 12% of the weights) and batch
+column, never one per weight. Every matrix must have passed records.check_rows first: the kernels do not
+bounds-check positions.
+
+Two kinds of kernel:
+- list kernels (matrices up to MAX_LIST_WIDTH columns, so every position fits 16 bits): a row's codewords are
+  first turned into two short lists of absolute positions, its hi ones and its lo ones (records.Lists: each word
+  writes its up to 4 positions of each level with one store and advances by its counts, no branch on the counts),
+  then x is summed over each list: with vector gathers at batch 1, and at batch B > 1 one W-wide vector add per
+  position (x transposed and padded to W columns, kernels._llvm.make_rowsum). Lists live in L1 (a row's are at
+  most C + 4 entries). Against the record kernels below, alternated in one process on c2048's shapes: see
+  README "Kernels and inference".
+- record kernels (any width): walk each codeword's record and gather-add its non-zeros in place.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from kernels.records import OVERFLOW, SLOT0, Records
+from kernels._llvm import make_rowsum, store_lanes
+from kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records, word_bytes  # noqa: F401 (word_bytes: tests)
 
-# Up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at P(0) = 0.885:
-# batch 2 4.0 vs 5.0 ms, batch 4 8 vs 12 ms; the batched inner loop over B columns vectorizes from 8 columns on).
+# Record kernels: up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at
+# P(0) = 0.885: batch 2 4.0 vs 5.0 ms, batch 4 8 vs 12 ms).
 GEMV_UP_TO = 4
+MAX_LIST_WIDTH = (1 << 16) - 128  # list entries are uint16 positions; a word may start at C - 1 and span 127
+WIDTHS = (4, 8, 16, 32, 64)  # batch widths of the list gemm (B is padded up to one; above 64, tiles of 64)
+ROWS_PER_TASK = 16  # rows a prange task takes (one pair of list buffers each)
 
 _IS_LO = np.array([0.0, 1.0], dtype=np.float32)
 
@@ -131,19 +146,148 @@ def _make_kernels(overflow: bool):
 
 _KERNELS = {False: _make_kernels(False), True: _make_kernels(True)}  # numba compiles them at first call
 
+_U0, _U1, _U7, _U10, _U127, _UBIG = (np.uint64(v) for v in (0, 1, 7, 10, 127, BIG))
+_SPREAD = np.uint64(0x0001000100010001)  # pos * _SPREAD: pos in each of four 16-bit lanes
 
-def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
+
+@numba.njit(inline="always")
+def _emit_big(table, extra, c, pos, hib, lob, nh, nl):
+    """A word of more than LANES hi or lo non-zeros, one position at a time from its record."""
+    w = table[c]
+    n = (w >> 7) & 7
+    s = w >> SLOT0
+    if n == OVERFLOW:
+        n = extra[s]
+    for j in range(n):
+        b = np.uint64(extra[s + 1 + j] if (w >> 7) & 7 == OVERFLOW else (s >> (8 * j)) & 255)
+        if b >> _U7:
+            lob[nl] = pos + (b & _U127)
+            nl += _U1
+        else:
+            hib[nh] = pos + (b & _U127)
+            nh += _U1
+    return nh, nl
+
+
+def _make_list_kernels(big: bool):
+    """(emit, gemv, {W: gemm}) for dictionaries with (big) or without big words, compiled separately as the record
+    kernels are (a never-taken branch in the emit loop still costs)."""
+
+    @numba.njit(inline="always")
+    def emit(codes, t0, t1, meta, lanes, table, extra, hib, lob):
+        """Row codes[t0:t1]'s hi positions into hib[:nh], lo positions into lob[:nl]; returns (nh, nl). Each word
+        stores LANES positions of each level (the unused lanes are overwritten by the next word or ignored), so the
+        buffers need LANES entries beyond the row's count."""
+        pos = _U0
+        nh = _U0
+        nl = _U0
+        for t in range(np.uint64(t0), np.uint64(t1)):
+            c = np.uint64(codes[t])
+            m = np.uint64(meta[c])
+            if big and m >> _UBIG:
+                nh, nl = _emit_big(table, extra, c, pos, hib, lob, nh, nl)
+            else:
+                spread = pos * _SPREAD
+                store_lanes(hib, nh, lanes[c + c] + spread)
+                store_lanes(lob, nl, lanes[c + c + _U1] + spread)
+                nh += (m >> _U7) & _U7
+                nl += (m >> _U10) & _U7
+            pos += m & _U127
+        return nh, nl
+
+    @numba.njit(fastmath=True, cache=True)
+    def gemv_rows(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, r0, r1, hib, lob):
+        for r in range(r0, r1):
+            nh, nl = emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob)
+            sh = np.float32(0.0)
+            for i in range(nh):  # LLVM vectorizes these sums with gathers
+                sh += x[hib[i]]
+            sl = np.float32(0.0)
+            for i in range(nl):
+                sl += x[lob[i]]
+            y[r] = hi[r] * sh + lo[r] * sl
+
+    @numba.njit(parallel=True, cache=True)
+    def gemv(codes, offsets, meta, lanes, table, extra, lo, hi, x, y):
+        """Batch 1: x [C] float32, y [R] float32."""
+        R = len(offsets) - 1
+        for task in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+            hib = np.empty(len(x) + LANES, np.uint16)
+            lob = np.empty(len(x) + LANES, np.uint16)
+            r0 = task * ROWS_PER_TASK
+            gemv_rows(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, r0, min(R, r0 + ROWS_PER_TASK),
+                      hib, lob)
+
+    def make_gemm(W: int):
+        rowsum = make_rowsum(W, 4 if W <= 16 else 2)  # 2 accumulators of 32-64 lanes: 8 zmm, enough in flight
+
+        @numba.njit(fastmath=True, cache=True)
+        def gemm_rows(codes, offsets, meta, lanes, table, extra, lo, hi, xf, Bp, y, r0, r1, hib, lob, sh, sl):
+            B = y.shape[0]
+            for r in range(r0, r1):
+                nh, nl = emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob)
+                for c0 in range(0, B, W):
+                    rowsum(xf, hib, nh, np.uint64(Bp), np.uint64(c0), sh)
+                    rowsum(xf, lob, nl, np.uint64(Bp), np.uint64(c0), sl)
+                    for k in range(min(W, B - c0)):
+                        y[c0 + k, r] = hi[r] * sh[k] + lo[r] * sl[k]
+
+        @numba.njit(parallel=True, cache=True)
+        def gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt, y):
+            """Batch B > 1: xt [C, Bp] float32 (x transposed, columns zero-padded to a multiple of W, rows 64-byte
+            aligned for W >= 16), y [B, R] float32."""
+            R = len(offsets) - 1
+            C, Bp = xt.shape
+            xf = xt.reshape(-1)
+            for task in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+                hib = np.empty(C + LANES, np.uint16)
+                lob = np.empty(C + LANES, np.uint16)
+                sh = np.empty(W, np.float32)
+                sl = np.empty(W, np.float32)
+                r0 = task * ROWS_PER_TASK
+                gemm_rows(codes, offsets, meta, lanes, table, extra, lo, hi, xf, Bp, y, r0,
+                          min(R, r0 + ROWS_PER_TASK), hib, lob, sh, sl)
+
+        return gemm
+
+    return gemv, {W: make_gemm(W) for W in WIDTHS}
+
+
+_LIST_KERNELS = {False: _make_list_kernels(False), True: _make_list_kernels(True)}
+
+
+def _padded_transpose(x: np.ndarray, Bp: int) -> np.ndarray:
+    """x [B, C] as xt [C, Bp] float32, columns B.. zero, the data 64-byte aligned (one cache line per 16 lanes)."""
+    B, C = x.shape
+    buf = np.zeros(C * Bp + 16, dtype=np.float32)
+    start = (-buf.ctypes.data % 64) // 4
+    xt = buf[start:start + C * Bp].reshape(C, Bp)
+    xt[:, :B] = x.T
+    return xt
+
+
+def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
+              x: np.ndarray) -> np.ndarray:
+    """decode_gemm with the list kernels (x [B, C] float32 C-contiguous, C <= MAX_LIST_WIDTH)."""
+    B, C = x.shape
+    if C > MAX_LIST_WIDTH:
+        raise ValueError(f"the list kernels take up to {MAX_LIST_WIDTH} columns, not {C}")
+    L = recs.lists
+    gemv, gemms = _LIST_KERNELS[L.big]
+    args = (codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi)
+    y = np.empty((B, len(offsets) - 1), dtype=np.float32)
+    if B == 1:
+        gemv(*args, x[0], y[0])
+    elif B > 1:
+        W = next((w for w in WIDTHS if w >= B), WIDTHS[-1])
+        gemms[W](*args, _padded_transpose(x, -(-B // W) * W), y)
+    return y
+
+
+def record_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
                 x: np.ndarray) -> np.ndarray:
-    """y [B, R] float32 = x [B, C] @ W^T for the encoded W.
-
-    codes [n] uint16 (codewords of all rows, row after row); offsets [R + 1] int64 (row r's codewords start at
-    offsets[r]); recs: records.records(the dictionary); lo, hi [R] float32 (each row's two levels);
-    x [B, C] float32, any B >= 0. C is W's width; the caller guarantees it matches (CompressedLinear checks).
-    """
+    """decode_gemm with the record kernels (any width)."""
     R = len(offsets) - 1
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"x must be [B, C], got shape {x.shape}")
     gemv, gemm = _KERNELS[recs.overflow]
     if x.shape[0] <= GEMV_UP_TO:
         y = np.empty((x.shape[0], R), dtype=np.float32)
@@ -153,3 +297,19 @@ def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nd
     y = np.empty((R, x.shape[0]), dtype=np.float32)
     gemm(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x.T), y)
     return np.ascontiguousarray(y.T)
+
+
+def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
+                x: np.ndarray) -> np.ndarray:
+    """y [B, R] float32 = x [B, C] @ W^T for the encoded W.
+
+    codes [n] uint16 (codewords of all rows, row after row); offsets [R + 1] int64 (row r's codewords start at
+    offsets[r]); recs: records.records(the dictionary); lo, hi [R] float32 (each row's two levels);
+    x [B, C] float32, any B >= 0. C is W's width; the caller guarantees it matches (CompressedLinear checks).
+    List kernels up to MAX_LIST_WIDTH columns, record kernels above.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"x must be [B, C], got shape {x.shape}")
+    kernel = list_gemm if x.shape[1] <= MAX_LIST_WIDTH else record_gemm
+    return kernel(codes, offsets, recs, lo, hi, x)

@@ -9,10 +9,15 @@ record bits (low to high):
 One register-sized record per word keeps the 2^16-word table at 512 KB (it fits a 1 MB L2) and lets a kernel walk
 a row with one load per codeword. Words of more than 6 non-zeros occur only in dictionaries for dense matrices
 (P(0) below ~0.7: none at QMoE's 0.885); they take one extra, well-predicted branch.
+
+The CPU kernels use a second view, `Lists` (Records.lists, built from the records on first use): per word its hi
+positions and its lo positions, up to LANES of each, as the 16-bit lanes of two uint64, and a uint16 `meta` (length,
+the two counts, and a flag for words with more than LANES of either, which the kernels take from the record).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numba
 import numpy as np
@@ -22,6 +27,8 @@ from codec.dictionary import Dictionary
 INLINE = 6  # non-zeros that fit in a record
 OVERFLOW = 7
 SLOT0 = 10
+LANES = 4  # positions of each level a Lists word holds
+BIG = 13  # meta bit: the word has more than LANES hi or lo non-zeros
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,52 @@ class Records:
     def overflow(self) -> bool:
         """Whether any word overflows its record."""
         return len(self.extra) > 1
+
+    @cached_property
+    def lists(self) -> "Lists":
+        """The CPU kernels' view of these records (built once per Records)."""
+        return _lists(self.table, self.extra)
+
+
+@dataclass(frozen=True)
+class Lists:
+    meta: np.ndarray  # [W] uint16: length | n_hi << 7 | n_lo << 10 | big << BIG (counts capped at 7)
+    lanes: np.ndarray  # [2W] uint64: word c's first LANES hi positions at 2c, lo positions at 2c + 1, 16 bits each
+    big: bool  # whether any word is big (the kernels compile the branch for it only then)
+
+
+def word_bytes(table: np.ndarray, extra: np.ndarray, c: int) -> list[int]:
+    """Word c's non-zero bytes (position | is_lo << 7), in word order, from its record."""
+    w = int(table[c])
+    n, s = (w >> 7) & 7, w >> SLOT0
+    if n == OVERFLOW:
+        return [int(b) for b in extra[s + 1:s + 1 + int(extra[s])]]
+    return [(s >> (8 * j)) & 255 for j in range(n)]
+
+
+def _lists(table: np.ndarray, extra: np.ndarray) -> Lists:
+    W = len(table)
+    n = (table >> 7) & 7
+    byte = np.stack([(table >> (SLOT0 + 8 * j)) & 255 for j in range(INLINE)], axis=1)  # [W, 6]
+    valid = np.arange(INLINE)[None, :] < np.where(n == OVERFLOW, 0, n)[:, None]
+    is_lo = (byte >> 7).astype(bool)
+    lanes = np.zeros((W, 2, LANES), dtype=np.uint16)
+    counts = np.zeros((W, 2), dtype=np.int64)
+    for level, mask in enumerate((valid & ~is_lo, valid & is_lo)):
+        rank = np.cumsum(mask, axis=1) - 1
+        w, j = np.nonzero(mask & (rank < LANES))
+        lanes[w, level, rank[w, j]] = byte[w, j] & 127
+        counts[:, level] = mask.sum(1)
+    for c in np.flatnonzero(n == OVERFLOW):  # words of more than 6 non-zeros (dense dictionaries only)
+        b = np.array(word_bytes(table, extra, c), dtype=np.int64)
+        for level in (0, 1):
+            pos = b[(b >> 7) == level] & 127
+            counts[c, level] = len(pos)
+            lanes[c, level, :min(LANES, len(pos))] = pos[:LANES]
+    big = (counts > LANES).any(axis=1)
+    meta = ((table & 127) | (np.minimum(counts[:, 0], 7) << 7) | (np.minimum(counts[:, 1], 7) << 10)
+            | (big.astype(np.int64) << BIG)).astype(np.uint16)
+    return Lists(meta, lanes.reshape(2 * W, LANES).view(np.uint64).reshape(2 * W), bool(big.any()))
 
 
 _CACHE: dict[str, Records] = {}  # dictionary sha256 -> records (a model has a few dictionaries)

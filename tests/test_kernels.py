@@ -10,13 +10,15 @@ import torch
 
 from codec.dictionary import normalize_probs, qmoe_pairs, tunstall
 from codec.ternary import bf16_bits_to_f32, decode, encode, f32_to_bf16_bits
-from kernels.cpu import decode_gemm
+from kernels import cpu
+from kernels.cpu import decode_gemm, list_gemm, record_gemm
 from kernels.module import CompressedLinear
 from kernels.records import check_rows, records, window_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 7), (3, 1), (5, 37), (33, 129), (64, 256), (17, 300), (130, 2)]
 BATCHES = [1, 2, 3, 16, 64]
+LIST_BATCHES = [1, 2, 5, 8, 13, 17, 33, 64, 70, 130]  # every list width (4 .. 64), partial ones, tiles of 64
 
 
 def random_matrix(shape, p=(0.85, 0.09, 0.06), seed=0, dictionary=None, special_rows=True):
@@ -52,6 +54,59 @@ def test_cpu_kernel_matches_reference(shape, batch):
     x = np.random.default_rng(batch).standard_normal((batch, shape[1])).astype(np.float32)
     y = decode_gemm(m.codes, m.row_offsets, recs, bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1]), x)
     assert_close(y, reference(m, x))
+
+
+@pytest.mark.parametrize("p", [(0.885, 0.0575, 0.0575), (0.6, 0.2, 0.2)])
+@pytest.mark.parametrize("kernel", [list_gemm, record_gemm])
+def test_cpu_kernels_every_batch_width(kernel, p):
+    """Both CPU kernels over batch widths 1 .. 130 (the list kernel's padded widths, partial and several tiles)
+    on a dictionary without and one with big words (more than LANES non-zeros of one level: the list kernels'
+    per-position branch)."""
+    m = random_matrix((37, 211), p=p, seed=3)
+    recs = records(m.dictionary)
+    assert recs.lists.big == (p[0] < 0.8)
+    lo, hi = bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1])
+    for batch in LIST_BATCHES:
+        x = np.random.default_rng(batch).standard_normal((batch, 211)).astype(np.float32)
+        assert_close(kernel(m.codes, m.row_offsets, recs, lo, hi, x), reference(m, x))
+
+
+def test_lists_layout():
+    """records.Lists against the dictionary: length, per-level counts, the first LANES positions of each level
+    in word order, the big flag; words with overflow records included."""
+    from kernels.records import BIG, LANES
+
+    for p in ([0.885, 0.0575, 0.0575], [0.5, 0.3, 0.2]):
+        d = tunstall(normalize_probs(np.array(p)))
+        L = records(d).lists
+        lanes = L.lanes.view(np.uint16).reshape(d.size, 2, LANES)
+        nnz = np.diff(d.nz_start)
+        for c in list(range(0, d.size, 61)) + [int(np.argmax(nnz))]:
+            pos, sym = d.nz_pos[d.nz_start[c]:d.nz_start[c + 1]], d.nz_sym[d.nz_start[c]:d.nz_start[c + 1]]
+            assert L.meta[c] & 127 == d.length[c]
+            for level, s in enumerate((1, 2)):  # symbol 1 = hi, 2 = lo
+                want = pos[sym == s]
+                assert (L.meta[c] >> (7 + 3 * level)) & 7 == min(7, len(want))
+                k = min(LANES, len(want))
+                assert list(lanes[c, level, :k]) == list(want[:k])
+            assert bool(L.meta[c] >> BIG) == (max((sym == 1).sum(), (sym == 2).sum()) > LANES)
+        assert L.big == bool((L.meta >> BIG).any())
+
+
+def test_wide_matrices_take_the_record_kernels(monkeypatch):
+    """Above MAX_LIST_WIDTH columns (positions past 16 bits) decode_gemm takes the record kernels, and the list
+    kernels refuse; checked with the limit lowered."""
+    m = random_matrix((7, 150))
+    recs = records(m.dictionary)
+    lo, hi = bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1])
+    x = np.random.default_rng(0).standard_normal((3, 150)).astype(np.float32)
+    monkeypatch.setattr(cpu, "MAX_LIST_WIDTH", 149)
+    calls = []
+    monkeypatch.setattr(cpu, "record_gemm", lambda *a: calls.append(1) or record_gemm(*a))
+    assert_close(decode_gemm(m.codes, m.row_offsets, recs, lo, hi, x), reference(m, x))
+    assert calls == [1]
+    with pytest.raises(ValueError, match="up to 149 columns"):
+        list_gemm(m.codes, m.row_offsets, recs, lo, hi, x)
 
 
 @pytest.mark.parametrize("dictionary", ["qmoe", "skewed", "dense"])
