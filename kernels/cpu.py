@@ -19,11 +19,13 @@ Two kinds of kernel:
 """
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
 from kernels._llvm import make_rowsum, store_lanes
-from kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records, word_bytes  # noqa: F401 (word_bytes: tests)
+from kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records
 
 # Record kernels: up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at
 # P(0) = 0.885: batch 2 4.0 vs 5.0 ms, batch 4 8 vs 12 ms).
@@ -31,6 +33,7 @@ GEMV_UP_TO = 4
 MAX_LIST_WIDTH = (1 << 16) - 128  # list entries are uint16 positions; a word may start at C - 1 and span 127
 WIDTHS = (4, 8, 16, 32, 64)  # batch widths of the list gemm (B is padded up to one; above 64, tiles of 64)
 ROWS_PER_TASK = 16  # rows a prange task takes (one pair of list buffers each)
+SLACK = LANES  # list buffer entries past C: a word writes all its lanes
 
 _IS_LO = np.array([0.0, 1.0], dtype=np.float32)
 
@@ -212,8 +215,8 @@ def _make_list_kernels(big: bool):
         """Batch 1: x [C] float32, y [R] float32."""
         R = len(offsets) - 1
         for task in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            hib = np.empty(len(x) + LANES, np.uint16)
-            lob = np.empty(len(x) + LANES, np.uint16)
+            hib = np.empty(len(x) + SLACK, np.uint16)
+            lob = np.empty(len(x) + SLACK, np.uint16)
             r0 = task * ROWS_PER_TASK
             gemv_rows(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, r0, min(R, r0 + ROWS_PER_TASK),
                       hib, lob)
@@ -240,8 +243,8 @@ def _make_list_kernels(big: bool):
             C, Bp = xt.shape
             xf = xt.reshape(-1)
             for task in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-                hib = np.empty(C + LANES, np.uint16)
-                lob = np.empty(C + LANES, np.uint16)
+                hib = np.empty(C + SLACK, np.uint16)
+                lob = np.empty(C + SLACK, np.uint16)
                 sh = np.empty(W, np.float32)
                 sl = np.empty(W, np.float32)
                 r0 = task * ROWS_PER_TASK
@@ -256,13 +259,35 @@ def _make_list_kernels(big: bool):
 _LIST_KERNELS = {False: _make_list_kernels(False), True: _make_list_kernels(True)}
 
 
-def _padded_transpose(x: np.ndarray, Bp: int) -> np.ndarray:
-    """x [B, C] as xt [C, Bp] float32, columns B.. zero, the data 64-byte aligned (one cache line per 16 lanes)."""
+@numba.njit(parallel=True, cache=True)
+def _transpose_into(x, xt):
+    """xt[:, :B] = x.T and xt[:, B:] = 0, in blocks of 64 of x's columns (one task each)."""
     B, C = x.shape
-    buf = np.zeros(C * Bp + 16, dtype=np.float32)
+    for block in numba.prange((C + 63) // 64):
+        c0 = block * 64
+        c1 = min(C, c0 + 64)
+        for b in range(B):
+            for c in range(c0, c1):
+                xt[c, b] = x[b, c]
+        for c in range(c0, c1):
+            for b in range(B, xt.shape[1]):
+                xt[c, b] = 0.0
+
+
+_SCRATCH = threading.local()  # each thread's buffer for xt, kept between calls (a fresh one page-faults)
+
+
+def _padded_transpose(x: np.ndarray, Bp: int) -> np.ndarray:
+    """x [B, C] as xt [C, Bp] float32, columns B.. zero, the data 64-byte aligned (one cache line per 16 lanes).
+    A view of this thread's scratch buffer: valid until the thread's next call."""
+    B, C = x.shape
+    need = C * Bp + 16
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < need:
+        buf = _SCRATCH.buf = np.empty(max(need, 2 * len(buf) if buf is not None else 0), dtype=np.float32)
     start = (-buf.ctypes.data % 64) // 4
     xt = buf[start:start + C * Bp].reshape(C, Bp)
-    xt[:, :B] = x.T
+    _transpose_into(x, xt)
     return xt
 
 
