@@ -7,7 +7,10 @@
   the W-wide sums kept in vector registers (U of them, so the adds do not wait on each other). numba's loop
   vectorizer, given the same loop in Python, vectorizes over i with gathers instead (16 gathers per 8 positions at
   W = 16, measured 2x slower), and W scalar accumulators stay scalar.
-Both read and write only inside the arrays the caller sized for them (see kernels/cpu.py); neither checks bounds.
+- `prefetch(a, i)`: llvm.prefetch of a[i]'s cache line (the emit loop asks for the table lines of words ahead).
+store_lanes and rowsum read and write only inside the arrays the caller sized for them (see kernels/cpu.py);
+neither checks bounds. numba caches kernels/cpu.py's kernels keyed on cpu.py's own source: after editing this file,
+touch cpu.py (or delete kernels/__pycache__) so they are compiled again.
 """
 from __future__ import annotations
 
@@ -97,3 +100,20 @@ def make_rowsum(W: int, U: int):
         return sig, codegen
 
     return rowsum
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """A hint to load the cache line of arr[idx] (1-D, C-contiguous) into L1; never faults, whatever idx."""
+    sig = types.void(arr, types.uint64)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(),
+                                                                                   [i8p, i32, i32, i32]))
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), i8p)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen

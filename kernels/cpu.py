@@ -24,7 +24,7 @@ import threading
 import numba
 import numpy as np
 
-from kernels._llvm import make_rowsum, store_lanes
+from kernels._llvm import make_rowsum, prefetch, store_lanes
 from kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records
 
 # Record kernels: up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at
@@ -33,6 +33,7 @@ GEMV_UP_TO = 4
 MAX_LIST_WIDTH = (1 << 16) - 128  # list entries are uint16 positions; a word may start at C - 1 and span 127
 WIDTHS = (4, 8, 16, 32, 64)  # batch widths of the list gemm (B is padded up to one; above 64, tiles of 64)
 ROWS_PER_TASK = 16  # rows a prange task takes (one pair of list buffers each)
+PREFETCH = 32  # emit asks for word t + PREFETCH's table lines while it stores word t's lists
 SLACK = LANES  # list buffer entries past C: a word writes all its lanes
 
 _IS_LO = np.array([0.0, 1.0], dtype=np.float32)
@@ -149,7 +150,7 @@ def _make_kernels(overflow: bool):
 
 _KERNELS = {False: _make_kernels(False), True: _make_kernels(True)}  # numba compiles them at first call
 
-_U0, _U1, _U7, _U10, _U127, _UBIG = (np.uint64(v) for v in (0, 1, 7, 10, 127, BIG))
+_U0, _U1, _U7, _U10, _U127, _UBIG, _UPREFETCH = (np.uint64(v) for v in (0, 1, 7, 10, 127, BIG, PREFETCH))
 _SPREAD = np.uint64(0x0001000100010001)  # pos * _SPREAD: pos in each of four 16-bit lanes
 
 
@@ -184,7 +185,11 @@ def _make_list_kernels(big: bool):
         pos = _U0
         nh = _U0
         nl = _U0
+        last = np.uint64(len(codes) - 1)
         for t in range(np.uint64(t0), np.uint64(t1)):
+            ahead = np.uint64(codes[min(t + _UPREFETCH, last)])  # a model's dictionaries take turns: cold tables
+            prefetch(lanes, ahead + ahead)
+            prefetch(meta, ahead)
             c = np.uint64(codes[t])
             m = np.uint64(meta[c])
             if big and m >> _UBIG:
