@@ -12,7 +12,7 @@ from torch import nn
 
 from codec.ternary import EncodedMatrix, bf16_bits_to_f32, decode
 from kernels import cpu
-from kernels.records import Records, check_rows, records, window_starts
+from kernels.records import check_rows, records, window_starts
 
 GRANULE = 1024  # = kernels.cuda.GRANULE (not imported: nothing of numba.cuda at import)
 # (dictionary sha256, buffer name, device) -> the one copy of a dictionary's records there
@@ -93,7 +93,9 @@ class CompressedLinear(nn.Module):
         """(codes, offsets, Records, lo, hi) as numpy views of the CPU buffers, made once: a batch-1 call of a
         small expert takes tens of microseconds, and six .numpy() calls and a Records cost a good part of that."""
         if self._host is None or self._host[0].ctypes.data != self.codes.data_ptr():
-            self._host = (self.codes.numpy(), self.offsets.numpy(), Records(self.table.numpy(), self.extra.numpy()),
+            # records(): one Records per dictionary, so the list kernels' tables (records.Lists, 1.1 MB) are built
+            # once and shared by the dictionary's matrices, as the records are
+            self._host = (self.codes.numpy(), self.offsets.numpy(), records(self.encoded.dictionary),
                           self.lo.numpy(), self.hi.numpy())
         return self._host
 
