@@ -71,6 +71,14 @@ class CompressedLinear(nn.Module):
         """Bytes this matrix holds on its device, not counting the shared dictionary records."""
         return sum(b.numel() * b.element_size() for b in (self.codes, self.offsets, self.lo, self.hi, self.windows))
 
+    def host_tables(self) -> tuple[tuple[str, str], int] | None:
+        """(key, bytes) of the dictionary tables the CPU kernels use beyond this module's buffers (records.Lists,
+        one per dictionary, built here if not yet), when the module is on the CPU; None elsewhere. Memory counts
+        (qmoe.runner.tensor_bytes) add each key once."""
+        if self.codes.device.type != "cpu":
+            return None
+        return ("lists", self._dictionary_key), records(self.encoded.dictionary).lists.nbytes
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 

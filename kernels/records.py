@@ -53,6 +53,10 @@ class Lists:
     lanes: np.ndarray  # [2W] uint64: word c's first LANES hi positions at 2c, lo positions at 2c + 1, 16 bits each
     big: bool  # whether any word is big (the kernels compile the branch for it only then)
 
+    @property
+    def nbytes(self) -> int:
+        return self.meta.nbytes + self.lanes.nbytes
+
 
 def word_bytes(table: np.ndarray, extra: np.ndarray, c: int) -> list[int]:
     """Word c's non-zero bytes (position | is_lo << 7), in word order, from its record."""

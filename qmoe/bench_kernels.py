@@ -153,7 +153,7 @@ def end_to_end_rows(experts_dir: Path | None, repeats: int, val_samples: int = 6
         row["fused / decoded fp32"] = ms["decoded fp32"] / ms["fused"]
         rows.append(row)
         print(row, flush=True)
-    rows.append({"task": "bytes held", **{f"{k} bytes": tensor_bytes(m) for k, m in models.items()}})
+    rows.append({"task": "bytes held", **{f"{k} bytes": tensor_bytes(m, host_tables=True) for k, m in models.items()}})
     return rows
 
 

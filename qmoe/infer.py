@@ -56,6 +56,14 @@ def load_for_inference(model_dir: Path, cfg: InferConfig):
     return model, hf, kind
 
 
+def _held_bytes(model, units: list[str]) -> int:
+    """What a slot's units hold where they run: their tensors plus, on the CPU, the list kernels' dictionary tables."""
+    from qmoe.runner import tensor_bytes
+
+    seen: set = set()
+    return sum(tensor_bytes(model.get_submodule(n), seen, host_tables=True) for n in units)
+
+
 def run(model_dir: Path, cfg: InferConfig, spec: DataSpec) -> dict:
     from qmoe.evaluate import validation_loss
     from qmoe.runner import Runner
@@ -68,7 +76,8 @@ def run(model_dir: Path, cfg: InferConfig, spec: DataSpec) -> dict:
     p = runner.placement
     result = {"model": str(model_dir), "kind": kind, "config": asdict(cfg), "seed": spec.seed,
               "load_seconds": round(time.perf_counter() - t0, 3),
-              "devices": [{"device": d, "bytes": b, "units": u}
+              "devices": [{"device": d, "bytes": b, "units": u,
+                           "held_bytes": _held_bytes(model, u)}
                           for d, b, u in zip(p.devices, p.bytes_per_slot(), p.units_per_slot())]}
     if cfg.eval:
         t1 = time.perf_counter()
@@ -118,8 +127,10 @@ def main(argv=None) -> int:
         return 2
     print(f"{r['model']} ({r['kind']})")
     for d in r["devices"]:
-        print(f"  {d['device']}: {d['bytes'] / 2**20:.1f} MiB, {len(d['units'])} units ({d['units'][0]} .. {d['units'][-1]})"
-              if d["units"] else f"  {d['device']}: nothing placed")
+        held = (f" ({d['held_bytes'] / 2**20:.1f} MiB with the CPU kernels' dictionary tables)"
+                if d["held_bytes"] != d["bytes"] else "")
+        print(f"  {d['device']}: {d['bytes'] / 2**20:.1f} MiB{held}, {len(d['units'])} units "
+              f"({d['units'][0]} .. {d['units'][-1]})" if d["units"] else f"  {d['device']}: nothing placed")
     if "val_loss" in r:
         print(f"validation loss {r['val_loss']:.4f} over {r['val_samples']} samples, "
               f"{r['eval_tokens_per_second']:.0f} tokens/s")

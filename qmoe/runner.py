@@ -18,9 +18,11 @@ from qmoe.config import SwitchConfig
 from qmoe.model import DenseFF, SwitchModel
 
 
-def tensor_bytes(module: nn.Module, seen: set[int] | None = None) -> int:
+def tensor_bytes(module: nn.Module, seen: set | None = None, host_tables: bool = False) -> int:
     """Bytes of a module's parameters and buffers, each storage counted once (shared experts, shared dictionary
-    records); `seen` carries the storages already counted across calls."""
+    records); `seen` carries what was already counted across calls. host_tables: also the CPU kernels' tables of
+    the compressed matrices on the CPU (CompressedLinear.host_tables: one per dictionary, built if not yet), which
+    are not buffers; off for placement (sizes are taken while the whole model is on the CPU, wherever it goes)."""
     seen = set() if seen is None else seen
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):
@@ -28,6 +30,11 @@ def tensor_bytes(module: nn.Module, seen: set[int] | None = None) -> int:
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
+    for m in module.modules() if host_tables else ():
+        tables = m.host_tables() if hasattr(m, "host_tables") else None
+        if tables is not None and tables[0] not in seen:
+            seen.add(tables[0])
+            total += tables[1]
     return total
 
 

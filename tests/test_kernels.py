@@ -109,6 +109,23 @@ def test_wide_matrices_take_the_record_kernels(monkeypatch):
         list_gemm(m.codes, m.row_offsets, recs, lo, hi, x)
 
 
+def test_memory_counts_the_cpu_tables_once_a_dictionary():
+    """tensor_bytes(host_tables=True) adds each dictionary's list tables (records.Lists) once for matrices on the
+    CPU, and nothing without host_tables or off the CPU."""
+    from qmoe.runner import tensor_bytes
+
+    d1 = tunstall(normalize_probs(np.array([0.85, 0.09, 0.06])))
+    d2 = tunstall(normalize_probs(np.array([0.8, 0.1, 0.1])))
+    mods = torch.nn.ModuleList([CompressedLinear(random_matrix((5, 40), seed=s, dictionary=d))
+                                for s, d in ((0, d1), (1, d1), (2, d2))])
+    lists = records(d1).lists.nbytes + records(d2).lists.nbytes
+    assert records(d1).lists.nbytes == 2 * d1.size * 8 + d1.size * 2
+    assert tensor_bytes(mods, host_tables=True) - tensor_bytes(mods) == lists
+    assert all(m.host_tables() is not None for m in mods)
+    mods.to("meta")
+    assert all(m.host_tables() is None for m in mods)
+
+
 @pytest.mark.parametrize("dictionary", ["qmoe", "skewed", "dense"])
 def test_cpu_kernel_other_dictionaries(dictionary):
     if dictionary == "qmoe":
