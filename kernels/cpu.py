@@ -160,10 +160,11 @@ def _emit_big(table, extra, c, pos, hib, lob, nh, nl):
     w = table[c]
     n = (w >> 7) & 7
     s = w >> SLOT0
-    if n == OVERFLOW:
+    overflow = n == OVERFLOW
+    if overflow:
         n = extra[s]
     for j in range(n):
-        b = np.uint64(extra[s + 1 + j] if (w >> 7) & 7 == OVERFLOW else (s >> (8 * j)) & 255)
+        b = np.uint64(extra[s + 1 + j] if overflow else (s >> (8 * j)) & 255)
         if b >> _U7:
             lob[nl] = pos + (b & _U127)
             nl += _U1
@@ -174,7 +175,7 @@ def _emit_big(table, extra, c, pos, hib, lob, nh, nl):
 
 
 def _make_list_kernels(big: bool):
-    """(emit, gemv, {W: gemm}) for dictionaries with (big) or without big words, compiled separately as the record
+    """(gemv, {W: gemm}) for dictionaries with (big) or without big words, compiled separately as the record
     kernels are (a never-taken branch in the emit loop still costs)."""
 
     @numba.njit(inline="always")
