@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Submit a compression job to a Ray head's job server, from the repository root, with the cluster's token.
 # Usage: cluster/submit.sh --model default --out /abs/path/out --workers 2 [other qmoe.compress flags]
-# --out should be an absolute path on the head node: the job runs in a temporary copy of the working directory.
+# --out should be an absolute path on the head node. The job runs the qmoe installed on the head (and its workers the
+# qmoe installed on each node): no source is uploaded, so a job never mixes an uploaded copy with an installed one.
 #
 # Where: $RAY_API if set, else the head cluster/start-head.sh started from $QMOE_RAY_DIR (default
 # /tmp/qmoe-ray-$(id -u); its head.env), else http://127.0.0.1:8265. Token: $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH
@@ -20,6 +21,5 @@ if [ -f "$dir/head.env" ]; then
 fi
 # RAY_API_SERVER_ADDRESS: Ray lets it (then RAY_ADDRESS, e.g. left over from a job) override --address.
 export RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS="${api:-http://127.0.0.1:8265}"
-cd "$(dirname "$0")/.."
-exec ray job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \
-    --runtime-env cluster/runtime_env.yaml -- python -m qmoe.compress "$@"
+exec ray job submit --address "$RAY_API_SERVER_ADDRESS" \
+    --runtime-env "$(dirname "$0")/runtime_env.yaml" -- python -m qmoe.compress "$@"

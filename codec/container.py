@@ -25,9 +25,9 @@ import zstandard
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from codec.atomic import atomic_write
-from codec.dictionary import MAX_WORD, build
-from codec.ternary import EncodedMatrix, row_symbols
+from qmoe.codec.atomic import atomic_write
+from qmoe.codec.dictionary import MAX_WORD, build
+from qmoe.codec.ternary import EncodedMatrix, row_symbols
 
 CODEC_VERSION = 2
 META_KEY = "qmoe-codec"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from codec.dictionary import CODEWORDS, Dictionary, normalize_probs, tunstall
+from qmoe.codec.dictionary import CODEWORDS, Dictionary, normalize_probs, tunstall
 
 
 class CodecError(ValueError):

@@ -30,7 +30,7 @@ staging and a multi-column direct path up to BT = 4 (batch 1: 13 against 19 us; 
 """
 from numba import cuda, float32, int32, int64
 
-from kernels.records import OVERFLOW, SLOT0
+from qmoe.kernels.records import OVERFLOW, SLOT0
 
 FULL = 0xFFFFFFFF
 LIST = 256  # entries per warp; a half holds 128 >= a step's hi (or lo) non-zeros, except in rare steps (2 rounds)

@@ -12,7 +12,7 @@ Two kinds of kernel:
   first turned into two short lists of absolute positions, its hi ones and its lo ones (records.Lists: each word
   writes its up to 4 positions of each level with one store and advances by its counts, no branch on the counts),
   then x is summed over each list: with vector gathers at batch 1, and at batch B > 1 one W-wide vector add per
-  position (x transposed and padded to W columns, kernels._llvm.make_rowsum). Lists live in L1 (a row's are at
+  position (x transposed and padded to W columns, qmoe.kernels._llvm.make_rowsum). Lists live in L1 (a row's are at
   most C + 4 entries). Against the record kernels below, alternated in one process on c2048's shapes: see
   README "Kernels and inference".
 - record kernels (any width): walk each codeword's record and gather-add its non-zeros in place.
@@ -24,8 +24,8 @@ import threading
 import numba
 import numpy as np
 
-from kernels._llvm import make_rowsum, prefetch, store_lanes
-from kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records
+from qmoe.kernels._llvm import make_rowsum, prefetch, store_lanes
+from qmoe.kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records
 
 # Record kernels: up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at
 # P(0) = 0.885: batch 2 4.0 vs 5.0 ms, batch 4 8 vs 12 ms).

@@ -87,10 +87,10 @@ def simulator() -> bool:
 def kernels(warps: int = WARPS):
     """(gemm, decode) numba.cuda dispatchers for blocks of `warps` warps. Imports numba.cuda."""
     if simulator():
-        from kernels import _cuda_sim
+        from qmoe.kernels import _cuda_sim
 
         _cuda_sim.install()
-    from kernels._cuda_kernel import make_decode, make_gemm  # imports numba.cuda: only when a kernel is needed
+    from qmoe.kernels._cuda_kernel import make_decode, make_gemm  # imports numba.cuda: only when a kernel is needed
 
     return make_gemm(warps), make_decode(warps)
 

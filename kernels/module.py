@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codec.ternary import EncodedMatrix, bf16_bits_to_f32, decode
-from kernels import cpu
-from kernels.records import check_rows, records, window_starts
+from qmoe.codec.ternary import EncodedMatrix, bf16_bits_to_f32, decode
+from qmoe.kernels import cpu
+from qmoe.kernels.records import check_rows, records, window_starts
 
-GRANULE = 1024  # = kernels.cuda.GRANULE (not imported: nothing of numba.cuda at import)
+GRANULE = 1024  # = qmoe.kernels.cuda.GRANULE (not imported: nothing of numba.cuda at import)
 # (dictionary sha256, buffer name, device) -> the one copy of a dictionary's records there
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -49,7 +49,7 @@ class CompressedLinear(nn.Module):
         self.register_buffer("windows", torch.from_numpy(wins), persistent=False)
         self.halo = int((recs.table & 127).max()) if len(recs.table) else 1  # the longest word
         self._host: tuple | None = None  # numpy views of the buffers, while they are on the CPU
-        self._device_args: tuple | None = None  # (codes' address, kernels.cuda.prepare(...), dummy windows)
+        self._device_args: tuple | None = None  # (codes' address, qmoe.kernels.cuda.prepare(...), dummy windows)
 
     def _apply(self, fn, recurse=True):
         """As nn.Module's (.to(device) and the like), then every matrix of one dictionary shares one copy of its
@@ -112,7 +112,7 @@ class CompressedLinear(nn.Module):
         return torch.from_numpy(decode(self.encoded)).to(device)
 
     def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
-        from kernels import cuda as kcuda
+        from qmoe.kernels import cuda as kcuda
 
         if self._device_args is None or self._device_args[0] != self.codes.data_ptr():
             wins = self.windows if self.windows.numel() else torch.zeros(1, dtype=torch.int32, device=x2.device)
@@ -124,7 +124,7 @@ class CompressedLinear(nn.Module):
         """W [out, in] as bf16, decoded on the buffers' device (the CUDA decode kernel on a GPU)."""
         if self.codes.device.type != "cuda":
             return self.dense(self.codes.device).bfloat16()
-        from kernels import cuda as kcuda
+        from qmoe.kernels import cuda as kcuda
 
         if getattr(self, "_levels16", None) is None or self._levels16.device != self.lo.device:
             self._levels16 = (torch.stack([self.lo, self.hi]).view(torch.int32) >> 16).to(torch.int16)  # bf16 bits

@@ -22,7 +22,7 @@ from functools import cached_property
 import numba
 import numpy as np
 
-from codec.dictionary import Dictionary
+from qmoe.codec.dictionary import Dictionary
 
 INLINE = 6  # non-zeros that fit in a record
 OVERFLOW = 7

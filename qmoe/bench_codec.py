@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from codec.container import read_container, write_container
-from codec.dictionary import qmoe_pairs
-from codec.ternary import decode_symbols, encode, fit_dictionary, symbol_counts
+from qmoe.codec.container import read_container, write_container
+from qmoe.codec.dictionary import qmoe_pairs
+from qmoe.codec.ternary import decode_symbols, encode, fit_dictionary, symbol_counts
 
 C2048_SHAPES = [(2080, 6144), (6144, 2080)]
 

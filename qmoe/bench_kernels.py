@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codec.container import read_container
-from codec.dictionary import normalize_probs, tunstall
-from codec.ternary import bf16_bits_to_f32, decode, encode
-from kernels.cpu import decode_gemm, record_gemm
-from kernels.records import records
+from qmoe.codec.container import read_container
+from qmoe.codec.dictionary import normalize_probs, tunstall
+from qmoe.codec.ternary import bf16_bits_to_f32, decode, encode
+from qmoe.kernels.cpu import decode_gemm, record_gemm
+from qmoe.kernels.records import records
 from qmoe.bench_codec import C2048_SHAPES, iid_matrices, ternary_model
 
 BATCHES = (1, 4, 16, 64)
@@ -249,9 +249,9 @@ def _rotating(items: list):
 def cuda_kernel_rows(repeats: int, shapes=C2048_SHAPES, batches=BATCHES, variants: dict | None = None) -> list[dict]:
     """c2048 shapes, i.i.d. at P(0) = 0.885: fused kernel vs bf16 F.linear (cuBLAS) vs decode-then-bf16, and the
     walk / gather floors at batch 1. variants: {name: gemm options}, extra fused variants (tuning)."""
-    from kernels import cuda as kc
-    from kernels._cuda_floors import make_csr, make_walk
-    from kernels.module import CompressedLinear
+    from qmoe.kernels import cuda as kc
+    from qmoe.kernels._cuda_floors import make_csr, make_walk
+    from qmoe.kernels.module import CompressedLinear
 
     dev = torch.device("cuda")
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
@@ -316,8 +316,8 @@ def cuda_kernel_rows(repeats: int, shapes=C2048_SHAPES, batches=BATCHES, variant
 
 
 def _gemm_variant(lin, x, kw: dict):
-    """lin(x) through kernels.cuda.gemm with planner options (warps, blocks_per_sm, kpb_max, bt_max)."""
-    from kernels import cuda as kc
+    """lin(x) through qmoe.kernels.cuda.gemm with planner options (warps, blocks_per_sm, kpb_max, bt_max)."""
+    from qmoe.kernels import cuda as kc
 
     if lin._device_args is None:
         lin(x[:1])  # makes lin's device argument lists
@@ -325,7 +325,7 @@ def _gemm_variant(lin, x, kw: dict):
 
 
 def cuda_machine() -> dict:
-    from kernels import cuda as kc
+    from qmoe.kernels import cuda as kc
 
     p = torch.cuda.get_device_properties(0)
     info = kc.device_info()
@@ -375,8 +375,8 @@ TUNE_VARIANTS = {"w4": {"warps": 4}, "w16": {"warps": 16}, "bps1": {"blocks_per_
 
 
 def cuda_tune(json_path: str | None = None, repeats: int = 7) -> list[dict]:
-    """The kernel rows with the planner's options varied (TUNE_VARIANTS), to choose kernels.cuda's defaults."""
-    from kernels import cuda as kc
+    """The kernel rows with the planner's options varied (TUNE_VARIANTS), to choose qmoe.kernels.cuda's defaults."""
+    from qmoe.kernels import cuda as kc
 
     for w in (4, 8, 16):  # compile first; report what the compiler made of each block size
         k = kc._compiled("gemm", w, 0)

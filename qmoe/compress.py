@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--gptq-batch must be >= 1, got {a.gptq_batch}")
         executor = None
         if a.workers:
-            from workers.ray_executor import RayExecutor
+            from qmoe.workers.ray_executor import RayExecutor
 
             executor = RayExecutor(a.workers)
         summary = compress_model(resolve_model(a.model), a.out, cfg, spec, overwrite=a.overwrite, resume=a.resume,

@@ -82,8 +82,8 @@ def _write_experts(path: Path, experts: dict, scheme: Scheme) -> dict:
 
 
 def _write_ternary(path: Path, experts: dict) -> dict:
-    from codec.container import write_container
-    from codec.ternary import encode, f32_to_bf16_bits, fit_dictionary
+    from qmoe.codec.container import write_container
+    from qmoe.codec.ternary import encode, f32_to_bf16_bits, fit_dictionary
 
     symbols = {f"expert_{j}.{m}": getattr(qe, m).codes.numpy() for j, qe in experts.items() for m in ("wi", "wo")}
     # One dictionary per matrix kind: wi and wo differ in sparsity (on the default model P(0) is ~0.81 for wi and
@@ -101,7 +101,7 @@ def _write_ternary(path: Path, experts: dict) -> dict:
 
 def _read_encoded(path: Path, expected: dict[str, tuple[int, int]]) -> dict:
     """{matrix name: EncodedMatrix} of one block's codec file, every container check applied."""
-    from codec.container import ContainerError, read_container
+    from qmoe.codec.container import ContainerError, read_container
 
     try:
         return read_container(path, expected)
@@ -111,7 +111,7 @@ def _read_encoded(path: Path, expected: dict[str, tuple[int, int]]) -> dict:
 
 def _read_ternary(path: Path, expected: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     """{matrix name: float32 weights} of one block's codec file."""
-    from codec.ternary import CodecError, decode
+    from qmoe.codec.ternary import CodecError, decode
 
     out = {}
     for name, m in _read_encoded(path, expected).items():
@@ -124,7 +124,7 @@ def _read_ternary(path: Path, expected: dict[str, tuple[int, int]]) -> dict[str,
 
 def _fused_experts(path: Path, expected: dict[str, tuple[int, int]]) -> dict:
     """{matrix name: CompressedLinear} of one block's codec file: the fused kernels' modules, W never decoded."""
-    from kernels.module import CompressedLinear
+    from qmoe.kernels.module import CompressedLinear
 
     out = {}
     for name, m in _read_encoded(path, expected).items():
@@ -255,7 +255,7 @@ class GroupReader:
         return tuple(self._decode(f"expert_{j}.{m}") for m in ("wi", "wo"))
 
     def _decode(self, name: str) -> torch.Tensor:
-        from codec.ternary import CodecError, decode
+        from qmoe.codec.ternary import CodecError, decode
 
         try:
             return torch.from_numpy(decode(self._encoded[name]))

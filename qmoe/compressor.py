@@ -25,7 +25,7 @@ from qmoe.memory import PeakMonitor, default_max_memory, plan_memory
 from qmoe.model import SwitchModel
 from qmoe.pipeline import CompressConfig
 from qmoe.steps import Job, Stream
-from codec.atomic import atomic_write
+from qmoe.codec.atomic import atomic_write
 from qmoe.store import atomic_write_json, sha256_file
 from qmoe.tokenizer import load_tokenizer, read_text_file
 from qmoe.walk import compress_blocks, write_ids
@@ -113,7 +113,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
 
     resume: `out` holds an unfinished run of the same model and settings; the groups and blocks its manifest
     records are replayed from their files (not compressed again) and the run goes on from there. executor: where
-    the steps run (qmoe.executor.LocalExecutor by default; workers.ray_executor.RayExecutor for a Ray pool); the
+    the steps run (qmoe.executor.LocalExecutor by default; qmoe.workers.ray_executor.RayExecutor for a Ray pool); the
     output's bytes are the same either way. max_memory: the bound, in bytes, for every process (default: from the
     machine's available memory). max_batch: at most this many experts quantized at once (default: as many of a
     group as the bound allows; never changes a byte). fail_marker: tests only (see steps.Job)."""

@@ -1,4 +1,4 @@
-"""Writing outputs atomically (codec.atomic.atomic_write), and checksums."""
+"""Writing outputs atomically (qmoe.codec.atomic.atomic_write), and checksums."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from codec.atomic import atomic_write
+from qmoe.codec.atomic import atomic_write
 
 
 def atomic_write_text(path: Path, text: str) -> None:

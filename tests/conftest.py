@@ -13,11 +13,15 @@ import pytest
 # Set before any test module imports Ray (Ray reads it once, at import).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+ROOT = Path(__file__).resolve().parents[1]
+
+# `python -m pytest` puts the checkout's root first on sys.path, where the folders kernels/ and workers/ would stand
+# in for Hugging Face's `kernels` (which transformers imports) and PyPI's `workers`. qmoe itself is imported as
+# installed (qmoe.kernels, qmoe.codec, qmoe.workers), so the root is taken off the path before any test imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_fixtures import make_hf_model, save_checkpoint  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +87,9 @@ def ray_head():
 
 @pytest.fixture
 def local_ray():
-    """A Ray of this test process's own (workers.local_ray): 127.0.0.1 only, token auth, own temp dir and ports;
+    """A Ray of this test process's own (qmoe.workers.local_ray): 127.0.0.1 only, token auth, own temp dir and ports;
     shut down after the test, stopping only its own processes."""
-    from workers.local_ray import start_local_ray
+    from qmoe.workers.local_ray import start_local_ray
 
     handle = start_local_ray(num_cpus=2)
     try:

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_kernels import assert_close, random_matrix, reference  # noqa: E402
 
-from codec.ternary import bf16_bits_to_f32, decode_symbols  # noqa: E402
-from kernels import cuda as kc  # noqa: E402
-from kernels.records import records, window_starts  # noqa: E402
+from qmoe.codec.ternary import bf16_bits_to_f32, decode_symbols  # noqa: E402
+from qmoe.kernels import cuda as kc  # noqa: E402
+from qmoe.kernels.records import records, window_starts  # noqa: E402
 
 assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run with NUMBA_ENABLE_CUDASIM=1"
 P = (0.85, 0.09, 0.06)

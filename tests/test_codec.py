@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from codec.container import ContainerError, read_container, write_container
-from codec.dictionary import qmoe_pairs, tunstall
-from codec.ternary import CodecError, decode, decode_symbols, encode, f32_to_bf16_bits, fit_dictionary
+from qmoe.codec.container import ContainerError, read_container, write_container
+from qmoe.codec.dictionary import qmoe_pairs, tunstall
+from qmoe.codec.ternary import CodecError, decode, decode_symbols, encode, f32_to_bf16_bits, fit_dictionary
 
 P885 = (0.885, 0.0575, 0.0575)
 
@@ -302,7 +302,7 @@ def test_a_dictionary_is_rebuilt_from_its_recorded_probabilities_exactly(tmp_pat
     """normalize_probs is not idempotent in floating point: normalizing the recorded probabilities again moves them
     by an ulp, which reorders tied leaves (here, about 1 fitted dictionary in 40 did): the reader must rebuild from
     the recorded numbers verbatim, or it refuses a file it wrote itself."""
-    from codec.dictionary import normalize_probs
+    from qmoe.codec.dictionary import normalize_probs
 
     d = tunstall((0.7, 0.2, 0.1), 3001)
     assert tunstall(normalize_probs(d.probs), 3001).sha256 != d.sha256  # the hazard is real for these numbers

@@ -117,7 +117,7 @@ def test_no_validation_samples_and_the_method_of_each_expert(tiny_ckpt, tmp_path
 
 def _kill_mid_write(path: Path) -> None:
     """A process that writes `path` atomically and is killed (SIGKILL) half way: its temp file stays behind."""
-    code = ("import sys, time; from codec.atomic import atomic_write\n"
+    code = ("import sys, time; from qmoe.codec.atomic import atomic_write\n"
             "def w(tmp):\n    f = open(tmp, 'wb'); f.write(b'x' * 100000); f.flush(); print('half', flush=True); "
             "time.sleep(60)\n"
             f"atomic_write({str(path)!r}, w)")
@@ -188,7 +188,7 @@ def test_a_missing_router_is_named(tiny_ckpt, tmp_path, capsys):
 def _in_namespace(setup: str, argv: list[str]) -> subprocess.CompletedProcess:
     """The compress CLI in a private mount namespace prepared by `setup` (shell): a real read-only directory or a
     real full disk, for root too."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     cmd = " ".join([setup, "&&", sys.executable, "-m", "qmoe.compress", *argv])
     try:
         return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd], env=env,

@@ -10,7 +10,7 @@ from qmoe.compressed import load_compressed
 from qmoe.compressor import CompressConfig, DataSpec, compress_model, load_samples
 from qmoe.model import shift_right
 from qmoe.runner import Runner, plan, simulate_uncompressed, unit_names
-from kernels.module import CompressedLinear
+from qmoe.kernels.module import CompressedLinear
 
 SPEC = DataSpec(train_samples=16, val_samples=8, seed=0)
 

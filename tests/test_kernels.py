@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from codec.dictionary import normalize_probs, qmoe_pairs, tunstall
-from codec.ternary import bf16_bits_to_f32, decode, encode, f32_to_bf16_bits
-from kernels import cpu
-from kernels.cpu import decode_gemm, list_gemm, record_gemm
-from kernels.module import CompressedLinear
-from kernels.records import check_rows, records, window_starts
+from qmoe.codec.dictionary import normalize_probs, qmoe_pairs, tunstall
+from qmoe.codec.ternary import bf16_bits_to_f32, decode, encode, f32_to_bf16_bits
+from qmoe.kernels import cpu
+from qmoe.kernels.cpu import decode_gemm, list_gemm, record_gemm
+from qmoe.kernels.module import CompressedLinear
+from qmoe.kernels.records import check_rows, records, window_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 7), (3, 1), (5, 37), (33, 129), (64, 256), (17, 300), (130, 2)]
@@ -74,7 +74,7 @@ def test_cpu_kernels_every_batch_width(kernel, p):
 def test_lists_layout():
     """records.Lists against the dictionary: length, per-level counts, the first LANES positions of each level
     in word order, the big flag; words with overflow records included."""
-    from kernels.records import BIG, LANES
+    from qmoe.kernels.records import BIG, LANES
 
     for p in ([0.885, 0.0575, 0.0575], [0.5, 0.3, 0.2]):
         d = tunstall(normalize_probs(np.array(p)))
@@ -234,7 +234,7 @@ def test_window_starts():
 @pytest.mark.parametrize("shape", [(1, 1), (2080, 6144), (6144, 2080), (17, 300), (5, 20000)])
 def test_cuda_plan(shape, batch):
     """The launch plan fits the shared memory, holds every column a block's words reach, and covers the batch."""
-    from kernels.cuda import GRANULE, LIST, plan, xs_stride
+    from qmoe.kernels.cuda import GRANULE, LIST, plan, xs_stride
 
     rows, width = shape
     halo = 60
@@ -256,7 +256,7 @@ def test_cuda_kernel_in_simulator():
     """The numba.cuda kernels, run by numba's CUDA simulator (no GPU), over shapes, batch sizes and launch plans
     (tests/cuda_sim_check.py lists them)."""
     script = ROOT / "tests" / "cuda_sim_check.py"
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "checked 27 cases" in r.stdout, r.stdout
@@ -267,7 +267,7 @@ def test_cuda_kernel_compiles_to_ptx(cc):
     """Compiled for A100 (sm_80), RTX 3090 / A6000 (sm_86) and H100 (sm_90) without a GPU, when numba's CUDA
     toolchain (numba-cuda, nvidia-cuda-nvrtc) is installed: the test extra installs it."""
     pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
-    from kernels.cuda import compile_ptx
+    from qmoe.kernels.cuda import compile_ptx
 
     ptx = compile_ptx(cc)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
@@ -305,7 +305,7 @@ def test_cuda_module_matches_reference(shape, batch):
 @pytest.mark.parametrize("batch", [1, 3, 16, 40])
 def test_cuda_launch_plans(opts, batch):
     """Rows split over windows (atomic adds), batch tiles, block sizes: every plan gives the same product."""
-    from kernels import cuda as kc
+    from qmoe.kernels import cuda as kc
 
     p = (0.85, 0.09, 0.06) if "granule" not in opts else (0.34, 0.33, 0.33)  # the dense one overflows records
     m = random_matrix((90, 1300), p=p, seed=3)
@@ -341,7 +341,7 @@ def test_cuda_decode_matches_codec(shape):
 def test_cuda_launch_path_is_direct():
     """The direct launch (no numba argument typing per call) works with this numba-cuda; the fallback is tested
     by test_cuda_launch_plans' dispatcher calls."""
-    from kernels import cuda as kc
+    from qmoe.kernels import cuda as kc
 
     assert kc.launch_path() == "direct"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from codec.container import read_container
+from qmoe.codec.container import read_container
 from qmoe import compress as compress_cli
 from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError

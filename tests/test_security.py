@@ -1,5 +1,5 @@
 """Ray clusters that qmoe starts are reachable from this machine only, and only with their token (issue 11, item 9):
-the local Ray of `workers.local_ray` and the head of `cluster/start-head.sh`. Every listening socket of every
+the local Ray of `qmoe.workers.local_ray` and the head of `cluster/start-head.sh`. Every listening socket of every
 process of the cluster is listed (psutil) and must be on loopback; clients without the token, or with a wrong one,
 are refused by the GCS and by the HTTP servers (job server, dashboard agent)."""
 import ipaddress
@@ -69,7 +69,7 @@ def _pid():
 
 def test_local_ray_listens_on_loopback_only_and_stops_only_itself(ray_head):
     from conftest import head_processes
-    from workers.local_ray import start_local_ray
+    from qmoe.workers.local_ray import start_local_ray
 
     others = head_processes(ray_head[1])  # another Ray on this machine: it must survive our shutdown
     handle = start_local_ray(num_cpus=2)

@@ -1,7 +1,7 @@
 """Atomic writes: a write that fails leaves the old file as it was and no temp file behind."""
 import pytest
 
-from codec.atomic import atomic_write
+from qmoe.codec.atomic import atomic_write
 from qmoe.store import atomic_write_json
 
 

@@ -17,7 +17,7 @@ psutil = pytest.importorskip("psutil")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from qmoe.compressor import CompressConfig, DataSpec, compress_model  # noqa: E402
-from workers.ray_executor import RayExecutor, check_shared_dir  # noqa: E402
+from qmoe.workers.ray_executor import RayExecutor, check_shared_dir  # noqa: E402
 
 SPEC = DataSpec(train_samples=16, val_samples=4, seed=0)
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def cluster(tmp_path_factory):
     import secrets
     import tempfile
 
-    from workers.local_ray import _refresh_auth_config
+    from qmoe.workers.local_ray import _refresh_auth_config
 
     root = Path(tempfile.mkdtemp(prefix="qw-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     token = root / "token"
@@ -172,7 +172,7 @@ def _cli(out: Path, ckpt: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
         env.pop(k, None)
     return env

@@ -56,7 +56,7 @@ class RayExecutor:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         else:
-            from workers.local_ray import start_local_ray
+            from qmoe.workers.local_ray import start_local_ray
 
             self._local = start_local_ray(num_cpus=self.n)
         if main and callable(handler):
