@@ -31,6 +31,10 @@ BLOCKS_PER_SM = (4, 2)  # the planner aims at this many blocks per multiprocesso
 SMEM_TARGET = 100 * 1024  # dynamic shared memory per block the planner stays under, where the device allows
 SMEM_DEFAULT = 48 * 1024  # what every device allows without opting in
 LIST = 256  # = _cuda_kernel.LIST (not imported from there: that module imports numba.cuda)
+# From this batch size on, CompressedLinear decodes the matrix to bf16 (decode_rows) and multiplies with cuBLAS
+# instead of running the fused kernel: the crossover on c2048's shapes measured by `qmoe.bench kernels --device
+# cuda` (docs: "Kernels on a GPU"; the JSON records both paths at every batch and the crossover it saw).
+DECODE_FROM_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -84,15 +88,17 @@ def simulator() -> bool:
 
 
 @cache
-def kernels(warps: int = WARPS):
-    """(gemm, decode) numba.cuda dispatchers for blocks of `warps` warps. Imports numba.cuda."""
+def kernels(warps: int = WARPS) -> dict:
+    """{"gemm", "decode", "decode_rows"}: numba.cuda dispatchers (gemm and decode for blocks of `warps` warps;
+    decode_rows takes any block). Imports numba.cuda."""
     if simulator():
         from qmoe.kernels import _cuda_sim
 
         _cuda_sim.install()
-    from qmoe.kernels._cuda_kernel import make_decode, make_gemm  # imports numba.cuda: only when a kernel is needed
+    # imports numba.cuda: only when a kernel is needed
+    from qmoe.kernels._cuda_kernel import decode_rows, make_decode, make_gemm
 
-    return make_gemm(warps), make_decode(warps)
+    return {"gemm": make_gemm(warps), "decode": make_decode(warps), "decode_rows": decode_rows}
 
 
 def _gemm_sig():
@@ -106,6 +112,12 @@ def _decode_sig():
     from numba import int16, int64, uint8, uint16
 
     return (uint16[::1], int64[::1], int64[::1], uint8[::1], int16[:, ::1], int16[:, ::1])
+
+
+def _decode_rows_sig():
+    from numba import int16, int32, int64, uint8, uint16
+
+    return (uint16[::1], int64[::1], int64[::1], uint8[::1], int16[:, ::1], int32[:, ::1])
 
 
 @dataclass
@@ -133,11 +145,11 @@ def _compiled(which: str, warps: int, index: int):
     device_info's (numba has no option for it: the driver attribute numba itself sets for the carveout)."""
     from numba import cuda
 
-    gemm, decode = kernels(warps)
+    sig = {"gemm": _gemm_sig, "decode": _decode_sig, "decode_rows": _decode_rows_sig}[which]()
     with cuda.gpus[index]:
-        k = (gemm.compile(_gemm_sig()) if which == "gemm" else decode.compile(_decode_sig()))
+        k = kernels(warps)[which].compile(sig)
         k.bind()
-        if which == "gemm" and device_info(index).smem > SMEM_DEFAULT and not _raise_shared(k, device_info(index).smem):
+        if which != "decode" and device_info(index).smem > SMEM_DEFAULT and not _raise_shared(k, device_info(index).smem):
             device_info(index).smem = SMEM_DEFAULT  # an older numba-cuda: stay under the default
         return k
 
@@ -176,7 +188,7 @@ def decode_gemm(codes, offsets, wins, table, extra, lo, hi, x, y, *, halo: int, 
         y[...] = 0
     args = (codes, offsets, wins, table, extra, lo, hi, x, y, granule, max(1, -(-width // granule)), launch.kpb,
             halo, launch.bt_log2, launch.lists_at, int(launch.atomic))
-    disp = kernels(warps)[0]
+    disp = kernels(warps)["gemm"]
     if not simulator() and launch.shared > SMEM_DEFAULT:  # an overload the dispatcher compiled for these types
         disp.compile(tuple(disp.typeof_pyval(a) for a in args))
         for k in disp.overloads.values():
@@ -192,7 +204,31 @@ def decode_dense(codes, offsets, table, extra, levels, out, *, warps: int = WARP
     if rows == 0:
         return
     grid = min(-(-rows // warps), 4 * device_info().sms * 8)
-    kernels(warps)[1][grid, warps * 32, stream](codes, offsets, table, extra, levels, out)
+    kernels(warps)["decode"][grid, warps * 32, stream](codes, offsets, table, extra, levels, out)
+
+
+def rows_plan(rows: int, width: int, smem: int, sms: int, warps: int = WARPS) -> tuple[int, int, int] | None:
+    """(grid, threads, shared bytes) for decode_rows on a [rows, width] matrix, or None where it does not apply (an
+    odd width, or not even one warp's row fits in `smem` bytes of shared memory)."""
+    if width % 2 or width == 0:
+        return None
+    per_warp = 2 * width
+    w = min(warps, smem // per_warp)
+    if w < 1:
+        return None
+    return max(1, min(-(-rows // w), 8 * sms)), 32 * w, w * per_warp
+
+
+def decode_dense_rows(codes, offsets, table, extra, levels, out32, *, warps: int = WARPS, stream=0) -> None:
+    """As decode_dense, through decode_rows: out32 [R, C / 2] int32, the [R, C] bf16 bit patterns (C even) viewed
+    as pairs; need not be zeroed (every element is written). Arrays as for decode_gemm."""
+    rows, width = out32.shape[0], 2 * out32.shape[1]
+    info = device_info()
+    p = rows_plan(rows, width, info.smem, info.sms, warps)
+    if p is None:
+        raise ValueError(f"decode_rows does not take a [{rows}, {width}] matrix in {info.smem} bytes of shared memory")
+    if rows:
+        kernels(warps)["decode_rows"][p[0], p[1], stream, p[2]](codes, offsets, table, extra, levels, out32)
 
 
 # ---- the fast path for torch tensors ----
@@ -255,7 +291,7 @@ class _Launcher:
             stream = _stream(stream_ptr)
             from numba import cuda
 
-            disp = kernels(self.warps)[0 if self.which == "gemm" else 1]
+            disp = kernels(self.warps)[self.which]
             views = [cuda.as_cuda_array(a, sync=False) for a in (*(fixed.tensors if fixed else ()), *arrays)]
             disp[grid, block, stream, shared](*views, *scalars)
 
@@ -316,16 +352,25 @@ def gemm(prepared: Prepared, x, *, rows: int, halo: int, granule: int = GRANULE,
     return y
 
 
-def decode_torch(codes, offsets, table, extra, levels, width: int, warps: int = WARPS):
-    """The dense matrix [R, width] as a torch bf16 tensor on codes' device; levels [2, R] int16 (bf16 bits)."""
+def decode_torch(codes, offsets, table, extra, levels, width: int, warps: int = WARPS, rows_kernel: bool = True):
+    """The dense matrix [R, width] as a torch bf16 tensor on codes' device; levels [2, R] int16 (bf16 bits).
+    decode_rows (each element written once, coalesced) where the width is even and a row fits in shared memory
+    (and rows_kernel); else the scatter kernel into a zeroed matrix."""
     import torch
 
     rows = offsets.numel() - 1
+    index = codes.device.index if codes.device.index is not None else torch.cuda.current_device()
+    run = launcher("decode_rows", warps, index)  # first: compiling settles the device's shared memory limit
+    info = device_info(index)
+    stream = torch.cuda.current_stream(codes.device).cuda_stream
+    p = rows_plan(rows, width, info.smem, info.sms, warps) if rows_kernel else None
+    if p is not None and rows:
+        out = torch.empty(rows, width, dtype=torch.bfloat16, device=codes.device)
+        run((p[0], 1, 1), p[1], p[2], stream, None, (codes, offsets, table, extra, levels, out.view(torch.int32)), ())
+        return out
     out = torch.zeros(rows, width, dtype=torch.bfloat16, device=codes.device)
     if rows and width:
-        index = codes.device.index if codes.device.index is not None else torch.cuda.current_device()
-        grid = min(-(-rows // warps), 32 * device_info(index).sms)
-        stream = torch.cuda.current_stream(codes.device).cuda_stream
+        grid = min(-(-rows // warps), 32 * info.sms)
         launcher("decode", warps, index)((grid, 1, 1), warps * 32, 0, stream, None,
                                          (codes, offsets, table, extra, levels, out.view(torch.int16)), ())
     return out
@@ -336,5 +381,5 @@ def compile_ptx(cc: tuple[int, int], warps: int = WARPS) -> str:
     compiled without a GPU (needs numba's CUDA toolchain: the numba-cuda and nvidia-cuda-nvrtc packages)."""
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(kernels(warps)[0].py_func, _gemm_sig(), cc=cc)
+    ptx, _ = cuda.compile_ptx(kernels(warps)["gemm"].py_func, _gemm_sig(), cc=cc)
     return ptx

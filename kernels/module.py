@@ -12,9 +12,9 @@ from torch import nn
 
 from qmoe.codec.ternary import EncodedMatrix, bf16_bits_to_f32, decode
 from qmoe.kernels import cpu
+from qmoe.kernels.cuda import DECODE_FROM_BATCH, GRANULE  # kernels/cuda.py imports numba.cuda only when it launches
 from qmoe.kernels.records import check_rows, records, window_starts
 
-GRANULE = 1024  # = qmoe.kernels.cuda.GRANULE (not imported: nothing of numba.cuda at import)
 # (dictionary sha256, buffer name, device) -> the one copy of a dictionary's records there
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -50,6 +50,10 @@ class CompressedLinear(nn.Module):
         self.halo = int((recs.table & 127).max()) if len(recs.table) else 1  # the longest word
         self._host: tuple | None = None  # numpy views of the buffers, while they are on the CPU
         self._device_args: tuple | None = None  # (codes' address, qmoe.kernels.cuda.prepare(...), dummy windows)
+        # On a GPU, batches of at least this many rows take decode + cuBLAS instead of the fused kernel.
+        self.decode_from_batch = DECODE_FROM_BATCH
+        self.last_path = ""  # the path the last call took: "cpu", "fused", "decode+bf16" or "reference"
+        self.path_calls: dict[str, int] = {}  # calls per path since the module was made
 
     def _apply(self, fn, recurse=True):
         """As nn.Module's (.to(device) and the like), then every matrix of one dictionary shares one copy of its
@@ -88,13 +92,22 @@ class CompressedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
         if reference:
+            self.last_path = "reference"
             y = F.linear(x2, self.dense(x.device))
         elif x.device.type == "cpu":
+            self.last_path = "cpu"
             y = torch.from_numpy(cpu.decode_gemm(*self._host_arrays(), x2.detach().numpy()))
+        elif x.device.type == "cuda" and x2.shape[0] >= self.decode_from_batch:
+            # Wide batches: the fused kernel reads x at every non-zero per batch column; decoding the matrix once
+            # (each element written once) and one cuBLAS bf16 product is faster from the crossover on.
+            self.last_path = "decode+bf16"
+            y = F.linear(x2.bfloat16(), self.dense_bf16()).float()
         elif x.device.type == "cuda":
+            self.last_path = "fused"
             y = self._cuda(x2)
         else:
             raise ValueError(f"{self.name}: no kernel for device {x.device}; use reference=True")
+        self.path_calls[self.last_path] = self.path_calls.get(self.last_path, 0) + 1
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _host_arrays(self) -> tuple:
@@ -120,8 +133,9 @@ class CompressedLinear(nn.Module):
             self._device_args = (self.codes.data_ptr(), args, wins)
         return kcuda.gemm(self._device_args[1], x2.contiguous(), rows=self.out_features, halo=self.halo)
 
-    def dense_bf16(self) -> torch.Tensor:
-        """W [out, in] as bf16, decoded on the buffers' device (the CUDA decode kernel on a GPU)."""
+    def dense_bf16(self, rows_kernel: bool = True) -> torch.Tensor:
+        """W [out, in] as bf16, decoded on the buffers' device (a CUDA decode kernel on a GPU: decode_rows where it
+        applies and rows_kernel, else the scatter kernel)."""
         if self.codes.device.type != "cuda":
             return self.dense(self.codes.device).bfloat16()
         from qmoe.kernels import cuda as kcuda
@@ -129,4 +143,4 @@ class CompressedLinear(nn.Module):
         if getattr(self, "_levels16", None) is None or self._levels16.device != self.lo.device:
             self._levels16 = (torch.stack([self.lo, self.hi]).view(torch.int32) >> 16).to(torch.int16)  # bf16 bits
         return kcuda.decode_torch(self.codes, self.offsets, self.table, self.extra, self._levels16,
-                                  self.in_features)
+                                  self.in_features, rows_kernel=rows_kernel)

@@ -1,5 +1,6 @@
-"""python -m qmoe.bench {codec,kernels,scale,gptq} [--json FILE]: benchmarks, each run side by side with its baselines.
-codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py; scale: qmoe/bench_scale.py; gptq: qmoe/bench_gptq.py."""
+"""python -m qmoe.bench {codec,kernels,infer,scale,gptq} [--json FILE]: benchmarks, each run side by side with its
+baselines. codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py; infer: qmoe/bench_infer.py; scale:
+qmoe/bench_scale.py; gptq: qmoe/bench_gptq.py."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,8 @@ def main(argv=None) -> int:
     k.add_argument("--experts", type=Path, help="a ternary compressed directory (default: compress the default model)")
     k.add_argument("--repeats", type=int, default=7)
     k.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the kernels run (default: cpu)")
+    k.add_argument("--no-end-to-end", action="store_true",
+                   help="kernel rows only (end to end on a c2048-shaped model: `qmoe.bench infer`)")
     k.add_argument("--json", type=Path)
     c = sub.add_parser("scale", help="compress c2048-shaped synthetic checkpoints of growing size, one larger than RAM")
     c.add_argument("--experts", type=lambda t: [int(x) for x in t.split(",")], default=[8, 32, 128, 320],
@@ -33,6 +36,17 @@ def main(argv=None) -> int:
     c.add_argument("--keep", action="store_true", help="keep checkpoints and outputs (default: delete each after use)")
     c.add_argument("--json", type=Path)
     c.add_argument("--plot", type=Path, help="PNG: peak memory per process against checkpoint size")
+    i = sub.add_parser("infer", help="end to end on a c2048-shaped model: fused vs simulated uncompressed vs bf16")
+    i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    i.add_argument("--compressed", type=Path, help="a ternary compressed directory (default: synth + RTN compress)")
+    i.add_argument("--blocks", type=int, default=1, help="sparse blocks per stack of the model made (default: 1)")
+    i.add_argument("--experts", type=int, default=64, help="experts per block of the model made (default: 64)")
+    i.add_argument("--tokens", type=int, default=16, help="tokens generated per sample (default: 16)")
+    i.add_argument("--val-samples", type=int, default=64)
+    i.add_argument("--repeats", type=int, default=3)
+    i.add_argument("--dir", type=Path, default=Path("out/bench-infer"), help="where the model is made")
+    i.add_argument("--keep", action="store_true", help="keep the compressed model made (default: delete it)")
+    i.add_argument("--json", type=Path)
     g = sub.add_parser("gptq", help="GPTQ against round-to-nearest: layer-wise errors and end-to-end loss, 3 seeds")
     g.add_argument("--model", default="default")
     g.add_argument("--schemes", type=lambda t: t.split(","), default=["ternary", "int2"])
@@ -49,6 +63,11 @@ def main(argv=None) -> int:
 
         result = b.run(a.model, [Scheme(x) for x in a.schemes], a.seeds, a.decoder_mask, a.train_samples,
                        a.val_samples, percdamp=a.percdamp)
+    elif a.what == "infer":
+        from qmoe import bench_infer as b
+
+        result = b.run(a.compressed, a.dir, a.blocks, a.experts, a.device, a.repeats, a.tokens, a.val_samples,
+                       keep=a.keep, partial=a.json)
     elif a.what == "scale":
         from qmoe import bench_scale as b
 
@@ -63,7 +82,7 @@ def main(argv=None) -> int:
         else:
             from qmoe import bench_kernels as b
 
-            result = b.run(a.experts, a.repeats, device=a.device)
+            result = b.run(a.experts, a.repeats, device=a.device, end_to_end=not a.no_end_to_end, partial=a.json)
     print(b.format_table(result))
     if a.json:
         from qmoe.store import atomic_write_json

@@ -60,12 +60,17 @@ def check_gemm(shape, batch, p, opts) -> None:
     assert_close(y, reference(m, x))
 
 
-def check_decode(shape, p, warps) -> None:
+def check_decode(shape, p, warps, rows_kernel=False) -> None:
     m = random_matrix(shape, p=p, seed=shape[1])
     recs = records(m.dictionary)
     levels = m.levels.view(np.int16).copy()
-    out = np.zeros(shape, np.int16)
-    kc.decode_dense(m.codes, m.row_offsets, recs.table, recs.extra, levels, out, warps=warps)
+    if rows_kernel:  # every element written: poisoned, not zeroed
+        out = np.full(shape, -1, np.int16)
+        kc.decode_dense_rows(m.codes, m.row_offsets, recs.table, recs.extra, levels, out.view(np.int32),
+                             warps=warps)
+    else:
+        out = np.zeros(shape, np.int16)
+        kc.decode_dense(m.codes, m.row_offsets, recs.table, recs.extra, levels, out, warps=warps)
     sym = decode_symbols(m)
     want = np.where(sym == 0, 0, np.where(sym == 1, levels[1][:, None], levels[0][:, None])).astype(np.int16)
     assert np.array_equal(out, want), f"decode {shape}"
@@ -85,6 +90,12 @@ for shape, batches, p, opts in CASES:
 for shape, p, warps in [((5, 37), P, 2), ((4, 40), DENSE, 1), ((33, 70), P, 1)]:
     if only in f"decode {shape}":
         check_decode(shape, p, warps)
+        n += 1
+# decode_rows: even widths; 40 rows in blocks of 2 warps: the simulated device's grid is 8 x 2 = 16 blocks of 2
+# warps, so warps stride over rows
+for shape, p, warps in [((5, 38), P, 2), ((4, 40), DENSE, 1), ((40, 70), P, 2), ((3, 300), NOZERO, 1)]:
+    if only in f"decode_rows {shape}":
+        check_decode(shape, p, warps, rows_kernel=True)
         n += 1
 if not only:
     assert STRIDED == {"rows", "windows"}, f"grid-stride cases: {STRIDED}"

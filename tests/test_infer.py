@@ -55,6 +55,29 @@ def test_two_slots_give_the_same_logits_and_split_by_bytes(compressed):
     assert abs(per[0] - per[1]) <= biggest  # balanced to within one unit
 
 
+@pytest.mark.parametrize("devices", [
+    pytest.param(["cpu"] * 4, id="4cpu"),
+    pytest.param(["cuda:0"] * 4, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+                 id="4cuda"),
+    pytest.param(["cuda:0", "cpu"], marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+                 id="cuda-cpu")])
+def test_split_over_slots_gives_the_loss_of_one_device(compressed, devices):
+    """The runner's split proven on one machine: several slots of one device, or a GPU and the CPU, give the
+    validation loss of the first device alone. Same device: equal up to the fused kernel's atomic adds (float
+    order). A GPU and the CPU: the CPU computes experts in float32 where a GPU multiplies wide batches from bf16
+    inputs (decode + cuBLAS), so up to 1e-3."""
+    from qmoe.evaluate import validation_loss
+
+    out, _ = compressed
+    s = _val(out)
+    one = validation_loss(Runner(load_compressed(out, fused=True)[0], devices[:1]), s, batch_size=4)
+    runner = Runner(load_compressed(out, fused=True)[0], devices)
+    assert len({runner.placement.slot_of[u] for u in unit_names(runner.cfg)}) == len(devices)  # every slot used
+    split = validation_loss(runner, s, batch_size=4)
+    tol = 1e-3 if len(set(devices)) > 1 else 1e-6
+    assert abs(split - one) <= tol * abs(one), (split, one)
+
+
 def test_placement_counts_shared_storage_once(compressed):
     out, _ = compressed
     model, _, _ = load_compressed(out, fused=True)

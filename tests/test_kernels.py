@@ -259,7 +259,7 @@ def test_cuda_kernel_in_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "checked 27 cases" in r.stdout, r.stdout
+    assert "checked 31 cases" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("cc", [(8, 0), (8, 6), (9, 0)])
@@ -280,23 +280,43 @@ def test_cuda_kernel_compiles_to_ptx(cc):
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
-def _poisoned_gemm(fn, batch, rows):
-    """fn() after freeing a NaN block of y's size, which the caching allocator hands out next: an element the
-    kernel does not write stays NaN."""
-    torch.full((batch, rows), float("nan"), device="cuda")
+def _poisoned_gemm(fn, batch, rows, dtype=torch.float32):
+    """fn() after freeing a NaN block of the output's size and dtype, which the caching allocator hands out next:
+    an element the kernel does not write stays NaN."""
+    torch.full((batch, rows), float("nan"), dtype=dtype, device="cuda")
     return fn()
 
 
 @cuda_only
 @pytest.mark.parametrize("shape", SHAPES + [(70, 2500), (260, 1536), (100, 6144)])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 16, 17, 33, 64])
-def test_cuda_module_matches_reference(shape, batch):
+@pytest.mark.parametrize("path", ["fused", "decode+bf16"])
+def test_cuda_module_matches_reference(shape, batch, path):
     m = random_matrix(shape, seed=shape[0] * 1000 + shape[1])
     lin = CompressedLinear(m).cuda()
+    lin.decode_from_batch = 1 if path == "decode+bf16" else 1 << 30
     x = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, shape[1])).astype(np.float32))
     y = _poisoned_gemm(lambda: lin(x.cuda()), batch, shape[0])
     torch.cuda.synchronize()
-    assert_close(y.cpu().double().numpy(), reference(m, x.numpy()))
+    assert lin.last_path == path
+    ref = reference(m, x.numpy())
+    if path == "fused":
+        assert_close(y.cpu().double().numpy(), ref)
+    else:  # x rounded to bf16 for cuBLAS (as a bf16 model's layer does; W's levels are bf16 already): each x
+        # element moves by at most 2^-9 of itself, so each output by at most 2^-9 sum |w x| (2^-8: float32 sums)
+        bound = np.abs(x.numpy()).astype(np.float64) @ np.abs(decode(m)).astype(np.float64).T * 2.0 ** -8 + 1e-6
+        got = y.cpu().double().numpy()
+        assert np.isfinite(got).all() and (np.abs(got - ref) <= bound).all()
+
+
+@cuda_only
+def test_cuda_module_picks_its_path_by_batch():
+    from qmoe.kernels import cuda as kc
+
+    lin = CompressedLinear(random_matrix((64, 512), seed=5)).cuda()
+    for batch in (1, kc.DECODE_FROM_BATCH - 1, kc.DECODE_FROM_BATCH, 4 * kc.DECODE_FROM_BATCH):
+        lin(torch.randn(batch, 512, device="cuda"))
+        assert lin.last_path == ("fused" if batch < kc.DECODE_FROM_BATCH else "decode+bf16"), batch
 
 
 @cuda_only
@@ -329,12 +349,15 @@ def test_cuda_launch_plans(opts, batch):
 
 
 @cuda_only
-@pytest.mark.parametrize("shape", [(1, 1), (33, 129), (300, 2080), (4, 40)])
+@pytest.mark.parametrize("shape", [(1, 1), (33, 129), (300, 2080), (4, 40), (70, 2500), (100, 6144), (9, 1)])
 def test_cuda_decode_matches_codec(shape):
+    """Both decode kernels (decode_rows for even widths, the scatter kernel for odd ones), into memory poisoned
+    with NaN: every element must be written."""
     p = (0.34, 0.33, 0.33) if shape == (4, 40) else (0.85, 0.09, 0.06)
     m = random_matrix(shape, p=p, seed=shape[1])
     lin = CompressedLinear(m).cuda()
-    assert torch.equal(lin.dense_bf16().cpu(), torch.from_numpy(decode(m)).bfloat16())
+    w = _poisoned_gemm(lin.dense_bf16, *shape, dtype=torch.bfloat16)
+    assert torch.equal(w.cpu(), torch.from_numpy(decode(m)).bfloat16())
 
 
 @cuda_only
