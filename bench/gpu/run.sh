@@ -33,8 +33,8 @@ stamp "qmoe from $(python3 -c 'import qmoe, os; print(os.path.dirname(qmoe.__fil
 
 experts=${QMOE_GPU_EXPERTS:-64}  # experts per block of the end-to-end model (fewer only to rehearse)
 model="$work/c2048-shaped-1x$experts"
-( python3 -m qmoe.synth --out "$work/synth" --blocks 1 --experts "$experts" \
-  && python3 -m qmoe.compress --model "$work/synth" --out "$model" --method rtn --device "$device" \
+( timeout 300 python3 -m qmoe.synth --out "$work/synth" --blocks 1 --experts "$experts" \
+  && timeout 300 python3 -m qmoe.compress --model "$work/synth" --out "$model" --method rtn --device "$device" \
        --train-samples 16 --val-samples 64 --threads 8 \
   && rm -rf "$work/synth" && cp "$model/summary.json" "$out/compress-rtn-$device-summary.json" ) \
     > "$out/build.log" 2>&1 &
@@ -53,14 +53,14 @@ stamp "model built: rc $rc"
 
 if [ "$device" = cuda ]; then
     stamp "kernel table"
-    timeout 200 python3 -m qmoe.bench kernels --device cuda --no-end-to-end --repeats 15 \
+    timeout 130 python3 -m qmoe.bench kernels --device cuda --no-end-to-end --repeats 15 \
         --json "$out/kernels-cuda-$card.json" > "$out/kernels.log" 2>&1
     stamp "kernel table: rc $?"
     tail -25 "$out/kernels.log"
 fi
 if [ "$rc" = 0 ]; then
     stamp "end-to-end table"
-    timeout 200 python3 -m qmoe.bench infer --device "$device" --compressed "$model" --repeats 3 \
+    timeout 150 python3 -m qmoe.bench infer --device "$device" --compressed "$model" --repeats 3 \
         --json "$out/infer-$device-$card.json" > "$out/infer.log" 2>&1
     stamp "end-to-end table: rc $?"
     tail -12 "$out/infer.log"
