@@ -61,6 +61,20 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def saved(out: Path) -> str:
+    """What an interrupted run left in `out` and how to go on, in one line."""
+    from qmoe.compressed import Manifest
+
+    try:
+        m = Manifest.load(out).data
+    except Exception:  # noqa: BLE001 - no manifest (stopped before the output was begun), or unreadable
+        return f"{out} was not begun; run the same command again"
+    if not m.get("groups"):
+        return f"{out} has no finished expert group; run the same command again to start over"
+    return (f"{out} keeps {len(m.get('blocks_done', []))} finished blocks and {len(m['groups'])} expert groups; "
+            "run the same command with --resume to continue")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -83,6 +97,12 @@ def main(argv=None) -> int:
             executor = RayExecutor(a.workers)
         summary = compress_model(resolve_model(a.model), a.out, cfg, spec, overwrite=a.overwrite, resume=a.resume,
                                  executor=executor, max_memory=a.max_memory, max_batch=a.gptq_batch)
+    except KeyboardInterrupt:
+        print(f"interrupted: {saved(a.out)}", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # SIGTERM, through _exit_on_sigterm
+        print(f"stopped (signal {e.code - 128}): {saved(a.out)}", file=sys.stderr)
+        raise
     except (CheckpointError, OSError, ValueError, MemoryError_) as e:
         # One line naming the file: a bad checkpoint, a bad argument, an output directory that cannot be written
         # (read-only, a file, disk full: atomic writes name the path).

@@ -134,55 +134,63 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     job = make_job(model_dir, out, mcfg, cfg, spec, len(train), len(val), sentinel_floor, max_memory,
                    getattr(executor, "processes", 1), fail_marker, max_batch)
     settings = _settings(cfg, spec, model_dir)
-    if resume:
-        manifest = outdir.check_resume(out, settings)
-        for p in outdir.clean_leftovers(out):
-            progress(f"removed {p}: a write the previous run did not finish")
-    else:
-        outdir.prepare(out, overwrite, progress)
-        manifest = C.Manifest(out)
-    n_blocks = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
-    progress(f"{model_dir}: {mcfg.num_layers}+{mcfg.num_decoder_layers} blocks, {n_blocks} sparse x "
-             f"{mcfg.num_experts} experts; {len(train)} calibration, {len(val)} validation samples; "
-             f"{cfg.scheme.value} {cfg.method.value}; {executor.description}")
-    progress(job.plan.describe())
-    torch.set_num_threads(cfg.threads)
-
-    C.write_dense(out, reader, model)
-    manifest.record_file(C.DENSE_FILE)
-    for name in TOKENIZER_FILES:
-        src = model_file(model_dir, name)  # a regular file inside the model directory, or None
-        if src is not None:
-            atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
-            manifest.record_file(name)
-    qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
-                     method=cfg.method.value, source=str(model_dir), settings=settings,
-                     dense_sha256=manifest.data["files"][C.DENSE_FILE]["sha256"])
-    atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
-    manifest.record_file("config.json")
-    manifest.save()
-    if manifest.blocks_done or manifest.data["groups"]:
-        progress(f"resuming: {len(manifest.blocks_done)} blocks done ({', '.join(manifest.blocks_done)})")
-
-    store = job.store
-    store.clear()
-    write_ids(job, {"train": train, "before": val, "after": val})
+    # One writer per output directory, on every launch path (in process, --workers, ray job submit): all come
+    # through here. Taken after every check of the inputs, so that bad input leaves nothing behind.
+    lock = outdir.OutputLock(out)
+    lock.acquire(progress)
     try:
-        executor.start(job, str(out))
-        stats, losses, procs = compress_blocks(job, executor, manifest, progress)
+        if resume:
+            manifest = outdir.check_resume(out, settings)
+            for p in outdir.clean_leftovers(out):
+                progress(f"removed {p}: a write the previous run did not finish")
+        else:
+            outdir.prepare(out, overwrite, progress)
+            manifest = C.Manifest(out)
+            manifest.save()  # first: a run stopped from here on leaves a qmoe output, replaced by a plain rerun
+        n_blocks = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
+        progress(f"{model_dir}: {mcfg.num_layers}+{mcfg.num_decoder_layers} blocks, {n_blocks} sparse x "
+                 f"{mcfg.num_experts} experts; {len(train)} calibration, {len(val)} validation samples; "
+                 f"{cfg.scheme.value} {cfg.method.value}; {executor.description}")
+        progress(job.plan.describe())
+        torch.set_num_threads(cfg.threads)
+
+        C.write_dense(out, reader, model)
+        manifest.record_file(C.DENSE_FILE)
+        for name in TOKENIZER_FILES:
+            src = model_file(model_dir, name)  # a regular file inside the model directory, or None
+            if src is not None:
+                atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+                manifest.record_file(name)
+        qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
+                         method=cfg.method.value, source=str(model_dir), settings=settings,
+                         dense_sha256=manifest.data["files"][C.DENSE_FILE]["sha256"])
+        atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
+        manifest.record_file("config.json")
+        manifest.save()
+        if manifest.blocks_done or manifest.data["groups"]:
+            progress(f"resuming: {len(manifest.blocks_done)} blocks done ({', '.join(manifest.blocks_done)})")
+
+        store = job.store
+        store.clear()
+        write_ids(job, {"train": train, "before": val, "after": val})
+        try:
+            executor.start(job, str(out))
+            stats, losses, procs = compress_blocks(job, executor, manifest, progress)
+        finally:
+            executor_info = executor.close()
+        store.clear()
+        if losses:
+            progress(f"validation loss {losses['before']:.4f} -> {losses['after']:.4f}")
+        me = procs.setdefault(os.getpid(), {"peak_anon": 0, "checkpoint_bytes_read": 0})
+        me["peak_anon"] = max(me["peak_anon"], monitor.stop())
+        summary = _summary(model, manifest, cfg, spec, model_dir, len(train), len(val), stats, losses,
+                           time.time() - t0, job, procs, executor_info)
+        atomic_write_json(out / "summary.json", summary)
+        manifest.record_file("summary.json")
+        manifest.save(complete=True)
+        return summary
     finally:
-        executor_info = executor.close()
-    store.clear()
-    if losses:
-        progress(f"validation loss {losses['before']:.4f} -> {losses['after']:.4f}")
-    me = procs.setdefault(os.getpid(), {"peak_anon": 0, "checkpoint_bytes_read": 0})
-    me["peak_anon"] = max(me["peak_anon"], monitor.stop())
-    summary = _summary(model, manifest, cfg, spec, model_dir, len(train), len(val), stats, losses,
-                       time.time() - t0, job, procs, executor_info)
-    atomic_write_json(out / "summary.json", summary)
-    manifest.record_file("summary.json")
-    manifest.save(complete=True)
-    return summary
+        lock.release()
 
 
 def _settings(cfg: CompressConfig, spec: DataSpec, model_dir: Path) -> dict:

@@ -268,3 +268,52 @@ def test_every_file_is_covered_by_a_checksum_every_reader_checks(done, tmp_path)
     f.write_bytes(bytes(data))
     assert report.main([str(d), "--no-measure", "--out", str(tmp_path / "rep")]) == 2
     assert not (tmp_path / "rep").exists()
+
+
+def test_one_writer_per_output_directory(tiny_ckpt, tmp_path, capsys):
+    """While a live process holds the output's lock, a second run (--overwrite or --resume) is refused in one line
+    naming it, and nothing in the directory is touched; once the holder is gone (SIGKILL: no cleanup), the next
+    run takes the lock over, says so, and removes it when done."""
+    from qmoe.outdir import LOCK
+
+    out = tmp_path / "o"
+    assert compress_cli.main(["--model", str(tiny_ckpt), "--out", str(out), *ARGS]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code = ("import sys, time; from qmoe.outdir import OutputLock; OutputLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for flag in ("--overwrite", "--resume"):
+            rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(out), *ARGS, flag)
+            assert rc == 2 and f"pid {holder.pid} on" in err and len(err.splitlines()) == 1, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK).exists()  # a killed holder leaves its lock file, but no lock
+    assert compress_cli.main(["--model", str(tiny_ckpt), "--out", str(out), *ARGS, "--overwrite"]) == 0
+    assert f"took over the lock of a run that is no longer running (pid {holder.pid} on" in capsys.readouterr().out
+    assert not (out / LOCK).exists()
+
+
+def test_ctrl_c_says_what_was_saved_in_one_line(tiny_ckpt, tmp_path):
+    """SIGINT (Ctrl-C) mid-run: exit status 130, no traceback, one line saying what the directory keeps and how to
+    continue, the lock released; --resume then finishes the run."""
+    from qmoe.outdir import LOCK
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "qmoe.compress", "--model", str(tiny_ckpt), "--out", str(out),
+           "--train-samples", "32", "--val-samples", "2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # the first block's line: a block is finished and recorded
+        if line.startswith("[1] "):
+            break
+    p.send_signal(signal.SIGINT)
+    rc = p.wait(timeout=120)
+    err = p.stderr.read().strip()
+    assert rc == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"interrupted: {out} keeps ") and "--resume" in err, err
+    assert not (out / LOCK).exists()
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and json.loads((out / "manifest.json").read_text())["complete"], r.stderr[-2000:]

@@ -215,7 +215,9 @@ def test_sigterm_stops_the_local_ray_it_started(tiny_ckpt, tmp_path):
     assert children, "the run started no Ray processes"
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=120)
-    assert p.returncode == 128 + signal.SIGTERM, p.stderr.read()[-2000:]
+    err = p.stderr.read()
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped (signal 15): " in err and "--resume" in err and "Traceback" not in err, err[-2000:]
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [c.cmdline()[:3] for c in alive]
     assert not json.loads((out / "manifest.json").read_text())["complete"]
