@@ -25,7 +25,7 @@ block covers the granule windows [k0, k1) of every row it walks: their codewords
 lie in [k0 * G, k1 * G + halo) with halo = the longest word. When a row is split over several blocks, each adds
 its part into y (zeroed by the caller) atomically.
 
-Measured on an H100 (README): this form ran faster than one issuing four steps' loads at once, with eight-wide
+Measured on an H100 (docs/kernels.md): this form ran faster than one issuing four steps' loads at once, with eight-wide
 staging and a multi-column direct path up to BT = 4 (batch 1: 13 against 19 us; batch 4 and 16 no faster).
 """
 from numba import cuda, float32, int16, int32, int64

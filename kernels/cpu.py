@@ -14,7 +14,7 @@ Two kinds of kernel:
   then x is summed over each list: with vector gathers at batch 1, and at batch B > 1 one W-wide vector add per
   position (x transposed and padded to W columns, qmoe.kernels._llvm.make_rowsum). Lists live in L1 (a row's are at
   most C + 4 entries). Against the record kernels below, alternated in one process on c2048's shapes: see
-  README "Kernels and inference".
+  docs/kernels.md.
 - record kernels (any width): walk each codeword's record and gather-add its non-zeros in place.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Calibration and validation activations on disk, one file per (stream, kind, chunk), read and written with plain
 positioned I/O (no memory maps, so a process's resident memory is only the rows it asked for).
 
-A stream is a set of samples walked through the model with one kind of expert weights (DESIGN.md): "train" (the
+A stream is a set of samples walked through the model with one kind of expert weights (docs/design.md): "train" (the
 calibration samples, through the compressed blocks), "before" and "after" (the validation samples, through the
 original and the compressed experts). A chunk is `chunk_samples` consecutive samples; its token rows are
 sample-major, [n * S, D]. Kinds:

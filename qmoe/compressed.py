@@ -1,4 +1,4 @@
-"""The compressed checkpoint directory (DESIGN.md): config.json with a `qmoe` section, dense weights in bf16
+"""The compressed checkpoint directory (docs/design.md): config.json with a `qmoe` section, dense weights in bf16
 safetensors, one safetensors file of quantized experts per expert group (`experts/<block>/<first>-<last>.safetensors`,
 written by whoever quantized the group), summary.json, and manifest.json last.
 

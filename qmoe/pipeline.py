@@ -1,4 +1,4 @@
-"""The math of compressing one group of experts (DESIGN.md, step 3), and the settings that decide a run's bytes.
+"""The math of compressing one group of experts (docs/design.md, step 3), and the settings that decide a run's bytes.
 
 The block walk (qmoe/walk.py) and the steps it hands to an executor (qmoe/steps.py) call these functions; they hold
 no I/O. Legend: G experts in a group, R rows (out features), C columns (in features), D d_model, F d_ff, n tokens.
@@ -39,7 +39,7 @@ class CompressConfig:
     device: str = "cpu"  # where steps compute: cpu or cuda (a GPU's float results differ from the CPU's)
     # Which decoder positions feed Hessians: "target" leaves out those whose target (label) is a sentinel and each
     # sample's last position (QMoE's convention); "input" those whose decoder input is a sentinel (measured worse:
-    # README, "GPTQ").
+    # docs/results.md, "GPTQ").
     decoder_mask: str = "target"
 
     def __post_init__(self):

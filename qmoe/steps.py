@@ -1,4 +1,4 @@
-"""The steps of the block walk (DESIGN.md), run by a `Worker` in whichever process the executor chose.
+"""The steps of the block walk (docs/design.md), run by a `Worker` in whichever process the executor chose.
 
 A Worker opens the checkpoint itself and reads only what a step needs: one block's dense weights (attention,
 norms, router), one batch of experts, the activation rows of the chunk or expert group at hand. Every step reads

@@ -1,4 +1,4 @@
-"""The block walk (DESIGN.md): every block in order, encoder first, each step handed to an executor.
+"""The block walk (docs/design.md): every block in order, encoder first, each step handed to an executor.
 
 Per sparse block: the dense pass on every chunk of every stream (`route`), the Hessian token cap from the train
 stream's routing counts, one `experts` step per group (quantize, encode, write the group file, run every stream's
