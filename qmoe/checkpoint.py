@@ -171,6 +171,23 @@ class CheckpointReader:
                                   f"entry is a {type(t).__name__}, not a tensor")
         return tuple(t.shape)
 
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype without reading the data (safetensors header, or the memory-mapped .bin entry)."""
+        f = self.file_of.get(name)
+        if f is None:
+            return None
+        if f.suffix == ".safetensors":
+            code = self._st_open(f, name).get_slice(name).get_dtype()
+            return _ST_DTYPES.get(code) or getattr(torch, code.lower(), None)
+        t = self._bin_open(f, name).get(name)
+        return t.dtype if isinstance(t, torch.Tensor) else None
+
+
+# safetensors' dtype names that are not torch's attribute names in lower case
+_ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
+              "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
 
 def checkpoint_name(model_name: str, available: set[str]) -> str:
     """The checkpoint tensor that holds a model parameter, for the names the published checkpoints use."""

@@ -1,0 +1,217 @@
+"""Decoder-only MoE families behind one model: what differs per family (config keys, tensor names, which layers
+are MoE, routing details) is a `Family`; the layers are shared. Module names equal the published tensor names, so a
+checkpoint loads name for name (qmoe/models/load.py).
+
+Legend: B = batch, S = sequence, D = hidden size, H = attention heads, G = key/value heads, K = head dim,
+E = experts, k = experts per token, I = an expert's intermediate size, T = B * S tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_eps: float
+    num_experts: int
+    top_k: int
+    moe_intermediate: int  # an expert's I
+    dense_intermediate: int  # a dense layer's MLP width
+    sparse: tuple[bool, ...]  # per layer: MoE (True) or a dense MLP
+    norm_topk: bool  # renormalize the k chosen probabilities to sum to 1
+    qk_norm: bool  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    tie_word_embeddings: bool
+    sliding_window: int | None = None  # attend to the last `sliding_window` positions only
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one family says: its config reader and where its tensors are, under `model.layers.{i}.`."""
+    name: str
+    model_types: tuple[str, ...]
+    config: Callable[[dict], MoEConfig]
+    moe: str  # the MoE module's name in a layer ("block_sparse_moe", "mlp")
+    router: str  # the router's name in the MoE module
+    expert_names: dict[str, str]  # gate / up / down -> the expert's linear names on disk
+    dense: str = "mlp"  # a dense layer's MLP module
+    dense_names: dict[str, str] = field(default_factory=lambda: {"gate": "gate_proj", "up": "up_proj",
+                                                                 "down": "down_proj"})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """x [B, H, S, K] rotated by positions pos [S] (the default RoPE: halves rotated, frequencies theta^(-2i/K))."""
+    k = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, k, 2, dtype=torch.int64, device=x.device).float() / k)
+    ang = pos.float()[:, None] * inv[None]  # [S, K / 2]
+    cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
+    x1, x2 = x[..., : k // 2], x[..., k // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE (and Qwen3's per-head q/k norms), causal, optionally windowed."""
+
+    def __init__(self, c: MoEConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.c
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(B, S, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(B, S, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, G, S, K]
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        pos = torch.arange(S, device=x.device)
+        q, k = rope(q.transpose(1, 2), pos, c.rope_theta), rope(k.transpose(1, 2), pos, c.rope_theta)
+        rep = c.num_heads // c.num_kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [B, H, S, K]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)  # [B, H, S, S]
+        i, j = pos[:, None], pos[None, :]
+        allowed = (j <= i) & ((i - j < c.sliding_window) if c.sliding_window else True)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        att = torch.softmax(scores.float(), -1).to(q.dtype) @ v
+        return self.o_proj(att.transpose(1, 2).reshape(B, S, c.num_heads * c.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); the three linears carry the family's names."""
+
+    def __init__(self, d: int, inter: int, names: dict[str, str]):
+        super().__init__()
+        self.names = names
+        for kind, shape in (("gate", (inter, d)), ("up", (inter, d)), ("down", (d, inter))):
+            setattr(self, names[kind], nn.Linear(shape[1], shape[0], bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.names
+        return getattr(self, n["down"])(F.silu(getattr(self, n["gate"])(x)) * getattr(self, n["up"])(x))
+
+
+class MoE(nn.Module):
+    """Softmax router, top-k experts per token (probabilities renormalized when the family says so)."""
+
+    def __init__(self, c: MoEConfig, fam: Family):
+        super().__init__()
+        self.c, self.router_name = c, fam.router
+        setattr(self, fam.router, nn.Linear(c.hidden_size, c.num_experts, bias=False))
+        self.experts = nn.ModuleList(SwiGLU(c.hidden_size, c.moe_intermediate, fam.expert_names)
+                                     for _ in range(c.num_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k], experts [T, k]) for tokens x [T, D]."""
+        probs = torch.softmax(getattr(self, self.router_name)(x).float(), -1)  # [T, E]
+        w, idx = torch.topk(probs, self.c.top_k, -1)
+        if self.c.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        return w.to(x.dtype), idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = self.route(x)
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        return out.reshape(shape)
+
+
+class Layer(nn.Module):
+    def __init__(self, c: MoEConfig, fam: Family, sparse: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
+        self.ffn_name = fam.moe if sparse else fam.dense
+        setattr(self, self.ffn_name, MoE(c, fam) if sparse else SwiGLU(c.hidden_size, c.dense_intermediate,
+                                                                        fam.dense_names))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: MoEConfig, fam: Family):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Layer(c, fam, s) for s in c.sparse)
+        self.norm = RMSNorm(c.hidden_size, c.rms_eps)
+
+
+class MoECausalLM(nn.Module):
+    """forward(input_ids [B, S]) -> logits [B, S, V]."""
+
+    def __init__(self, c: MoEConfig, fam: Family):
+        super().__init__()
+        self.cfg, self.family = c, fam
+        self.model = Backbone(c, fam)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x)
+        x = self.model.norm(x)
+        head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return F.linear(x, head)
+
+
+def rope_theta(hf: dict) -> float:
+    """The RoPE base from a config as published (`rope_theta`) or as transformers 5 writes it (`rope_parameters`);
+    only the default RoPE is built."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"rope_type {kind!r} is not supported (only 'default')")
+    theta = hf.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        raise ValueError("no rope_theta")
+    return float(theta)
+
+
+def common(hf: dict, family: str) -> dict:
+    """The keys every family here reads the same way."""
+    heads = hf["num_attention_heads"]
+    return dict(family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                num_layers=hf["num_hidden_layers"], num_heads=heads,
+                num_kv_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_theta=rope_theta(hf),
+                rms_eps=hf.get("rms_norm_eps", 1e-6), num_experts=hf.get("num_local_experts") or hf["num_experts"],
+                top_k=hf["num_experts_per_tok"], tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))

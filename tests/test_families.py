@@ -1,0 +1,158 @@
+"""Decoder-only MoE families (qmoe/models/) against transformers' own classes: tiny random models saved as
+published (save_pretrained: one file, and sharded with an index; DeepSeek-style FP8 weights with 128x128 block
+scales), read by qmoe, logits equal to transformers' in float32; bad checkpoints refused in one line."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qmoe
+from qmoe.checkpoint import CheckpointError
+from qmoe.models.load import dequantize_fp8
+
+
+def _mixtral(**over):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2, max_position_embeddings=64,
+              rope_theta=1e4)
+    kw.update(over)
+    return MixtralForCausalLM(MixtralConfig(**kw))
+
+
+def _qwen3_moe(**over):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=3,
+              decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True, max_position_embeddings=64,
+              rope_theta=1e6)
+    kw.update(over)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw))
+
+
+MAKERS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen3_moe_no_renorm": lambda: _qwen3_moe(
+    norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[], tie_word_embeddings=True)}
+
+
+def _saved(name: str, tmp_path: Path, seed: int = 0, **save_kw) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(seed)
+    model = MAKERS[name]().eval()
+    with torch.no_grad():  # norms away from 1, so that they are tested too
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    out = tmp_path / name
+    model.save_pretrained(out, **save_kw)
+    return model, out
+
+
+def _ids(vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+@pytest.mark.parametrize("sharded", [False, True])
+def test_logits_equal_transformers(name, sharded, tmp_path):
+    ref, path = _saved(name, tmp_path, **({"max_shard_size": "20KB"} if sharded else {}))
+    if sharded:
+        assert (path / "model.safetensors.index.json").exists()
+    ours = qmoe.load(path)
+    ids = _ids(ref.config.vocab_size)
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = ours(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_router_and_layers_follow_the_config(tmp_path):
+    _, path = _saved("qwen3_moe", tmp_path)
+    m = qmoe.load(path)
+    assert [type(getattr(layer, layer.ffn_name)).__name__ for layer in m.model.layers] == ["MoE", "SwiGLU", "MoE"]
+    assert m.cfg.top_k == 3 and m.cfg.num_experts == 6 and m.cfg.norm_topk
+
+
+def _fp8_blocks(w: torch.Tensor, b: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's layout: e4m3 codes and one float32 scale (inverse) per b x b block."""
+    rows, cols = w.shape
+    nr, nc = -(-rows // b), -(-cols // b)
+    scale = torch.empty(nr, nc)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(nr):
+        for j in range(nc):
+            blk = w[i * b:(i + 1) * b, j * b:(j + 1) * b]
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            scale[i, j] = s
+            q[i * b:(i + 1) * b, j * b:(j + 1) * b] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_weights_with_block_scales_are_dequantized(tmp_path):
+    """FP8 e4m3 with 128x128 `weight_scale_inv` (a 300x200 matrix has partial blocks): each block's codes times its
+    scale. A checkpoint whose attention and expert matrices are all stored so loads with exactly those weights."""
+    torch.manual_seed(3)
+    w = torch.randn(300, 200)
+    q, s = _fp8_blocks(w)
+    deq = dequantize_fp8(q, s)
+    want = torch.cat([torch.cat([q[i:i + 128, j:j + 128].float() * s[i // 128, j // 128]
+                                 for j in range(0, 200, 128)], 1) for i in range(0, 300, 128)], 0)
+    assert torch.equal(deq, want)
+    assert (deq - w).abs().max() <= 0.07 * w.abs().max()  # e4m3 keeps 3 mantissa bits
+
+    ref, path = _saved("mixtral", tmp_path)
+    sd = load_file(path / "model.safetensors")
+    for k in [k for k in sd if k.endswith("proj.weight") or ".experts." in k]:
+        sd[k], sd[k + "_scale_inv"] = _fp8_blocks(sd[k].float())
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    ours = qmoe.load(path)
+    with torch.no_grad():
+        for k, v in sd.items():
+            if k.endswith("_scale_inv"):
+                continue
+            t = dequantize_fp8(v, sd[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v
+            assert torch.equal(dict(ours.named_parameters())[k].detach(), t.float()), k
+        logits = ours(_ids(ref.config.vocab_size))
+    assert torch.isfinite(logits).all()
+
+
+def _edit(path: Path, fn) -> None:
+    sd = load_file(path / "model.safetensors")
+    fn(sd)
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("unknown family", "model_type 'grok' is not a family qmoe reads"),
+    ("config missing a key", "config lacks 'num_experts_per_tok'"),
+    ("missing tensor", "tensor 'model.layers.1.block_sparse_moe.experts.4.w2.weight': tensor is missing"),
+    ("wrong shape", "tensor 'model.layers.0.block_sparse_moe.gate.weight': shape (4, 32), config.json implies (5, 32)"),
+    ("an expert config.json does not have", "tensor 'model.layers.0.block_sparse_moe.experts.5.w1.weight': not a "
+                                            "tensor of the model config.json describes"),
+    ("fp8 without scales", "FP8 weight without its model.layers.0.self_attn.q_proj.weight_scale_inv"),
+])
+def test_bad_checkpoints_are_one_line_errors(case, needle, tmp_path):
+    _, path = _saved("mixtral", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    if case == "unknown family":
+        cfg["model_type"] = "grok"
+    elif case == "config missing a key":
+        del cfg["num_experts_per_tok"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    if case == "missing tensor":
+        _edit(path, lambda sd: sd.pop("model.layers.1.block_sparse_moe.experts.4.w2.weight"))
+    elif case == "wrong shape":
+        _edit(path, lambda sd: sd.update({"model.layers.0.block_sparse_moe.gate.weight": torch.zeros(4, 32)}))
+    elif case == "an expert config.json does not have":
+        _edit(path, lambda sd: sd.update({f"model.layers.0.block_sparse_moe.experts.5.{m}.weight":
+                                          sd[f"model.layers.0.block_sparse_moe.experts.0.{m}.weight"].clone()
+                                          for m in ("w1", "w2", "w3")}))
+    elif case == "fp8 without scales":
+        k = "model.layers.0.self_attn.q_proj.weight"
+        _edit(path, lambda sd: sd.update({k: sd[k].to(torch.float8_e4m3fn)}))
+    with pytest.raises(CheckpointError) as e:
+        qmoe.load(path)
+    msg = str(e.value)
+    assert needle in msg and len(msg.splitlines()) == 1, msg
