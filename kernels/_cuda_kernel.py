@@ -97,11 +97,7 @@ def make_gemm(warps: int):
             for base in range(t0, t1, 32):
                 t = base + 32 + lane
                 w_next = table[codes[t]] if t < t1 else int64(0)
-                n = int32((w >> 7) & 7)
-                e = w >> SLOT0
-                ovf = n == OVERFLOW
-                if ovf:
-                    n = int32(extra[e])
+                n, e, ovf = _record(w, extra)
                 if bt == 1:
                     own = int32(w & 127)
                     incl = _scan(own, lane)
@@ -233,28 +229,42 @@ def make_decode(warps: int):
             t1 = offsets[r + 1]
             pos = int32(0)
             for base in range(offsets[r], t1, 32):
-                t = base + lane
-                w = table[codes[t]] if t < t1 else int64(0)
-                n = int32((w >> 7) & 7)
-                e = w >> SLOT0
-                ovf = n == OVERFLOW
-                if ovf:
-                    n = int32(extra[e])
-                own = int32(w & 127)
-                incl = own
-                d = 1
-                while d < 32:
-                    u = cuda.shfl_up_sync(FULL, incl, d)
-                    if lane >= d:
-                        incl += u
-                    d *= 2
-                start = pos + incl - own
-                pos += cuda.shfl_sync(FULL, incl, 31)
+                n, e, ovf, start, pos = _place(codes, table, extra, base + lane, t1, pos, lane)
                 for j in range(n):
-                    c = int32(extra[e + 1 + j]) if ovf else int32((e >> (8 * j)) & 255)
+                    c = _nonzero(extra, e, ovf, j)
                     out[r, start + (c & 127)] = levels[0 if c >> 7 else 1, r]
 
     return decode
+
+
+@cuda.jit(device=True, inline=True)
+def _record(w, extra):
+    """A word's record w as (its non-zero count n, e: its non-zero bytes, or where they start in `extra` when
+    ovf, ovf)."""
+    n = int32((w >> 7) & 7)
+    e = w >> SLOT0
+    ovf = n == OVERFLOW
+    if ovf:
+        n = int32(extra[e])
+    return n, e, ovf
+
+
+@cuda.jit(device=True, inline=True)
+def _place(codes, table, extra, t, t1, pos, lane):
+    """A decode step: this lane's codeword t (none when t >= t1) as (its non-zero count n, e: its non-zero bytes,
+    or where they start in `extra` when ovf, ovf, the column its word starts at, the column the next step starts
+    at); pos: where this step starts. Every lane of the warp must call it."""
+    w = table[codes[t]] if t < t1 else int64(0)
+    n, e, ovf = _record(w, extra)
+    own = int32(w & 127)
+    incl = _scan(own, lane)
+    return n, e, ovf, pos + incl - own, pos + cuda.shfl_sync(FULL, incl, 31)
+
+
+@cuda.jit(device=True, inline=True)
+def _nonzero(extra, e, ovf, j):
+    """Non-zero j of a word (position in the word | 128 for the lo level), from its record or from `extra`."""
+    return int32(extra[e + 1 + j]) if ovf else int32((e >> (8 * j)) & 255)
 
 
 @cuda.jit
@@ -281,19 +291,9 @@ def decode_rows(codes, offsets, table, extra, levels, out):
         t1 = offsets[r + 1]
         pos = int32(0)
         for base in range(offsets[r], t1, 32):
-            t = base + lane
-            w = table[codes[t]] if t < t1 else int64(0)
-            n = int32((w >> 7) & 7)
-            e = w >> SLOT0
-            ovf = n == OVERFLOW
-            if ovf:
-                n = int32(extra[e])
-            own = int32(w & 127)
-            incl = _scan(own, lane)
-            start = pos + incl - own
-            pos += cuda.shfl_sync(FULL, incl, 31)
+            n, e, ovf, start, pos = _place(codes, table, extra, base + lane, t1, pos, lane)
             for j in range(n):
-                c = int32(extra[e + 1 + j]) if ovf else int32((e >> (8 * j)) & 255)
+                c = _nonzero(extra, e, ovf, j)
                 s16[at16 + start + (c & 127)] = lv_lo if c >> 7 else lv_hi
         cuda.syncwarp(FULL)
         for i in range(lane, w2, 32):

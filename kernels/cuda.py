@@ -376,10 +376,12 @@ def decode_torch(codes, offsets, table, extra, levels, width: int, warps: int = 
     return out
 
 
-def compile_ptx(cc: tuple[int, int], warps: int = WARPS) -> str:
-    """The gemm kernel's PTX for compute capability cc (e.g. (8, 0) A100, (8, 6) RTX 3090 / A6000, (9, 0) H100),
-    compiled without a GPU (needs numba's CUDA toolchain: the numba-cuda and nvidia-cuda-nvrtc packages)."""
+def compile_ptx(cc: tuple[int, int], warps: int = WARPS, which: str = "gemm") -> str:
+    """A kernel's PTX ("gemm", "decode" or "decode_rows") for compute capability cc (e.g. (8, 0) A100, (8, 6)
+    RTX 3090 / A6000, (9, 0) H100), compiled without a GPU (needs numba's CUDA toolchain: the numba-cuda and
+    nvidia-cuda-nvrtc packages)."""
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(kernels(warps)["gemm"].py_func, _gemm_sig(), cc=cc)
+    sig = {"gemm": _gemm_sig, "decode": _decode_sig, "decode_rows": _decode_rows_sig}[which]()
+    ptx, _ = cuda.compile_ptx(kernels(warps)[which].py_func, sig, cc=cc)
     return ptx

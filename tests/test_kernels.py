@@ -263,13 +263,14 @@ def test_cuda_kernel_in_simulator():
 
 
 @pytest.mark.parametrize("cc", [(8, 0), (8, 6), (9, 0)])
-def test_cuda_kernel_compiles_to_ptx(cc):
+@pytest.mark.parametrize("which", ["gemm", "decode", "decode_rows"])
+def test_cuda_kernel_compiles_to_ptx(cc, which):
     """Compiled for A100 (sm_80), RTX 3090 / A6000 (sm_86) and H100 (sm_90) without a GPU, when numba's CUDA
     toolchain (numba-cuda, nvidia-cuda-nvrtc) is installed: the test extra installs it."""
     pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
     from qmoe.kernels.cuda import compile_ptx
 
-    ptx = compile_ptx(cc)
+    ptx = compile_ptx(cc, which=which)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
     assert ".entry" in ptx and "shfl.sync" in ptx
     assert ".local" not in ptx  # no per-thread arrays spilled to local memory
