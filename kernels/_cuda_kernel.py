@@ -220,19 +220,14 @@ def make_decode(warps: int):
     """A kernel writing the dense matrix (bf16 bit patterns) from the codes, with the same warp walk."""
 
     @cuda.jit
-    def decode(codes, offsets, table, extra, levels, out):
-        """codes, offsets, table, extra as for gemm; levels [2, R] int16 (bf16 bits of lo, hi); out [R, C] int16,
-        zeroed by the caller, written at the non-zeros. Grid: any; block: warps * 32 threads."""
-        R = out.shape[0]
+    def decode(codes, offsets, table, extra, levels, out, width):
+        """codes, offsets, table, extra as for gemm; levels [2, R] int16 (bf16 bits of lo, hi); out [R * width]
+        int16, the [R, width] matrix flat, zeroed by the caller, written at the non-zeros. Grid: any; block:
+        warps * 32 threads."""
+        R = levels.shape[1]
         lane = cuda.threadIdx.x % 32
         for r in range(cuda.blockIdx.x * warps + cuda.threadIdx.x // 32, R, cuda.gridDim.x * warps):
-            t1 = offsets[r + 1]
-            pos = int32(0)
-            for base in range(offsets[r], t1, 32):
-                n, e, ovf, start, pos = _place(codes, table, extra, base + lane, t1, pos, lane)
-                for j in range(n):
-                    c = _nonzero(extra, e, ovf, j)
-                    out[r, start + (c & 127)] = levels[0 if c >> 7 else 1, r]
+            _decode_row(codes, offsets, table, extra, r, levels[0, r], levels[1, r], out, r * width, lane)
 
     return decode
 
@@ -267,6 +262,18 @@ def _nonzero(extra, e, ovf, j):
     return int32(extra[e + 1 + j]) if ovf else int32((e >> (8 * j)) & 255)
 
 
+@cuda.jit(device=True, inline=True)
+def _decode_row(codes, offsets, table, extra, r, lv_lo, lv_hi, dst, at, lane):
+    """Row r's non-zeros written into dst[at + column] (lv_lo or lv_hi, the bf16 bits of its levels) by a warp."""
+    t1 = offsets[r + 1]
+    pos = int32(0)
+    for base in range(offsets[r], t1, 32):
+        n, e, ovf, start, pos = _place(codes, table, extra, base + lane, t1, pos, lane)
+        for j in range(n):
+            c = _nonzero(extra, e, ovf, j)
+            dst[at + start + (c & 127)] = lv_lo if c >> 7 else lv_hi
+
+
 @cuda.jit
 def decode_rows(codes, offsets, table, extra, levels, out):
     """The dense matrix with every element written once, coalesced: each warp decodes a row into its own stretch of
@@ -286,15 +293,7 @@ def decode_rows(codes, offsets, table, extra, levels, out):
         for i in range(lane, w2, 32):
             s32[at32 + i] = 0
         cuda.syncwarp(FULL)
-        lv_lo = levels[0, r]
-        lv_hi = levels[1, r]
-        t1 = offsets[r + 1]
-        pos = int32(0)
-        for base in range(offsets[r], t1, 32):
-            n, e, ovf, start, pos = _place(codes, table, extra, base + lane, t1, pos, lane)
-            for j in range(n):
-                c = _nonzero(extra, e, ovf, j)
-                s16[at16 + start + (c & 127)] = lv_lo if c >> 7 else lv_hi
+        _decode_row(codes, offsets, table, extra, r, levels[0, r], levels[1, r], s16, at16, lane)
         cuda.syncwarp(FULL)
         for i in range(lane, w2, 32):
             out[r, i] = s32[at32 + i]

@@ -111,7 +111,7 @@ def _gemm_sig():
 def _decode_sig():
     from numba import int16, int64, uint8, uint16
 
-    return (uint16[::1], int64[::1], int64[::1], uint8[::1], int16[:, ::1], int16[:, ::1])
+    return (uint16[::1], int64[::1], int64[::1], uint8[::1], int16[:, ::1], int16[::1], int64)
 
 
 def _decode_rows_sig():
@@ -204,7 +204,8 @@ def decode_dense(codes, offsets, table, extra, levels, out, *, warps: int = WARP
     if rows == 0:
         return
     grid = min(-(-rows // warps), 4 * device_info().sms * 8)
-    kernels(warps)["decode"][grid, warps * 32, stream](codes, offsets, table, extra, levels, out)
+    kernels(warps)["decode"][grid, warps * 32, stream](codes, offsets, table, extra, levels, out.reshape(-1),
+                                                      out.shape[1])
 
 
 def rows_plan(rows: int, width: int, smem: int, sms: int, warps: int = WARPS) -> tuple[int, int, int] | None:
@@ -372,7 +373,8 @@ def decode_torch(codes, offsets, table, extra, levels, width: int, warps: int = 
     if rows and width:
         grid = min(-(-rows // warps), 32 * info.sms)
         launcher("decode", warps, index)((grid, 1, 1), warps * 32, 0, stream, None,
-                                         (codes, offsets, table, extra, levels, out.view(torch.int16)), ())
+                                         (codes, offsets, table, extra, levels, out.view(torch.int16).view(-1)),
+                                         (width,))
     return out
 
 
