@@ -34,7 +34,29 @@ def _qwen3_moe(**over):
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw))
 
 
-MAKERS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen3_moe_no_renorm": lambda: _qwen3_moe(
+def _deepseek_v3(**over):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
+              topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+              q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+              max_position_embeddings=256, rope_interleave=True,
+              rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
+                               "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                               "mscale": 1.0, "mscale_all_dim": 1.0})
+    kw.update(over)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**kw))
+    with torch.no_grad():  # a correction bias that changes the choice, as trained ones do
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
+    return model
+
+
+MAKERS = {"deepseek_v3": _deepseek_v3,
+          "deepseek_v3_plain": lambda: _deepseek_v3(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
+                                                    rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen3_moe_no_renorm": lambda: _qwen3_moe(
     norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[], tie_word_embeddings=True)}
 
 
@@ -90,7 +112,8 @@ def _fp8_blocks(w: torch.Tensor, b: int = 128) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
-def test_fp8_weights_with_block_scales_are_dequantized(tmp_path):
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_fp8_weights_with_block_scales_are_dequantized(name, tmp_path):
     """FP8 e4m3 with 128x128 `weight_scale_inv` (a 300x200 matrix has partial blocks): each block's codes times its
     scale. A checkpoint whose attention and expert matrices are all stored so loads with exactly those weights."""
     torch.manual_seed(3)
@@ -102,9 +125,9 @@ def test_fp8_weights_with_block_scales_are_dequantized(tmp_path):
     assert torch.equal(deq, want)
     assert (deq - w).abs().max() <= 0.07 * w.abs().max()  # e4m3 keeps 3 mantissa bits
 
-    ref, path = _saved("mixtral", tmp_path)
+    ref, path = _saved(name, tmp_path)
     sd = load_file(path / "model.safetensors")
-    for k in [k for k in sd if k.endswith("proj.weight") or ".experts." in k]:
+    for k in [k for k in sd if k.endswith("proj.weight") or ".experts." in k or k.endswith("_mqa.weight")]:
         sd[k], sd[k + "_scale_inv"] = _fp8_blocks(sd[k].float())
     save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     ours = qmoe.load(path)
@@ -156,3 +179,21 @@ def test_bad_checkpoints_are_one_line_errors(case, needle, tmp_path):
         qmoe.load(path)
     msg = str(e.value)
     assert needle in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_deepseek_multi_token_prediction_layer_is_not_read(tmp_path):
+    """The published DeepSeek-V3 stores a multi-token-prediction layer after the last (num_nextn_predict_layers):
+    read past, as transformers does; the same extra layer with no such key in config.json is refused."""
+    ref, path = _saved("deepseek_v3", tmp_path)
+    sd = load_file(path / "model.safetensors")
+    sd.update({k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in sd.items()
+               if k.startswith("model.layers.2.")})
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {"num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match="model.layers.3.*not a tensor of the model"):
+        qmoe.load(path)
+    (path / "config.json").write_text(json.dumps(cfg | {"num_nextn_predict_layers": 1}))
+    ids = _ids(ref.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(qmoe.load(path)(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)

@@ -17,6 +17,42 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of `dim` dimensions: the default (frequencies theta^(-2i/dim)), or YaRN (`factor` > 1:
+    frequencies blended between interpolated and original by a ramp over [beta_slow, beta_fast] rotations within
+    `original_max` positions, cos and sin scaled by `attention_factor`)."""
+    theta: float
+    dim: int
+    factor: float = 1.0
+    original_max: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True
+
+    def inv_freq(self, device=None) -> torch.Tensor:
+        d = self.dim
+        base = self.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+        if self.factor <= 1.0:
+            return 1.0 / base
+
+        def corr(rot: float) -> float:  # the dimension at which a frequency turns `rot` times in original_max
+            return d * math.log(self.original_max / (rot * 2 * math.pi)) / (2 * math.log(self.theta))
+        lo, hi = corr(self.beta_fast), corr(self.beta_slow)
+        if self.truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - lo) / (hi - lo)).clamp(0, 1)
+        keep = 1 - ramp  # share of the original (extrapolated) frequency
+        return (1.0 / (self.factor * base)) * (1 - keep) + (1.0 / base) * keep
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
 class MoEConfig:
     family: str
     vocab_size: int
@@ -25,7 +61,6 @@ class MoEConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope_theta: float
     rms_eps: float
     num_experts: int
     top_k: int
@@ -35,7 +70,12 @@ class MoEConfig:
     norm_topk: bool  # renormalize the k chosen probabilities to sum to 1
     qk_norm: bool  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     tie_word_embeddings: bool
+    rope: Rope
     sliding_window: int | None = None  # attend to the last `sliding_window` positions only
+    extra: tuple = ()  # a family's own settings, (key, value) pairs (see `opt`)
+
+    def opt(self, key: str, default=None):
+        return dict(self.extra).get(key, default)
 
 
 @dataclass(frozen=True)
@@ -50,6 +90,9 @@ class Family:
     dense: str = "mlp"  # a dense layer's MLP module
     dense_names: dict[str, str] = field(default_factory=lambda: {"gate": "gate_proj", "up": "up_proj",
                                                                  "down": "down_proj"})
+    attention: Callable | None = None  # MoEConfig -> the attention module (default: Attention)
+    moe_module: Callable | None = None  # (MoEConfig, Family) -> the MoE module (default: MoE)
+    ignored: Callable[[str, dict], bool] | None = None  # (tensor name, config.json) -> a stored tensor not read
 
 
 class RMSNorm(nn.Module):
@@ -64,14 +107,27 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """x [B, H, S, K] rotated by positions pos [S] (the default RoPE: halves rotated, frequencies theta^(-2i/K))."""
+def rope(x: torch.Tensor, pos: torch.Tensor, r: Rope, interleave: bool = False) -> torch.Tensor:
+    """x [B, H, S, K] (K = r.dim) rotated by positions pos [S]: halves rotated against each other, or (interleave,
+    DeepSeek's layout) pairs (x0, x1), (x2, x3), ... each rotated, the result written as evens then odds."""
+    ang = pos.float()[:, None] * r.inv_freq(x.device)[None]  # [S, K / 2]
+    cos, sin = (ang.cos() * r.attention_factor).to(x.dtype), (ang.sin() * r.attention_factor).to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
     k = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, k, 2, dtype=torch.int64, device=x.device).float() / k)
-    ang = pos.float()[:, None] * inv[None]  # [S, K / 2]
-    cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
     x1, x2 = x[..., : k // 2], x[..., k // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     window: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, causal (and within `window` positions)) v for q, k [B, H, S, Kq], v [B, H, S, Kv]."""
+    pos = torch.arange(q.shape[2], device=q.device)
+    i, j = pos[:, None], pos[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores.float(), -1).to(q.dtype) @ v
 
 
 class Attention(nn.Module):
@@ -97,14 +153,10 @@ class Attention(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         pos = torch.arange(S, device=x.device)
-        q, k = rope(q.transpose(1, 2), pos, c.rope_theta), rope(k.transpose(1, 2), pos, c.rope_theta)
+        q, k = rope(q.transpose(1, 2), pos, c.rope), rope(k.transpose(1, 2), pos, c.rope)
         rep = c.num_heads // c.num_kv_heads
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [B, H, S, K]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)  # [B, H, S, S]
-        i, j = pos[:, None], pos[None, :]
-        allowed = (j <= i) & ((i - j < c.sliding_window) if c.sliding_window else True)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        att = torch.softmax(scores.float(), -1).to(q.dtype) @ v
+        att = causal_attention(q, k, v, c.head_dim ** -0.5, c.sliding_window)
         return self.o_proj(att.transpose(1, 2).reshape(B, S, c.num_heads * c.head_dim))
 
 
@@ -155,11 +207,11 @@ class Layer(nn.Module):
     def __init__(self, c: MoEConfig, fam: Family, sparse: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
-        self.self_attn = Attention(c)
+        self.self_attn = (fam.attention or Attention)(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
         self.ffn_name = fam.moe if sparse else fam.dense
-        setattr(self, self.ffn_name, MoE(c, fam) if sparse else SwiGLU(c.hidden_size, c.dense_intermediate,
-                                                                        fam.dense_names))
+        setattr(self, self.ffn_name, (fam.moe_module or MoE)(c, fam) if sparse else
+                SwiGLU(c.hidden_size, c.dense_intermediate, fam.dense_names))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x))
@@ -193,25 +245,35 @@ class MoECausalLM(nn.Module):
         return F.linear(x, head)
 
 
-def rope_theta(hf: dict) -> float:
-    """The RoPE base from a config as published (`rope_theta`) or as transformers 5 writes it (`rope_parameters`);
-    only the default RoPE is built."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def rope_of(hf: dict, dim: int) -> Rope:
+    """The rotary embedding from a config as published (`rope_theta`, `rope_scaling`) or as transformers 5 writes
+    it (`rope_parameters`): the default, or YaRN."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope_type {kind!r} is not supported (only 'default')")
     theta = hf.get("rope_theta", params.get("rope_theta"))
     if theta is None:
         raise ValueError("no rope_theta")
-    return float(theta)
+    if kind == "default":
+        return Rope(float(theta), dim)
+    if kind != "yarn":
+        raise ValueError(f"rope_type {kind!r} is not supported (default and yarn are)")
+    orig = params["original_max_position_embeddings"]
+    factor = params.get("factor") or hf["max_position_embeddings"] / orig
+    att = params.get("attention_factor")
+    if att is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        att = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return Rope(float(theta), dim, float(factor), orig, params.get("beta_fast") or 32.0,
+                params.get("beta_slow") or 1.0, float(att), params.get("truncate", True))
 
 
 def common(hf: dict, family: str) -> dict:
     """The keys every family here reads the same way."""
     heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     return dict(family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
                 num_layers=hf["num_hidden_layers"], num_heads=heads,
-                num_kv_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_theta=rope_theta(hf),
-                rms_eps=hf.get("rms_norm_eps", 1e-6), num_experts=hf.get("num_local_experts") or hf["num_experts"],
+                num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+                rope=rope_of(hf, head_dim), rms_eps=hf.get("rms_norm_eps", 1e-6),
+                num_experts=hf.get("num_local_experts") or hf.get("n_routed_experts") or hf["num_experts"],
                 top_k=hf["num_experts_per_tok"], tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from qmoe.checkpoint import CheckpointError, CheckpointReader, model_file
-from qmoe.models import mixtral, qwen3_moe
+from qmoe.models import deepseek_v3, mixtral, qwen3_moe
 from qmoe.models.base import Family, MoECausalLM
 
-FAMILIES: dict[str, Family] = {t: f.FAMILY for f in (mixtral, qwen3_moe) for t in f.FAMILY.model_types}
+FAMILIES: dict[str, Family] = {t: m.FAMILY for m in (deepseek_v3, mixtral, qwen3_moe) for t in m.FAMILY.model_types}
 SCALE = "_scale_inv"  # FP8: `X.weight` has its block scales in `X.weight_scale_inv`
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some checkpoints carry; recomputed here
 
@@ -68,7 +68,7 @@ def build(path: Path | str) -> tuple[MoECausalLM, CheckpointReader]:
             if name + SCALE not in reader.file_of:
                 raise CheckpointError(reader.file_of[name], name, f"FP8 weight without its {name + SCALE}")
             stored.discard(name + SCALE)
-    extra = sorted(n for n in stored if not n.endswith(IGNORED))
+    extra = sorted(n for n in stored if not n.endswith(IGNORED) and not (fam.ignored and fam.ignored(n, hf)))
     if extra:
         raise CheckpointError(reader.file_of[extra[0]], extra[0], f"not a tensor of the model config.json describes "
                               f"({cfg.num_layers} layers, {cfg.num_experts} experts)")
