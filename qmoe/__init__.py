@@ -2,7 +2,7 @@
 
 
 def load(path, device="cpu", dtype=None):
-    """A published decoder-only MoE checkpoint (Mixtral, Qwen3-MoE, DeepSeek-V3 / Kimi-K2) as a torch module in eval mode on `device`:
+    """A published decoder-only MoE checkpoint (Mixtral, Qwen3-MoE, DeepSeek-V3 / Kimi-K2, gpt-oss) as a torch module in eval mode on `device`:
     forward(input_ids [B, S]) -> logits [B, S, V] (float32 unless `dtype`). Compressed directories of these
     families are not built yet; Switch checkpoints load through qmoe.checkpoint.load_model."""
     import torch

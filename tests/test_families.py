@@ -53,7 +53,26 @@ def _deepseek_v3(**over):
     return model
 
 
-MAKERS = {"deepseek_v3": _deepseek_v3,
+def _gpt_oss(**over):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, num_local_experts=5, num_experts_per_tok=2, sliding_window=4,
+              max_position_embeddings=256, rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0,
+                                                            "factor": 8.0, "original_max_position_embeddings": 32,
+                                                            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False})
+    kw.update(over)
+    model = GptOssForCausalLM(GptOssConfig(**kw))
+    with torch.no_grad():  # sinks, biases and experts away from their zero init; gate values past the clamp
+        for n, p in model.named_parameters():
+            if "sinks" in n or "bias" in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif "experts" in n:
+                p.copy_(torch.randn_like(p) * 0.6)
+    return model
+
+
+MAKERS = {"deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss,
           "deepseek_v3_plain": lambda: _deepseek_v3(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
                                                     rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
 "mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen3_moe_no_renorm": lambda: _qwen3_moe(
@@ -197,3 +216,41 @@ def test_deepseek_multi_token_prediction_layer_is_not_read(tmp_path):
     ids = _ids(ref.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(qmoe.load(path)(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [E, C, R] as gpt-oss publishes it: blocks [E, R, C / 32, 16] (two e2m1 codes a byte, low nibble first)
+    and scales [E, R, C / 32] (a shared power of two, biased by 127), each value rounded to the nearest code."""
+    from qmoe.models.load import FP4
+
+    lut = torch.tensor(FP4)
+    E, C, R = w.shape
+    g = w.transpose(1, 2).reshape(E, R, C // 32, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    codes = (g / torch.pow(2.0, exp)[..., None])[..., None].sub(lut).abs().argmin(-1)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_experts_read_as_transformers_reads_them(tmp_path):
+    """Experts stored as MXFP4 blocks and scales: dequantized exactly as transformers' own MXFP4 integration does
+    it, and close to the float weights they were rounded from."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    ref, path = _saved("gpt_oss", tmp_path)
+    sd = load_file(path / "model.safetensors")
+    for k in [k for k in sd if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        sd[k + "_blocks"], sd[k + "_scales"] = _mxfp4(sd.pop(k).float())
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    ours = dict(qmoe.load(path).named_parameters())
+    for k in [k for k in sd if k.endswith("_blocks")]:
+        name = k.removesuffix("_blocks")
+        theirs = convert_moe_packed_tensors(sd[k], sd[name + "_scales"], dtype=torch.float32)
+        assert torch.equal(ours[name].detach(), theirs), name
+        w = dict(ref.named_parameters())[name].detach()
+        assert (ours[name] - w).abs().max() <= 0.25 * w.abs().max(), name  # e2m1: 1 bit of mantissa
+    (path / "model.safetensors").write_bytes(b"")  # and a checkpoint without the scales is refused
+    sd.pop(next(k for k in sd if k.endswith("_scales")))
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="MXFP4 blocks without their"):
+        qmoe.load(path)

@@ -90,7 +90,7 @@ class Family:
     dense: str = "mlp"  # a dense layer's MLP module
     dense_names: dict[str, str] = field(default_factory=lambda: {"gate": "gate_proj", "up": "up_proj",
                                                                  "down": "down_proj"})
-    attention: Callable | None = None  # MoEConfig -> the attention module (default: Attention)
+    attention: Callable | None = None  # (MoEConfig, layer index) -> the attention module (default: Attention)
     moe_module: Callable | None = None  # (MoEConfig, Family) -> the MoE module (default: MoE)
     ignored: Callable[[str, dict], bool] | None = None  # (tensor name, config.json) -> a stored tensor not read
 
@@ -120,26 +120,30 @@ def rope(x: torch.Tensor, pos: torch.Tensor, r: Rope, interleave: bool = False) 
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     window: int | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale, causal (and within `window` positions)) v for q, k [B, H, S, Kq], v [B, H, S, Kv]."""
-    pos = torch.arange(q.shape[2], device=q.device)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, causal (and within `window` positions)) v for q, k [B, H, S, Kq], v [B, H, S, Kv].
+    sinks [H]: a logit per head that joins every softmax and takes its share, then is dropped (gpt-oss)."""
+    B, H, S, _ = q.shape
+    pos = torch.arange(S, device=q.device)
     i, j = pos[:, None], pos[None, :]
     allowed = (j <= i) & ((i - j < window) if window else True)
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores.float(), -1).to(q.dtype) @ v
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.view(1, H, 1, 1).expand(B, H, S, 1).to(scores.dtype)], -1)
+    return torch.softmax(scores.float(), -1)[..., :S].to(q.dtype) @ v
 
 
 class Attention(nn.Module):
     """Grouped-query attention with RoPE (and Qwen3's per-head q/k norms), causal, optionally windowed."""
 
-    def __init__(self, c: MoEConfig):
+    def __init__(self, c: MoEConfig, layer: int = 0, bias: bool = False):
         super().__init__()
-        self.c = c
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.c, self.window = c, c.sliding_window
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_eps)
@@ -156,7 +160,7 @@ class Attention(nn.Module):
         q, k = rope(q.transpose(1, 2), pos, c.rope), rope(k.transpose(1, 2), pos, c.rope)
         rep = c.num_heads // c.num_kv_heads
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [B, H, S, K]
-        att = causal_attention(q, k, v, c.head_dim ** -0.5, c.sliding_window)
+        att = causal_attention(q, k, v, c.head_dim ** -0.5, self.window, getattr(self, "sinks", None))
         return self.o_proj(att.transpose(1, 2).reshape(B, S, c.num_heads * c.head_dim))
 
 
@@ -199,15 +203,18 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():
             tok, slot = (idx == e).nonzero(as_tuple=True)
-            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+            out.index_add_(0, tok, self.run_expert(e, x[tok]) * w[tok, slot, None])
         return out.reshape(shape)
+
+    def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[e](x)
 
 
 class Layer(nn.Module):
-    def __init__(self, c: MoEConfig, fam: Family, sparse: bool):
+    def __init__(self, c: MoEConfig, fam: Family, sparse: bool, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
-        self.self_attn = (fam.attention or Attention)(c)
+        self.self_attn = (fam.attention or Attention)(c, index)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
         self.ffn_name = fam.moe if sparse else fam.dense
         setattr(self, self.ffn_name, (fam.moe_module or MoE)(c, fam) if sparse else
@@ -222,7 +229,7 @@ class Backbone(nn.Module):
     def __init__(self, c: MoEConfig, fam: Family):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Layer(c, fam, s) for s in c.sparse)
+        self.layers = nn.ModuleList(Layer(c, fam, s, i) for i, s in enumerate(c.sparse))
         self.norm = RMSNorm(c.hidden_size, c.rms_eps)
 
 

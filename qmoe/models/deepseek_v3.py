@@ -44,7 +44,7 @@ def config(hf: dict) -> MoEConfig:
 class LatentAttention(nn.Module):
     """Multi-head latent attention, computed plainly (keys and values expanded from the latent)."""
 
-    def __init__(self, c: MoEConfig):
+    def __init__(self, c: MoEConfig, layer: int = 0):
         super().__init__()
         self.c = c
         o = dict(c.extra)

@@ -1,0 +1,72 @@
+"""gpt-oss (openai/gpt-oss-20b, -120b): every layer MoE; experts fused per layer (`mlp.experts.gate_up_proj`
+[E, D, 2I] with gate and up interleaved by column, `down_proj` [E, I, D], each with a bias; published in MXFP4 as
+`_blocks` and `_scales`, dequantized by the loader), a clamped SwiGLU ((up + 1) * gate * sigmoid(alpha * gate),
+gate clamped above and up on both sides at `swiglu_limit`), a router with a bias whose top-k logits are softmaxed,
+attention with biases and a learned sink logit per head, sliding-window and full layers as `layer_types` says,
+YaRN RoPE. Legend as in base.py."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qmoe.models.base import Attention, Family, MoE, MoEConfig, common
+
+
+def config(hf: dict) -> MoEConfig:
+    c = common(hf, "gpt_oss")
+    n = c["num_layers"]
+    types = tuple(hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                             for i in range(n)])
+    extra = dict(layer_types=types, alpha=hf.get("swiglu_alpha", 1.702), limit=hf.get("swiglu_limit", 7.0),
+                 bias=hf.get("attention_bias", True))
+    return MoEConfig(**c, moe_intermediate=hf["intermediate_size"], dense_intermediate=hf["intermediate_size"],
+                     sparse=(True,) * n, norm_topk=False, qk_norm=False, sliding_window=hf.get("sliding_window"),
+                     extra=tuple(extra.items()))
+
+
+class SinkAttention(Attention):
+    """Grouped-query attention with biases, a sink logit per head, and this layer's window (if sliding)."""
+
+    def __init__(self, c: MoEConfig, layer: int = 0):
+        super().__init__(c, layer, bias=c.opt("bias"))
+        self.window = c.sliding_window if c.opt("layer_types")[layer] == "sliding_attention" else None
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads))
+
+
+class FusedExperts(nn.Module):
+    """The layer's experts as four fused tensors, as published."""
+
+    def __init__(self, c: MoEConfig):
+        super().__init__()
+        E, D, inter = c.num_experts, c.hidden_size, c.moe_intermediate
+        self.gate_up_proj = nn.Parameter(torch.zeros(E, D, 2 * inter))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * inter))
+        self.down_proj = nn.Parameter(torch.zeros(E, inter, D))
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, D))
+        self.alpha, self.limit = c.opt("alpha"), c.opt("limit")
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gu = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # [T, 2I]
+        gate, up = gu[..., 0::2].clamp(max=self.limit), gu[..., 1::2].clamp(-self.limit, self.limit)
+        return ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ self.down_proj[e] + self.down_proj_bias[e]
+
+
+class SoftmaxOfTopK(MoE):
+    """The router's top-k logits (with its bias), softmaxed among themselves; fused clamped-SwiGLU experts."""
+
+    def __init__(self, c: MoEConfig, fam: Family):
+        nn.Module.__init__(self)
+        self.c, self.router_name = c, fam.router
+        self.router = nn.Linear(c.hidden_size, c.num_experts, bias=True)
+        self.experts = FusedExperts(c)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, idx = torch.topk(self.router(x), self.c.top_k, -1)
+        return torch.softmax(top, -1), idx
+
+    def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts.expert(e, x)
+
+
+FAMILY = Family(name="gpt_oss", model_types=("gpt_oss",), config=config, moe="mlp", router="router",
+                expert_names={}, attention=SinkAttention, moe_module=SoftmaxOfTopK)
