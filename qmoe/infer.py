@@ -1,5 +1,6 @@
 """python -m qmoe.infer: run an original or compressed checkpoint across devices: validation loss, greedy
-generation with a KV cache, tokens/s and bytes per device.
+generation with a KV cache, tokens/s and bytes per device. Decoder-only families (Mixtral, Qwen3-MoE, DeepSeek-V3,
+gpt-oss; original checkpoints only, one device): next-token loss and perplexity, generation after --prompt.
 
 Compressed ternary experts run on the fused decode-GEMM kernels (kernels/), never decoded to dense matrices;
 int2/int4 experts, and every expert with --reference, are decoded to float32 weights. --simulate-uncompressed is
@@ -97,6 +98,40 @@ def run(model_dir: Path, cfg: InferConfig, spec: DataSpec) -> dict:
     return result
 
 
+def _family(model_dir: Path) -> bool:
+    """A decoder-only family's original checkpoint (qmoe/models), as opposed to Switch's or a compressed one."""
+    from qmoe.models.load import FAMILIES
+
+    cfg = model_dir / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in FAMILIES
+
+
+def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:
+    from qmoe.models.run import run as run_family
+    from qmoe.runner import check_device
+
+    if len(cfg.devices) > 1 or cfg.simulate_uncompressed or cfg.reference:
+        raise ValueError("decoder-only families run on one device, uncompressed: --devices with several devices, "
+                         "--simulate-uncompressed and --reference are built for Switch only")
+    if a.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {a.seq_len}")
+    device = str(check_device(cfg.devices[0]))
+    r = run_family(model_dir, device, cfg.eval, cfg.generate, cfg.batch, a.val_samples, a.seed, a.calib, a.seq_len,
+                   a.prompt)
+    print(f"{r['model']} ({r['kind']}) on {device}")
+    if "val_loss" in r:
+        print(f"validation loss {r['val_loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['val_samples']} "
+              f"windows of {r['seq_len']} tokens, {r['eval_tokens_per_second']:.0f} tokens/s")
+    if "generate_seconds" in r:
+        print(f"generated {r['generate_tokens']} tokens x {r['generate_batch']} samples: "
+              f"{r['generate_tokens_per_second']:.1f} tokens/s")
+        for text in r["generated_text"][:1 if a.prompt is not None else 4]:
+            print(f"{a.prompt or ''}{text}" if a.prompt is not None else repr(text))
+    if a.json:
+        atomic_write_json(a.json, r)
+    return 0
+
+
 def main(argv=None) -> int:
     s, c = DataSpec(), InferConfig()
     p = argparse.ArgumentParser(prog="python -m qmoe.infer", description=__doc__.splitlines()[0])
@@ -111,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-samples", type=int, default=s.val_samples)
     p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--calib", type=Path, help="the text the validation samples come from (as for compress)")
+    p.add_argument("--prompt", help="decoder-only families: generate after this text (with --generate N)")
+    p.add_argument("--seq-len", type=int, default=128, help="decoder-only families: tokens per validation window")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     a = p.parse_args(argv)
     if not (a.eval or a.generate):
@@ -121,7 +158,12 @@ def main(argv=None) -> int:
                       generate=a.generate, batch=a.batch, simulate_uncompressed=a.simulate_uncompressed,
                       reference=a.reference)
     try:
-        r = run(resolve_model(a.model), cfg, DataSpec(val_samples=a.val_samples, seed=a.seed, calib=a.calib))
+        model_dir = resolve_model(a.model)
+        if _family(model_dir):
+            return _run_family(model_dir, cfg, a)
+        if a.prompt is not None:
+            raise ValueError("--prompt is for decoder-only families; Switch generates from validation samples")
+        r = run(model_dir, cfg, DataSpec(val_samples=a.val_samples, seed=a.seed, calib=a.calib))
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

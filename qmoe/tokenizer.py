@@ -82,6 +82,35 @@ def load_tokenizer(model_dir: Path | None, hf_config: dict | None = None):
     raise ValueError(f"{model_dir}: no tokenizer.json, and the vocabulary ({vocab}) is too small for byte tokens")
 
 
+class TextTokenizer:
+    """A `tokenizer.json` for causal language models (no sentinels needed)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+        self.name = str(path)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+
+def load_causal_tokenizer(model_dir: Path, hf_config: dict):
+    """A decoder-only model's tokenizer.json, else byte tokens (byte b -> b + 3) when the vocabulary holds them."""
+    from qmoe.checkpoint import model_file
+
+    path = model_file(model_dir, "tokenizer.json")
+    if path is not None:
+        return TextTokenizer(path)
+    if hf_config.get("vocab_size", 0) >= ByteTokenizer.sentinel_floor:
+        return ByteTokenizer()
+    raise ValueError(f"{model_dir}: no tokenizer.json, and the vocabulary ({hf_config.get('vocab_size')}) is too "
+                     "small for byte tokens")
+
+
 def read_text_file(path: Path) -> str:
     """Plain text, or JSON lines with a "text" field (C4's format); documents joined by blank lines."""
     path = Path(path)

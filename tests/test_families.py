@@ -109,6 +109,25 @@ def test_logits_equal_transformers(name, sharded, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_greedy_generation_with_the_kv_cache_equals_transformers(name, tmp_path):
+    """Eight tokens past a prompt longer than gpt-oss's window: the cached steps give transformers' greedy tokens,
+    and the same as recomputing the whole prefix each step."""
+    from qmoe.models.base import generate
+
+    ref, path = _saved(name, tmp_path)
+    ours = qmoe.load(path)
+    ids = _ids(ref.config.vocab_size)
+    got = generate(ours, ids, 8)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                            do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+        seq = ids
+        for _ in range(8):
+            seq = torch.cat([seq, ours(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, want) and torch.equal(got, seq[:, ids.shape[1]:])
+
+
 def test_router_and_layers_follow_the_config(tmp_path):
     _, path = _saved("qwen3_moe", tmp_path)
     m = qmoe.load(path)
@@ -254,3 +273,30 @@ def test_gpt_oss_mxfp4_experts_read_as_transformers_reads_them(tmp_path):
     save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="MXFP4 blocks without their"):
         qmoe.load(path)
+
+
+def test_infer_cli_runs_a_family_checkpoint(tmp_path, capsys):
+    """`python -m qmoe.infer --model PATH --eval --generate N --prompt TEXT` on a Qwen3-MoE checkpoint with no
+    tokenizer.json (a byte vocabulary): the loss equals transformers' on the same windows, the text is printed."""
+    from qmoe import infer as infer_cli
+    from qmoe.models.run import validation_windows
+    from qmoe.corpus import load_default_corpus
+    from qmoe.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    ref = _qwen3_moe(vocab_size=300).eval()
+    path = tmp_path / "q"
+    ref.save_pretrained(path)
+    rc = infer_cli.main(["--model", str(path), "--eval", "--val-samples", "3", "--seq-len", "24", "--generate", "5",
+                         "--prompt", "def main():", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    r = json.loads((tmp_path / "r.json").read_text())
+    ids = validation_windows(ByteTokenizer(), load_default_corpus(), 3, 24, 0)
+    with torch.no_grad():
+        want = ref(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(want.reshape(-1, 300), ids[:, 1:].reshape(-1)).item()
+    assert abs(r["val_loss"] - loss) <= 1e-4 * loss and f"perplexity {r['perplexity']:.2f}" in out
+    assert r["prompt"] == "def main():" and len(r["generated"][0]) == 5 and "def main():" in out
+    assert infer_cli.main(["--model", str(path), "--eval", "--devices", "cpu,cpu"]) == 2
+    assert "one device" in capsys.readouterr().err

@@ -121,17 +121,30 @@ def rope(x: torch.Tensor, pos: torch.Tensor, r: Rope, interleave: bool = False) 
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale, causal (and within `window` positions)) v for q, k [B, H, S, Kq], v [B, H, S, Kv].
-    sinks [H]: a logit per head that joins every softmax and takes its share, then is dropped (gpt-oss)."""
+                     sinks: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    """softmax(q k^T * scale, causal (and within `window` positions)) v for queries q [B, H, S, Kq] at positions
+    start .. start + S - 1 and keys k [B, H, P, Kq], values v [B, H, P, Kv] at positions 0 .. P - 1. sinks [H]: a
+    logit per head that joins every softmax and takes its share, then is dropped (gpt-oss)."""
     B, H, S, _ = q.shape
-    pos = torch.arange(S, device=q.device)
-    i, j = pos[:, None], pos[None, :]
+    P = k.shape[2]
+    i = torch.arange(start, start + S, device=q.device)[:, None]
+    j = torch.arange(P, device=q.device)[None, :]
     allowed = (j <= i) & ((i - j < window) if window else True)
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         scores = torch.cat([scores, sinks.view(1, H, 1, 1).expand(B, H, S, 1).to(scores.dtype)], -1)
-    return torch.softmax(scores.float(), -1)[..., :S].to(q.dtype) @ v
+    return torch.softmax(scores.float(), -1)[..., :P].to(q.dtype) @ v
+
+
+def cached(cache: dict | None, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [B, H, P, K] of every position so far: the cache's (if any) followed by these; the cache
+    (a layer's dict, or None for no cache) keeps the result."""
+    if cache is None:
+        return k, v
+    if "k" in cache:
+        k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+    cache["k"], cache["v"] = k, v
+    return k, v
 
 
 class Attention(nn.Module):
@@ -148,7 +161,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None, start: int = 0) -> torch.Tensor:
+        """x [B, S, D] at positions start .. start + S - 1; cache: this layer's keys and values so far."""
         c = self.c
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, c.num_heads, c.head_dim)
@@ -156,11 +170,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, G, S, K]
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        pos = torch.arange(S, device=x.device)
+        pos = torch.arange(start, start + S, device=x.device)
         q, k = rope(q.transpose(1, 2), pos, c.rope), rope(k.transpose(1, 2), pos, c.rope)
+        k, v = cached(cache, k, v)  # [B, G, P, K]
         rep = c.num_heads // c.num_kv_heads
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [B, H, S, K]
-        att = causal_attention(q, k, v, c.head_dim ** -0.5, self.window, getattr(self, "sinks", None))
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [B, H, P, K]
+        att = causal_attention(q, k, v, c.head_dim ** -0.5, self.window, getattr(self, "sinks", None), start)
         return self.o_proj(att.transpose(1, 2).reshape(B, S, c.num_heads * c.head_dim))
 
 
@@ -220,8 +235,8 @@ class Layer(nn.Module):
         setattr(self, self.ffn_name, (fam.moe_module or MoE)(c, fam) if sparse else
                 SwiGLU(c.hidden_size, c.dense_intermediate, fam.dense_names))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, cache: dict | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, start)
         return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
@@ -234,7 +249,8 @@ class Backbone(nn.Module):
 
 
 class MoECausalLM(nn.Module):
-    """forward(input_ids [B, S]) -> logits [B, S, V]."""
+    """forward(input_ids [B, S]) -> logits [B, S, V]; with `caches` (one dict a layer, from new_caches), the ids
+    are positions start .. start + S - 1 after those the caches hold."""
 
     def __init__(self, c: MoEConfig, fam: Family):
         super().__init__()
@@ -243,10 +259,13 @@ class MoECausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def new_caches(self) -> list[dict]:
+        return [{} for _ in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, caches: list[dict] | None = None, start: int = 0) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, caches[i] if caches is not None else None, start)
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head)
@@ -284,3 +303,15 @@ def common(hf: dict, family: str) -> dict:
                 rope=rope_of(hf, head_dim), rms_eps=hf.get("rms_norm_eps", 1e-6),
                 num_experts=hf.get("num_local_experts") or hf.get("n_routed_experts") or hf["num_experts"],
                 top_k=hf["num_experts_per_tok"], tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+@torch.no_grad()
+def generate(model: MoECausalLM, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding of `steps` tokens after input_ids [B, S] with a KV cache: [B, steps]."""
+    caches = model.new_caches()
+    logits = model(input_ids, caches)
+    out = [logits[:, -1].argmax(-1, keepdim=True)]
+    for t in range(1, steps):
+        logits = model(out[-1], caches, input_ids.shape[1] + t - 1)
+        out.append(logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(out, 1)[:, :steps]

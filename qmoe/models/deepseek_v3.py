@@ -16,8 +16,8 @@ import re
 import torch
 from torch import nn
 
-from qmoe.models.base import (Family, MoE, MoEConfig, RMSNorm, SwiGLU, causal_attention, common, rope, rope_of,
-                              yarn_mscale)
+from qmoe.models.base import (Family, MoE, MoEConfig, RMSNorm, SwiGLU, cached, causal_attention, common, rope,
+                              rope_of, yarn_mscale)
 
 
 def config(hf: dict) -> MoEConfig:
@@ -60,7 +60,7 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(o["kv_lora_rank"], H * (o["nope"] + o["v"]), bias=False)
         self.o_proj = nn.Linear(H * o["v"], D, bias=o["bias"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None, start: int = 0) -> torch.Tensor:
         o, H = self.o, self.c.num_heads
         B, S, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if o["q_lora_rank"] else self.q_proj(x)
@@ -69,10 +69,11 @@ class LatentAttention(nn.Module):
         kv, k_rot = self.kv_a_proj_with_mqa(x).split([o["kv_lora_rank"], o["rot"]], -1)  # [B, S, L], [B, S, P]
         kv = self.kv_b_proj(self.kv_a_layernorm(kv)).view(B, S, H, -1).transpose(1, 2)  # [B, H, S, N + V]
         k_pass, v = kv.split([o["nope"], o["v"]], -1)
-        pos = torch.arange(S, device=x.device)
+        pos = torch.arange(start, start + S, device=x.device)
         q_rot = rope(q_rot, pos, self.c.rope, o["interleave"])
         k_rot = rope(k_rot[:, None], pos, self.c.rope, o["interleave"]).expand(-1, H, -1, -1)  # one head, shared
-        att = causal_attention(torch.cat([q_pass, q_rot], -1), torch.cat([k_pass, k_rot], -1), v, o["scale"])
+        k, v = cached(cache, torch.cat([k_pass, k_rot], -1), v)  # the expanded keys and values, kept plainly
+        att = causal_attention(torch.cat([q_pass, q_rot], -1), k, v, o["scale"], start=start)
         return self.o_proj(att.transpose(1, 2).reshape(B, S, H * o["v"]))
 
 
