@@ -2,7 +2,9 @@
 
 - bits per parameter of every block's experts, per matrix kind (wi, wo), counting every byte of the files;
 - bytes per device when its units (embedding, blocks, norms, head) are split across --devices by bytes;
-- for each --target (e.g. 4x48GB, 8x24GB): the same split over that machine, and whether the model fits;
+- for each --target (e.g. 4x48GB, 8x24GB): the same split over that machine, and whether the model fits, counting
+  each device's dictionary tables, the KV cache of its decoder blocks and one block's activations at --batch and
+  --context;
 - the overhead of compressed inference (fused kernels) against simulated-uncompressed inference, measured now;
 - with --project CONFIG (default: c2048's shapes, shipped in qmoe/assets/configs): the same plan for a model no
   test machine can hold, from its config.json shapes and our measured expert bits/param: a projection.
@@ -29,7 +31,9 @@ from qmoe.store import atomic_write_text
 
 C2048_CONFIG = Path(__file__).parent / "assets" / "configs" / "switch-c-2048.json"
 GIB = 1 << 30
-RESERVE = 0.10  # share of each device kept free for activations, KV cache and workspace
+RESERVE = 0.05  # share of each device kept free for workspace (cuBLAS, the allocator's slack)
+TABLE_BYTES = 8 << 16  # one dictionary's records on a device: an int64 per codeword (kernels/records.py)
+GROUP_SIZE = 16  # experts a group (one dictionary per matrix kind): CompressConfig's default, for projections
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,31 @@ class Unit:
     dense_bytes: int
     expert_bytes: int
     expert_params: int
+    dictionaries: int = 0  # the codec dictionaries of its experts: each a table on the device that runs them
 
     @property
     def bytes(self) -> int:
         return self.dense_bytes + self.expert_bytes
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a device holds besides weights while it runs, at a stated batch and context (tokens a sample, encoder
+    and decoder alike): the KV cache of its decoder blocks in bf16 (self-attention keys and values, and the
+    cross-attention's, computed once from the encoder) and the activations of one block in float32, as qmoe's
+    runner computes (attention scores [B, H, C, C], and hidden states [B, C, 4 D + F]: the residual, a norm's output,
+    an attention output, and an expert's hidden layer if every token went to one expert)."""
+    batch: int = 8
+    context: int = 512
+
+    def kv_bytes(self, cfg: SwitchConfig, unit: str) -> int:
+        if not unit.startswith("decoder.block."):
+            return 0
+        return 4 * self.batch * self.context * cfg.num_heads * cfg.d_kv * 2
+
+    def activation_bytes(self, cfg: SwitchConfig) -> int:
+        b, c = self.batch, self.context
+        return 4 * (b * cfg.num_heads * c * c + b * c * (4 * cfg.d_model + cfg.d_ff))
 
 
 @dataclass(frozen=True)
@@ -98,16 +123,21 @@ def units_from_dir(path: Path) -> tuple[SwitchConfig, list[Unit]]:
     for name, nbytes in sizes.items():
         dense[_unit_of(name)] = dense.get(_unit_of(name), 0) + nbytes
     params = unit_params(cfg)
+    ternary = json.loads((path / "config.json").read_text())["qmoe"]["scheme"] == "ternary"
     units = []
     for name in unit_names(cfg):
-        expert_bytes = sum(f.stat().st_size for f in block_files(path, name))
-        units.append(Unit(name, dense.get(name, 0), expert_bytes, params[name][1]))
+        files = block_files(path, name)
+        expert_bytes = sum(f.stat().st_size for f in files)
+        units.append(Unit(name, dense.get(name, 0), expert_bytes, params[name][1], 2 * len(files) if ternary else 0))
     return cfg, units
 
 
 def units_projected(cfg: SwitchConfig, expert_bits: float) -> list[Unit]:
+    """Units of a model from its shapes, experts at `expert_bits` a parameter, ternary in groups of GROUP_SIZE."""
     params = unit_params(cfg)
-    return [Unit(n, 2 * params[n][0], int(params[n][1] * expert_bits / 8), params[n][1]) for n in unit_names(cfg)]
+    groups = -(-cfg.num_experts // GROUP_SIZE)
+    return [Unit(n, 2 * params[n][0], int(params[n][1] * expert_bits / 8), params[n][1],
+                 2 * groups if params[n][1] else 0) for n in unit_names(cfg)]
 
 
 def matrix_bits(path: Path, manifest: dict) -> list[dict]:
@@ -127,15 +157,28 @@ def matrix_bits(path: Path, manifest: dict) -> list[dict]:
             for (b, k), (p, n) in acc.items()]
 
 
-def plan_units(units: list[Unit], count: int, capacity: int | None = None) -> dict:
+def plan_units(units: list[Unit], count: int, capacity: int | None = None, cfg: SwitchConfig | None = None,
+               runtime: Runtime | None = None) -> dict:
+    """Units split over `count` devices by weight bytes; per device its weights, dictionary tables and (with cfg and
+    runtime) its KV cache and one block's activations; with a capacity, whether the fullest device fits."""
     slots = split_contiguous([u.bytes for u in units], count)
-    per = [{"dense": 0, "experts": 0, "units": []} for _ in range(count)]
+    per = [{"dense": 0, "experts": 0, "tables": 0, "kv": 0, "activations": 0, "units": []} for _ in range(count)]
     for u, s in zip(units, slots):
-        per[s]["dense"] += u.dense_bytes
-        per[s]["experts"] += u.expert_bytes
-        per[s]["units"].append(u.name)
-    most = max(p["dense"] + p["experts"] for p in per)
+        p = per[s]
+        p["dense"] += u.dense_bytes
+        p["experts"] += u.expert_bytes
+        p["tables"] += u.dictionaries * TABLE_BYTES
+        p["units"].append(u.name)
+        if runtime is not None and cfg is not None:
+            p["kv"] += runtime.kv_bytes(cfg, u.name)
+            if ".block." in u.name:
+                p["activations"] = runtime.activation_bytes(cfg)
+    for p in per:
+        p["total"] = p["dense"] + p["experts"] + p["tables"] + p["kv"] + p["activations"]
+    most = max(p["total"] for p in per)
     out = {"slots": per, "total_bytes": sum(u.bytes for u in units), "largest_slot_bytes": most}
+    if runtime is not None:
+        out["runtime"] = {"batch": runtime.batch, "context": runtime.context}
     if capacity is not None:
         out.update(capacity_bytes=capacity, usable_bytes=int(capacity * (1 - RESERVE)),
                    fits=most <= capacity * (1 - RESERVE))
@@ -151,15 +194,15 @@ def _display(path: Path) -> str:
 
 
 def build(path: Path, devices: list[str], targets: list[Target], project: Path | None, expert_bits: float | None,
-          measure: bool) -> dict:
+          measure: bool, runtime: Runtime = Runtime()) -> dict:
     manifest = read_manifest(path)  # every file checked against its checksum before anything is read
     summary = json.loads((path / "summary.json").read_text())
     cfg, units = units_from_dir(path)
     rep = {"model": str(path), "summary": {k: summary.get(k) for k in (
         "scheme", "method", "params_total", "params_experts", "bits_per_param_experts", "bits_per_param_total",
         "val_loss_before", "val_loss_after")}, "matrices": matrix_bits(path, manifest),
-        "devices": {"names": devices, **plan_units(units, len(devices))},
-        "targets": {t.label: plan_units(units, t.count, t.bytes_each) for t in targets}}
+        "devices": {"names": devices, **plan_units(units, len(devices), None, cfg, runtime)},
+        "targets": {t.label: plan_units(units, t.count, t.bytes_each, cfg, runtime) for t in targets}}
     if measure:
         from qmoe.bench_kernels import end_to_end_rows
 
@@ -174,7 +217,8 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
                              f"this model's experts ({path / 'summary.json'})",
                              "params_total": sum(sum(v) for v in unit_params(pcfg).values()),
                              "bf16_bytes": 2 * sum(sum(v) for v in unit_params(pcfg).values()),
-                             "targets": {t.label: plan_units(punits, t.count, t.bytes_each) for t in targets}}
+                             "targets": {t.label: plan_units(punits, t.count, t.bytes_each, pcfg, runtime)
+                                         for t in targets}}
     return rep
 
 
@@ -212,10 +256,13 @@ def _plot_plans(plans: dict[str, dict], title: str, path: Path) -> None:
         draw_capacity = capacity is not None and plan["largest_slot_bytes"] >= 0.01 * capacity
         unit, name = (GIB, "GiB") if max(plan["largest_slot_bytes"], capacity if draw_capacity else 0) >= GIB \
             else (2**20, "MiB")
-        dense = [s["dense"] / unit for s in slots]
-        experts = [s["experts"] / unit for s in slots]
-        ax.bar(x, dense, label="dense (bf16)", color="#7f9fbf")
-        ax.bar(x, experts, bottom=dense, label="experts (compressed)", color="#d9823b")
+        bottom = [0.0] * len(slots)
+        for key, name_, color in (("dense", "dense (bf16)", "#7f9fbf"), ("experts", "experts (compressed)", "#d9823b"),
+                                  ("tables", "dictionary tables", "#a05a9c"),
+                                  ("kv", "KV cache", "#6aa56a"), ("activations", "activations", "#c9c9c9")):
+            h = [s[key] / unit for s in slots]
+            ax.bar(x, h, bottom=bottom, label=name_, color=color)
+            bottom = [b_ + h_ for b_, h_ in zip(bottom, h)]
         if draw_capacity:
             ax.axhline(capacity / unit, color="k", lw=1, label="capacity")
             ax.axhline(plan["usable_bytes"] / unit, color="k", lw=1, ls="--", label=f"usable ({1 - RESERVE:.0%})")
@@ -267,15 +314,16 @@ def _plot_overhead(rows: list[dict], path: Path) -> None:
 
 
 def _plan_table(plans: dict[str, dict]) -> list[str]:
-    lines = ["| plan | device | dense | experts | total | units |", "|---|---|---|---|---|---|"]
+    lines = ["| plan | device | dense | experts | dictionary tables | KV cache | activations | total | units |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, plan in plans.items():
         for i, s in enumerate(plan["slots"]):
             units = f"{s['units'][0]} .. {s['units'][-1]} ({len(s['units'])})" if s["units"] else "-"
-            lines.append(f"| {label} | {i} | {_mib(s['dense'])} | {_mib(s['experts'])} | "
-                         f"{_mib(s['dense'] + s['experts'])} | {units} |")
+            lines.append(f"| {label} | {i} | {_mib(s['dense'])} | {_mib(s['experts'])} | {_mib(s['tables'])} | "
+                         f"{_mib(s['kv'])} | {_mib(s['activations'])} | {_mib(s['total'])} | {units} |")
         if "fits" in plan:
             lines.append(f"| {label} | **{'fits' if plan['fits'] else 'does not fit'}** | largest device "
-                         f"{_mib(plan['largest_slot_bytes'])} of {_mib(plan['usable_bytes'])} usable | | | |")
+                         f"{_mib(plan['largest_slot_bytes'])} of {_mib(plan['usable_bytes'])} usable | | | | | | |")
     return lines
 
 
@@ -293,8 +341,12 @@ def render(rep: dict, out: Path) -> Path:
            for r in rep["matrices"]]
     _plot_bits(rep["matrices"], out / "bits_per_param.png")
     plans = {f"devices {','.join(rep['devices']['names'])}": rep["devices"], **rep["targets"]}
-    md += ["", "## Bytes per device", "", f"Dense weights in bf16 and expert files as stored; {RESERVE:.0%} of each "
-           "target device is kept free for activations and the KV cache.", "", "![bytes per device](devices.png)", ""]
+    rt = rep["devices"].get("runtime", {})
+    md += ["", "## Bytes per device", "", f"Dense weights in bf16 and expert files as stored; each dictionary's table "
+           f"({TABLE_BYTES // 1024} KiB) on the device that runs its experts; the KV cache of the device's decoder "
+           f"blocks (bf16) and one block's activations (float32) at batch {rt.get('batch')} and context "
+           f"{rt.get('context')} (--batch, --context); {RESERVE:.0%} of each target device kept free for workspace.",
+           "", "![bytes per device](devices.png)", ""]
     md += _plan_table(plans)
     _plot_plans(plans, "this model, split across devices by bytes", out / "devices.png")
     if "overhead" in rep:
@@ -335,12 +387,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-project", action="store_true", help="skip the projection")
     p.add_argument("--expert-bits", type=float, help="expert bits/param for the projection (default: this model's)")
     p.add_argument("--no-measure", action="store_true", help="skip the inference overhead measurement")
+    p.add_argument("--batch", type=int, default=Runtime.batch, help="samples a device runs at once, for the KV cache "
+                   "and activations (default: %(default)s)")
+    p.add_argument("--context", type=int, default=Runtime.context, help="tokens a sample (default: %(default)s)")
     a = p.parse_args(argv)
     try:
         targets = [Target.parse(t) for t in (a.target or ["4x48GB", "8x24GB"])]
         devices = [d.strip() for d in a.devices.split(",") if d.strip()]
+        if a.batch < 1 or a.context < 1:
+            raise ValueError("--batch and --context must be >= 1")
         rep = build(a.model, devices, targets, None if a.no_project else a.project, a.expert_bits,
-                    measure=not a.no_measure)
+                    measure=not a.no_measure, runtime=Runtime(a.batch, a.context))
         f = render(rep, a.out or a.model / "report")
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -66,3 +66,20 @@ def test_report_renders(tiny_ckpt, tmp_path):
     assert sum(s["experts"] for s in rep["devices"]["slots"]) == expert_bytes
     assert not rep["projection"]["targets"]["2x1GB"]["fits"]
     assert report.main([str(tmp_path / "nope"), "--no-measure"]) == 2
+
+
+def test_plans_count_dictionary_tables_kv_cache_and_activations():
+    """c2048 at QMoE's 0.807 bits on 8x24GB at batch 8 and context 512: 30 sparse blocks x 128 groups x 2 matrix
+    kinds of dictionary tables, the 15 decoder blocks' KV caches (self and cross, bf16), one block's activations on
+    every device; it fits. At batch 64 and context 4096 the attention scores alone outgrow a device."""
+    cfg = config_from_hf(json.loads(report.C2048_CONFIG.read_text()))
+    units = report.units_projected(cfg, 0.807)
+    rt = report.Runtime(batch=8, context=512)
+    plan = report.plan_units(units, 8, 24 << 30, cfg, rt)
+    slots = plan["slots"]
+    assert sum(s["tables"] for s in slots) == 30 * 128 * 2 * report.TABLE_BYTES
+    assert sum(s["kv"] for s in slots) == 15 * 4 * 8 * 512 * 30 * 64 * 2
+    assert all(s["activations"] == rt.activation_bytes(cfg) for s in slots)
+    assert all(s["total"] == s["dense"] + s["experts"] + s["tables"] + s["kv"] + s["activations"] for s in slots)
+    assert plan["fits"] and plan["largest_slot_bytes"] == max(s["total"] for s in slots)
+    assert not report.plan_units(units, 8, 24 << 30, cfg, report.Runtime(64, 4096))["fits"]
