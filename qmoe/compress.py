@@ -8,6 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressor import DataSpec, compress_model, resolve_model
 from qmoe.memory import MemoryError_, parse_size
@@ -100,6 +102,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: {saved(a.out)}", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError as e:  # also a worker's, re-raised by Ray as a subclass of it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: out of GPU memory ({first[:200]}): lower --gptq-batch (experts quantized at once) or "
+              f"--max-memory (neither changes a byte); {saved(a.out)}", file=sys.stderr)
+        return 2
     except SystemExit as e:  # SIGTERM, through _exit_on_sigterm
         print(f"stopped (signal {e.code - 128}): {saved(a.out)}", file=sys.stderr)
         raise

@@ -317,3 +317,20 @@ def test_ctrl_c_says_what_was_saved_in_one_line(tiny_ckpt, tmp_path):
     assert not (out / LOCK).exists()
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and json.loads((out / "manifest.json").read_text())["complete"], r.stderr[-2000:]
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_settings(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A GPU out of memory in a group step (raised here where GPTQ would raise it): one line naming --gptq-batch
+    and --max-memory and what the directory keeps, exit 2, the lock released."""
+    from qmoe import steps
+    from qmoe.outdir import LOCK
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    monkeypatch.setattr(steps, "quantize_experts", oom)
+    out = tmp_path / "o"
+    rc, err = _cli(capsys, "--model", str(tiny_ckpt), "--out", str(out), "--train-samples", "8", "--val-samples", "2")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB" in err
+    assert "--gptq-batch" in err and "--max-memory" in err and f"{out} has no finished expert group" in err
+    assert not (out / LOCK).exists()
