@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0,
                    help="compress on a Ray pool of N workers (joins RAY_ADDRESS's cluster, else starts a local Ray); "
                         "0: in this process (default)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="with --workers: each worker asks Ray for this share of a GPU (e.g. 0.5: two on one GPU, so "
+                        "one encodes while the other quantizes); changes no byte")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -92,11 +95,13 @@ def main(argv=None) -> int:
             raise ValueError(f"--workers must be >= 0 (0: in this process), got {a.workers}")
         if a.gptq_batch is not None and a.gptq_batch < 1:
             raise ValueError(f"--gptq-batch must be >= 1, got {a.gptq_batch}")
+        if a.gpus_per_worker is not None and not a.workers:
+            raise ValueError("--gpus-per-worker needs --workers N (a Ray pool)")
         executor = None
         if a.workers:
             from qmoe.workers.ray_executor import RayExecutor
 
-            executor = RayExecutor(a.workers)
+            executor = RayExecutor(a.workers, a.gpus_per_worker)
         summary = compress_model(resolve_model(a.model), a.out, cfg, spec, overwrite=a.overwrite, resume=a.resume,
                                  executor=executor, max_memory=a.max_memory, max_batch=a.gptq_batch)
     except KeyboardInterrupt:

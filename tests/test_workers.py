@@ -54,7 +54,9 @@ def cluster(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
     node = dict(node_ip_address="127.0.0.1", temp_dir=str(root / "r"), include_dashboard=False)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 << 20, **node})
+    # The head declares one GPU (Ray's fake resource: nothing runs on it) for the fractional-GPU pool.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "object_store_memory": 150 << 20,
+                                                      **node})
     nodes = [c.add_node(num_cpus=1, object_store_memory=100 << 20, **node) for _ in range(3)]
     ray.init(address=c.address)
     try:
@@ -81,6 +83,19 @@ def test_pool_output_equals_single_process(cluster, tiny_ckpt, reference, tmp_pa
     workers = s["peak_anon_bytes"]["workers"]
     assert len(workers) == 2 and all(v > 50 << 20 for v in workers.values())  # both actors did steps
     assert s["executor"]["object_store_spilled_bytes"] == 0
+
+
+def test_two_workers_share_one_gpu(cluster, tiny_ckpt, reference, tmp_path):
+    """--gpus-per-worker 0.5: two actors on the cluster's one (fake) GPU give the bytes of a single process. Both
+    ran steps, so both held their share at once (an actor holds its resources for life: two whole-GPU actors could
+    not both be placed); a third would need 1.5 GPUs and is refused before any work."""
+    s = compress_model(tiny_ckpt, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None,
+                       executor=RayExecutor(2, gpus_per_worker=0.5))
+    assert _expert_bytes(tmp_path / "o") == _expert_bytes(reference)
+    assert len(s["peak_anon_bytes"]["workers"]) == 2 and s["executor"]["gpus_per_worker"] == 0.5
+    with pytest.raises(ValueError, match="needs 1.5 GPU slots; the Ray cluster has 1"):
+        compress_model(tiny_ckpt, tmp_path / "o3", CompressConfig(), SPEC, progress=lambda *_: None,
+                       executor=RayExecutor(3, gpus_per_worker=0.5))
 
 
 def test_a_killed_worker_is_replaced_and_its_task_retried(cluster, tiny_ckpt, reference, tmp_path):

@@ -1,7 +1,9 @@
 """The walk's executor on a Ray pool: N actors, each a qmoe.steps.Worker, on any number of nodes.
 
 An actor asks for one GPU when the job computes on CUDA, else for one CPU slot, so `--workers N` runs on a cluster
-of N slots; nothing else the walk does needs a slot. Calls are dealt to the actors round robin, so each knows the
+of N slots; nothing else the walk does needs a slot. With `gpus_per_worker` (--gpus-per-worker, e.g. 0.5) an actor
+asks for that share of a GPU instead, so several share one (one encodes on the host while another quantizes);
+where the work runs (--device) is unchanged, and no byte depends on it. Calls are dealt to the actors round robin, so each knows the
 call it runs next and reads that group's weights ahead. Results are a few numbers each: weights and activations go
 between steps through files in the output directory, which every node must see (checked before any work).
 
@@ -24,22 +26,26 @@ from qmoe.steps import Job, Worker
 
 
 class RayExecutor:
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, gpus_per_worker: float | None = None):
         if workers < 1:
             raise ValueError(f"a Ray pool needs at least one worker, got {workers}")
-        self.n = workers
+        if gpus_per_worker is not None and not 0 < gpus_per_worker <= 1:
+            raise ValueError(f"--gpus-per-worker must be in (0, 1], got {gpus_per_worker}")
+        self.n, self.gpus = workers, gpus_per_worker
         self.processes = workers + 1  # on a one-machine run: the driver and its workers share the memory
-        self.description = f"on a Ray pool of {workers} workers"
+        share = f", {gpus_per_worker:g} GPU each" if gpus_per_worker is not None else ""
+        self.description = f"on a Ray pool of {workers} workers{share}"
         self.actors: list = []
         self._local = None  # the LocalRay this executor started, if it started one
 
     def start(self, job: Job, out_dir: str) -> None:
         self._connect()
-        opts = {"num_gpus": 1, "num_cpus": 0} if job.cfg.device == "cuda" else {"num_cpus": 1}
-        kind = "GPU" if job.cfg.device == "cuda" else "CPU"
+        gpus = self.gpus if self.gpus is not None else (1.0 if job.cfg.device == "cuda" else None)
+        opts = {"num_gpus": gpus, "num_cpus": 0} if gpus is not None else {"num_cpus": 1}
+        kind, need = ("GPU", self.n * gpus) if gpus is not None else ("CPU", self.n)
         have = ray.cluster_resources().get(kind, 0)
-        if have < self.n:
-            raise ValueError(f"--workers {self.n} needs {self.n} {kind} slots; the Ray cluster has {have:g}")
+        if have < need - 1e-9:
+            raise ValueError(f"--workers {self.n} needs {need:g} {kind} slots; the Ray cluster has {have:g}")
         check_shared_dir(out_dir)
         actor = ray.remote(max_restarts=-1, max_task_retries=-1, **opts)(Worker)
         self.actors = [actor.remote(job) for _ in range(self.n)]
@@ -81,6 +87,8 @@ class RayExecutor:
 
     def close(self) -> dict:
         info = {"object_store_spilled_bytes": _spilled_bytes()} if ray.is_initialized() else {}
+        if self.gpus is not None:
+            info["gpus_per_worker"] = self.gpus
         for a in self.actors:
             ray.kill(a)
         self.actors = []
