@@ -122,14 +122,19 @@ def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:
     if "val_loss" in r:
         print(f"validation loss {r['val_loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['val_samples']} "
               f"windows of {r['seq_len']} tokens, {r['eval_tokens_per_second']:.0f} tokens/s")
+    _finish(r, a)
+    for text in r.get("generated_text", [])[:1 if a.prompt is not None else 4]:
+        print(f"{a.prompt}{text}" if a.prompt is not None else repr(text))
+    return 0
+
+
+def _finish(r: dict, a) -> None:
+    """The generation line (when there was generation) and the JSON file (when asked for)."""
     if "generate_seconds" in r:
         print(f"generated {r['generate_tokens']} tokens x {r['generate_batch']} samples: "
               f"{r['generate_tokens_per_second']:.1f} tokens/s")
-        for text in r["generated_text"][:1 if a.prompt is not None else 4]:
-            print(f"{a.prompt or ''}{text}" if a.prompt is not None else repr(text))
     if a.json:
         atomic_write_json(a.json, r)
-    return 0
 
 
 def main(argv=None) -> int:
@@ -176,11 +181,7 @@ def main(argv=None) -> int:
     if "val_loss" in r:
         print(f"validation loss {r['val_loss']:.4f} over {r['val_samples']} samples, "
               f"{r['eval_tokens_per_second']:.0f} tokens/s")
-    if "generate_seconds" in r:
-        print(f"generated {r['generate_tokens']} tokens x {r['generate_batch']} samples: "
-              f"{r['generate_tokens_per_second']:.1f} tokens/s")
-    if a.json:
-        atomic_write_json(a.json, r)
+    _finish(r, a)
     return 0
 
 
