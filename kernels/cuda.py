@@ -32,8 +32,9 @@ SMEM_TARGET = 100 * 1024  # dynamic shared memory per block the planner stays un
 SMEM_DEFAULT = 48 * 1024  # what every device allows without opting in
 LIST = 256  # = _cuda_kernel.LIST (not imported from there: that module imports numba.cuda)
 # From this batch size on, CompressedLinear decodes the matrix to bf16 (decode_rows) and multiplies with cuBLAS
-# instead of running the fused kernel: the crossover on c2048's shapes measured by `qmoe.bench kernels --device
-# cuda` (docs: "Kernels on a GPU"; the JSON records both paths at every batch and the crossover it saw).
+# instead of running the fused kernel. 4: where decode + cuBLAS led the fused kernel on c2048's shapes in the H100
+# and H200 tables of docs/kernels.md, measured with the scatter decode kernel; `qmoe.bench kernels --device cuda`
+# records the crossover with decode_rows (its JSON's crossover_batch), which is what this should be set to.
 DECODE_FROM_BATCH = 4
 
 
