@@ -344,3 +344,31 @@ def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nd
         raise ValueError(f"x must be [B, C], got shape {x.shape}")
     kernel = list_gemm if x.shape[1] <= MAX_LIST_WIDTH else record_gemm
     return kernel(codes, offsets, recs, lo, hi, x)
+
+
+@numba.njit(parallel=True, cache=True)
+def _decode_bf16(codes, offsets, table, extra, levels, out):
+    """out [R, C] int16 (zeroed by the caller) = the matrix's bf16 bit patterns, from each codeword's record; levels
+    [2, R] int16 = bf16 bits of (lo, hi). Parallel over rows."""
+    for r in numba.prange(len(offsets) - 1):
+        lv_lo, lv_hi = levels[0, r], levels[1, r]
+        pos = 0
+        for t in range(offsets[r], offsets[r + 1]):
+            w = table[codes[t]]
+            n = (w >> 7) & 7
+            s = w >> SLOT0
+            over = n == OVERFLOW
+            if over:  # a word of more than 6 non-zeros: its bytes are in `extra`
+                n = extra[s]
+            for j in range(n):
+                b = extra[s + 1 + j] if over else (s >> (8 * j)) & 255
+                out[r, pos + (b & 127)] = lv_lo if b >> 7 else lv_hi
+            pos += w & 127
+
+
+def decode_bf16(codes: np.ndarray, offsets: np.ndarray, recs: Records, levels: np.ndarray, width: int) -> np.ndarray:
+    """The dense matrix [R, width] as bf16 bit patterns (int16), decoded in parallel over rows straight from the
+    records (exact: every element is one of the row's two bf16 levels or zero). levels [2, R] int16."""
+    out = np.zeros((len(offsets) - 1, width), dtype=np.int16)
+    _decode_bf16(codes, offsets, recs.table, recs.extra, levels, out)
+    return out

@@ -134,13 +134,17 @@ class CompressedLinear(nn.Module):
         return kcuda.gemm(self._device_args[1], x2.contiguous(), rows=self.out_features, halo=self.halo)
 
     def dense_bf16(self, rows_kernel: bool = True) -> torch.Tensor:
-        """W [out, in] as bf16, decoded on the buffers' device (a CUDA decode kernel on a GPU: decode_rows where it
-        applies and rows_kernel, else the scatter kernel)."""
+        """W [out, in] as bf16, decoded on the buffers' device: on the CPU by cpu.decode_bf16 (parallel over rows);
+        on a GPU by decode_rows where it applies and rows_kernel, else the scatter kernel."""
+        if getattr(self, "_levels16", None) is None or self._levels16.device != self.lo.device:
+            self._levels16 = (torch.stack([self.lo, self.hi]).view(torch.int32) >> 16).to(torch.int16)  # bf16 bits
+        if self.codes.device.type == "cpu":
+            codes, offsets, recs, _, _ = self._host_arrays()
+            bits = cpu.decode_bf16(codes, offsets, recs, self._levels16.numpy(), self.in_features)
+            return torch.from_numpy(bits).view(torch.bfloat16)
         if self.codes.device.type != "cuda":
             return self.dense(self.codes.device).bfloat16()
         from qmoe.kernels import cuda as kcuda
 
-        if getattr(self, "_levels16", None) is None or self._levels16.device != self.lo.device:
-            self._levels16 = (torch.stack([self.lo, self.hi]).view(torch.int32) >> 16).to(torch.int16)  # bf16 bits
         return kcuda.decode_torch(self.codes, self.offsets, self.table, self.extra, self._levels16,
                                   self.in_features, rows_kernel=rows_kernel)

@@ -142,6 +142,16 @@ def test_cpu_kernel_other_dictionaries(dictionary):
         assert_close(y, reference(m, x))
 
 
+@pytest.mark.parametrize("shape,p", [((1, 1), (0.85, 0.09, 0.06)), ((33, 129), (0.85, 0.09, 0.06)),
+                                     ((7, 300), (0.34, 0.33, 0.33)), ((64, 256), (0.885, 0.0575, 0.0575))])
+def test_cpu_decode_to_bf16_equals_the_codec(shape, p):
+    """CompressedLinear.dense_bf16 on the CPU (cpu.decode_bf16, straight from the records; overflow words in the
+    dense dictionary's case): bit for bit the codec's decode, rounded to bf16 (exact: the levels are bf16)."""
+    m = random_matrix(shape, p=p, seed=shape[0] + shape[1])
+    got = CompressedLinear(m).dense_bf16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, torch.from_numpy(decode(m)).bfloat16())
+
+
 def test_zero_batch_and_empty_matrix():
     m = random_matrix((6, 10))
     recs = records(m.dictionary)
