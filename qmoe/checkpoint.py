@@ -207,7 +207,16 @@ def is_expert_param(name: str) -> bool:
 def read_config(path: Path | str, reader: CheckpointReader | None = None) -> tuple[SwitchConfig, dict]:
     """The model config, corrected with the checkpoint's tensor names and output head, and the raw config.json."""
     path = Path(path)
-    hf = read_hf_config(model_file(path, "config.json") or path / "config.json")
+    cfg_file = model_file(path, "config.json") or path / "config.json"
+    hf = read_hf_config(cfg_file)
+    kind = hf.get("model_type", "switch_transformers")
+    if kind != "switch_transformers":
+        from qmoe.models.load import FAMILIES
+
+        why = (f"a {kind} checkpoint: qmoe reads and runs it (qmoe.load, python -m qmoe.infer) but compresses "
+               "Switch checkpoints only so far" if kind in FAMILIES else
+               f"model_type {kind!r} is not a model qmoe compresses (switch_transformers)")
+        raise CheckpointError(cfg_file, None, why)
     reader = reader or CheckpointReader(path)
     cfg = config_from_hf(hf, reader.names())
     return dataclasses.replace(cfg, tie_word_embeddings=tied_head(hf, reader)), hf

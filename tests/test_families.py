@@ -300,3 +300,17 @@ def test_infer_cli_runs_a_family_checkpoint(tmp_path, capsys):
     assert r["prompt"] == "def main():" and len(r["generated"][0]) == 5 and "def main():" in out
     assert infer_cli.main(["--model", str(path), "--eval", "--devices", "cpu,cpu"]) == 2
     assert "one device" in capsys.readouterr().err
+
+
+def test_compressing_a_family_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    """Compression of these families is not built: compress says so in one line naming config.json, before any
+    output exists."""
+    from qmoe import compress as compress_cli
+
+    _, path = _saved("mixtral", tmp_path)
+    out = tmp_path / "out"
+    capsys.readouterr()  # transformers' save progress
+    assert compress_cli.main(["--model", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path / "config.json") in err and "a mixtral checkpoint" in err, err
+    assert not out.exists()
