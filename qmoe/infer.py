@@ -100,10 +100,9 @@ def run(model_dir: Path, cfg: InferConfig, spec: DataSpec) -> dict:
 
 def _family(model_dir: Path) -> bool:
     """A decoder-only family's original checkpoint (qmoe/models), as opposed to Switch's or a compressed one."""
-    from qmoe.models.load import FAMILIES
+    from qmoe.models.load import FAMILIES, read_hf_config
 
-    cfg = model_dir / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in FAMILIES
+    return read_hf_config(model_dir)[0].get("model_type") in FAMILIES
 
 
 def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:

@@ -45,8 +45,9 @@ def family_of(hf: dict, cfg_file: Path) -> Family:
     return FAMILIES[mt]
 
 
-def build(path: Path | str) -> tuple[MoECausalLM, CheckpointReader]:
-    """The model on the meta device and a reader of its checkpoint, every tensor name and shape checked."""
+def build(path: Path | str) -> tuple[MoECausalLM, CheckpointReader, dict]:
+    """The model on the meta device, a reader of its checkpoint (every tensor name and shape checked) and its
+    config.json."""
     path = Path(path)
     hf, cfg_file = read_hf_config(path)
     fam = family_of(hf, cfg_file)
@@ -80,7 +81,7 @@ def build(path: Path | str) -> tuple[MoECausalLM, CheckpointReader]:
     if extra:
         raise CheckpointError(reader.file_of[extra[0]], extra[0], f"not a tensor of the model config.json describes "
                               f"({cfg.num_layers} layers, {cfg.num_experts} experts)")
-    return model, reader
+    return model, reader, hf
 
 
 def _check_mxfp4(reader: CheckpointReader, name: str, want: tuple[int, ...]) -> None:
@@ -134,8 +135,7 @@ def read_tensor(reader: CheckpointReader, name: str, block: tuple[int, int]) -> 
 
 def load(path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MoECausalLM:
     """The checkpoint's model in `dtype` on `device`, eval mode: forward(input_ids) -> logits."""
-    model, reader = build(path)
-    hf, _ = read_hf_config(Path(path))
+    model, reader, hf = build(path)
     block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     state = {name: read_tensor(reader, name, block).to(dtype) for name, _ in model.named_parameters()}
     model.load_state_dict(state, assign=True)
