@@ -39,6 +39,10 @@ def block_files(out: Path, block_name: str) -> list[Path]:
 
 
 def expert_shapes(mcfg) -> dict[str, tuple[int, int]]:
+    """{kind: (rows, columns)} of an expert's matrices: Switch's wi, wo; a decoder-only family's gate, up, down."""
+    if hasattr(mcfg, "moe_intermediate"):
+        D, inter = mcfg.hidden_size, mcfg.moe_intermediate
+        return {"gate": (inter, D), "up": (inter, D), "down": (D, inter)}
     return {"wi": (mcfg.d_ff, mcfg.d_model), "wo": (mcfg.d_model, mcfg.d_ff)}
 
 
@@ -48,15 +52,12 @@ def expert_key(block_name: str, j: int, matrix: str) -> str:
     return f"{block_name}.layer.{ff}.mlp.experts.expert_{j}.{matrix}.weight"
 
 
-def write_dense(out: Path, reader, model) -> None:
-    """Every parameter but the experts, in bf16, read from the checkpoint and written one tensor at a time (model:
-    on the meta device, for the names and shapes)."""
-    from qmoe.checkpoint import checkpoint_name
-
-    available = set(reader.names())
-    params = {k: p for k, p in model.named_parameters() if not is_expert_param(k)}
+def write_dense(out: Path, read, model, is_expert=is_expert_param) -> None:
+    """Every parameter but the routed experts, in bf16, read from the checkpoint (read(name) -> tensor) and
+    written one tensor at a time (model: on the meta device, for the names and shapes)."""
+    params = {k: p for k, p in model.named_parameters() if not is_expert(k)}
     stream_safetensors(out / DENSE_FILE, {k: (torch.bfloat16, tuple(p.shape)) for k, p in params.items()},
-                       lambda k: reader.get(checkpoint_name(k, available)).to(torch.bfloat16))
+                       lambda k: read(k).to(torch.bfloat16))
 
 
 def write_group(out: Path, block_name: str, g0: int, g1: int, experts: dict, scheme: Scheme) -> tuple[str, dict]:
@@ -71,8 +72,7 @@ def _write_experts(path: Path, experts: dict, scheme: Scheme) -> dict:
         return _write_ternary(path, experts)
     tensors, shapes = {}, {}
     for j, qe in sorted(experts.items()):
-        for m in ("wi", "wo"):
-            qm: QuantizedMatrix = getattr(qe, m)
+        for m, qm in qe.items():
             tensors.update(qm.tensors(f"expert_{j}.{m}"))
             shapes[f"expert_{j}.{m}"] = list(qm.codes.shape)
     # One metadata key: safetensors writes its metadata map in hash order, and outputs must be byte-identical.
@@ -85,15 +85,16 @@ def _write_ternary(path: Path, experts: dict) -> dict:
     from qmoe.codec.container import write_container
     from qmoe.codec.ternary import encode, f32_to_bf16_bits, fit_dictionary
 
-    symbols = {f"expert_{j}.{m}": getattr(qe, m).codes.numpy() for j, qe in experts.items() for m in ("wi", "wo")}
+    kinds = list(next(iter(experts.values())))
+    symbols = {f"expert_{j}.{m}": qe[m].codes.numpy() for j, qe in experts.items() for m in kinds}
     # One dictionary per matrix kind: wi and wo differ in sparsity (on the default model P(0) is ~0.81 for wi and
     # ~0.88-0.93 for wo), and a pooled dictionary would pay the mixture's extra entropy (1.7% of the codes there).
-    dicts = {m: fit_dictionary([v for k, v in symbols.items() if k.endswith(m)]) for m in ("wi", "wo")}
+    dicts = {m: fit_dictionary([v for k, v in symbols.items() if k.endswith("." + m)]) for m in kinds}
     encoded = {}
     for j, qe in experts.items():
-        for m in ("wi", "wo"):
+        for m in kinds:
             d = dicts[m]
-            p = getattr(qe, m).params  # ternary: a = lo, b = hi, both exactly bf16 values
+            p = qe[m].params  # ternary: a = lo, b = hi, both exactly bf16 values
             levels = np.stack([f32_to_bf16_bits(p.a.numpy()), f32_to_bf16_bits(p.b.numpy())])
             encoded[f"expert_{j}.{m}"] = encode(symbols[f"expert_{j}.{m}"], levels, d)
     return write_container(path, encoded)
@@ -241,18 +242,18 @@ class GroupReader:
 
     def __init__(self, out: Path | str, block_name: str, g0: int, g1: int, mcfg, scheme: Scheme):
         self.path = Path(out) / group_file(block_name, g0, g1)
-        shapes = expert_shapes(mcfg)
-        self.expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in ("wi", "wo")}
+        shapes = self.shapes = expert_shapes(mcfg)
+        self.expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes}
         self.scheme = scheme
         self._encoded = _read_encoded(self.path, self.expected) if scheme is Scheme.TERNARY else None
 
-    def weights(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert j's (wi [F, D], wo [D, F]) float32."""
+    def weights(self, j: int) -> dict[str, torch.Tensor]:
+        """Expert j's {kind: W} float32 (Switch: wi [F, D], wo [D, F])."""
         if self._encoded is None:
             w = _read_packed(self.path, {k: v for k, v in self.expected.items() if k.startswith(f"expert_{j}.")},
                              self.scheme)
-            return w[f"expert_{j}.wi"], w[f"expert_{j}.wo"]
-        return tuple(self._decode(f"expert_{j}.{m}") for m in ("wi", "wo"))
+            return {m: w[f"expert_{j}.{m}"] for m in self.shapes}
+        return {m: self._decode(f"expert_{j}.{m}") for m in self.shapes}
 
     def _decode(self, name: str) -> torch.Tensor:
         from qmoe.codec.ternary import CodecError, decode

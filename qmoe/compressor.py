@@ -4,22 +4,28 @@ then runs the block walk (walk.py) on the executor it is given (in this process,
 writes summary.json and the complete manifest last."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+from torch import nn
 
 from qmoe import compressed as C
 from qmoe.activations import ActivationStore
 from qmoe import outdir
-from qmoe.checkpoint import CheckpointError, CheckpointReader, checkpoint_name, model_file, read_config
+from qmoe.checkpoint import (CheckpointError, CheckpointReader, checkpoint_name, is_expert_param, model_file,
+                             read_config)
 from qmoe.corpus import load_default_corpus
-from qmoe.data import DataConfig, Samples, train_val_samples
+from qmoe.data import DataConfig, Samples, train_val_samples, windows
 from qmoe.executor import LocalExecutor
 from qmoe.memory import PeakMonitor, default_max_memory, plan_memory
 from qmoe.model import SwitchModel
@@ -60,6 +66,66 @@ def resolve_model(model: str) -> Path:
     return Path(model)
 
 
+@dataclass
+class Source:
+    """A checkpoint opened for compression, every tensor name and shape checked: its model on the meta device (for
+    names and shapes), how a parameter reads (FP8 blocks dequantized), which parameters are routed experts, and the
+    config.json the output starts from."""
+    dir: Path
+    model: nn.Module
+    mcfg: object  # SwitchConfig, or a family's MoEConfig
+    hf: dict
+    reader: CheckpointReader
+    read: Callable[[str], torch.Tensor]
+    is_expert: Callable[[str], bool]
+    out_config: dict
+
+    @property
+    def family(self) -> str | None:
+        return getattr(self.mcfg, "family", None)
+
+    def describe(self) -> str:
+        c = self.mcfg
+        if self.family:
+            return (f"{self.family}, {c.num_layers} layers, {sum(c.sparse)} MoE x {c.num_experts} experts "
+                    f"(top-{c.top_k})")
+        return (f"{c.num_layers}+{c.num_decoder_layers} blocks, {sum(c.encoder_sparse) + sum(c.decoder_sparse)} "
+                f"sparse x {c.num_experts} experts")
+
+
+_ROUTED = re.compile(r"\.experts\.\d+\.")  # a decoder-only family's routed expert (not its shared experts)
+
+
+def open_source(model_dir: Path) -> Source:
+    """The checkpoint's Source: a decoder-only family (qmoe/models) by its config's model_type, else Switch."""
+    from qmoe.models.load import FAMILIES, build, read_tensor
+
+    cfg_file = model_file(model_dir, "config.json")
+    try:
+        kind = json.loads(cfg_file.read_text()).get("model_type") if cfg_file else None
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        kind = None  # not a JSON object: read_config below says so
+    if kind in FAMILIES:
+        if kind == "gpt_oss":
+            raise CheckpointError(cfg_file, None, "gpt-oss compression is not built yet (its experts are stored "
+                                  "fused per layer, with biases); qmoe reads and runs it (qmoe.load, qmoe.infer)")
+        model, reader, hf = build(model_dir)
+        open_every_shard(reader)
+        block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+        # The dense weights are written in bf16: the source's quantization (FP8) does not describe the output.
+        out_config = {k: v for k, v in hf.items() if k != "quantization_config"}
+        return Source(model_dir, model, model.cfg, hf, reader, lambda n: read_tensor(reader, n, block),
+                      lambda n: bool(_ROUTED.search(n)), out_config)
+    reader = CheckpointReader(model_dir)
+    mcfg, hf = read_config(model_dir, reader)
+    with torch.device("meta"):
+        model = SwitchModel(mcfg)
+    verify_checkpoint(reader, model)
+    available = set(reader.names())
+    return Source(model_dir, model, mcfg, hf, reader, lambda n: reader.get(checkpoint_name(n, available)),
+                  is_expert_param, hf | mcfg.to_hf_dict())
+
+
 def verify_checkpoint(reader: CheckpointReader, model: SwitchModel) -> None:
     """Before any work: every parameter has a tensor of the right shape (read from the safetensors headers or the
     .bin shards' indexes, no data), and every shard opens (a truncated shard fails here, not hours later)."""
@@ -74,11 +140,35 @@ def verify_checkpoint(reader: CheckpointReader, model: SwitchModel) -> None:
         shape = reader.shape(src)
         if shape is not None and tuple(shape) != want:
             raise CheckpointError(reader.file_of[src], src, f"shape {tuple(shape)}, expected {want}")
+    open_every_shard(reader)
+
+
+def open_every_shard(reader: CheckpointReader) -> None:
+    """Read one tensor of every shard: opens (and for safetensors validates) each, so a truncated shard fails
+    before any work."""
     first_of = {}
     for name, f in reader.file_of.items():
         first_of.setdefault(f, name)
     for f, name in sorted(first_of.items()):
         reader.get(name)  # opens (and for safetensors validates) the shard
+
+
+def causal_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
+    """A decoder-only model's calibration and validation windows of `raw_length` tokens (no span corruption):
+    input_ids = a window's first raw_length - 1 tokens, labels = its last raw_length - 1. Validation windows are
+    those qmoe.infer evaluates with --seq-len raw_length (models/run.py), so its loss is the walk's. No position
+    is a sentinel (floor 1 over all-zero mask ids)."""
+    from qmoe.models.run import validation_windows
+    from qmoe.tokenizer import load_causal_tokenizer
+
+    tok = load_causal_tokenizer(model_dir, hf)
+    text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
+    pool, _ = windows(tok.encode(text), spec.data.raw_length)
+    idx = np.random.default_rng(spec.seed).choice(len(pool), size=spec.train_samples,
+                                                  replace=spec.train_samples > len(pool))
+    train = torch.from_numpy(pool[idx]).long()
+    val = validation_windows(tok, text, spec.val_samples, spec.data.raw_length, spec.seed).long()
+    return Samples(train[:, :-1], train[:, 1:]), Samples(val[:, :-1], val[:, 1:]), 1
 
 
 def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
@@ -93,23 +183,28 @@ def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSp
              max_batch: int | None = None) -> Job:
     """The job every worker gets, with the memory plan for the bound (default: from this machine's memory)."""
     max_memory = max_memory or default_max_memory(processes)
-    seq = DataConfig().raw_length  # an upper bound of the samples' lengths (span corruption only shortens)
-    plan = plan_memory(max_memory, d_model=mcfg.d_model, d_ff=mcfg.d_ff, num_heads=mcfg.num_heads, d_kv=mcfg.d_kv,
-                       vocab=mcfg.vocab_size, group_size=min(cfg.group_size, mcfg.num_experts), chunk_tokens=cfg.chunk_samples * seq,
+    seq = spec.data.raw_length  # an upper bound of the samples' lengths (span corruption only shortens)
+    if hasattr(mcfg, "family"):  # a decoder-only family: gate and up stacked ([2 I, D]) as GPTQ takes them
+        sizes = dict(d_model=mcfg.hidden_size, d_ff=2 * mcfg.moe_intermediate, num_heads=mcfg.num_heads,
+                     d_kv=mcfg.head_dim, chunk_tokens=cfg.chunk_samples * seq * mcfg.top_k)
+    else:
+        sizes = dict(d_model=mcfg.d_model, d_ff=mcfg.d_ff, num_heads=mcfg.num_heads, d_kv=mcfg.d_kv,
+                     chunk_tokens=cfg.chunk_samples * seq)
+    plan = plan_memory(max_memory, **sizes, vocab=mcfg.vocab_size, group_size=min(cfg.group_size, mcfg.num_experts),
                        seq_len=seq, slab_rows=cfg.slab_rows, gptq=cfg.method.value == "gptq",
                        act_bytes=ActivationStore("", cfg.activation_dtype).itemsize, max_batch=max_batch)
     streams = [Stream("train", n_train, "compressed")]
     if n_val:
         streams += [Stream("before", n_val, "original"), Stream("after", n_val, "compressed")]
     return Job(str(model_dir), str(out), str(out / ".work"), mcfg, cfg, plan, tuple(streams), sentinel_floor,
-               fail_marker)
+               fail_marker, seq)
 
 
 @torch.no_grad()
 def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSpec, overwrite: bool = False,
                    progress=print, resume: bool = False, executor=None, max_memory: int | None = None,
                    max_batch: int | None = None, fail_marker: str | None = None) -> dict:
-    """Compress every expert of a Switch checkpoint; returns the summary also written to out/summary.json.
+    """Compress every routed expert of a checkpoint (Switch, or a decoder-only family: qmoe/models); returns the summary also written to out/summary.json.
 
     resume: `out` holds an unfinished run of the same model and settings; the groups and blocks its manifest
     records are replayed from their files (not compressed again) and the run goes on from there. executor: where
@@ -125,12 +220,9 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         raise ValueError(f"--train-samples must be >= 1 (GPTQ's Hessians and the walk need calibration samples), "
                          f"got {spec.train_samples}")
     outdir.check_out(out, model_dir)
-    reader = CheckpointReader(model_dir)
-    mcfg, hf = read_config(model_dir, reader)
-    with torch.device("meta"):
-        model = SwitchModel(mcfg)
-    verify_checkpoint(reader, model)
-    train, val, sentinel_floor = load_samples(model_dir, hf, spec)
+    source = open_source(model_dir)
+    mcfg, hf, model = source.mcfg, source.hf, source.model
+    train, val, sentinel_floor = (causal_samples if source.family else load_samples)(model_dir, hf, spec)
     job = make_job(model_dir, out, mcfg, cfg, spec, len(train), len(val), sentinel_floor, max_memory,
                    getattr(executor, "processes", 1), fail_marker, max_batch)
     settings = _settings(cfg, spec, model_dir)
@@ -147,14 +239,12 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
             outdir.prepare(out, overwrite, progress)
             manifest = C.Manifest(out)
             manifest.save()  # first: a run stopped from here on leaves a qmoe output, replaced by a plain rerun
-        n_blocks = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
-        progress(f"{model_dir}: {mcfg.num_layers}+{mcfg.num_decoder_layers} blocks, {n_blocks} sparse x "
-                 f"{mcfg.num_experts} experts; {len(train)} calibration, {len(val)} validation samples; "
+        progress(f"{model_dir}: {source.describe()}; {len(train)} calibration, {len(val)} validation samples; "
                  f"{cfg.scheme.value} {cfg.method.value}; {executor.description}")
         progress(job.plan.describe())
         torch.set_num_threads(cfg.threads)
 
-        C.write_dense(out, reader, model)
+        C.write_dense(out, source.read, model, source.is_expert)
         manifest.record_file(C.DENSE_FILE)
         for name in TOKENIZER_FILES:
             src = model_file(model_dir, name)  # a regular file inside the model directory, or None
@@ -164,7 +254,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
                          method=cfg.method.value, source=str(model_dir), settings=settings,
                          dense_sha256=manifest.data["files"][C.DENSE_FILE]["sha256"])
-        atomic_write_json(out / "config.json", hf | mcfg.to_hf_dict() | {"qmoe": qmoe_meta})
+        atomic_write_json(out / "config.json", source.out_config | {"qmoe": qmoe_meta})
         manifest.record_file("config.json")
         manifest.save()
         if manifest.blocks_done or manifest.data["groups"]:
@@ -183,7 +273,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
             progress(f"validation loss {losses['before']:.4f} -> {losses['after']:.4f}")
         me = procs.setdefault(os.getpid(), {"peak_anon": 0, "checkpoint_bytes_read": 0})
         me["peak_anon"] = max(me["peak_anon"], monitor.stop())
-        summary = _summary(model, manifest, cfg, spec, model_dir, len(train), len(val), stats, losses,
+        summary = _summary(source, manifest, cfg, spec, model_dir, len(train), len(val), stats, losses,
                            time.time() - t0, job, procs, executor_info)
         atomic_write_json(out / "summary.json", summary)
         manifest.record_file("summary.json")
@@ -204,11 +294,11 @@ def _settings(cfg: CompressConfig, spec: DataSpec, model_dir: Path) -> dict:
             **{f"data_{k}": v for k, v in asdict(spec.data).items()}, "source": str(model_dir.resolve())}
 
 
-def _summary(model: SwitchModel, manifest: C.Manifest, cfg: CompressConfig, spec: DataSpec, model_dir: Path,
+def _summary(src: Source, manifest: C.Manifest, cfg: CompressConfig, spec: DataSpec, model_dir: Path,
              n_train: int, n_val: int, stats: list, losses: dict, seconds: float, job: Job, procs: dict,
              executor_info: dict) -> dict:
-    params_total = sum(p.numel() for p in model.parameters())
-    params_experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    params_total = sum(p.numel() for p in src.model.parameters())
+    params_experts = sum(p.numel() for n, p in src.model.named_parameters() if src.is_expert(n))
     files = {k: v["bytes"] for k, v in manifest.data["files"].items() if k not in ("manifest.json", "summary.json")}
     expert_bytes = sum(v for k, v in files.items() if k.startswith("experts/"))
     all_bytes = sum(files.values())

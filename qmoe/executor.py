@@ -14,6 +14,15 @@ from qmoe.steps import Job, Worker
 READ_AHEAD_STEPS = ("experts",)  # steps that take next_call
 
 
+def worker_class(job: Job) -> type[Worker]:
+    """The Worker that runs this job's steps: Switch's, or a decoder-only family's."""
+    if job.family:
+        from qmoe.family_steps import FamilyWorker
+
+        return FamilyWorker
+    return Worker
+
+
 class Executor(Protocol):
     description: str
 
@@ -35,7 +44,7 @@ class LocalExecutor:
         self.worker: Worker | None = None
 
     def start(self, job: Job, out_dir: str) -> None:
-        self.worker = Worker(job)
+        self.worker = worker_class(job)(job)
 
     def map(self, step: str, calls: list[dict], on_result=None) -> list[dict]:
         results = []

@@ -37,6 +37,15 @@ class QuantizedMatrix:
     def values(self) -> torch.Tensor:
         return dequantize_codes(self.codes, self.params)
 
+    def split(self, n: int) -> list["QuantizedMatrix"]:
+        """n matrices of equal row counts, in order (the rows of matrices quantized stacked)."""
+        if n == 1:
+            return [self]
+        rows = self.codes.shape[0] // n
+        return [QuantizedMatrix(self.codes[k * rows:(k + 1) * rows].contiguous(),
+                                self.params.select(slice(k * rows, (k + 1) * rows)))
+                for k in range(n)]
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.codes": pack(self.codes, self.params.scheme.bits)}
         out.update({f"{prefix}.{k}": v for k, v in self.params.tensors().items()})

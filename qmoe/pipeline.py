@@ -63,10 +63,43 @@ class CompressConfig:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in vars(self).items()}
 
 
-@dataclass
-class QuantizedExpert:
-    wi: QuantizedMatrix  # [F, D]
-    wo: QuantizedMatrix  # [D, F]
+@dataclass(frozen=True)
+class ExpertForm:
+    """An expert's matrices and its forward, for the walk, the steps and the format: `inputs` are the matrices
+    fed by the expert's input x (quantized together from one Hessian, their rows stacked: GPTQ treats rows
+    independently, so stacking changes nothing but the count of factorizations), `hidden` combines their outputs,
+    `output` is the matrix fed by that hidden activation (quantized from the hidden activations through the
+    quantized input matrices)."""
+    inputs: tuple[str, ...]
+    output: str
+    act: str  # "relu": relu(wi x); "swiglu": silu(gate x) * up x
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (*self.inputs, self.output)
+
+    def hidden(self, x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """The hidden activations of tokens x [n, C] through the input matrices stacked, first [len(inputs) * F, C]."""
+        if self.act == "relu":
+            return F.relu(F.linear(x, first))
+        gate, up = F.linear(x, first).chunk(2, -1)
+        return F.silu(gate) * up
+
+    def outputs(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """tokens x [n, C] through one expert (weights by kind): the one place this is computed, so the compressing
+        run, a resumed run's replay and the validation give the same bits."""
+        out = w[self.output]
+        if x.shape[0] == 0:
+            return x.new_zeros(0, out.shape[0])
+        if self.act == "relu":
+            return F.linear(F.relu(F.linear(x, w["wi"])), out)
+        return F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), out)
+
+
+SWITCH_FORM = ExpertForm(("wi",), "wo", "relu")  # Switch: wo(relu(wi x))
+SWIGLU_FORM = ExpertForm(("gate", "up"), "down", "swiglu")  # decoder-only families: down(silu(gate x) * up x)
+
+QuantizedExpert = dict  # kind -> QuantizedMatrix
 
 
 @dataclass
@@ -100,36 +133,37 @@ def _quantize(W: torch.Tensor, inputs, cfg: CompressConfig):
 
 @torch.no_grad()
 def quantize_experts(weights: list[dict[str, torch.Tensor]], hessian_slabs, cfg: CompressConfig,
-                     device: torch.device | str = "cpu") -> tuple[list[QuantizedExpert], list[str]]:
+                     device: torch.device | str = "cpu", form: ExpertForm = SWITCH_FORM
+                     ) -> tuple[list[QuantizedExpert], list[str]]:
     """Quantize a batch of b experts of one group.
 
-    weights[g] = {"wi": [F, D], "wo": [D, F]}; hessian_slabs(g) yields expert g's calibration tokens that feed its
-    Hessians ([n, D] slabs of at most slab_rows, sentinels left out, capped), and can be called more than once.
-    GPTQ quantizes wi from those inputs, then wo from the hidden activations of the *quantized* wi. Returns the
-    quantized experts and, per expert, why it fell back to round-to-nearest ("" if it did not)."""
-    # One matrix kind at a time in float32: [b, F, D], then [b, D, F] (each freed before the next is made).
-    wi = torch.stack([w["wi"].to(device, torch.float32) for w in weights])
-    q_wi, why_wi = _quantize(wi, lambda g: (s.to(device) for s in hessian_slabs(g)), cfg)
-    del wi
-    wi_q = [q.values().to(device) for q in q_wi] if cfg.method is Method.GPTQ else None
+    weights[g] = {kind: W} (Switch: wi [F, D], wo [D, F]); hessian_slabs(g) yields expert g's calibration tokens
+    that feed its Hessians ([n, D] slabs of at most slab_rows, sentinels left out, capped), and can be called more
+    than once. GPTQ quantizes the input matrices (stacked) from those inputs, then the output matrix from the
+    hidden activations through the *quantized* input matrices. Returns the quantized experts ({kind:
+    QuantizedMatrix}) and, per expert, why it fell back to round-to-nearest ("" if it did not)."""
+    # One stage at a time in float32: [b, n_in * F, D], then [b, D, F] (each freed before the next is made).
+    first = torch.stack([torch.cat([w[k].to(device, torch.float32) for k in form.inputs]) for w in weights])
+    q_in, why_in = _quantize(first, lambda g: (s.to(device) for s in hessian_slabs(g)), cfg)
+    del first
+    first_q = [q.values().to(device) for q in q_in] if cfg.method is Method.GPTQ else None
 
-    def hidden(g: int):  # expert g's quantized wi, then relu: [n, D] -> [n, F]
-        return (F.relu(F.linear(s.to(device), wi_q[g])) for s in hessian_slabs(g))
+    def hidden(g: int):  # expert g's hidden activations through its quantized input matrices: [n, D] -> [n, F]
+        return (form.hidden(s.to(device), first_q[g]) for s in hessian_slabs(g))
 
-    wo = torch.stack([w["wo"].to(device, torch.float32) for w in weights])
-    q_wo, why_wo = _quantize(wo, hidden, cfg)
-    del wo
-    wi_q = None  # noqa: F841 - frees the quantized wi values (the closure above holds the cell)
-    reasons = [f"wi: {a}" if a else (f"wo: {b}" if b else "") for a, b in zip(why_wi, why_wo)]
-    return [QuantizedExpert(a, b) for a, b in zip(q_wi, q_wo)], reasons
+    out = torch.stack([w[form.output].to(device, torch.float32) for w in weights])
+    q_out, why_out = _quantize(out, hidden, cfg)
+    del out
+    first_q = None  # noqa: F841 - frees the quantized input values (the closure above holds the cell)
+    name_in = "+".join(form.inputs)
+    reasons = [f"{name_in}: {a}" if a else (f"{form.output}: {b}" if b else "") for a, b in zip(why_in, why_out)]
+    return [{**dict(zip(form.inputs, qi.split(len(form.inputs)))), form.output: qo}
+            for qi, qo in zip(q_in, q_out)], reasons
 
 
 def expert_outputs(wi: torch.Tensor, wo: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [n, D] (one slab) through one expert: wo(relu(wi(x))) [n, D]. The one place this is computed, so the
-    compressing run, a resumed run's replay and the validation give the same bits."""
-    if tokens.shape[0] == 0:
-        return tokens.new_zeros(0, wo.shape[0])
-    return F.linear(F.relu(F.linear(tokens, wi)), wo)
+    """tokens [n, D] (one slab) through one Switch expert: wo(relu(wi(x))) [n, D]."""
+    return SWITCH_FORM.outputs({"wi": wi, "wo": wo}, tokens)
 
 
 def hessian_cap(usable: list[int], cfg: CompressConfig) -> tuple[int, int]:

@@ -28,8 +28,8 @@ from qmoe.checkpoint import CheckpointReader, _set_param, checkpoint_name, is_ex
 from qmoe.config import SwitchConfig
 from qmoe.memory import PeakMonitor, Plan
 from qmoe.model import SwitchModel
-from qmoe.pipeline import (CompressConfig, expert_outputs, expert_seed, hessian_mask_ids, hessian_rows,
-                           quantize_experts)
+from qmoe.pipeline import (SWIGLU_FORM, SWITCH_FORM, CompressConfig, ExpertForm, expert_seed, hessian_mask_ids,
+                           hessian_rows, quantize_experts)
 from qmoe.store import sha256_file
 
 
@@ -48,12 +48,43 @@ class Job:
     model_dir: str
     out: str
     work: str  # the activation files' directory
-    mcfg: SwitchConfig
+    mcfg: SwitchConfig  # or a decoder-only family's MoEConfig (qmoe/models)
     cfg: CompressConfig
     plan: Plan
     streams: tuple[Stream, ...]
     sentinel_floor: int
     fail_marker: str | None = None  # tests only: an expert step that finds this file deletes it and kills its process
+    seq_len: int = 0  # decoder-only families: tokens per sample
+
+    @property
+    def family(self) -> str | None:
+        """The decoder-only family's name (qmoe/models), None for Switch."""
+        return getattr(self.mcfg, "family", None)
+
+    @property
+    def form(self) -> ExpertForm:
+        return SWIGLU_FORM if self.family else SWITCH_FORM
+
+    @property
+    def width(self) -> int:
+        """The residual stream's width."""
+        return self.mcfg.hidden_size if self.family else self.mcfg.d_model
+
+    @property
+    def top_k(self) -> int:
+        """Experts a token feeds."""
+        return self.mcfg.top_k if self.family else 1
+
+    @property
+    def stacks(self) -> tuple[tuple[str, tuple[bool, ...]], ...]:
+        """(stack name, which of its blocks are sparse) in walking order."""
+        if self.family:
+            return (("model", self.mcfg.sparse),)
+        return (("encoder", self.mcfg.encoder_sparse), ("decoder", self.mcfg.decoder_sparse))
+
+    def block_name(self, stack: str, i: int) -> str:
+        """A sparse block's name: its module path (Switch: encoder.block.3; families: model.layers.3)."""
+        return f"{stack}.layers.{i}" if self.family else f"{stack}.block.{i}"
 
     @property
     def store(self) -> ActivationStore:
@@ -74,16 +105,27 @@ class Worker:
         torch.set_num_threads(job.cfg.threads)  # a recorded setting: the same float paths in every process
         self.monitor = PeakMonitor()
         self.device = torch.device(job.cfg.device)
-        self.reader = CheckpointReader(job.model_dir)
-        self.available = set(self.reader.names())
-        with torch.device("meta"):
-            self.model = SwitchModel(job.mcfg)
+        self._open()
         self._unit: tuple[str, ...] = ()  # module prefixes whose weights are loaded
         self._io = ThreadPoolExecutor(1)
         self._ahead: tuple[tuple, object] | None = None  # ((block, experts), future of their weights)
         self.bytes_read = 0
 
+    def _open(self) -> None:
+        """The checkpoint's reader and the model on the meta device (weights are loaded unit by unit)."""
+        self.reader = CheckpointReader(self.job.model_dir)
+        self.available = set(self.reader.names())
+        with torch.device("meta"):
+            self.model = SwitchModel(self.job.mcfg)
+
     # ---- weights ----------------------------------------------------------------------------------------------
+    def _read_param(self, name: str) -> torch.Tensor:
+        """A model parameter's tensor as stored in the checkpoint."""
+        return self.reader.get(checkpoint_name(name, self.available))
+
+    def _is_expert(self, name: str) -> bool:
+        return is_expert_param(name)
+
     def _use(self, *prefixes: str) -> None:
         """Load these modules' dense weights and drop the ones loaded before. Weights are rounded to bf16 (as stored
         in the output; a float32 checkpoint's too), then computed in float32 on the step device."""
@@ -94,14 +136,14 @@ class Worker:
                 _set_param(self.model, name, torch.empty(p.shape, device="meta"))
         for prefix in prefixes:
             for name, p in self._params(prefix):
-                t = self.reader.get(checkpoint_name(name, self.available))
+                t = self._read_param(name)
                 self.bytes_read += t.numel() * t.element_size()
                 _set_param(self.model, name, t.to(torch.bfloat16).to(self.device, torch.float32))
         self._unit = prefixes
 
     def _params(self, prefix: str):
         mod = self.model.get_submodule(prefix)
-        return [(f"{prefix}.{n}", p) for n, p in mod.named_parameters() if not is_expert_param(f"{prefix}.{n}")]
+        return [(f"{prefix}.{n}", p) for n, p in mod.named_parameters() if not self._is_expert(f"{prefix}.{n}")]
 
     def _block(self, stack: str, i: int):
         """Block i of a stack with its dense weights, and the stack (for its position bias, block 0's table)."""
@@ -110,11 +152,15 @@ class Worker:
         st = getattr(self.model, stack)
         return st.block[i], st
 
+    def _expert(self, block: str, j: int) -> dict[str, torch.Tensor]:
+        """Expert j's weights {kind: W} in bf16."""
+        return read_expert(self.reader, block, j, torch.bfloat16)
+
     def _read_experts(self, block: str, js: tuple[int, ...]) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
         # clone(): a tensor over a memory-mapped shard would be read from disk later, inside GPTQ; copying does the
         # I/O here (in the read-ahead thread, behind the current batch's compute).
-        weights = [{k: v.clone() for k, v in read_expert(self.reader, block, j, torch.bfloat16).items()} for j in js]
+        weights = [{k: v.clone() for k, v in self._expert(block, j).items()} for j in js]
         self.bytes_read += sum(w.numel() * w.element_size() for ws in weights for w in ws.values())
         return weights, time.perf_counter() - t0
 
@@ -186,14 +232,15 @@ class Worker:
 
     @torch.no_grad()
     def combine(self, stack: str, i: int, stream: str, chunk: int) -> dict:
-        """Step 4: the chunk's residual stream after the block, h + each token's expert output x its router
-        probability (added onto zeros first, as a whole-model forward does)."""
-        D = self.job.mcfg.d_model
+        """Step 4: the chunk's residual stream after the block, h + each token's expert outputs x their router
+        weights (added onto zeros first, as a whole-model forward does). Sorted row r holds routing choice
+        perm[r] = token * k + slot (k = 1 for Switch)."""
+        D = self.job.width
         h = self.store.read(stream, "h", chunk, D)
         y = self.store.read(stream, "y", chunk, D)
         r = self.store.read_small(stream, "route", chunk)
         add = torch.zeros_like(h)
-        add.index_add_(0, r["perm"], y * r["prob"][r["perm"], None])
+        add.index_add_(0, r["perm"] // self.job.top_k, y * r["prob"][r["perm"], None])
         return self._done(bytes_written=self.store.write(stream, f"{stack}.x{i + 1}", chunk, h + add))
 
     @torch.no_grad()
@@ -228,9 +275,9 @@ class Worker:
         if self.job.fail_marker and os.path.exists(self.job.fail_marker):
             os.remove(self.job.fail_marker)
             os._exit(1)
-        name = f"{stack}.block.{i}"
+        name, form = self.job.block_name(stack, i), self.job.form
         js = list(range(g0, g1))
-        rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.mcfg.d_model)
+        rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form)
                 for s in self.job.streams}
         secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0)
         need_original = self._needs_original(replay)
@@ -248,7 +295,7 @@ class Worker:
                 if b + 1 < len(batches):
                     self._read_ahead(name, batches[b + 1])
                 elif next_call and self._needs_original(next_call["replay"]):
-                    self._read_ahead(_block_name(next_call), _first_batch(next_call, self.job.plan.batch))
+                    self._read_ahead(self.job.block_name(next_call["stack"], next_call["i"]), _first_batch(next_call, self.job.plan.batch))
             if not replay:
                 t1 = time.perf_counter()
                 sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap,
@@ -260,18 +307,16 @@ class Worker:
                     for s0 in range(0, len(sel[j]), slab):
                         yield train.gather(j, sel[j][s0:s0 + slab])
 
-                q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device)
+                q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device, form)
                 secs["quantize"] += time.perf_counter() - t1
                 for j, qe, r in zip(batch, q, why):
                     quantized[j], reasons[j], hess[j] = qe, r, len(sel[j])
             t1 = time.perf_counter()
             for k, j in enumerate(batch):  # one expert's float32 weights at a time, for every stream
-                w = {"original": None if original is None else (original[k]["wi"], original[k]["wo"]),
-                     "compressed": decoded.weights(j) if replay else (quantized[j].wi.values(),
-                                                                      quantized[j].wo.values())}
+                w = {"original": None if original is None else original[k],
+                     "compressed": decoded.weights(j) if replay else {m: q.values() for m, q in quantized[j].items()}}
                 for s in self.job.streams:
-                    wi, wo = w[s.experts]
-                    rows[s.name].run(j, wi.to(self.device, torch.float32), wo.to(self.device, torch.float32),
+                    rows[s.name].run(j, {m: t.to(self.device, torch.float32) for m, t in w[s.experts].items()},
                                      self.cfg.slab_rows)
                 del w
             secs["outputs"] += time.perf_counter() - t1
@@ -298,10 +343,6 @@ class Worker:
         return dict(result, pid=os.getpid(), checkpoint_bytes_read=self.bytes_read, peak_anon=self.monitor.sample())
 
 
-def _block_name(call: dict) -> str:
-    return f"{call['stack']}.block.{call['i']}"
-
-
 def _first_batch(call: dict, batch: int) -> tuple[int, ...]:
     """The experts the next expert step on this worker starts with."""
     return tuple(range(call["g0"], min(call["g1"], call["g0"] + batch)))
@@ -311,8 +352,9 @@ class _ExpertRows:
     """One stream's tokens for a group's experts, read from the chunks' sorted z files: expert j's tokens are rows
     offsets[j]..offsets[j + 1] of every chunk, in chunk (= token) order."""
 
-    def __init__(self, store: ActivationStore, stream: str, chunks: int, js: list[int], width: int):
-        self.store, self.stream, self.width = store, stream, width
+    def __init__(self, store: ActivationStore, stream: str, chunks: int, js: list[int], width: int,
+                 form: ExpertForm = SWITCH_FORM):
+        self.store, self.stream, self.width, self.form = store, stream, width, form
         self.segments: dict[int, list[tuple[int, int, int]]] = {j: [] for j in js}  # j -> (chunk, r0, r1)
         self._ids: dict[int, list[torch.Tensor]] = {j: [] for j in js}
         self.bytes_read = 0
@@ -356,12 +398,14 @@ class _ExpertRows:
             parts.append(rows if b - a == len(local) else rows[local - a])
         return torch.cat(parts) if parts else torch.zeros(0, self.width)
 
-    def run(self, j: int, wi: torch.Tensor, wo: torch.Tensor, slab: int) -> None:
-        """Expert j's outputs for all its tokens, slab by slab, written to the y files at the tokens' rows."""
+    def run(self, j: int, w: dict[str, torch.Tensor], slab: int) -> None:
+        """Expert j's outputs for all its tokens (weights {kind: W}), slab by slab, written to the y files at the
+        tokens' rows."""
         n = self.count(j)
+        device = w[self.form.output].device
         for s0 in range(0, n, slab):
             idx = torch.arange(s0, min(n, s0 + slab))
-            y = expert_outputs(wi, wo, self.gather(j, idx).to(wi.device)).cpu()
+            y = self.form.outputs(w, self.gather(j, idx).to(device)).cpu()
             k = 0
             for c, local in self._pieces(j, idx):
                 self.store.write_rows(self.stream, "y", c, int(local[0]), y[k:k + len(local)])

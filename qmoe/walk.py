@@ -33,11 +33,12 @@ def write_ids(job: Job, samples: dict[str, Samples]) -> None:
     cs = job.cfg.chunk_samples
     for s in job.streams:
         smp = samples[s.name]
-        dec = shift_right(smp.labels, job.mcfg.decoder_start_token_id)
+        dec = None if job.family else shift_right(smp.labels, job.mcfg.decoder_start_token_id)
         for c in range(job.chunks(s.name)):
             sl = slice(c * cs, (c + 1) * cs)
-            job.store.write_small(s.name, "ids", c, {"enc_ids": smp.input_ids[sl], "dec_ids": dec[sl],
-                                                     "labels": smp.labels[sl]})
+            ids = ({"ids": smp.input_ids[sl], "labels": smp.labels[sl]} if job.family else
+                   {"enc_ids": smp.input_ids[sl], "dec_ids": dec[sl], "labels": smp.labels[sl]})
+            job.store.write_small(s.name, "ids", c, ids)
 
 
 class Progress:
@@ -68,7 +69,7 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
     in the steps' results: {"peak_anon": bytes, "checkpoint_bytes_read": bytes})."""
     mcfg = job.mcfg
     chunks = [(s.name, c) for s in job.streams for c in range(job.chunks(s.name))]
-    n_sparse = sum(mcfg.encoder_sparse) + sum(mcfg.decoder_sparse)
+    n_sparse = sum(sum(pattern) for _, pattern in job.stacks)
     prog = Progress(n_sparse * mcfg.num_experts, len(manifest.blocks_done) * mcfg.num_experts, progress)
     procs: dict[int, dict] = {}
 
@@ -83,7 +84,7 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
         return executor.map(step, calls, seen)
 
     stats, block_index = [], 0
-    for stack, pattern in (("encoder", mcfg.encoder_sparse), ("decoder", mcfg.decoder_sparse)):
+    for stack, pattern in job.stacks:
         run("embed", [dict(stack=stack, stream=s, chunk=c) for s, c in chunks])
         for i, sparse in enumerate(pattern):
             calls = [dict(stack=stack, i=i, stream=s, chunk=c) for s, c in chunks]
@@ -99,7 +100,7 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
     losses = {}
     for s in job.streams:
         if s.name != "train":
-            rs = run("loss", [dict(blocks=len(mcfg.decoder_sparse), stream=s.name, chunk=c)
+            rs = run("loss", [dict(blocks=len(job.stacks[-1][1]), stream=s.name, chunk=c)
                               for c in range(job.chunks(s.name))])
             losses[s.name] = sum(r["loss_sum"] for r in rs) / max(1, sum(r["count"] for r in rs))
     return stats, losses, procs
@@ -107,7 +108,7 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
 
 def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: str, i: int, block_index: int,
                   prog: Progress) -> BlockStats:
-    name, cfg, E = f"{stack}.block.{i}", job.cfg, job.mcfg.num_experts
+    name, cfg, E = job.block_name(stack, i), job.cfg, job.mcfg.num_experts
     t0 = time.perf_counter()
     routes = run("route", calls)
     train = [r for r, c in zip(routes, calls) if c["stream"] == "train"]

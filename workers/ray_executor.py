@@ -22,7 +22,8 @@ from pathlib import Path
 import ray
 
 from qmoe.executor import READ_AHEAD_STEPS
-from qmoe.steps import Job, Worker
+from qmoe.executor import worker_class
+from qmoe.steps import Job
 
 
 class RayExecutor:
@@ -47,7 +48,7 @@ class RayExecutor:
         if have < need - 1e-9:
             raise ValueError(f"--workers {self.n} needs {need:g} {kind} slots; the Ray cluster has {have:g}")
         check_shared_dir(out_dir)
-        actor = ray.remote(max_restarts=-1, max_task_retries=-1, **opts)(Worker)
+        actor = ray.remote(max_restarts=-1, max_task_retries=-1, **opts)(worker_class(job))
         self.actors = [actor.remote(job) for _ in range(self.n)]
 
     def _connect(self) -> None:
