@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from qmoe import steps
 from qmoe.compressor import DataSpec, compress_model, resolve_model
 from qmoe.gptq import GPTQ
-from qmoe.pipeline import CompressConfig
+from qmoe.pipeline import SWITCH_FORM, CompressConfig
 from qmoe.quant import Method, Scheme, dequantize_codes, rtn
 
 VARIANTS = ("gptq", "rtn", "before", "qmoe")  # on the Hessian GPTQ was given
@@ -103,7 +103,7 @@ class Observer:
             self._sels.append(rows(token_ids, *a, **kw))
             return torch.arange(token_ids.numel())
 
-        def observed_quantize(weights, hessian_slabs, cfg, device="cpu"):
+        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=SWITCH_FORM):
             sels, self._sels = self._sels[-len(weights):], []
             D = weights[0]["wi"].shape[1]
             X = [torch.cat([torch.zeros(0, D), *hessian_slabs(k)]) for k in range(len(weights))]
@@ -114,7 +114,7 @@ class Observer:
                     yield X[k][s[s0:s0 + cfg.slab_rows]]
 
             self._calls = []
-            q, why = quantize(weights, slabs, cfg, device)
+            q, why = quantize(weights, slabs, cfg, device, form)
             self._record(fasterquant, X, q, cfg)
             return q, why
 
@@ -141,7 +141,7 @@ class Observer:
             if kind == "wi":
                 inputs = [x.to(W.device) for x in X]
             else:
-                inputs = [F.relu(x.to(W.device) @ e.wi.values().to(W.device).T) for x, e in zip(X, q)]
+                inputs = [F.relu(x.to(W.device) @ e["wi"].values().to(W.device).T) for x, e in zip(X, q)]
             H_all = torch.stack([hessian(x) for x in inputs])
             err = {"gptq": relative_error(W, Q, H), "rtn": relative_error(W, dequantize_codes(*rtn(W, scheme)), H),
                    "before": relative_error(W, gptq_with_damp(fasterquant, W, H, n, damp_before(H, percdamp), scheme,

@@ -213,9 +213,9 @@ def read_config(path: Path | str, reader: CheckpointReader | None = None) -> tup
     if kind != "switch_transformers":
         from qmoe.models.load import FAMILIES
 
-        why = (f"a {kind} checkpoint: qmoe reads and runs it (qmoe.load, python -m qmoe.infer) but compresses "
-               "Switch checkpoints only so far" if kind in FAMILIES else
-               f"model_type {kind!r} is not a model qmoe compresses (switch_transformers)")
+        why = (f"a {kind} checkpoint, not a Switch one: qmoe.load reads it" if kind in FAMILIES else
+               f"model_type {kind!r} is not a model qmoe compresses (switch_transformers, "
+               f"{', '.join(sorted(k for k in FAMILIES if k != 'gpt_oss'))})")
         raise CheckpointError(cfg_file, None, why)
     reader = reader or CheckpointReader(path)
     cfg = config_from_hf(hf, reader.names())

@@ -185,7 +185,8 @@ class Manifest:
         self.record_file(r["file"], r["bytes"], r["sha256"])
         self.data["tensors"][r["file"]] = r["tensors"]
         self.data["groups"].setdefault(block, {})[str(r["group"][0])] = {
-            "group": r["group"], "file": r["file"], "hessian_tokens": r["hessian_tokens"], "fallback": r["fallback"]}
+            "group": r["group"], "file": r["file"], "hessian_tokens": r["hessian_tokens"], "fallback": r["fallback"],
+            **({"layer_tokens": r["layer_tokens"]} if r.get("layer_tokens") else {})}
 
     def groups(self, block: str) -> dict[int, dict]:
         return {int(k): v for k, v in self.data["groups"].get(block, {}).items()}
@@ -280,48 +281,67 @@ def is_compressed(path: Path) -> bool:
 
 
 def load_compressed(path: Path, fused: bool = False):
-    """(model, cfg, hf config dict) from a compressed directory, every file's checksum verified first. Experts are
-    dequantized to float32 weights, or, with `fused` (ternary only), kept encoded in CompressedLinear modules that
-    run the decode-GEMM kernels."""
-    from qmoe.model import SwitchModel
-
+    """(model, cfg, hf config dict) from a compressed directory (Switch's, or a decoder-only family's), every
+    file's checksum verified first. Experts are dequantized to float32 weights, or, with `fused` (ternary only),
+    kept encoded in CompressedLinear modules that run the decode-GEMM kernels."""
     path = Path(path)
     read_manifest(path)
     hf = json.loads((path / "config.json").read_text())
     scheme = Scheme(hf["qmoe"]["scheme"])
-    with safe_open(str(path / DENSE_FILE), framework="pt") as f:
-        dense_names = list(f.keys())
-    cfg = config_from_hf(hf)
-    with torch.device("meta"):
-        model = SwitchModel(cfg)
+    model, cfg, blocks, expert_param, is_expert = _skeleton(hf)
     params = dict(model.named_parameters())
     with safe_open(str(path / DENSE_FILE), framework="pt") as f:
-        for name in dense_names:
-            if name not in params:
-                raise CheckpointError(path / DENSE_FILE, name, "not a parameter of the configured model")
+        for name in f.keys():
+            if name not in params or is_expert(name):
+                raise CheckpointError(path / DENSE_FILE, name, "not a dense parameter of the configured model")
             _set_param(model, name, f.get_tensor(name).float())
     if fused and scheme is not Scheme.TERNARY:
         raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {scheme.value}")
     shapes = expert_shapes(cfg)
-    for block_name, _ in model.sparse_blocks():
+    for block_name in blocks:
         files = block_files(path, block_name)
         if not files:
             raise CheckpointError(path / "experts" / block_name, None, "expert files are missing")
         for f in files:
             g0, g1 = _group_range(f)
-            expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in ("wi", "wo")}
+            expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes}
             if fused:
                 for key, module in _fused_experts(f, expected).items():
                     j, m = key.removeprefix("expert_").split(".")
-                    owner, _, attr = expert_key(block_name, int(j), m).removesuffix(".weight").rpartition(".")
+                    owner, _, attr = expert_param(block_name, int(j), m).removesuffix(".weight").rpartition(".")
                     setattr(model.get_submodule(owner), attr, module)
                 continue
             weights = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
             for key, w in weights.items():
                 j, m = key.removeprefix("expert_").split(".")
-                _set_param(model, expert_key(block_name, int(j), m), w)
+                _set_param(model, expert_param(block_name, int(j), m), w)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        where = path / ("experts" if is_expert_param(missing[0]) else DENSE_FILE)
+        where = path / ("experts" if is_expert(missing[0]) else DENSE_FILE)
         raise CheckpointError(where, missing[0], "tensor is missing")
     return model.eval(), cfg, hf
+
+
+def _skeleton(hf: dict):
+    """The model a compressed config describes, on the meta device, with (its config, its sparse blocks' names,
+    (block, expert, kind) -> the parameter an expert matrix replaces, whether a parameter is a routed expert's)."""
+    from qmoe.models.load import FAMILIES
+
+    if hf.get("model_type") in FAMILIES:
+        from qmoe.models.base import MoECausalLM, is_routed_expert
+
+        fam = FAMILIES[hf["model_type"]]
+        cfg = fam.config(hf)
+        with torch.device("meta"):
+            model = MoECausalLM(cfg, fam)
+        blocks = [f"model.layers.{i}" for i, sparse in enumerate(cfg.sparse) if sparse]
+
+        def param(block: str, j: int, kind: str) -> str:
+            return f"{block}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"
+        return model, cfg, blocks, param, is_routed_expert
+    from qmoe.model import SwitchModel
+
+    cfg = config_from_hf(hf)
+    with torch.device("meta"):
+        model = SwitchModel(cfg)
+    return model, cfg, [name for name, _ in model.sparse_blocks()], expert_key, is_expert_param

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -93,11 +92,9 @@ class Source:
                 f"sparse x {c.num_experts} experts")
 
 
-_ROUTED = re.compile(r"\.experts\.\d+\.")  # a decoder-only family's routed expert (not its shared experts)
-
-
 def open_source(model_dir: Path) -> Source:
     """The checkpoint's Source: a decoder-only family (qmoe/models) by its config's model_type, else Switch."""
+    from qmoe.models.base import is_routed_expert
     from qmoe.models.load import FAMILIES, build, read_tensor
 
     cfg_file = model_file(model_dir, "config.json")
@@ -115,7 +112,7 @@ def open_source(model_dir: Path) -> Source:
         # The dense weights are written in bf16: the source's quantization (FP8) does not describe the output.
         out_config = {k: v for k, v in hf.items() if k != "quantization_config"}
         return Source(model_dir, model, model.cfg, hf, reader, lambda n: read_tensor(reader, n, block),
-                      lambda n: bool(_ROUTED.search(n)), out_config)
+                      is_routed_expert, out_config)
     reader = CheckpointReader(model_dir)
     mcfg, hf = read_config(model_dir, reader)
     with torch.device("meta"):
@@ -314,8 +311,10 @@ def _summary(src: Source, manifest: C.Manifest, cfg: CompressConfig, spec: DataS
         "calib": str(spec.calib) if spec.calib else "embedded corpus",
         "experts_fallback_rtn": sum(len(s.fallback) for s in stats),
         "experts_token_capped": sum(s.capped for s in stats),
+        "experts_layer_tokens": sum(len(s.layer_tokens) for s in stats),
         "blocks": [{"name": s.name, "tokens_per_expert": s.tokens_per_expert, "hessian_tokens": s.hessian_tokens,
                     "fallback": {str(k): v for k, v in s.fallback.items()}, "experts_fallback_rtn": len(s.fallback),
+                    "layer_tokens": s.layer_tokens,
                     # The method each expert was quantized with: round-to-nearest where GPTQ fell back.
                     "methods": [cfg.method.value if j not in s.fallback else "rtn"
                                 for j in range(len(s.tokens_per_expert))],

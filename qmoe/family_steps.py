@@ -10,14 +10,11 @@ layers run whole (`dense_block`). Legend as in steps.py; k experts a token.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
+from qmoe.models.base import is_routed_expert
 from qmoe.steps import Worker
-
-_EXPERT = re.compile(r"\.experts\.\d+\.")  # a routed expert's parameter (not the shared experts')
 
 
 class FamilyWorker(Worker):
@@ -36,7 +33,7 @@ class FamilyWorker(Worker):
         return read_tensor(self.reader, name, self.fp8_block)
 
     def _is_expert(self, name: str) -> bool:
-        return bool(_EXPERT.search(name))
+        return is_routed_expert(name)
 
     def _expert(self, block: str, j: int) -> dict[str, torch.Tensor]:
         prefix = f"{block}.{self.fam.moe}.experts.{j}"

@@ -99,7 +99,7 @@ def run(model_dir: Path, cfg: InferConfig, spec: DataSpec) -> dict:
 
 
 def _family(model_dir: Path) -> bool:
-    """A decoder-only family's original checkpoint (qmoe/models), as opposed to Switch's or a compressed one."""
+    """A decoder-only family's checkpoint (qmoe/models), original or compressed, as opposed to Switch's."""
     from qmoe.models.load import FAMILIES, read_hf_config
 
     return read_hf_config(model_dir)[0].get("model_type") in FAMILIES
@@ -109,14 +109,18 @@ def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:
     from qmoe.models.run import run as run_family
     from qmoe.runner import check_device
 
-    if len(cfg.devices) > 1 or cfg.simulate_uncompressed or cfg.reference:
-        raise ValueError("decoder-only families run on one device, uncompressed: --devices with several devices, "
-                         "--simulate-uncompressed and --reference are built for Switch only")
-    if a.seq_len < 2:
-        raise ValueError(f"--seq-len must be >= 2, got {a.seq_len}")
+    if len(cfg.devices) > 1 or cfg.simulate_uncompressed:
+        raise ValueError("decoder-only families run on one device: --devices with several devices and "
+                         "--simulate-uncompressed are built for Switch only")
+    seq_len = a.seq_len
+    if seq_len is None:  # a compressed directory's validation windows, else 128
+        hf = json.loads((model_dir / "config.json").read_text())
+        seq_len = hf.get("qmoe", {}).get("settings", {}).get("data_raw_length", 128)
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {seq_len}")
     device = str(check_device(cfg.devices[0]))
-    r = run_family(model_dir, device, cfg.eval, cfg.generate, cfg.batch, a.val_samples, a.seed, a.calib, a.seq_len,
-                   a.prompt)
+    r = run_family(model_dir, device, cfg.eval, cfg.generate, cfg.batch, a.val_samples, a.seed, a.calib, seq_len,
+                   a.prompt, cfg.reference)
     print(f"{r['model']} ({r['kind']}) on {device}")
     if "val_loss" in r:
         print(f"validation loss {r['val_loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['val_samples']} "
@@ -151,7 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--calib", type=Path, help="the text the validation samples come from (as for compress)")
     p.add_argument("--prompt", help="decoder-only families: generate after this text (with --generate N)")
-    p.add_argument("--seq-len", type=int, default=128, help="decoder-only families: tokens per validation window")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="decoder-only families: tokens per validation window (default: a compressed directory's "
+                        "calibration length, so its validation loss is the one compress reported; else 128)")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     a = p.parse_args(argv)
     if not (a.eval or a.generate):

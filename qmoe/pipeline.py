@@ -110,6 +110,7 @@ class BlockStats:
     hessian_tokens: list[int] = field(default_factory=list)
     fallback: dict[int, str] = field(default_factory=dict)  # expert -> reason
     capped: int = 0
+    layer_tokens: list[int] = field(default_factory=list)  # experts whose Hessian took the layer's tokens
     seconds: dict[str, float] = field(default_factory=dict)
 
 

@@ -277,12 +277,13 @@ class Worker:
             os._exit(1)
         name, form = self.job.block_name(stack, i), self.job.form
         js = list(range(g0, g1))
-        rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form)
+        rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form,
+                                    whole=bool(self.job.family) and s.name == "train")
                 for s in self.job.streams}
         secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0)
         need_original = self._needs_original(replay)
         decoded = C.GroupReader(self.job.out, name, g0, g1, self.job.mcfg, self.cfg.scheme) if replay else None
-        quantized, reasons, hess = {}, {}, {}
+        quantized, reasons, hess, layer_tokens = {}, {}, {}, []
         train = rows["train"]
         batches = [tuple(js[k:k + self.job.plan.batch]) for k in range(0, len(js), self.job.plan.batch)]
         for b, batch in enumerate(batches):
@@ -300,12 +301,20 @@ class Worker:
                 t1 = time.perf_counter()
                 sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap,
                                        expert_seed(self.cfg, block_index, j), self.cfg.min_tokens) for j in batch}
+                # A family's expert with fewer than min_tokens tokens takes its layer's (as MoE-Quant and GPTQModel
+                # do): every routing choice of the layer, a seeded subset of `cap`. Switch's falls back to RTN.
+                src = {j: LAYER if self.job.family and len(sel[j]) < self.cfg.min_tokens else j for j in batch}
+                for j in batch:
+                    if src[j] == LAYER:
+                        sel[j] = hessian_rows(train.ids(LAYER), self.job.sentinel_floor, cap,
+                                              expert_seed(self.cfg, block_index, j))
+                        layer_tokens.append(j)
                 slab = self.cfg.slab_rows
 
                 def hessian_slabs(k: int):
                     j = batch[k]
                     for s0 in range(0, len(sel[j]), slab):
-                        yield train.gather(j, sel[j][s0:s0 + slab])
+                        yield train.gather(src[j], sel[j][s0:s0 + slab])
 
                 q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device, form)
                 secs["quantize"] += time.perf_counter() - t1
@@ -329,6 +338,8 @@ class Worker:
             record = {"file": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path), "tensors": entries,
                       "hessian_tokens": [hess[j] for j in js],
                       "fallback": {str(j): reasons[j] for j in js if reasons[j]}}
+            if layer_tokens:
+                record["layer_tokens"] = layer_tokens
             secs["encode_write"] = time.perf_counter() - t1
         secs["total"] = time.perf_counter() - t0
         return self._done(group=[g0, g1], **record, seconds=secs,
@@ -348,15 +359,20 @@ def _first_batch(call: dict, batch: int) -> tuple[int, ...]:
     return tuple(range(call["g0"], min(call["g1"], call["g0"] + batch)))
 
 
+LAYER = -1  # _ExpertRows' pseudo-expert: every row of the layer
+
+
 class _ExpertRows:
     """One stream's tokens for a group's experts, read from the chunks' sorted z files: expert j's tokens are rows
     offsets[j]..offsets[j + 1] of every chunk, in chunk (= token) order."""
 
     def __init__(self, store: ActivationStore, stream: str, chunks: int, js: list[int], width: int,
-                 form: ExpertForm = SWITCH_FORM):
+                 form: ExpertForm = SWITCH_FORM, whole: bool = False):
+        """whole: also every row of the layer, as the pseudo-expert LAYER."""
         self.store, self.stream, self.width, self.form = store, stream, width, form
-        self.segments: dict[int, list[tuple[int, int, int]]] = {j: [] for j in js}  # j -> (chunk, r0, r1)
-        self._ids: dict[int, list[torch.Tensor]] = {j: [] for j in js}
+        keys = js + [LAYER] if whole else js
+        self.segments: dict = {j: [] for j in keys}  # j -> [(chunk, r0, r1)]
+        self._ids: dict = {j: [] for j in keys}
         self.bytes_read = 0
         for c in range(chunks):
             # Only offsets [E + 1] and the group's rows of ids are read, not the whole route file (perm, prob and
@@ -370,6 +386,9 @@ class _ExpertRows:
                 if r1 > r0:
                     self.segments[j].append((c, r0, r1))
                     self._ids[j].append(ids[r0 - lo:r1 - lo])
+            if whole and int(off[-1]):
+                self.segments[LAYER].append((c, 0, int(off[-1])))
+                self._ids[LAYER].append(torch.zeros(int(off[-1]), dtype=torch.long))  # families have no sentinels
 
     def count(self, j: int) -> int:
         return sum(r1 - r0 for _, r0, r1 in self.segments[j])

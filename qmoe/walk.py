@@ -144,7 +144,8 @@ def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: s
     groups = manifest.groups(name)
     st = BlockStats(name, tokens=sum(counts), tokens_per_expert=counts, capped=capped,
                     hessian_tokens=[n for g in sorted(groups) for n in groups[g]["hessian_tokens"]],
-                    fallback={int(j): why for g in groups.values() for j, why in g["fallback"].items()})
+                    fallback={int(j): why for g in groups.values() for j, why in g["fallback"].items()},
+                    layer_tokens=sorted(j for g in groups.values() for j in g.get("layer_tokens", [])))
     secs = {k: sum(r["seconds"][k] for r in results) for k in ("wait", "read", "quantize", "outputs", "encode_write")}
     st.seconds = dict(dense=t_dense, experts=t_experts, total=time.perf_counter() - t0,
                       **{f"worker_{k}": v for k, v in secs.items()})
@@ -157,5 +158,7 @@ def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: s
                       for r in st.fallback.values())
     fb = f", {len(st.fallback)} of {E} experts round-to-nearest" + (
         f" ({', '.join(f'{k} {r}' for r, k in sorted(reasons.items()))})" if reasons else "")
+    if st.layer_tokens:
+        fb += f", {len(st.layer_tokens)} on the layer's tokens (too few of their own)"
     prog.print(f"[{len(manifest.blocks_done)}] {name}: {st.tokens} tokens, {st.seconds['total']:.1f}s{fb}; ")
     return st

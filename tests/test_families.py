@@ -302,15 +302,18 @@ def test_infer_cli_runs_a_family_checkpoint(tmp_path, capsys):
     assert "one device" in capsys.readouterr().err
 
 
-def test_compressing_a_family_checkpoint_is_a_one_line_error(tmp_path, capsys):
-    """Compression of these families is not built: compress says so in one line naming config.json, before any
-    output exists."""
+def test_compressing_an_unknown_model_type_is_a_one_line_error(tmp_path, capsys):
+    """A checkpoint whose model_type is neither Switch nor a family qmoe reads: compress says so in one line naming
+    config.json and the types it compresses, before any output exists."""
     from qmoe import compress as compress_cli
 
     _, path = _saved("mixtral", tmp_path)
+    hf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(hf | {"model_type": "llama"}))
     out = tmp_path / "out"
     capsys.readouterr()  # transformers' save progress
     assert compress_cli.main(["--model", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(path / "config.json") in err and "a mixtral checkpoint" in err, err
+    assert len(err.splitlines()) == 1 and str(path / "config.json") in err and "'llama'" in err, err
+    assert "mixtral" in err and "switch_transformers" in err, err
     assert not out.exists()

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from qmoe.codec.container import read_container
@@ -209,11 +210,44 @@ def test_quantize_experts_feeds_wo_from_the_quantized_wi():
     assert reasons[1] and not reasons[0] and not reasons[2]
     g = GPTQ(1, Fd)
     for slab in tokens[2].split(16):
-        g.add_batch(0, torch.relu(slab @ experts[2].wi.values().T))
+        g.add_batch(0, torch.relu(slab @ experts[2]["wi"].values().T))
     ref = g.fasterquant(weights[2]["wo"][None], cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
-    assert torch.equal(ref.codes[0], experts[2].wo.codes)
-    y = expert_outputs(experts[0].wi.values(), experts[0].wo.values(), tokens[0])
-    assert torch.allclose(y, torch.relu(tokens[0] @ experts[0].wi.values().T) @ experts[0].wo.values().T, atol=1e-5)
+    assert torch.equal(ref.codes[0], experts[2]["wo"].codes)
+    y = expert_outputs(experts[0]["wi"].values(), experts[0]["wo"].values(), tokens[0])
+    assert torch.allclose(y, torch.relu(tokens[0] @ experts[0]["wi"].values().T) @ experts[0]["wo"].values().T, atol=1e-5)
+
+
+def test_quantize_experts_swiglu_stacks_gate_and_up_and_feeds_down_the_gated_hidden():
+    """SwiGLU experts: gate and up quantized as one stacked matrix from one Hessian (each equal to quantizing it
+    alone with that Hessian: GPTQ's rows are independent), down from silu(gate_q x) * up_q x; the forward is
+    down(silu(gate x) * up x)."""
+    from qmoe.gptq import GPTQ
+    from qmoe.pipeline import SWIGLU_FORM
+
+    torch.manual_seed(0)
+    D, inter = 12, 10
+    weights = [{"gate": torch.randn(inter, D), "up": torch.randn(inter, D), "down": torch.randn(D, inter)}
+               for _ in range(2)]
+    tokens = [torch.randn(n, D) for n in (40, 33)]
+    cfg = CompressConfig(min_tokens=4, slab_rows=16)
+    experts, reasons = quantize_experts(weights, lambda g: tokens[g].split(16), cfg, form=SWIGLU_FORM)
+    assert reasons == ["", ""] and list(experts[1]) == ["gate", "up", "down"]
+    q = experts[1]
+    for kind in ("gate", "up"):
+        g = GPTQ(1, D)
+        for slab in tokens[1].split(16):
+            g.add_batch(0, slab)
+        alone = g.fasterquant(weights[1][kind][None], cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
+        assert torch.equal(alone.codes[0], q[kind].codes)
+    g = GPTQ(1, inter)
+    for slab in tokens[1].split(16):
+        g.add_batch(0, F.silu(slab @ q["gate"].values().T) * (slab @ q["up"].values().T))
+    ref = g.fasterquant(weights[1]["down"][None], cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
+    assert torch.equal(ref.codes[0], q["down"].codes)
+    w = {k: v.values() for k, v in q.items()}
+    x = tokens[0]
+    want = (F.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
+    assert torch.allclose(SWIGLU_FORM.outputs(w, x), want, atol=1e-5)
 
 
 def test_cli_errors_are_one_line_and_leave_no_complete_output(tiny_ckpt, tmp_path, capsys):

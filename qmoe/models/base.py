@@ -8,6 +8,7 @@ E = experts, k = experts per token, I = an expert's intermediate size, T = B * S
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -93,6 +94,14 @@ class Family:
     attention: Callable | None = None  # (MoEConfig, layer index) -> the attention module (default: Attention)
     moe_module: Callable | None = None  # (MoEConfig, Family) -> the MoE module (default: MoE)
     ignored: Callable[[str, dict], bool] | None = None  # (tensor name, config.json) -> a stored tensor not read
+
+
+_ROUTED = re.compile(r"\.experts\.\d+\.")
+
+
+def is_routed_expert(name: str) -> bool:
+    """A routed expert's parameter (`...experts.3.w1.weight`), not a shared expert's or the router's."""
+    return bool(_ROUTED.search(name))
 
 
 class RMSNorm(nn.Module):

@@ -38,14 +38,29 @@ def next_token_loss(model: MoECausalLM, ids: torch.Tensor, batch: int, device) -
     return total / max(1, count)
 
 
+def load_any(model_dir: Path, device: str, reference: bool = False) -> tuple[MoECausalLM, str]:
+    """(model on `device`, what it is): an original checkpoint in float32, or a compressed directory with its
+    ternary experts on the fused kernels (decoded to float32 with `reference`, and always for int2/int4)."""
+    from qmoe.compressed import is_compressed, load_compressed
+
+    if not is_compressed(model_dir):
+        model = load(model_dir, device=device)
+        return model, f"{model.family.name} (float32)"
+    hf, _ = read_hf_config(model_dir)
+    fused = hf["qmoe"]["scheme"] == "ternary" and not reference
+    model, _, _ = load_compressed(model_dir, fused=fused)
+    how = "on fused kernels" if fused else "decoded to float32"
+    return model.to(device), f"{model.family.name} compressed {hf['qmoe']['scheme']}, experts {how}"
+
+
 def run(model_dir: Path, device: str, eval_: bool, steps: int, batch: int, val_samples: int, seed: int,
-        calib: Path | None, seq_len: int, prompt: str | None) -> dict:
+        calib: Path | None, seq_len: int, prompt: str | None, reference: bool = False) -> dict:
     t0 = time.perf_counter()
     hf, _ = read_hf_config(model_dir)
-    model = load(model_dir, device=device)
+    model, kind = load_any(model_dir, device, reference)
     tok = load_causal_tokenizer(model_dir, hf)
     text = read_text_file(calib) if calib else load_default_corpus()
-    result = {"model": str(model_dir), "kind": f"{model.family.name} (float32)", "device": device,
+    result = {"model": str(model_dir), "kind": kind, "device": device,
               "load_seconds": round(time.perf_counter() - t0, 3)}
     if eval_:
         ids = validation_windows(tok, text, val_samples, seq_len, seed)

@@ -1,0 +1,164 @@
+"""Compressing decoder-only families (Mixtral, Qwen3-MoE, DeepSeek-V3) end to end: tiny random models built with
+transformers' classes and saved as published (DeepSeek-V3 also in FP8 with block scales), compressed through the
+same walk as Switch, read back by qmoe.load and qmoe.infer with the validation losses the walk reported."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qmoe
+from qmoe import compress as compress_cli
+from qmoe import infer as infer_cli
+from qmoe.checkpoint import CheckpointError
+from qmoe.compressed import load_compressed
+from qmoe.compressor import DataSpec, compress_model
+from qmoe.corpus import load_default_corpus
+from qmoe.data import DataConfig
+from qmoe.models.load import load as load_original
+from qmoe.models.run import next_token_loss, validation_windows
+from qmoe.pipeline import CompressConfig
+from qmoe.quant import Method, Scheme
+from qmoe.tokenizer import ByteTokenizer
+from test_families import _deepseek_v3, _fp8_blocks, _gpt_oss, _mixtral, _qwen3_moe
+
+SEQ = 48
+SPEC = DataSpec(train_samples=8, val_samples=4, seed=0, data=DataConfig(raw_length=SEQ))
+MAKERS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss}
+
+
+def _save(name: str, root: Path, **over) -> Path:
+    """The tiny model with a vocabulary that holds byte tokens (so the corpus tokenizes without tokenizer.json)."""
+    torch.manual_seed(0)
+    model = MAKERS[name](vocab_size=300, **over).eval()
+    out = root / name
+    model.save_pretrained(out)
+    return out
+
+
+def _val_ids(n: int = SPEC.val_samples) -> torch.Tensor:
+    return validation_windows(ByteTokenizer(), load_default_corpus(), n, SEQ, SPEC.seed)
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {name: _save(name, root) for name in ("mixtral", "qwen3_moe", "deepseek_v3")}
+
+
+@pytest.mark.parametrize("name,scheme,method", [
+    ("mixtral", Scheme.TERNARY, Method.GPTQ), ("qwen3_moe", Scheme.TERNARY, Method.GPTQ),
+    ("deepseek_v3", Scheme.TERNARY, Method.GPTQ), ("qwen3_moe", Scheme.INT4, Method.RTN),
+    ("deepseek_v3", Scheme.INT2, Method.GPTQ)])
+def test_a_family_compresses_and_runs_with_the_walks_losses(models, name, scheme, method, tmp_path):
+    """The walk's validation loss before compression is the original model's (bf16 weights, float32 compute) and
+    after it the compressed directory's, loaded by qmoe.load (fused kernels and decoded alike); dense weights are
+    the original's in bf16; every expert matrix lies on its grid (ternary: at most 3 values a row)."""
+    src, out = models[name], tmp_path / "o"
+    s = compress_model(src, out, CompressConfig(scheme=scheme, method=method), SPEC, progress=_quiet)
+    ids = _val_ids()
+    original = load_original(src, dtype=torch.bfloat16).float()
+    assert next_token_loss(original, ids, 4, "cpu") == pytest.approx(s["val_loss_before"], rel=1e-5)
+    decoded = qmoe.load(out, fused=False)
+    assert next_token_loss(decoded, ids, 4, "cpu") == pytest.approx(s["val_loss_after"], rel=1e-5)
+    if scheme is Scheme.TERNARY:
+        fused = qmoe.load(out)
+        assert next_token_loss(fused, ids, 4, "cpu") == pytest.approx(s["val_loss_after"], rel=1e-5)
+    assert s["val_loss_after"] != s["val_loss_before"]
+    params = dict(decoded.named_parameters())
+    cfg = decoded.cfg
+    routed = [n for n in params if ".experts." in n and ".shared_experts." not in n]
+    assert len(routed) == 3 * cfg.num_experts * sum(cfg.sparse)
+    levels = {Scheme.TERNARY: 3, Scheme.INT2: 4, Scheme.INT4: 16}[scheme]
+    for n, p in params.items():
+        if n in routed:
+            assert max(len(torch.unique(row)) for row in p) <= levels, n
+        else:
+            assert torch.equal(p, dict(original.named_parameters())[n]), n
+    assert s["params_experts"] == sum(params[n].numel() for n in routed)
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
+    assert s["experts_fallback_rtn"] == 0
+
+
+def test_experts_with_too_few_tokens_take_the_layers(models, tmp_path):
+    """DeepSeek's group-limited routing leaves some experts of the tiny model (nearly) without calibration tokens:
+    their Hessians take the layer's tokens (capped) instead of falling back to round-to-nearest, and the summary
+    says which."""
+    s = compress_model(models["deepseek_v3"], tmp_path / "o", CompressConfig(), SPEC, progress=_quiet)
+    assert s["experts_layer_tokens"] > 0 and s["experts_fallback_rtn"] == 0
+    for b in s["blocks"]:
+        own = [n for j, n in enumerate(b["tokens_per_expert"]) if j not in b["layer_tokens"]]
+        assert all(n >= CompressConfig().min_tokens for n in own)
+        for j in b["layer_tokens"]:
+            assert b["tokens_per_expert"][j] < CompressConfig().min_tokens or b["hessian_tokens"][j] >= \
+                CompressConfig().min_tokens
+            assert b["hessian_tokens"][j] >= CompressConfig().min_tokens
+
+
+def test_fp8_deepseek_compresses_like_its_dequantized_weights(models, tmp_path):
+    """A DeepSeek-V3 checkpoint in FP8 e4m3 with 128x128 block scales compresses to exactly the bytes of the same
+    model saved with the dequantized weights; the output config has no quantization_config (dense weights are
+    bf16)."""
+    src = models["deepseek_v3"]
+    fp8, plain = tmp_path / "fp8", tmp_path / "plain"
+    for d in (fp8, plain):
+        d.mkdir()
+        for f in src.iterdir():
+            if f.name != "model.safetensors":
+                (d / f.name).write_bytes(f.read_bytes())
+    sd = load_file(src / "model.safetensors")
+    q, deq = dict(sd), dict(sd)
+    for k in [k for k in sd if k.endswith("proj.weight") or k.endswith("_mqa.weight")]:
+        q[k], q[k + "_scale_inv"] = _fp8_blocks(sd[k].float())
+        deq[k] = (q[k].float() * q[k + "_scale_inv"]).to(sd[k].dtype)  # one block: the matrices are < 128 wide
+    save_file(q, fp8 / "model.safetensors", metadata={"format": "pt"})
+    save_file(deq, plain / "model.safetensors", metadata={"format": "pt"})
+    hf = json.loads((src / "config.json").read_text())
+    hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(hf))
+    compress_model(fp8, tmp_path / "a", CompressConfig(), SPEC, progress=_quiet)
+    compress_model(plain, tmp_path / "b", CompressConfig(), SPEC, progress=_quiet)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert "quantization_config" not in json.loads((tmp_path / "a" / "config.json").read_text())
+
+
+def test_the_command_lines_compress_and_evaluate_a_family(models, tmp_path, capsys):
+    """python -m qmoe.compress on a Qwen3-MoE checkpoint, then python -m qmoe.infer --eval on its output: the
+    validation loss printed is the one compress reported (same windows: the recorded calibration length)."""
+    out = tmp_path / "o"
+    args = ["--model", str(models["qwen3_moe"]), "--out", str(out), "--train-samples", "8", "--val-samples", "4"]
+    assert compress_cli.main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert infer_cli.main(["--model", str(out), "--eval", "--val-samples", "4", "--generate", "3",
+                           "--prompt", "The"]) == 0
+    printed = capsys.readouterr().out
+    assert "compressed ternary, experts on fused kernels" in printed
+    assert f"validation loss {s['val_loss_after']:.4f}" in printed
+    assert "windows of 256 tokens" in printed
+
+
+def test_gpt_oss_compression_is_refused_in_one_line(tmp_path, capsys):
+    src = _save("gpt_oss", tmp_path)
+    with pytest.raises(CheckpointError, match="gpt-oss compression is not built yet"):
+        compress_model(src, tmp_path / "o", CompressConfig(), SPEC, progress=_quiet)
+    assert not (tmp_path / "o").exists()
+    capsys.readouterr()
+    assert compress_cli.main(["--model", str(src), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gpt-oss compression is not built yet" in err[0]
+
+
+def test_a_compressed_directory_refuses_a_dtype(models, tmp_path):
+    compress_model(models["mixtral"], tmp_path / "o", CompressConfig(method=Method.RTN), SPEC, progress=_quiet)
+    with pytest.raises(ValueError, match="float32"):
+        qmoe.load(tmp_path / "o", dtype=torch.bfloat16)
+    m, _, _ = load_compressed(tmp_path / "o")
+    assert m.family.name == "mixtral"
