@@ -58,10 +58,14 @@ class DataSpec:
             raise ValueError(f"--calib {self.calib}: not a file")
 
 
+EMBEDDED = ("default", "default-qwen3_moe")  # the shipped models, qmoe/assets/<name>
+
+
 def resolve_model(model: str) -> Path:
-    """'default' is the embedded model; anything else is a directory."""
-    if model == "default":
-        return Path(str(resources.files("qmoe.assets").joinpath("default")))
+    """'default' (the embedded Switch model) or 'default-qwen3_moe' (the embedded Qwen3-MoE model); anything else
+    is a directory."""
+    if model in EMBEDDED:
+        return Path(str(resources.files("qmoe.assets").joinpath(model)))
     return Path(model)
 
 

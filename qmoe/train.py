@@ -1,4 +1,5 @@
-"""Train the embedded default model (`python -m qmoe.train --out qmoe/assets/default`).
+"""Train the embedded default model (`python -m qmoe.train --out qmoe/assets/default`); with `--family qwen3_moe`
+the default decoder-only model instead (qmoe/models/train.py).
 
 T5 span corruption on the shipped CPython-docstring corpus, byte-level vocabulary, AdamW with warmup and cosine
 decay, Switch's load-balancing loss (coefficient 0.01). The run is bounded by wall time: after `--probe-steps`
@@ -143,16 +144,23 @@ The shipped weights are those of step {r['best_step']}, the lowest validation lo
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the embedded default Switch model.")
+    p = argparse.ArgumentParser(description="Train an embedded default model (Switch; or --family qwen3_moe).")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=55)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--family", choices=["qwen3_moe"],
+                   help="train the default decoder-only model of this family instead (next-token loss)")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    r = train(a.out, PRESETS[a.preset], a.minutes, a.batch, a.lr, a.seed)
+    if a.family:
+        from qmoe.models.train import QWEN3_MOE_DEFAULT, train_causal
+
+        r = train_causal(a.out, QWEN3_MOE_DEFAULT, a.minutes, a.batch, a.lr, a.seed)
+    else:
+        r = train(a.out, PRESETS[a.preset], a.minutes, a.batch, a.lr, a.seed)
     print(json.dumps({k: v for k, v in r.items() if k != "curve"}))
 
 
