@@ -24,6 +24,40 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_fixtures import make_hf_model, save_checkpoint  # noqa: E402
 
 
+SIM_TEST = "test_cuda_kernel_in_simulator"
+
+
+def pytest_collection_finish(session):
+    """Start the CUDA simulator check (a subprocess of several minutes, one core) as soon as it is collected, so it
+    runs beside the rest of the suite instead of after it; its test waits for it and checks its output."""
+    if any(item.name == SIM_TEST for item in session.items):
+        log = tempfile.NamedTemporaryFile(prefix="qmoe-sim-", suffix=".log", delete=False)
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cuda_sim_check.py")], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        session.config.stash[SIM_KEY] = (proc, Path(log.name))
+
+
+def pytest_unconfigure(config):
+    proc, log = config.stash.get(SIM_KEY, (None, None))
+    if proc is not None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.unlink(missing_ok=True)
+
+
+SIM_KEY = pytest.StashKey[tuple]()
+
+
+@pytest.fixture
+def simulator_run(request) -> tuple[int, str]:
+    """(exit status, output) of the CUDA simulator check started at collection."""
+    proc, log = request.config.stash[SIM_KEY]
+    rc = proc.wait(timeout=900)
+    return rc, log.read_text()
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random all-sparse, untied Switch checkpoint saved by transformers as sharded safetensors."""

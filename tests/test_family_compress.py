@@ -13,7 +13,7 @@ from qmoe import compress as compress_cli
 from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import load_compressed
-from qmoe.compressor import DataSpec, compress_model
+from qmoe.compressor import DataSpec, compress_model, resolve_model
 from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig
 from qmoe.models.load import load as load_original
@@ -129,11 +129,26 @@ def test_fp8_deepseek_compresses_like_its_dequantized_weights(models, tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "a" / "config.json").read_text())
 
 
-def test_the_command_lines_compress_and_evaluate_a_family(models, tmp_path, capsys):
-    """python -m qmoe.compress on a Qwen3-MoE checkpoint, then python -m qmoe.infer --eval on its output: the
+def test_the_embedded_qwen3_moe_default_is_a_transformers_checkpoint():
+    """The shipped default Qwen3-MoE loads in transformers' own class with qmoe's logits, and has learned the corpus
+    (its validation loss far under the byte unigram baseline recorded beside it)."""
+    from transformers import Qwen3MoeForCausalLM
+
+    path = resolve_model("default-qwen3_moe")
+    ref = Qwen3MoeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = qmoe.load(path)
+    ids = _val_ids(2)[:, :64]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
+    curve = json.loads((path / "training_curve.json").read_text())
+    assert curve["val_loss_bf16"] < curve["unigram_val_loss"] - 0.5
+
+
+def test_the_command_lines_compress_and_evaluate_a_family(tmp_path, capsys):
+    """python -m qmoe.compress on the embedded Qwen3-MoE, then python -m qmoe.infer --eval on its output: the
     validation loss printed is the one compress reported (same windows: the recorded calibration length)."""
     out = tmp_path / "o"
-    args = ["--model", str(models["qwen3_moe"]), "--out", str(out), "--train-samples", "8", "--val-samples", "4"]
+    args = ["--model", "default-qwen3_moe", "--out", str(out), "--train-samples", "8", "--val-samples", "4"]
     assert compress_cli.main(args) == 0
     s = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
@@ -156,9 +171,39 @@ def test_gpt_oss_compression_is_refused_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "gpt-oss compression is not built yet" in err[0]
 
 
-def test_a_compressed_directory_refuses_a_dtype(models, tmp_path):
+def test_a_compressed_family_refuses_a_dtype_and_the_report(models, tmp_path):
     compress_model(models["mixtral"], tmp_path / "o", CompressConfig(method=Method.RTN), SPEC, progress=_quiet)
     with pytest.raises(ValueError, match="float32"):
         qmoe.load(tmp_path / "o", dtype=torch.bfloat16)
     m, _, _ = load_compressed(tmp_path / "o")
     assert m.family.name == "mixtral"
+    from qmoe import report
+
+    assert report.main([str(tmp_path / "o"), "--no-measure"]) == 2  # Switch only so far, said in one line
+    assert not (tmp_path / "o" / "report").exists()
+
+
+def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_path, monkeypatch):
+    """A crash after a Qwen3-MoE layer's first groups were written: --resume replays those groups from their
+    files (not quantized again) and the output equals an uninterrupted run's, byte for byte."""
+    import qmoe.family_steps as fs
+
+    cfg = CompressConfig(group_size=2)
+    real = fs.FamilyWorker._expert
+
+    def flaky(self, block, j):
+        if block == "model.layers.2" and j == 4:
+            raise CheckpointError("x", block, "simulated read failure")
+        return real(self, block, j)
+
+    monkeypatch.setattr(fs.FamilyWorker, "_expert", flaky)
+    with pytest.raises(CheckpointError, match="simulated"):
+        compress_model(models["qwen3_moe"], tmp_path / "o", cfg, SPEC, progress=_quiet)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["blocks_done"] == ["model.layers.0"] and sorted(manifest["groups"]["model.layers.2"]) == ["0", "2"]
+    monkeypatch.setattr(fs.FamilyWorker, "_expert", real)
+    a = compress_model(models["qwen3_moe"], tmp_path / "o", cfg, SPEC, progress=_quiet, resume=True)
+    b = compress_model(models["qwen3_moe"], tmp_path / "fresh", cfg, SPEC, progress=_quiet)
+    for f in sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*.safetensors")):
+        assert (tmp_path / "o" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes(), f
+    assert (a["val_loss_before"], a["val_loss_after"]) == (b["val_loss_before"], b["val_loss_after"])

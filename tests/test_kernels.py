@@ -1,8 +1,4 @@
 """Fused decode-GEMM kernels against the plain torch reference (decode W densely, then x @ W^T)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +11,6 @@ from qmoe.kernels.cpu import decode_gemm, list_gemm, record_gemm
 from qmoe.kernels.module import CompressedLinear
 from qmoe.kernels.records import check_rows, records, window_starts
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 7), (3, 1), (5, 37), (33, 129), (64, 256), (17, 300), (130, 2)]
 BATCHES = [1, 2, 3, 16, 64]
 LIST_BATCHES = [1, 2, 5, 8, 13, 17, 33, 64, 70, 130]  # every list width (4 .. 64), partial ones, tiles of 64
@@ -262,14 +257,12 @@ def test_cuda_plan(shape, batch):
         assert 1 <= launch.grid[0] <= -(-rows // (launch.block // 32))
 
 
-def test_cuda_kernel_in_simulator():
+def test_cuda_kernel_in_simulator(simulator_run):
     """The numba.cuda kernels, run by numba's CUDA simulator (no GPU), over shapes, batch sizes and launch plans
-    (tests/cuda_sim_check.py lists them)."""
-    script = ROOT / "tests" / "cuda_sim_check.py"
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "checked 31 cases" in r.stdout, r.stdout
+    (tests/cuda_sim_check.py lists them; conftest.py starts it when the session's tests are collected)."""
+    rc, out = simulator_run
+    assert rc == 0, out
+    assert "checked 31 cases" in out, out
 
 
 @pytest.mark.parametrize("cc", [(8, 0), (8, 6), (9, 0)])

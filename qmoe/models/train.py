@@ -126,14 +126,15 @@ def train_causal(out: Path, hf: dict, minutes: float, batch: int, lr: float, see
 def write_report(out: Path, hf: dict, r: dict) -> None:
     rows = "\n".join(f"| {c['step']} | {c['seconds']:.0f} | {c['train_loss']:.3f} | {c['val_loss']:.3f} |"
                      for c in r["curve"])
+    cmd = (f"python -m qmoe.train --family {hf['model_type']} --out {out.as_posix()} --minutes {r['minutes']:g} "
+           f"--batch {r['batch']} --lr {r['lr']:g}")
+    shape = (f"{hf['num_hidden_layers']} layers (layer 0 dense), hidden {hf['hidden_size']}, {hf['num_experts']} "
+             f"experts of {hf['moe_intermediate_size']} a MoE layer, top-{hf['num_experts_per_tok']} renormalized")
     atomic_write_text(out / "TRAINING.md", f"""# The embedded default {hf['model_type']} model: how it was trained
 
-`python -m qmoe.train --family {hf['model_type']} --out {out.as_posix()} --minutes {r['minutes']:g}` on a 2-core
-CPU: {r['steps']} steps of {r['batch']} windows of {r['seq_len']} bytes (next-token loss, byte vocabulary), peak lr
-{r['lr']}, seed {r['seed']}, {r['seconds'] / 60:.0f} minutes of wall time. {hf['num_hidden_layers']} layers (layer 0
-dense), hidden {hf['hidden_size']}, {hf['num_experts']} experts of {hf['moe_intermediate_size']} a MoE layer, top-
-{hf['num_experts_per_tok']} renormalized. The shipped weights (bf16) are those of step {r['best_step']}, the lowest
-validation loss seen.
+`{cmd}` on a 2-core CPU: {r['steps']} steps of {r['batch']} windows of {r['seq_len']} bytes (next-token loss, byte
+vocabulary), peak lr {r['lr']:g}, seed {r['seed']}, {r['seconds'] / 60:.0f} minutes of wall time. {shape}. The
+shipped weights (bf16) are those of step {r['best_step']}, the lowest validation loss seen.
 
 | | validation loss (nats/byte, {r['val_samples']} held-out windows) |
 |---|---|
