@@ -22,7 +22,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qmoe.compress", description=__doc__)
     p.add_argument("--model", required=True, help="'default' (the embedded model) or a checkpoint directory")
     p.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
-    p.add_argument("--scheme", default=d.scheme.value, choices=[x.value for x in Scheme])
+    p.add_argument("--scheme", default=None, choices=[x.value for x in Scheme],
+                   help=f"the grid (default: {d.scheme.value}; int4-sym: symmetric int4)")
+    p.add_argument("--export-format", choices=sorted(EXPORT_GRIDS),
+                   help="quantize onto the grid this format holds exactly, so that qmoe.export can write it "
+                        "(compressed-tensors: int4-sym, the grid transformers and vLLM load)")
     p.add_argument("--method", default=d.method.value, choices=[x.value for x in Method])
     p.add_argument("--calib", type=Path, help="calibration text: plain text or JSON lines with a 'text' field")
     p.add_argument("--train-samples", type=int, default=s.train_samples)
@@ -80,13 +84,27 @@ def saved(out: Path) -> str:
             "run the same command with --resume to continue")
 
 
+EXPORT_GRIDS = {"compressed-tensors": Scheme.INT4_SYM}  # export format -> the grid it holds exactly (qmoe.export)
+
+
+def _scheme(scheme: str | None, export_format: str | None) -> Scheme:
+    if export_format is None:
+        return Scheme(scheme or CompressConfig().scheme.value)
+    want = EXPORT_GRIDS[export_format]
+    if scheme not in (None, want.value):
+        raise ValueError(f"--export-format {export_format} quantizes onto {want.value}; --scheme {scheme} is a grid "
+                         "it cannot hold (leave --scheme out)")
+    return want
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        cfg = CompressConfig(scheme=Scheme(a.scheme), method=Method(a.method), group_size=a.group_size,
+        cfg = CompressConfig(scheme=_scheme(a.scheme, a.export_format), method=Method(a.method),
+                             group_size=a.group_size,
                              percdamp=a.percdamp, token_cap=a.token_cap, seed=a.seed, chunk_samples=a.chunk_samples,
                              threads=a.threads, activation_dtype=a.activation_dtype, device=a.device,
                              decoder_mask=a.decoder_mask)

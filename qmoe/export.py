@@ -13,10 +13,11 @@ scale exactly: nothing is re-rounded. Every other parameter is copied in bf16 un
 source's without its `qmoe` section, plus the `quantization_config` (one group whose targets are the routed
 experts' linears, so every dense layer is left out by its targets).
 
-Only int4 directories are exported: the ternary grid is no integer grid, and vLLM's MoE kernels take 4- and
-8-bit grids, not 2-bit ones. The source is verified against its manifest before anything is written, and OUT is built
-in a temp sibling directory and renamed into place when complete (with --overwrite, the old OUT is replaced only
-then). No pickles are read.
+Only int4 and int4-sym directories are exported. int4-sym is the symmetric grid, written without zero points:
+the one transformers 5.25 and vLLM's MoE kernels load (both drop or refuse the asymmetric zero points). The ternary
+grid is no integer grid, and vLLM's MoE kernels take 4- and 8-bit grids, not 2-bit ones. The source is verified
+against its manifest before anything is written, and OUT is built in a temp sibling directory and renamed into
+place when complete (with --overwrite, the old OUT is replaced only then). No pickles are read.
 """
 from __future__ import annotations
 
@@ -63,7 +64,10 @@ def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
-def quantization_config(expert_names: dict[str, str]) -> dict:
+SCHEMES = (Scheme.INT4.value, Scheme.INT4_SYM.value)  # the grids the format holds exactly
+
+
+def quantization_config(expert_names: dict[str, str], symmetric: bool = False) -> dict:
     """config.json's `quantization_config`: one group, 4-bit integer codes with a bf16 scale and an integer zero
     point per output row (strategy channel, asymmetric), targeting the routed experts' linears only. The target
     names both the family's own linear names and vLLM's (its FusedMoE looks its scheme up as
@@ -71,7 +75,7 @@ def quantization_config(expert_names: dict[str, str]) -> dict:
     attention, routers, dense MLPs, embeddings and the head match nothing and stay bf16."""
     names = sorted(set(expert_names.values()) | {"gate_proj", "up_proj", "down_proj"})
     target = r"re:.*\.experts\.\d+\.(" + "|".join(names) + r")$"
-    weights = {"num_bits": BITS, "type": "int", "symmetric": False, "group_size": None, "strategy": "channel",
+    weights = {"num_bits": BITS, "type": "int", "symmetric": symmetric, "group_size": None, "strategy": "channel",
                "dynamic": False}
     return {
         "version": COMPRESSED_TENSORS_VERSION, "quant_method": "compressed-tensors", "format": "pack-quantized",
@@ -112,12 +116,12 @@ def _read_source(src: Path) -> tuple[dict, dict]:
         what = "a Switch Transformers directory" if mt == "switch_transformers" else f"model_type {mt!r}"
         raise ExportError(f"{src}: {what}: the export covers the decoder-only families qmoe compresses "
                           f"({', '.join(FAMILY_TYPES)}); vLLM serves no Switch Transformers model")
-    if scheme != Scheme.INT4.value:
+    if scheme not in SCHEMES:
         why = {"ternary": "the ternary grid {lo, 0, hi} (two bf16 levels a row) is no integer grid of one scale, so "
                           "the format cannot hold it exactly for vLLM's MoE kernels, and the export never re-rounds",
                "int2": "the format cannot hold the 2-bit grid for vLLM's MoE kernels, which take 4- and 8-bit "
                        "grids only (compress with --scheme int4)"}.get(scheme, "not a scheme the format holds")
-        raise ExportError(f"{src}: scheme {scheme!r}: only int4 directories export: {why}")
+        raise ExportError(f"{src}: scheme {scheme!r}: only int4 and int4-sym directories export: {why}")
     try:
         manifest = read_manifest(src)  # every file's size and sha256, before anything is written
     except CheckpointError as e:
@@ -130,8 +134,9 @@ def _expert_tensors(path: Path, g0: int, g1: int, shapes: dict, name_of) -> dict
     out = {}
     with safe_open(str(path), framework="pt") as h:
         meta = json.loads(h.metadata()["qmoe"])
-        if meta.get("scheme") != Scheme.INT4.value:
+        if meta.get("scheme") not in SCHEMES:
             raise ExportError(f"{path}: its experts are {meta.get('scheme')!r}, not int4")
+        symmetric = meta["scheme"] == Scheme.INT4_SYM.value
         for j in range(g0, g1):
             for kind, (R, C) in shapes.items():
                 key = f"expert_{j}.{kind}"
@@ -144,7 +149,11 @@ def _expert_tensors(path: Path, g0: int, g1: int, shapes: dict, name_of) -> dict
                 name = name_of(j, kind)
                 out[f"{name}.weight_packed"] = pack_int4_rows(codes)
                 out[f"{name}.weight_scale"] = scale.reshape(R, 1)
-                out[f"{name}.weight_zero_point"] = pack_int4_rows(zero.reshape(1, R)).reshape(-1, 1)
+                if symmetric:  # q = code - 8 times the scale: no zero point stored
+                    if bool((zero != 8).any()):
+                        raise ExportError(f"{path}: {key!r}: a symmetric grid with a zero point other than 8")
+                else:
+                    out[f"{name}.weight_zero_point"] = pack_int4_rows(zero.reshape(1, R)).reshape(-1, 1)
                 out[f"{name}.weight_shape"] = torch.tensor([R, C], dtype=torch.int64)
     return out
 
@@ -181,7 +190,7 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     # Shards: dense tensors in their file's order, then each group's experts; a new shard past max_shard_bytes.
     nbytes = {"BF16": 2, "F16": 2, "F32": 4}
     units = [("dense", k, nbytes.get(dt, 4) * _numel(s)) for k, (dt, s) in dense.items()]
-    per_expert = sum(R * (-(-C // 8)) * 4 + R * 2 + (-(-R // 8)) * 4 + 16 for R, C in shapes.values())
+    per_expert = sum(R * (-(-C // 8)) * 4 + R * 2 + (-(-R // 8)) * 4 + 16 for R, C in shapes.values())  # at most
     units += [("group", g, per_expert * (g[2] - g[1])) for g in groups]
     shards, size = [[]], 0
     for u in units:
@@ -219,7 +228,8 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
             atomic_write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total},
                                                  "weight_map": dict(sorted(weight_map.items()))})
         config = {k: v for k, v in hf.items() if k != "qmoe"}
-        config["quantization_config"] = quantization_config(fam.expert_names)
+        config["quantization_config"] = quantization_config(fam.expert_names,
+                                                            hf["qmoe"]["scheme"] == Scheme.INT4_SYM.value)
         atomic_write_json(tmp / "config.json", config)
         copied = []
         for name in TOKENIZER_FILES:

@@ -2,7 +2,8 @@
 
 Scheme.TERNARY is QMoE's grid {lo, 0, hi} with lo = min(row min, 0), hi = max(row max, 0); codes 0 -> 0, 1 -> hi,
 2 -> lo. Scheme.INT2/INT4 are asymmetric uniform grids (GPTQ's): scale = (hi - lo) / maxq, integer zero point,
-value = scale * (code - zero). Row parameters are rounded to bf16 before use, so what GPTQ quantizes against is
+value = scale * (code - zero). Scheme.INT4_SYM is GPTQ's symmetric grid: zero = 8, scale = 2 max|row| / 15, so
+value = scale * q with q = code - 8 in -8..7 (compressed-tensors' symmetric int4, which vLLM serves). Row parameters are rounded to bf16 before use, so what GPTQ quantizes against is
 exactly what is stored and what `dequantize` gives back.
 
 Shapes: W [E, R, C] (experts, rows = out features, columns = in features); row params [E, R].
@@ -19,15 +20,16 @@ class Scheme(enum.Enum):
     TERNARY = "ternary"
     INT2 = "int2"
     INT4 = "int4"
+    INT4_SYM = "int4-sym"  # symmetric int4: zero point 8 on every row (what vLLM's int4 MoE kernels take)
 
     @property
     def bits(self) -> int:
         """Bits per code when packed plainly (the codec stores ternary in less)."""
-        return 4 if self is Scheme.INT4 else 2
+        return 4 if self in (Scheme.INT4, Scheme.INT4_SYM) else 2
 
     @property
     def maxq(self) -> int:
-        return {Scheme.TERNARY: 2, Scheme.INT2: 3, Scheme.INT4: 15}[self]
+        return {Scheme.TERNARY: 2, Scheme.INT2: 3, Scheme.INT4: 15, Scheme.INT4_SYM: 15}[self]
 
 
 class Method(enum.Enum):
@@ -71,6 +73,10 @@ def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
     hi = torch.clamp(W.amax(-1), min=0)
     if scheme is Scheme.TERNARY:
         return RowParams(scheme, _bf16(lo), _bf16(hi))
+    if scheme is Scheme.INT4_SYM:
+        amax = torch.maximum(-lo, hi)
+        scale = _bf16(torch.where(amax == 0, 1.0, 2 * amax / scheme.maxq))  # an all-zero row: any grid holds it
+        return RowParams(scheme, scale, torch.full_like(scale, (scheme.maxq + 1) // 2))
     empty = (hi - lo) == 0
     lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)  # an all-zero row: any grid holds it
     scale = _bf16((hi - lo) / scheme.maxq)

@@ -31,9 +31,13 @@ from test_families import _deepseek_v3, _mixtral, _qwen3_moe  # noqa: E402
 SEQ = 48
 SPEC = DataSpec(train_samples=8, val_samples=4, seed=0, data=DataConfig(raw_length=SEQ))
 MAKERS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3}
-# (family, method); DeepSeek's export is written in shards with an index (a tiny shard size), the others in one file.
-CASES = {"mixtral": ("mixtral", Method.RTN), "qwen3_moe": ("qwen3_moe", Method.RTN),
-         "deepseek_v3": ("deepseek_v3", Method.RTN), "qwen3_moe-gptq": ("qwen3_moe", Method.GPTQ)}
+# (family, method, scheme); DeepSeek's export is written in shards with an index (a tiny shard size), the others in
+# one file. int4-sym: the symmetric grid, exported without zero points.
+I4, SYM = Scheme.INT4, Scheme.INT4_SYM
+CASES = {"mixtral": ("mixtral", Method.RTN, I4), "qwen3_moe": ("qwen3_moe", Method.RTN, I4),
+         "deepseek_v3": ("deepseek_v3", Method.RTN, I4), "qwen3_moe-gptq": ("qwen3_moe", Method.GPTQ, I4),
+         "mixtral-sym": ("mixtral", Method.RTN, SYM), "qwen3_moe-sym-gptq": ("qwen3_moe", Method.GPTQ, SYM),
+         "deepseek_v3-sym": ("deepseek_v3", Method.GPTQ, SYM)}
 # The bug that keeps transformers from loading the export (transformers 5.25, compressed-tensors 0.20.1).
 HF_ZERO_POINT_BUG = (
     "transformers 5.25 cannot load asymmetric pack-quantized MoE experts: its CompressedTensorsDequantize.convert "
@@ -56,13 +60,13 @@ def dirs(tmp_path_factory):
     """{case: (compressed int4 directory, its export)}, every model built, compressed and exported once."""
     root = tmp_path_factory.mktemp("export")
     out = {}
-    for case, (name, method) in CASES.items():
+    for case, (name, method, scheme) in CASES.items():
         src = root / name
         if not src.exists():
             torch.manual_seed(0)
             MAKERS[name](vocab_size=300).eval().save_pretrained(src)
         comp, ct = root / f"{case}-int4", root / f"{case}-ct"
-        compress_model(src, comp, CompressConfig(scheme=Scheme.INT4, method=method), SPEC, progress=_quiet)
+        compress_model(src, comp, CompressConfig(scheme=scheme, method=method), SPEC, progress=_quiet)
         export(comp, ct, max_shard_bytes=20_000 if name == "deepseek_v3" else export_cli.MAX_SHARD_BYTES,
                progress=_quiet)
         out[case] = (comp, ct)
@@ -111,7 +115,8 @@ def test_compressed_tensors_decompresses_qmoes_weights_exactly(dirs, case):
     assert qc.format == "pack-quantized" and list(qc.config_groups) == ["group_0"]
     scheme = qc.config_groups["group_0"]
     w = scheme.weights
-    assert (w.num_bits, w.type, w.symmetric, w.strategy) == (4, "int", False, "channel")
+    symmetric = CASES[case][2] is SYM
+    assert (w.num_bits, w.type, w.symmetric, w.strategy) == (4, "int", symmetric, "channel")
     compressor = BaseCompressor.get_value_from_registry(scheme.format or qc.format)
 
     tensors = _export_tensors(ct)
@@ -119,7 +124,7 @@ def test_compressed_tensors_decompresses_qmoes_weights_exactly(dirs, case):
     experts = _expert_modules(hf)
     with safe_open(str(comp / "dense.safetensors"), framework="pt") as h:
         dense = {k: h.get_tensor(k) for k in h.keys()}
-    suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+    suffixes = ("weight_packed", "weight_scale", "weight_shape") + (() if symmetric else ("weight_zero_point",))
     assert set(tensors) == set(dense) | {f"{m}.{s}" for m in experts for s in suffixes}
     for k, v in dense.items():
         assert v.dtype == torch.bfloat16 and torch.equal(tensors[k].view(torch.int16), v.view(torch.int16)), k
@@ -136,7 +141,8 @@ def test_compressed_tensors_decompresses_qmoes_weights_exactly(dirs, case):
         R, C = shapes[kinds[m.rpartition(".")[2]]]
         assert sd["weight_packed"].dtype == torch.int32 and sd["weight_packed"].shape == (R, -(-C // 8))
         assert sd["weight_scale"].dtype == torch.bfloat16 and sd["weight_scale"].shape == (R, 1)
-        assert sd["weight_zero_point"].dtype == torch.int32 and sd["weight_zero_point"].shape == (-(-R // 8), 1)
+        if not symmetric:
+            assert sd["weight_zero_point"].dtype == torch.int32 and sd["weight_zero_point"].shape == (-(-R // 8), 1)
         assert sd["weight_shape"].tolist() == [R, C]
         want = ours[f"{m}.weight"]
         got = compressor.decompress(sd, scheme)["weight"]
@@ -146,8 +152,10 @@ def test_compressed_tensors_decompresses_qmoes_weights_exactly(dirs, case):
         assert exact.dtype == torch.float32 and torch.equal(exact.view(torch.int32), want.view(torch.int32)), m
         # The library's unpacked codes are in -8..7 and its zero points too: q - zp = code - zero.
         q = unpack_from_int32(sd["weight_packed"], 4, torch.Size([R, C]))
-        zp = unpack_from_int32(sd["weight_zero_point"], 4, torch.Size([R, 1]), packed_dim=0)
-        assert int(q.min()) >= -8 and int(q.max()) <= 7 and int(zp.min()) >= -8 and int(zp.max()) <= 7
+        assert int(q.min()) >= -8 and int(q.max()) <= 7
+        if not symmetric:
+            zp = unpack_from_int32(sd["weight_zero_point"], 4, torch.Size([R, 1]), packed_dim=0)
+            assert int(zp.min()) >= -8 and int(zp.max()) <= 7
 
 
 def _codes(comp: Path, block: str) -> torch.Tensor:
@@ -182,7 +190,8 @@ class _Collect(logging.Handler):
 def test_transformers_loads_the_export_with_qmoes_loss(dirs, case):
     """AutoModelForCausalLM.from_pretrained on the export (CPU; bf16, the experts on transformers' eager loop, the
     combination that runs all three families' tiny shapes) gives qmoe.infer's validation loss on the compressed
-    directory to 1e-4. Skipped, with the reason, while transformers drops the experts' zero points."""
+    directory to 1e-4. The asymmetric int4 cases are skipped, with the reason, while transformers drops the experts'
+    zero points; the symmetric (int4-sym) ones, which store none, must load."""
     from transformers import AutoModelForCausalLM
 
     comp, ct = dirs[case]
@@ -192,7 +201,7 @@ def test_transformers_loads_the_export_with_qmoes_loss(dirs, case):
         model, info = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.bfloat16, experts_implementation="eager",
                                                            output_loading_info=True)
     except RuntimeError:
-        if any("Asymmetric quant requires zero-point values" in m for m in report.messages):
+        if CASES[case][2] is I4 and any("Asymmetric quant requires zero-point values" in m for m in report.messages):
             pytest.skip(HF_ZERO_POINT_BUG)
         raise
     finally:
@@ -224,7 +233,8 @@ def test_transformers_runs_the_libraries_decompressed_experts_with_qmoes_loss(di
     tensors = _export_tensors(ct)
     plain = {k: v.float() for k, v in tensors.items() if not re.search(r"\.weight_(packed|scale|zero_point|shape)$", k)}
     for m in _expert_modules(hf):
-        sd = {s: tensors[f"{m}.{s}"] for s in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+        sd = {s: tensors[f"{m}.{s}"] for s in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+              if f"{m}.{s}" in tensors}  # int4-sym: no zero points
         plain[f"{m}.weight"] = compressor.decompress(dict(sd, weight_scale=sd["weight_scale"].float()),
                                                      scheme)["weight"]
     (tmp_path / "config.json").write_text(json.dumps(hf))
@@ -357,3 +367,22 @@ def test_the_output_may_not_be_the_source_or_inside_it(dirs, capsys):
         assert rc == 2 and "outside the source" in err
     assert not (comp / "ct").exists()
     qmoe.load(comp, fused=False)  # still whole: every file checked against its manifest
+
+
+def test_compress_export_format_picks_the_grid_the_format_holds(dirs, tmp_path, capsys):
+    """compress --export-format compressed-tensors quantizes onto int4-sym (recorded in config.json), which
+    exports; with another --scheme it is a one-line error before any output exists."""
+    from qmoe import compress as compress_cli
+
+    src = dirs["mixtral"][0].parent / "mixtral"
+    out = tmp_path / "c"
+    common = ["--model", str(src), "--out", str(out), "--train-samples", "4", "--val-samples", "0", "--method", "rtn"]
+    capsys.readouterr()
+    assert compress_cli.main(common + ["--export-format", "compressed-tensors", "--scheme", "ternary"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quantizes onto int4-sym" in err[0] and not out.exists()
+    assert compress_cli.main(common + ["--export-format", "compressed-tensors"]) == 0
+    assert json.loads((out / "config.json").read_text())["qmoe"]["scheme"] == "int4-sym"
+    export(out, tmp_path / "ct", progress=_quiet)
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["symmetric"] is True

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from qmoe.gptq import GPTQ
 from qmoe.packed import QuantizedMatrix, pack, unpack
-from qmoe.quant import Scheme, dequantize_codes, quantize, rtn
+from qmoe.quant import Scheme, dequantize_codes, find_params, quantize, rtn
 
 
 @settings(max_examples=80, deadline=None)
@@ -38,6 +38,22 @@ def test_ternary_grid_is_row_min_zero_row_max():
     values = dequantize_codes(codes, p)
     assert p.a.item() == -2.0 and p.b.item() == 3.0
     assert values.tolist() == [[[-2.0, 0.0, -2.0, 0.0, 0.0, 3.0]]]  # thresholds at lo/2 = -1 and hi/2 = 1.5
+
+
+def test_int4_sym_grid_is_symmetric_about_zero():
+    """int4-sym: zero point 8 on every row, scale 2 max|row| / 15 (bf16), every value q * scale with q in -8..7;
+    zero is on the grid and the row's largest magnitude is within half a step of it; an all-zero row is zeros."""
+    W = torch.randn(2, 5, 33)
+    W[1, 2] = 0
+    p = find_params(W, Scheme.INT4_SYM)
+    assert torch.equal(p.b, torch.full_like(p.b, 8))
+    amax = W.abs().amax(-1)
+    want = torch.where(amax == 0, torch.ones_like(amax), 2 * amax / 15).to(torch.bfloat16).float()
+    assert torch.equal(p.a, want)
+    codes, values = quantize(W, p)
+    assert torch.equal(values, (codes.float() - 8) * p.a.unsqueeze(-1))
+    assert ((values - W).abs() <= p.a.unsqueeze(-1) * 0.52).all()  # half a step, + the bf16 rounding of the scale
+    assert torch.equal(values[1, 2], torch.zeros(33))
 
 
 @pytest.mark.parametrize("scheme", list(Scheme))
