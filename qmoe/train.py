@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, make_samples, windows
 from qmoe.evaluate import unigram_loss, validation_loss
 from qmoe.model import SparseFF, SwitchModel, shift_right
+from qmoe.models.train import TrainingRun
 from qmoe.store import save_hf_checkpoint
 from qmoe.tokenizer import ByteTokenizer
 
@@ -69,19 +69,10 @@ def train(out: Path, cfg: SwitchConfig, minutes: float, batch: int, lr: float, s
     model = SwitchModel(cfg)
     init_weights(model, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup, total = 200, None
-    curve, t0, step = [], time.time(), 0
-    best = (math.inf, 0, None)  # (val loss, step, state): the shipped model is the best one seen (early stopping)
-    while total is None or step < total:
-        if step == probe_steps:
-            per_step = (time.time() - t0) / probe_steps
-            total = max(probe_steps + 1, int(minutes * 60 / (per_step * (1 + 1 / eval_every * 8))))
-            print(f"{per_step:.2f} s/step -> {total} steps in {minutes} min")
-        horizon = total or 10 ** 6
-        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / horizon))))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
-        s = make_samples(train_pool, batch, dcfg, tok, seed=seed * 1_000_003 + step)
+    run = TrainingRun(opt, lr, minutes, probe_steps, warmup=200, eval_every=eval_every, overhead=1 + 8 / eval_every)
+    while run.running():
+        scale = run.begin_step() / lr
+        s = make_samples(train_pool, batch, dcfg, tok, seed=seed * 1_000_003 + run.step)
         model.train()
         logits = model(s.input_ids, shift_right(s.labels, cfg.decoder_start_token_id))
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), s.labels.reshape(-1))
@@ -90,27 +81,23 @@ def train(out: Path, cfg: SwitchConfig, minutes: float, batch: int, lr: float, s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        if step % 50 == 0:
-            print(f"step {step}/{total} train loss {ce.item():.4f} lr {lr * scale:.2e} {time.time() - t0:.0f}s",
-                  flush=True)
-        if step % eval_every == 0 or step == total:
-            vl = validation_loss(model.eval(), val, batch_size=64)
-            curve.append({"step": step, "seconds": round(time.time() - t0, 1), "train_loss": round(ce.item(), 4),
-                          "val_loss": round(vl, 4)})
-            print(f"  val loss {vl:.4f}", flush=True)
-            if vl < best[0]:
-                best = (vl, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
-    model.load_state_dict(best[2])
+        due = run.end_step()
+        if run.step % 50 == 0:
+            print(f"step {run.step}/{run.total} train loss {ce.item():.4f} lr {lr * scale:.2e} "
+                  f"{time.time() - run.t0:.0f}s", flush=True)
+        if due:
+            run.record(model, ce.item(), validation_loss(model.eval(), val, batch_size=64))
+    model.load_state_dict(run.best[2])
     model.eval()
     bf16_model = SwitchModel(cfg)
     bf16_model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
     result = {
-        "minutes": minutes, "steps": step, "best_step": best[1], "batch": batch, "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1),
+        "minutes": minutes, "steps": run.step, "best_step": run.best[1], "batch": batch, "lr": lr, "seed": seed,
+        "seconds": round(time.time() - run.t0, 1),
         "val_samples": val_samples, "val_loss_fp32": round(validation_loss(model, val), 4),
         "val_loss_bf16": round(validation_loss(bf16_model.eval(), val), 4),
         "unigram_val_loss": round(unigram_loss(make_samples(train_pool, 4096, dcfg, tok, seed=1), val, cfg.vocab_size), 4),
-        "curve": curve,
+        "curve": run.curve,
     }
     save_hf_checkpoint(model, out, extra_config={"qmoe": {"tokenizer": tok.name}})
     write_report(out, result)

@@ -207,3 +207,26 @@ def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_
     for f in sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*.safetensors")):
         assert (tmp_path / "o" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes(), f
     assert (a["val_loss_before"], a["val_loss_after"]) == (b["val_loss_before"], b["val_loss_after"])
+
+
+def test_the_training_loops_run_and_write_loadable_checkpoints(tmp_path):
+    """Both training scripts (the Switch default's and the Qwen3-MoE default's), a few steps each on tiny shapes:
+    a curve with the best step, and a checkpoint that loads (Switch through load_model, Qwen3-MoE through qmoe.load
+    with the recorded bf16 loss)."""
+    from qmoe.checkpoint import load_model
+    from qmoe.config import PRESETS
+    from qmoe.models.train import QWEN3_MOE_DEFAULT, train_causal
+    from qmoe.train import train
+
+    r = train(tmp_path / "switch", PRESETS["tiny"], minutes=0.01, batch=2, lr=1e-3, seed=0, probe_steps=2,
+              eval_every=2, val_samples=4)
+    assert r["steps"] >= 3 and r["curve"] and r["best_step"] in [c["step"] for c in r["curve"]]
+    load_model(tmp_path / "switch")
+    hf = QWEN3_MOE_DEFAULT | dict(hidden_size=32, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+                                  num_hidden_layers=2, num_experts=4)
+    r = train_causal(tmp_path / "qwen", hf, minutes=0.01, batch=2, lr=1e-3, seed=0, probe_steps=2, eval_every=2,
+                     val_samples=2, seq_len=32)
+    assert r["steps"] >= 3 and r["curve"][0]["val_loss"] > r["val_loss_fp32_best"] - 1e-4
+    assert (tmp_path / "qwen" / "TRAINING.md").read_text().startswith("# The embedded default qwen3_moe model")
+    ids = validation_windows(ByteTokenizer(), load_default_corpus(), 2, 32, 12345)
+    assert next_token_loss(qmoe.load(tmp_path / "qwen"), ids, 2, "cpu") == pytest.approx(r["val_loss_bf16"], abs=1e-4)

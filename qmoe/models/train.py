@@ -35,6 +35,47 @@ QWEN3_MOE_DEFAULT = dict(
     router_aux_loss_coef=0.01, torch_dtype="bfloat16")
 
 
+class TrainingRun:
+    """A training run's bookkeeping: the step count fixed after `probe_steps` to fit `minutes` (each step's time x
+    `overhead` for the evaluations), the learning rate (linear warmup, cosine decay to a tenth), the curve and the
+    best weights seen (the shipped model is the best one: early stopping)."""
+
+    def __init__(self, opt, lr: float, minutes: float, probe_steps: int, warmup: int, eval_every: int,
+                 overhead: float):
+        self.opt, self.lr, self.minutes, self.probe_steps, self.warmup = opt, lr, minutes, probe_steps, warmup
+        self.eval_every, self.overhead = eval_every, overhead
+        self.step, self.total, self.t0, self.curve = 0, None, time.time(), []
+        self.best = (math.inf, 0, None)  # (val loss, step, state)
+
+    def running(self) -> bool:
+        return self.total is None or self.step < self.total
+
+    def begin_step(self) -> float:
+        """Sets this step's learning rate; returns it."""
+        if self.step == self.probe_steps:
+            per_step = (time.time() - self.t0) / self.probe_steps
+            self.total = max(self.probe_steps + 1, int(self.minutes * 60 / (per_step * self.overhead)))
+            print(f"{per_step:.2f} s/step -> {self.total} steps in {self.minutes:g} min", flush=True)
+        horizon = self.total or 10 ** 6
+        scale = min(1.0, (self.step + 1) / self.warmup) * (
+            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, self.step / horizon))))
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * scale
+        return self.lr * scale
+
+    def end_step(self) -> bool:
+        """Counts the step; whether the validation loss is due."""
+        self.step += 1
+        return self.step % self.eval_every == 0 or self.step == self.total
+
+    def record(self, model, train_loss: float, val_loss: float) -> None:
+        self.curve.append({"step": self.step, "seconds": round(time.time() - self.t0, 1),
+                           "train_loss": round(train_loss, 4), "val_loss": round(val_loss, 4)})
+        print(f"  val loss {val_loss:.4f}", flush=True)
+        if val_loss < self.best[0]:
+            self.best = (val_loss, self.step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
 def init_weights(model: MoECausalLM, seed: int) -> None:
     """Normal(0, 0.02) for matrices and embeddings (as transformers initializes these families), norms at 1."""
     g = torch.Generator().manual_seed(seed)
@@ -76,17 +117,9 @@ def train_causal(out: Path, hf: dict, minutes: float, batch: int, lr: float, see
     init_weights(model, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     rng = np.random.default_rng(seed)
-    warmup, total, step, t0, curve = 100, None, 0, time.time(), []
-    best = (math.inf, 0, None)
-    while total is None or step < total:
-        if step == probe_steps:
-            per_step = (time.time() - t0) / probe_steps
-            total = max(probe_steps + 1, int(minutes * 60 / (per_step * 1.1)))
-            print(f"{per_step:.2f} s/step -> {total} steps in {minutes:g} min", flush=True)
-        horizon = total or 10 ** 6
-        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / horizon))))
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
+    run = TrainingRun(opt, lr, minutes, probe_steps, warmup=100, eval_every=eval_every, overhead=1.1)
+    while run.running():
+        run.begin_step()
         ids = torch.from_numpy(pool[rng.integers(0, len(pool), batch)]).long()
         model.train()
         logits, balance = forward_with_balance(model, ids[:, :-1])
@@ -95,26 +128,21 @@ def train_causal(out: Path, hf: dict, minutes: float, batch: int, lr: float, see
         (ce + 0.01 * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        if step % 50 == 0:
-            print(f"step {step}/{total} train loss {ce.item():.4f} balance {balance.item():.3f} "
-                  f"{time.time() - t0:.0f}s", flush=True)
-        if step % eval_every == 0 or step == total:
-            vl = next_token_loss(model.eval(), val, 16, "cpu")
-            curve.append({"step": step, "seconds": round(time.time() - t0, 1), "train_loss": round(ce.item(), 4),
-                          "val_loss": round(vl, 4)})
-            print(f"  val loss {vl:.4f}", flush=True)
-            if vl < best[0]:
-                best = (vl, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
-    model.load_state_dict(best[2])
+        due = run.end_step()
+        if run.step % 50 == 0:
+            print(f"step {run.step}/{run.total} train loss {ce.item():.4f} balance {balance.item():.3f} "
+                  f"{time.time() - run.t0:.0f}s", flush=True)
+        if due:
+            run.record(model, ce.item(), next_token_loss(model.eval(), val, 16, "cpu"))
+    model.load_state_dict(run.best[2])
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.float() for k, v in state.items()})
     counts = np.bincount(tok.encode(text), minlength=hf["vocab_size"]) + 1
     unigram = float(-(np.log(counts / counts.sum())[val[:, 1:].numpy()]).mean())
-    result = {"minutes": minutes, "steps": step, "best_step": best[1], "batch": batch, "lr": lr, "seed": seed,
-              "seconds": round(time.time() - t0, 1), "val_samples": val_samples, "seq_len": seq_len,
+    result = {"minutes": minutes, "steps": run.step, "best_step": run.best[1], "batch": batch, "lr": lr, "seed": seed,
+              "seconds": round(time.time() - run.t0, 1), "val_samples": val_samples, "seq_len": seq_len,
               "val_loss_bf16": round(next_token_loss(model.eval(), val, 16, "cpu"), 4),
-              "val_loss_fp32_best": round(best[0], 4), "unigram_val_loss": round(unigram, 4), "curve": curve}
+              "val_loss_fp32_best": round(run.best[0], 4), "unigram_val_loss": round(unigram, 4), "curve": run.curve}
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
     atomic_write_json(out / "config.json", hf | {"qmoe": {"tokenizer": tok.name}})
