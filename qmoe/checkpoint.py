@@ -157,6 +157,17 @@ class CheckpointReader:
             raise CheckpointError(f, name, f"entry is a {type(t).__name__}, not a tensor")
         return t
 
+    def get_index(self, name: str, j: int) -> torch.Tensor:
+        """Entry j of a tensor's first dimension, reading only that entry from a safetensors shard (a fused
+        expert tensor [E, ...] gives one expert without the layer's others)."""
+        f = self.file_of.get(name)
+        if f is None or f.suffix != ".safetensors":
+            return self.get(name)[j]
+        try:
+            return self._st_open(f, name).get_slice(name)[j:j + 1][0]
+        except Exception as e:
+            raise CheckpointError(f, name, f"cannot read entry {j} ({e})") from None
+
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The stored shape without touching the data: from the safetensors header, or from a .bin shard's index
         (memory-mapped); None when the name is not in the checkpoint."""
@@ -215,7 +226,7 @@ def read_config(path: Path | str, reader: CheckpointReader | None = None) -> tup
 
         why = (f"a {kind} checkpoint, not a Switch one: qmoe.load reads it" if kind in FAMILIES else
                f"model_type {kind!r} is not a model qmoe compresses (switch_transformers, "
-               f"{', '.join(sorted(k for k in FAMILIES if k != 'gpt_oss'))})")
+               f"{', '.join(sorted(FAMILIES))})")
         raise CheckpointError(cfg_file, None, why)
     reader = reader or CheckpointReader(path)
     cfg = config_from_hf(hf, reader.names())

@@ -289,6 +289,9 @@ def load_compressed(path: Path, fused: bool = False):
     hf = json.loads((path / "config.json").read_text())
     scheme = Scheme(hf["qmoe"]["scheme"])
     model, cfg, blocks, expert_param, is_expert = _skeleton(hf)
+    if fused and expert_param is None:
+        raise ValueError(f"{path}: fused kernels are not built for gpt-oss's fused expert layout: load it decoded "
+                         "(fused=False, qmoe.infer --reference)")
     params = dict(model.named_parameters())
     with safe_open(str(path / DENSE_FILE), framework="pt") as f:
         for name in f.keys():
@@ -298,6 +301,7 @@ def load_compressed(path: Path, fused: bool = False):
     if fused and scheme is not Scheme.TERNARY:
         raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {scheme.value}")
     shapes = expert_shapes(cfg)
+    seen = set()
     for block_name in blocks:
         files = block_files(path, block_name)
         if not files:
@@ -310,16 +314,39 @@ def load_compressed(path: Path, fused: bool = False):
                     j, m = key.removeprefix("expert_").split(".")
                     owner, _, attr = expert_param(block_name, int(j), m).removesuffix(".weight").rpartition(".")
                     setattr(model.get_submodule(owner), attr, module)
+                    seen.add((block_name, int(j)))
                 continue
             weights = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
             for key, w in weights.items():
                 j, m = key.removeprefix("expert_").split(".")
-                _set_param(model, expert_param(block_name, int(j), m), w)
+                if expert_param is None:
+                    _set_fused_expert(model, block_name, int(j), m, w)
+                else:
+                    _set_param(model, expert_param(block_name, int(j), m), w)
+                seen.add((block_name, int(j)))
+        absent = [j for j in range(cfg.num_experts) if (block_name, j) not in seen]
+        if absent:
+            raise CheckpointError(path / "experts" / block_name, f"expert_{absent[0]}", "expert is missing")
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         where = path / ("experts" if is_expert(missing[0]) else DENSE_FILE)
         raise CheckpointError(where, missing[0], "tensor is missing")
     return model.eval(), cfg, hf
+
+
+def _set_fused_expert(model, block: str, j: int, kind: str, w: torch.Tensor) -> None:
+    """Expert j's matrix into gpt-oss's fused tensors (made on first use): gate and up [I, D] into the even and
+    odd columns of gate_up_proj [E, D, 2I], down [D, I] into down_proj [E, I, D]."""
+    experts = model.get_submodule(f"{block}.mlp.experts")
+    name = "down_proj" if kind == "down" else "gate_up_proj"
+    if getattr(experts, name).is_meta:
+        _set_param(model, f"{block}.mlp.experts.{name}", torch.zeros(getattr(experts, name).shape))
+    t = getattr(experts, name).data
+    if kind == "down":
+        t[j] = w.t()
+    else:
+        start = 0 if kind == "gate" else 1
+        t[j][:, start::2] = w.t()
 
 
 def _skeleton(hf: dict):
@@ -335,6 +362,8 @@ def _skeleton(hf: dict):
         with torch.device("meta"):
             model = MoECausalLM(cfg, fam)
         blocks = [f"model.layers.{i}" for i, sparse in enumerate(cfg.sparse) if sparse]
+        if not fam.expert_names:  # gpt-oss: experts fused per layer (_set_fused_expert)
+            return model, cfg, blocks, None, is_routed_expert
 
         def param(block: str, j: int, kind: str) -> str:
             return f"{block}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"

@@ -107,9 +107,6 @@ def open_source(model_dir: Path) -> Source:
     except (ValueError, UnicodeDecodeError, AttributeError):
         kind = None  # not a JSON object: read_config below says so
     if kind in FAMILIES:
-        if kind == "gpt_oss":
-            raise CheckpointError(cfg_file, None, "gpt-oss compression is not built yet (its experts are stored "
-                                  "fused per layer, with biases); qmoe reads and runs it (qmoe.load, qmoe.infer)")
         model, reader, hf = build(model_dir)
         open_every_shard(reader)
         block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))

@@ -36,9 +36,30 @@ class FamilyWorker(Worker):
         return is_routed_expert(name)
 
     def _expert(self, block: str, j: int) -> dict[str, torch.Tensor]:
+        if self.job.family == "gpt_oss":
+            return self._gpt_oss_expert(block, j) | self._expert_biases(block, j)
         prefix = f"{block}.{self.fam.moe}.experts.{j}"
         return {kind: self._read_param(f"{prefix}.{name}.weight").to(torch.bfloat16)
                 for kind, name in self.fam.expert_names.items()}
+
+    def _gpt_oss_expert(self, block: str, j: int) -> dict[str, torch.Tensor]:
+        """gpt-oss's expert j out of its layer's fused tensors (only its own MXFP4 blocks dequantized): gate and up
+        are the even and odd columns of gate_up_proj [D, 2I], as [I, D] each; down_proj [I, D] as [D, I]."""
+        from qmoe.models.load import read_expert_entry
+
+        prefix = f"{block}.{self.fam.moe}.experts"
+        gu = read_expert_entry(self.reader, f"{prefix}.gate_up_proj", j).to(torch.bfloat16)
+        down = read_expert_entry(self.reader, f"{prefix}.down_proj", j).to(torch.bfloat16)
+        return {"gate": gu[:, 0::2].t().contiguous(), "up": gu[:, 1::2].t().contiguous(),
+                "down": down.t().contiguous()}
+
+    def _expert_biases(self, block: str, j: int) -> dict[str, torch.Tensor]:
+        if self.job.family != "gpt_oss":
+            return {}
+        prefix = f"{block}.{self.fam.moe}.experts"
+        gu = self.reader.get_index(f"{prefix}.gate_up_proj_bias", j).to(torch.bfloat16)
+        return {"gate_bias": gu[0::2].contiguous(), "up_bias": gu[1::2].contiguous(),
+                "down_bias": self.reader.get_index(f"{prefix}.down_proj_bias", j).to(torch.bfloat16)}
 
     def _layer(self, i: int):
         self._use(f"model.layers.{i}")

@@ -72,17 +72,28 @@ class ExpertForm:
     quantized input matrices)."""
     inputs: tuple[str, ...]
     output: str
-    act: str  # "relu": relu(wi x); "swiglu": silu(gate x) * up x
+    act: str  # "relu": relu(wi x); "swiglu": silu(gate x) * up x; "clamped": gpt-oss's, with biases (below)
+    alpha: float = 0.0  # clamped: (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit
+    limit: float = 0.0
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return (*self.inputs, self.output)
 
-    def hidden(self, x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """The hidden activations of tokens x [n, C] through the input matrices stacked, first [len(inputs) * F, C]."""
+    @property
+    def bias(self) -> bool:
+        """Whether the matrices have biases (`<kind>_bias` beside each weight; never quantized)."""
+        return self.act == "clamped"
+
+    def hidden(self, x: torch.Tensor, first: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden activations of tokens x [n, C] through the input matrices stacked, first [len(inputs) * F, C]
+        (and their biases stacked)."""
         if self.act == "relu":
             return F.relu(F.linear(x, first))
-        gate, up = F.linear(x, first).chunk(2, -1)
+        gate, up = F.linear(x, first, bias).chunk(2, -1)
+        if self.act == "clamped":
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
         return F.silu(gate) * up
 
     def outputs(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +104,10 @@ class ExpertForm:
             return x.new_zeros(0, out.shape[0])
         if self.act == "relu":
             return F.linear(F.relu(F.linear(x, w["wi"])), out)
+        if self.act == "clamped":
+            gate = F.linear(x, w["gate"], w["gate_bias"]).clamp(max=self.limit)
+            up = F.linear(x, w["up"], w["up_bias"]).clamp(-self.limit, self.limit)
+            return F.linear((up + 1) * gate * torch.sigmoid(gate * self.alpha), out, w["down_bias"])
         return F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), out)
 
 
@@ -148,9 +163,11 @@ def quantize_experts(weights: list[dict[str, torch.Tensor]], hessian_slabs, cfg:
     q_in, why_in = _quantize(first, lambda g: (s.to(device) for s in hessian_slabs(g)), cfg)
     del first
     first_q = [q.values().to(device) for q in q_in] if cfg.method is Method.GPTQ else None
+    first_bias = [torch.cat([w[f"{k}_bias"].to(device, torch.float32) for k in form.inputs]) if form.bias else None
+                  for w in weights]
 
     def hidden(g: int):  # expert g's hidden activations through its quantized input matrices: [n, D] -> [n, F]
-        return (form.hidden(s.to(device), first_q[g]) for s in hessian_slabs(g))
+        return (form.hidden(s.to(device), first_q[g], first_bias[g]) for s in hessian_slabs(g))
 
     out = torch.stack([w[form.output].to(device, torch.float32) for w in weights])
     q_out, why_out = _quantize(out, hidden, cfg)

@@ -63,6 +63,8 @@ class Job:
 
     @property
     def form(self) -> ExpertForm:
+        if self.family == "gpt_oss":  # gpt-oss's clamped SwiGLU, with biases
+            return ExpertForm(("gate", "up"), "down", "clamped", self.mcfg.opt("alpha"), self.mcfg.opt("limit"))
         return SWIGLU_FORM if self.family else SWITCH_FORM
 
     @property
@@ -153,8 +155,12 @@ class Worker:
         return st.block[i], st
 
     def _expert(self, block: str, j: int) -> dict[str, torch.Tensor]:
-        """Expert j's weights {kind: W} in bf16."""
+        """Expert j's weights {kind: W} in bf16 (and its biases, `<kind>_bias`, where the form has them)."""
         return read_expert(self.reader, block, j, torch.bfloat16)
+
+    def _expert_biases(self, block: str, j: int) -> dict[str, torch.Tensor]:
+        """Expert j's biases {`<kind>_bias`: b} (never quantized: they ride with the dense weights)."""
+        return {}
 
     def _read_experts(self, block: str, js: tuple[int, ...]) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
@@ -322,8 +328,10 @@ class Worker:
                     quantized[j], reasons[j], hess[j] = qe, r, len(sel[j])
             t1 = time.perf_counter()
             for k, j in enumerate(batch):  # one expert's float32 weights at a time, for every stream
+                biases = self._expert_biases(name, j) if form.bias else {}
                 w = {"original": None if original is None else original[k],
-                     "compressed": decoded.weights(j) if replay else {m: q.values() for m, q in quantized[j].items()}}
+                     "compressed": {**(decoded.weights(j) if replay else
+                                       {m: q.values() for m, q in quantized[j].items()}), **biases}}
                 for s in self.job.streams:
                     rows[s.name].run(j, {m: t.to(self.device, torch.float32) for m, t in w[s.experts].items()},
                                      self.cfg.slab_rows)

@@ -16,6 +16,7 @@ from qmoe.compressed import load_compressed
 from qmoe.compressor import DataSpec, compress_model, resolve_model
 from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig
+from qmoe.models.base import is_routed_expert
 from qmoe.models.load import load as load_original
 from qmoe.models.run import next_token_loss, validation_windows
 from qmoe.pipeline import CompressConfig
@@ -48,13 +49,30 @@ def _quiet(*_):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {name: _save(name, root) for name in ("mixtral", "qwen3_moe", "deepseek_v3")}
+    return {name: _save(name, root) for name in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")}
+
+
+def _expert_rows(model, name: str):
+    """(parameter name, one expert matrix [R, C] of it) for every routed expert matrix: gpt-oss's fused tensors
+    give each expert's gate (even columns of gate_up_proj), up (odd columns) and down, transposed to rows."""
+    for n, p in model.named_parameters():
+        if not is_routed_expert(n):
+            continue
+        if n.endswith("gate_up_proj"):
+            for e in p:
+                yield n, e[:, 0::2].t()
+                yield n, e[:, 1::2].t()
+        elif n.endswith("experts.down_proj"):
+            yield from ((n, e.t()) for e in p)
+        else:
+            yield n, p
 
 
 @pytest.mark.parametrize("name,scheme,method", [
     ("mixtral", Scheme.TERNARY, Method.GPTQ), ("qwen3_moe", Scheme.TERNARY, Method.GPTQ),
-    ("deepseek_v3", Scheme.TERNARY, Method.GPTQ), ("qwen3_moe", Scheme.INT4, Method.RTN),
-    ("deepseek_v3", Scheme.INT2, Method.GPTQ)])
+    ("deepseek_v3", Scheme.TERNARY, Method.GPTQ), ("gpt_oss", Scheme.TERNARY, Method.GPTQ),
+    ("qwen3_moe", Scheme.INT4, Method.RTN), ("deepseek_v3", Scheme.INT2, Method.GPTQ),
+    ("gpt_oss", Scheme.INT4_SYM, Method.GPTQ)])
 def test_a_family_compresses_and_runs_with_the_walks_losses(models, name, scheme, method, tmp_path):
     """The walk's validation loss before compression is the original model's (bf16 weights, float32 compute) and
     after it the compressed directory's, loaded by qmoe.load (fused kernels and decoded alike); dense weights are
@@ -66,21 +84,21 @@ def test_a_family_compresses_and_runs_with_the_walks_losses(models, name, scheme
     assert next_token_loss(original, ids, 4, "cpu") == pytest.approx(s["val_loss_before"], rel=1e-5)
     decoded = qmoe.load(out, fused=False)
     assert next_token_loss(decoded, ids, 4, "cpu") == pytest.approx(s["val_loss_after"], rel=1e-5)
-    if scheme is Scheme.TERNARY:
+    if scheme is Scheme.TERNARY and name != "gpt_oss":  # gpt-oss's fused experts load decoded only
         fused = qmoe.load(out)
         assert next_token_loss(fused, ids, 4, "cpu") == pytest.approx(s["val_loss_after"], rel=1e-5)
     assert s["val_loss_after"] != s["val_loss_before"]
     params = dict(decoded.named_parameters())
     cfg = decoded.cfg
-    routed = [n for n in params if ".experts." in n and ".shared_experts." not in n]
-    assert len(routed) == 3 * cfg.num_experts * sum(cfg.sparse)
-    levels = {Scheme.TERNARY: 3, Scheme.INT2: 4, Scheme.INT4: 16}[scheme]
+    matrices = list(_expert_rows(decoded, name))
+    assert len(matrices) == 3 * cfg.num_experts * sum(cfg.sparse)
+    levels = {Scheme.TERNARY: 3, Scheme.INT2: 4, Scheme.INT4: 16, Scheme.INT4_SYM: 16}[scheme]
+    for n, m in matrices:
+        assert max(len(torch.unique(row)) for row in m) <= levels, n
     for n, p in params.items():
-        if n in routed:
-            assert max(len(torch.unique(row)) for row in p) <= levels, n
-        else:
+        if not is_routed_expert(n):  # dense weights (gpt-oss's expert biases among them): the original's in bf16
             assert torch.equal(p, dict(original.named_parameters())[n]), n
-    assert s["params_experts"] == sum(params[n].numel() for n in routed)
+    assert s["params_experts"] == sum(m.numel() for _, m in matrices)
     hf = json.loads((out / "config.json").read_text())
     assert hf["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
     assert s["experts_fallback_rtn"] == 0
@@ -160,15 +178,31 @@ def test_the_command_lines_compress_and_evaluate_a_family(tmp_path, capsys):
     assert "windows of 256 tokens" in printed
 
 
-def test_gpt_oss_compression_is_refused_in_one_line(tmp_path, capsys):
-    src = _save("gpt_oss", tmp_path)
-    with pytest.raises(CheckpointError, match="gpt-oss compression is not built yet"):
-        compress_model(src, tmp_path / "o", CompressConfig(), SPEC, progress=_quiet)
-    assert not (tmp_path / "o").exists()
-    capsys.readouterr()
-    assert compress_cli.main(["--model", str(src), "--out", str(tmp_path / "o")]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gpt-oss compression is not built yet" in err[0]
+def test_gpt_oss_in_mxfp4_compresses_like_its_dequantized_weights(models, tmp_path):
+    """gpt-oss's experts as published (MXFP4 blocks and scales, fused per layer): compressed to exactly the bytes
+    of the same model saved with the dequantized experts (each expert's blocks read and dequantized alone)."""
+    from qmoe.models.load import dequantize_mxfp4
+    from test_families import _mxfp4
+
+    src = models["gpt_oss"]
+    fp4, plain = tmp_path / "fp4", tmp_path / "plain"
+    sd = load_file(src / "model.safetensors")
+    q, deq = dict(sd), dict(sd)
+    for k in [k for k in sd if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _mxfp4(sd[k].float())
+        del q[k]
+        q[k + "_blocks"], q[k + "_scales"] = blocks, scales
+        deq[k] = dequantize_mxfp4(blocks, scales).to(sd[k].dtype)
+    for d, tensors in ((fp4, q), (plain, deq)):
+        d.mkdir()
+        (d / "config.json").write_bytes((src / "config.json").read_bytes())
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    cfg = CompressConfig(method=Method.RTN)
+    compress_model(fp4, tmp_path / "a", cfg, SPEC, progress=_quiet)
+    compress_model(plain, tmp_path / "b", cfg, SPEC, progress=_quiet)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert len(files) == 4 and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+                                   for f in files)
 
 
 def test_a_compressed_family_refuses_a_dtype_and_the_report(models, tmp_path):

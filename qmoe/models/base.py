@@ -96,11 +96,12 @@ class Family:
     ignored: Callable[[str, dict], bool] | None = None  # (tensor name, config.json) -> a stored tensor not read
 
 
-_ROUTED = re.compile(r"\.experts\.\d+\.")
+_ROUTED = re.compile(r"\.experts\.(\d+\.|gate_up_proj$|down_proj$)")
 
 
 def is_routed_expert(name: str) -> bool:
-    """A routed expert's parameter (`...experts.3.w1.weight`), not a shared expert's or the router's."""
+    """A routed expert's weight (`...experts.3.w1.weight`, or gpt-oss's fused `...experts.gate_up_proj`), not a
+    shared expert's, a router's or gpt-oss's fused expert biases (kept with the dense weights)."""
     return bool(_ROUTED.search(name))
 
 

@@ -133,6 +133,14 @@ def read_tensor(reader: CheckpointReader, name: str, block: tuple[int, int]) -> 
     return t
 
 
+def read_expert_entry(reader: CheckpointReader, name: str, j: int) -> torch.Tensor:
+    """Expert j of a fused expert tensor [E, ...] (gpt-oss), only its own blocks read and dequantized when the
+    tensor is stored as MXFP4."""
+    if name not in reader.file_of and name + BLOCKS in reader.file_of:
+        return dequantize_mxfp4(reader.get_index(name + BLOCKS, j)[None], reader.get_index(name + SCALES, j)[None])[0]
+    return reader.get_index(name, j)
+
+
 def load(path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MoECausalLM:
     """The checkpoint's model in `dtype` on `device`, eval mode: forward(input_ids) -> logits."""
     model, reader, hf = build(path)

@@ -47,7 +47,8 @@ def load_any(model_dir: Path, device: str, reference: bool = False) -> tuple[MoE
         model = load(model_dir, device=device)
         return model, f"{model.family.name} (float32)"
     hf, _ = read_hf_config(model_dir)
-    fused = hf["qmoe"]["scheme"] == "ternary" and not reference
+    # gpt-oss's experts are fused per layer: the fused kernels' per-matrix modules are not built for them.
+    fused = hf["qmoe"]["scheme"] == "ternary" and not reference and hf.get("model_type") != "gpt_oss"
     model, _, _ = load_compressed(model_dir, fused=fused)
     how = "on fused kernels" if fused else "decoded to float32"
     return model.to(device), f"{model.family.name} compressed {hf['qmoe']['scheme']}, experts {how}"
