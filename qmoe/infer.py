@@ -107,21 +107,17 @@ def _family(model_dir: Path) -> bool:
 
 def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:
     from qmoe.models.run import run as run_family
-    from qmoe.runner import check_device
 
-    if len(cfg.devices) > 1 or cfg.simulate_uncompressed:
-        raise ValueError("decoder-only families run on one device: --devices with several devices and "
-                         "--simulate-uncompressed are built for Switch only")
     seq_len = a.seq_len
     if seq_len is None:  # a compressed directory's validation windows, else 128
         hf = json.loads((model_dir / "config.json").read_text())
         seq_len = hf.get("qmoe", {}).get("settings", {}).get("data_raw_length", 128)
     if seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2, got {seq_len}")
-    device = str(check_device(cfg.devices[0]))
-    r = run_family(model_dir, device, cfg.eval, cfg.generate, cfg.batch, a.val_samples, a.seed, a.calib, seq_len,
-                   a.prompt, cfg.reference)
-    print(f"{r['model']} ({r['kind']}) on {device}")
+    r = run_family(model_dir, list(cfg.devices), cfg.eval, cfg.generate, cfg.batch, a.val_samples, a.seed, a.calib,
+                   seq_len, a.prompt, cfg.reference, cfg.simulate_uncompressed)
+    print(f"{r['model']} ({r['kind']})")
+    _print_devices(r["devices"])
     if "val_loss" in r:
         print(f"validation loss {r['val_loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['val_samples']} "
               f"windows of {r['seq_len']} tokens, {r['eval_tokens_per_second']:.0f} tokens/s")
@@ -129,6 +125,14 @@ def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:
     for text in r.get("generated_text", [])[:1 if a.prompt is not None else 4]:
         print(f"{a.prompt}{text}" if a.prompt is not None else repr(text))
     return 0
+
+
+def _print_devices(devices: list[dict]) -> None:
+    for d in devices:
+        held = (f" ({d['held_bytes'] / 2**20:.1f} MiB with the CPU kernels' dictionary tables)"
+                if d.get("held_bytes", d["bytes"]) != d["bytes"] else "")
+        print(f"  {d['device']}: {d['bytes'] / 2**20:.1f} MiB{held}, {len(d['units'])} units "
+              f"({d['units'][0]} .. {d['units'][-1]})" if d["units"] else f"  {d['device']}: nothing placed")
 
 
 def _finish(r: dict, a) -> None:
@@ -178,11 +182,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{r['model']} ({r['kind']})")
-    for d in r["devices"]:
-        held = (f" ({d['held_bytes'] / 2**20:.1f} MiB with the CPU kernels' dictionary tables)"
-                if d["held_bytes"] != d["bytes"] else "")
-        print(f"  {d['device']}: {d['bytes'] / 2**20:.1f} MiB{held}, {len(d['units'])} units "
-              f"({d['units'][0]} .. {d['units'][-1]})" if d["units"] else f"  {d['device']}: nothing placed")
+    _print_devices(r["devices"])
     if "val_loss" in r:
         print(f"validation loss {r['val_loss']:.4f} over {r['val_samples']} samples, "
               f"{r['eval_tokens_per_second']:.0f} tokens/s")

@@ -298,8 +298,9 @@ def test_infer_cli_runs_a_family_checkpoint(tmp_path, capsys):
         loss = torch.nn.functional.cross_entropy(want.reshape(-1, 300), ids[:, 1:].reshape(-1)).item()
     assert abs(r["val_loss"] - loss) <= 1e-4 * loss and f"perplexity {r['perplexity']:.2f}" in out
     assert r["prompt"] == "def main():" and len(r["generated"][0]) == 5 and "def main():" in out
-    assert infer_cli.main(["--model", str(path), "--eval", "--devices", "cpu,cpu"]) == 2
-    assert "one device" in capsys.readouterr().err
+    assert infer_cli.main(["--model", str(path), "--eval", "--devices", "cpu,tpu:3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tpu:3" in err[0], err
 
 
 def test_compressing_an_unknown_model_type_is_a_one_line_error(tmp_path, capsys):

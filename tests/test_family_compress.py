@@ -264,3 +264,25 @@ def test_the_training_loops_run_and_write_loadable_checkpoints(tmp_path):
     assert (tmp_path / "qwen" / "TRAINING.md").read_text().startswith("# The embedded default qwen3_moe model")
     ids = validation_windows(ByteTokenizer(), load_default_corpus(), 2, 32, 12345)
     assert next_token_loss(qmoe.load(tmp_path / "qwen"), ids, 2, "cpu") == pytest.approx(r["val_loss_bf16"], abs=1e-4)
+
+
+def test_a_compressed_family_split_over_devices_gives_the_loss_of_one(models, tmp_path, capsys):
+    """qmoe.infer --devices cpu,cpu,cpu places a compressed Qwen3-MoE's units over three slots by bytes (every
+    unit on one, in order) and gives the one-device loss exactly; --simulate-uncompressed (every expert of a layer
+    one shared dense bf16 expert: QMoE's ideal baseline) runs and says so."""
+    out = tmp_path / "o"
+    compress_model(models["qwen3_moe"], out, CompressConfig(method=Method.RTN), SPEC, progress=_quiet)
+    base = ["--model", str(out), "--eval", "--val-samples", "4", "--seq-len", str(SEQ)]
+    results = {}
+    for devices in ("cpu", "cpu,cpu,cpu"):
+        assert infer_cli.main(base + ["--devices", devices, "--json", str(tmp_path / f"{devices}.json")]) == 0
+        results[devices] = json.loads((tmp_path / f"{devices}.json").read_text())
+    one, three = results["cpu"], results["cpu,cpu,cpu"]
+    assert three["val_loss"] == one["val_loss"]
+    slots = three["devices"]
+    assert len(slots) == 3 and all(s["units"] for s in slots)
+    assert [u for s in slots for u in s["units"]] == one["devices"][0]["units"]
+    assert sum(s["bytes"] for s in slots) == one["devices"][0]["bytes"]
+    capsys.readouterr()
+    assert infer_cli.main(base + ["--simulate-uncompressed", "--generate", "2"]) == 0
+    assert "simulated uncompressed" in capsys.readouterr().out

@@ -268,17 +268,35 @@ class MoECausalLM(nn.Module):
         self.model = Backbone(c, fam)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.unit_device: dict[str, torch.device] | None = None  # set by place(): the device each unit runs on
+
+    def units(self) -> list[str]:
+        """The modules run in order, each whole on one device: embedding, layers, final norm, head."""
+        return (["model.embed_tokens"] + [f"model.layers.{i}" for i in range(len(self.model.layers))]
+                + ["model.norm"] + ([] if self.cfg.tie_word_embeddings else ["lm_head"]))
+
+    def place(self, unit_device: dict[str, torch.device]) -> "MoECausalLM":
+        """Move each unit to its device; forward then carries the hidden states across (a tied head runs on the
+        embedding's device)."""
+        for name, dev in unit_device.items():
+            self.get_submodule(name).to(dev)
+        self.unit_device = dict(unit_device)
+        return self
+
+    def _on(self, x: torch.Tensor, unit: str) -> torch.Tensor:
+        return x if self.unit_device is None else x.to(self.unit_device[unit])
 
     def new_caches(self) -> list[dict]:
         return [{} for _ in self.model.layers]
 
     def forward(self, input_ids: torch.Tensor, caches: list[dict] | None = None, start: int = 0) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(self._on(input_ids, "model.embed_tokens"))
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, caches[i] if caches is not None else None, start)
-        x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, head)
+            x = layer(self._on(x, f"model.layers.{i}"), caches[i] if caches is not None else None, start)
+        x = self.model.norm(self._on(x, "model.norm"))
+        tied = self.cfg.tie_word_embeddings
+        head = self.model.embed_tokens.weight if tied else self.lm_head.weight
+        return F.linear(self._on(x, "model.embed_tokens" if tied else "lm_head"), head)
 
 
 def rope_of(hf: dict, dim: int) -> Rope:

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from qmoe.corpus import load_default_corpus
 from qmoe.data import windows
-from qmoe.models.base import MoECausalLM, generate
+from qmoe.models.base import MoECausalLM, SwiGLU, generate
 from qmoe.models.load import load, read_hf_config
+from qmoe.runner import BF16Linear, Placement, check_device, split_contiguous, tensor_bytes
 from qmoe.tokenizer import load_causal_tokenizer, read_text_file
 
 
@@ -32,36 +34,79 @@ def next_token_loss(model: MoECausalLM, ids: torch.Tensor, batch: int, device) -
     total, count = 0.0, 0
     for b in range(0, len(ids), batch):
         x = ids[b:b + batch].to(device)
-        logits = model(x[:, :-1]).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+        logits = model(x[:, :-1]).float()  # on the head's device
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].to(logits.device).reshape(-1),
+                                 reduction="sum").item()
         count += x[:, 1:].numel()
     return total / max(1, count)
 
 
-def load_any(model_dir: Path, device: str, reference: bool = False) -> tuple[MoECausalLM, str]:
-    """(model on `device`, what it is): an original checkpoint in float32, or a compressed directory with its
+def load_any(model_dir: Path, reference: bool = False) -> tuple[MoECausalLM, str]:
+    """(model on the CPU, what it is): an original checkpoint in float32, or a compressed directory with its
     ternary experts on the fused kernels (decoded to float32 with `reference`, and always for int2/int4)."""
     from qmoe.compressed import is_compressed, load_compressed
 
     if not is_compressed(model_dir):
-        model = load(model_dir, device=device)
+        model = load(model_dir)
         return model, f"{model.family.name} (float32)"
     hf, _ = read_hf_config(model_dir)
     # gpt-oss's experts are fused per layer: the fused kernels' per-matrix modules are not built for them.
     fused = hf["qmoe"]["scheme"] == "ternary" and not reference and hf.get("model_type") != "gpt_oss"
     model, _, _ = load_compressed(model_dir, fused=fused)
     how = "on fused kernels" if fused else "decoded to float32"
-    return model.to(device), f"{model.family.name} compressed {hf['qmoe']['scheme']}, experts {how}"
+    return model, f"{model.family.name} compressed {hf['qmoe']['scheme']}, experts {how}"
 
 
-def run(model_dir: Path, device: str, eval_: bool, steps: int, batch: int, val_samples: int, seed: int,
-        calib: Path | None, seq_len: int, prompt: str | None, reference: bool = False) -> dict:
+def place(model: MoECausalLM, devices: list[str]) -> Placement:
+    """Split the model's units over the devices (a device may be listed several times) in contiguous runs of
+    about equal bytes, as the Switch runner does, and move them there."""
+    if not devices:
+        raise ValueError("no devices given")
+    for d in devices:
+        check_device(d)
+    names, seen = model.units(), set()
+    sizes = {n: tensor_bytes(model.get_submodule(n), seen) for n in names}
+    p = Placement(tuple(devices), dict(zip(names, split_contiguous([sizes[n] for n in names], len(devices)))), sizes)
+    model.place({n: p.device(n) for n in names})
+    return p
+
+
+def simulate_uncompressed(model: MoECausalLM) -> MoECausalLM:
+    """QMoE's ideal baseline, in place: every routed expert of a layer becomes one shared dense bf16 expert (expert
+    0's weights, decoded), the speed of an uncompressed model that would not fit. Its outputs are not the model's."""
+    for layer in model.model.layers:
+        moe = getattr(layer, layer.ffn_name)
+        if not hasattr(moe, "router_name"):
+            continue
+        if not isinstance(moe.experts, nn.ModuleList):
+            raise ValueError(f"--simulate-uncompressed is built for per-expert modules, not {model.family.name}'s "
+                             "fused experts")
+        first = moe.experts[0]
+        shared = SwiGLU(model.cfg.hidden_size, model.cfg.moe_intermediate, first.names)
+        for name in first.names.values():
+            lin = getattr(first, name)
+            setattr(shared, name, BF16Linear(lin.dense() if hasattr(lin, "dense") else lin.weight))
+        for e in range(len(moe.experts)):
+            moe.experts[e] = shared
+    return model
+
+
+def run(model_dir: Path, devices: list[str], eval_: bool, steps: int, batch: int, val_samples: int, seed: int,
+        calib: Path | None, seq_len: int, prompt: str | None, reference: bool = False,
+        simulate: bool = False) -> dict:
     t0 = time.perf_counter()
     hf, _ = read_hf_config(model_dir)
-    model, kind = load_any(model_dir, device, reference)
+    model, kind = load_any(model_dir, reference)
+    if simulate:
+        simulate_uncompressed(model)
+        kind += "; simulated uncompressed (one shared dense bf16 expert a layer)"
+    p = place(model, devices)
+    device = str(p.device("model.embed_tokens"))  # where the ids go in
     tok = load_causal_tokenizer(model_dir, hf)
     text = read_text_file(calib) if calib else load_default_corpus()
     result = {"model": str(model_dir), "kind": kind, "device": device,
+              "devices": [{"device": d, "bytes": b, "units": u}
+                          for d, b, u in zip(p.devices, p.bytes_per_slot(), p.units_per_slot())],
               "load_seconds": round(time.perf_counter() - t0, 3)}
     if eval_:
         ids = validation_windows(tok, text, val_samples, seq_len, seed)
