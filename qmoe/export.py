@@ -1,6 +1,8 @@
 """Export a compressed decoder-only family directory to a format that other loaders read (docs/export.md).
 
 `python -m qmoe.export DIR --format compressed-tensors --out OUT [--overwrite]`
+`python -m qmoe.export DIR --format gguf --out OUT [--overwrite]`: GGUF for llama.cpp, int4-sym directories only
+(the experts as Q4_0, exactly; qmoe/export_gguf.py).
 
 compressed-tensors' `pack-quantized` format (what llm-compressor writes; transformers and vLLM read its config):
 every routed expert matrix of an int4 directory becomes `<name>.weight_packed` (int32 [R, ceil(C/8)], 8 codes a
@@ -38,7 +40,7 @@ from qmoe.packed import unpack
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json
 
-FORMATS = ("compressed-tensors",)
+FORMATS = ("compressed-tensors", "gguf")
 # The compressed-tensors release the export was checked against (its own decompressor reads it back: tests).
 COMPRESSED_TENSORS_VERSION = "0.20.1"
 BITS = 4
@@ -98,8 +100,17 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out.parent}: no such directory")
 
 
-def _read_source(src: Path) -> tuple[dict, dict]:
-    """(config.json, manifest) of a compressed int4 family directory, every file verified; ExportError otherwise."""
+_WHY = {"ternary": "the ternary grid {lo, 0, hi} (two bf16 levels a row) is no integer grid of one scale, so "
+                   "the format cannot hold it exactly for vLLM's MoE kernels, and the export never re-rounds",
+        "int2": "the format cannot hold the 2-bit grid for vLLM's MoE kernels, which take 4- and 8-bit "
+                "grids only (compress with --scheme int4)"}
+
+
+def _read_source(src: Path, schemes=SCHEMES, why: dict | None = None, fmt: str = "",
+                 loaders: str = "vLLM serves no Switch Transformers model") -> tuple[dict, dict]:
+    """(config.json, manifest) of a compressed family directory whose scheme is one of `schemes`, every file
+    verified; ExportError otherwise (`why`: the reason per refused scheme, `fmt`: the format's name in the message,
+    `loaders`: what the message says of the loaders after a refused model type)."""
     cfg_file = src / "config.json"
     if not src.is_dir():
         raise ExportError(f"{src}: not a directory")
@@ -115,13 +126,11 @@ def _read_source(src: Path) -> tuple[dict, dict]:
     if mt not in FAMILY_TYPES:
         what = "a Switch Transformers directory" if mt == "switch_transformers" else f"model_type {mt!r}"
         raise ExportError(f"{src}: {what}: the export covers the decoder-only families qmoe compresses "
-                          f"({', '.join(FAMILY_TYPES)}); vLLM serves no Switch Transformers model")
-    if scheme not in SCHEMES:
-        why = {"ternary": "the ternary grid {lo, 0, hi} (two bf16 levels a row) is no integer grid of one scale, so "
-                          "the format cannot hold it exactly for vLLM's MoE kernels, and the export never re-rounds",
-               "int2": "the format cannot hold the 2-bit grid for vLLM's MoE kernels, which take 4- and 8-bit "
-                       "grids only (compress with --scheme int4)"}.get(scheme, "not a scheme the format holds")
-        raise ExportError(f"{src}: scheme {scheme!r}: only int4 and int4-sym directories export: {why}")
+                          f"({', '.join(FAMILY_TYPES)}); {loaders}")
+    if scheme not in schemes:
+        reason = (_WHY if why is None else why).get(scheme, "not a scheme the format holds")
+        raise ExportError(f"{src}: scheme {scheme!r}: only {' and '.join(schemes)} directories export"
+                          f"{' to ' + fmt if fmt else ''}: {reason}")
     try:
         manifest = read_manifest(src)  # every file's size and sha256, before anything is written
     except CheckpointError as e:
@@ -168,6 +177,10 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     src, out = Path(src), Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r}: the formats are {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        from qmoe.export_gguf import export_gguf
+
+        return export_gguf(src, out, overwrite, max_shard_bytes, progress)
     _check_out(src, out, overwrite)
     hf, _ = _read_source(src)
     fam = FAMILIES[hf["model_type"]]
@@ -282,12 +295,14 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qmoe.export", description=__doc__.splitlines()[0])
-    p.add_argument("model", type=Path, help="a compressed directory (written by qmoe.compress, scheme int4)")
+    p.add_argument("model", type=Path, help="a compressed directory (written by qmoe.compress, scheme int4 or "
+                                            "int4-sym; GGUF: int4-sym)")
     p.add_argument("--format", default="compressed-tensors", choices=FORMATS, help="(default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="the directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9,
-                   help="start a new safetensors shard past this many GB (default: %(default)s)")
+                   help="start a new safetensors shard (GGUF: split file) past this many GB (default: "
+                        "%(default)s)")
     a = p.parse_args(argv)
     try:
         if a.max_shard_gb <= 0:

@@ -1,0 +1,468 @@
+"""GGUF (llama.cpp) export of a compressed int4-sym decoder-only family directory (docs/export.md#gguf).
+
+`python -m qmoe.export DIR --format gguf --out OUT` writes OUT/model.gguf (or model-0000i-of-0000N.gguf past
+--max-shard-gb, llama.cpp's split files) with the `gguf` package (gguf-py, llama.cpp's own writer).
+
+The experts: qmoe's int4-sym grid is value = (code - 8) * scale, code in 0..15, one bf16 scale per output row.
+GGUF's Q4_0 is value = (q - 8) * d in blocks of 32 weights along a row, q in 0..15 and d an fp16 scale. Every
+block of a row takes the row's scale as d and its codes as q, so whenever the bf16 scale is an fp16 value (checked
+row by row; refused otherwise, naming the matrix) the grid is held exactly: gguf's dequantizer gives qmoe's float32
+weights bit for bit (tests). The experts of a layer are fused as llama.cpp's converter fuses them:
+`blk.N.ffn_{gate,up,down}_exps.weight`, torch shape [experts, rows, columns] (ggml ne = columns, rows, experts).
+Asymmetric int4 is refused (Q4_1's block minimum m = -zero * scale is not always an fp16 value), and so are ternary
+and int2: the export never re-rounds.
+
+The dense tensors (attention, norms, router, embeddings, head, DeepSeek's shared experts and dense MLPs) keep
+qmoe's bf16 values: 2-D and 3-D ones as BF16, 1-D ones, norms and routers as F32 (exact), following llama.cpp's
+converter (convert_hf_to_gguf.py) in every name, shape and layout: Mixtral's q/k rows permuted for llama.cpp's
+pairwise RoPE, DeepSeek's kv_b_proj split into attn_k_b (transposed) and attn_v_b. Nothing is re-rounded.
+
+Tokenizer: a model on qmoe's byte vocabulary (qmoe.tokenizer.ByteTokenizer: no tokenizer.json, vocabulary of at
+least 259 ids) gets a GPT-2-style byte-level BPE vocabulary without merges (one inert placeholder merge: gguf-py
+cannot write an empty array) that llama.cpp tokenizes byte for byte into ByteTokenizer's ids. A directory with a
+tokenizer.json gets no tokenizer metadata (llama.cpp's converter picks the pre-tokenizer by hashing the tokenizer's
+output on a test text with transformers; not reproduced here): llama.cpp will not load that file until one is added.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from qmoe.checkpoint import CheckpointError, model_file
+from qmoe.compressed import DENSE_FILE, _group_range, block_files, expert_shapes
+from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
+from qmoe.packed import unpack
+from qmoe.quant import Scheme
+from qmoe.tokenizer import ByteTokenizer
+
+GGUF_VERSION = "0.19.0"  # the gguf release the export was written against and is read back with (tests)
+GGUF_FILE = "model.gguf"
+QK4_0 = 32  # weights per Q4_0 block: 2 bytes of fp16 scale, 16 bytes of 4-bit codes
+Q4_0_BYTES = 2 + QK4_0 // 2
+ARCHS = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2"}
+SCHEMES = (Scheme.INT4_SYM.value,)
+WHY = {
+    Scheme.INT4.value: "GGUF's symmetric Q4_0 has no zero point, and Q4_1 (value = q * d + m) would need the block "
+                       "minimum m = -zero * scale as an fp16 value, which it is not always; the export never re-rounds "
+                       "(compress with --scheme int4-sym)",
+    Scheme.TERNARY.value: "the ternary grid {lo, 0, hi} has two free bf16 levels a row, and GGUF's ternary types "
+                          "TQ1_0 / TQ2_0 hold {-d, 0, d} with one fp16 d a block; the export never re-rounds",
+    Scheme.INT2.value: "the asymmetric 2-bit grid would need Q2_K (256-weight super-blocks of 4-bit sub-scales and "
+                       "mins under fp16 scales), which this export does not write (compress with --scheme int4-sym)",
+}
+BYTE_PLACEHOLDER_MERGE = "<pad> <pad>"  # never a pair of symbols: the vocabulary has no two-character token
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("the GGUF export needs the gguf package (pip install -e '.[export]', gguf "
+                          f"{GGUF_VERSION})") from None
+    return gguf
+
+
+# The byte-level vocabulary.
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE vocabularies; llama.cpp's
+    unicode_byte_to_utf8): printable Latin-1 bytes map to themselves, the other 68 to U+0100 onwards in order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    out, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return dict(sorted(out.items()))
+
+
+def byte_vocabulary(vocab_size: int) -> tuple[list[str], list[int]]:
+    """(tokens, gguf token types) of ids 0..vocab_size-1 under ByteTokenizer: pad 0, eos 1, unk 2 and the
+    sentinels `<extra_id_k>` (id 358 - k) as control tokens (never produced by tokenizing plain text, as
+    ByteTokenizer.encode never produces them), byte b -> id b + 3 as its GPT-2 character, ids past the sentinels
+    unused."""
+    gguf = _gguf()
+    T = gguf.TokenType
+    b2u = bytes_to_unicode()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i < ByteTokenizer.offset:
+            tokens.append(("<pad>", "</s>", "<unk>")[i])
+            types.append(T.CONTROL)
+        elif i < ByteTokenizer.sentinel_floor:
+            tokens.append(b2u[i - ByteTokenizer.offset])
+            types.append(T.NORMAL)
+        elif i < ByteTokenizer.vocab_size:
+            tokens.append(f"<extra_id_{ByteTokenizer.vocab_size - 1 - i}>")
+            types.append(T.CONTROL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+    return tokens, [int(t) for t in types]
+
+
+def _tokenizer_kind(src: Path, hf: dict) -> str | None:
+    """'bytes' when the model was trained on ByteTokenizer (qmoe.tokenizer.load_causal_tokenizer's rule), else None."""
+    try:
+        if model_file(src, "tokenizer.json") is not None:
+            return None
+    except CheckpointError:
+        return None
+    return "bytes" if hf.get("vocab_size", 0) >= ByteTokenizer.sentinel_floor else None
+
+
+def _write_byte_vocabulary(w, vocab_size: int) -> None:
+    tokens, types = byte_vocabulary(vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([BYTE_PLACEHOLDER_MERGE])
+    w.add_bos_token_id(ByteTokenizer.eos_id)  # ByteTokenizer has no BOS; llama.cpp's BPE default (11) is a byte
+    w.add_eos_token_id(ByteTokenizer.eos_id)
+    w.add_unk_token_id(ByteTokenizer.unk_id)
+    w.add_pad_token_id(ByteTokenizer.pad_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+# Q4_0.
+
+def fp16_scales(scale: torch.Tensor) -> torch.Tensor | None:
+    """bf16 row scales -> float16, or None when one of them is not an fp16 value."""
+    h = scale.to(torch.float16)
+    return h if bool(torch.equal(h.float(), scale.float())) and bool(torch.isfinite(h).all()) else None
+
+
+def q4_0_rows(codes: torch.Tensor, scale16: torch.Tensor) -> np.ndarray:
+    """codes uint8 [..., R, C] in 0..15 (C a multiple of 32) and fp16 row scales [..., R] -> Q4_0 bytes
+    [..., R, C / 32 * 18]: per block the fp16 scale (little-endian), then byte j = code j | code (j + 16) << 4."""
+    *lead, C = codes.shape
+    nb = C // QK4_0
+    blocks = codes.reshape(*lead, nb, QK4_0)
+    qs = (blocks[..., : QK4_0 // 2] | (blocks[..., QK4_0 // 2:] << 4)).numpy()
+    d = scale16.contiguous().view(torch.int16).numpy().astype("<i2").view(np.uint8).reshape(*lead, 1, 2)
+    out = np.concatenate([np.broadcast_to(d, (*lead, nb, 2)), qs], -1)
+    return np.ascontiguousarray(out.reshape(*lead, nb * Q4_0_BYTES))
+
+
+# The tensor plan: every GGUF tensor, its type, shape and how to make its bytes.
+
+@dataclass
+class Planned:
+    name: str  # GGUF name
+    qtype: str  # "F32", "BF16", "Q4_0"
+    shape: tuple[int, ...]  # torch order (ggml ne reversed)
+    make: Callable[[], np.ndarray]  # the data: float32, bf16 bits as uint16, or Q4_0 bytes
+    source: list[str] = field(default_factory=list)  # qmoe names it comes from
+
+    def nbytes(self) -> int:
+        n = int(np.prod(self.shape))
+        return {"F32": 4 * n, "BF16": 2 * n, "Q4_0": n // QK4_0 * Q4_0_BYTES}[self.qtype]
+
+
+def _llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q or k projection from rotate-half RoPE (transformers) to pairwise RoPE (llama.cpp's llama
+    architecture): per head, row i of the first half and row i of the second become rows 2i and 2i + 1."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _check_family(arch: str, hf: dict, mcfg, src: Path) -> None:
+    """What llama.cpp's architecture computes differently from qmoe's model: refused in one line."""
+    if arch == "llama":
+        win = hf.get("sliding_window")
+        if win is not None and win < hf.get("max_position_embeddings", win + 1):
+            raise ExportError(f"{src}: sliding_window {win}: llama.cpp's llama architecture (Mixtral) attends to the "
+                              "whole context, so the model would differ past that many positions")
+    elif arch == "qwen3moe":
+        if not all(mcfg.sparse):
+            dense = [i for i, s in enumerate(mcfg.sparse) if not s]
+            raise ExportError(f"{src}: layers {dense} are dense MLPs (mlp_only_layers / decoder_sparse_step): "
+                              "llama.cpp's qwen3moe makes every layer MoE")
+        if not mcfg.norm_topk:
+            raise ExportError(f"{src}: norm_topk_prob is false: llama.cpp's qwen3moe always renormalizes the chosen "
+                              "experts' weights")
+    else:
+        lead = mcfg.sparse.index(True) if True in mcfg.sparse else len(mcfg.sparse)
+        if list(mcfg.sparse) != [i >= lead for i in range(len(mcfg.sparse))]:
+            raise ExportError(f"{src}: MoE layers {[i for i, s in enumerate(mcfg.sparse) if s]}: llama.cpp's "
+                              "deepseek2 takes leading dense layers and MoE after them (moe_layer_freq 1)")
+        if not mcfg.opt("interleave"):
+            raise ExportError(f"{src}: rope_interleave is false: llama.cpp's deepseek2 rotates interleaved pairs")
+        if mcfg.opt("bias"):
+            raise ExportError(f"{src}: attention_bias is true: llama.cpp's deepseek2 reads no attention biases")
+        if not mcfg.opt("shared"):
+            raise ExportError(f"{src}: no shared expert: llama.cpp's deepseek2 requires one")
+
+
+def _dense_plan(arch: str, mcfg, dense: dict, path: Path) -> list[Planned]:
+    """The dense tensors under llama.cpp's names (gguf's own TensorNameMap), in the converter's types."""
+    gguf = _gguf()
+    A = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    tmap = gguf.get_tensor_name_map(A, mcfg.num_layers)
+    allowed = set(gguf.MODEL_TENSORS[A])
+    T = gguf.MODEL_TENSOR
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as h:
+            return h.get_tensor(name)
+
+    def as_type(t: torch.Tensor, qtype: str) -> np.ndarray:
+        if t.dtype != torch.bfloat16:
+            raise ExportError(f"{path}: a dense tensor is {t.dtype}, not bf16")
+        return t.float().numpy() if qtype == "F32" else t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+    plan = []
+    for name, (dtype, shape) in dense.items():
+        if dtype != "BF16":
+            raise ExportError(f"{path}: dense tensor {name!r} is {dtype}, not BF16")
+        hf_name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # as llama.cpp's converter
+        if name.endswith("self_attn.kv_b_proj.weight") and arch == "deepseek2":
+            continue  # split below
+        got = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if got is None or got[0] not in allowed:
+            raise ExportError(f"{path}: dense tensor {name!r} has no place in llama.cpp's {arch} architecture")
+        kind, gname = got
+        qtype = "F32" if len(shape) <= 1 or gname.endswith("_norm.weight") or kind == T.FFN_GATE_INP else "BF16"
+        transform = None
+        if arch == "llama" and kind in (T.ATTN_Q, T.ATTN_K):
+            heads = mcfg.num_heads if kind == T.ATTN_Q else mcfg.num_kv_heads
+            transform = (lambda h: lambda t: _llama_permute(t, h))(heads)
+        plan.append(Planned(gname, qtype, tuple(shape),
+                            (lambda n, q, f: lambda: as_type(f(read(n)) if f else read(n), q))(name, qtype, transform),
+                            [name]))
+    if arch == "deepseek2":
+        H, nope, v, L = mcfg.num_heads, mcfg.opt("nope"), mcfg.opt("v"), mcfg.opt("kv_lora_rank")
+        for i in range(mcfg.num_layers):
+            name = f"model.layers.{i}.self_attn.kv_b_proj.weight"
+            if name not in dense:
+                raise ExportError(f"{path}: no {name!r}")
+            if tuple(dense[name][1]) != (H * (nope + v), L):
+                raise ExportError(f"{path}: {name!r} is {dense[name][1]}, not {[H * (nope + v), L]}")
+
+            def split(name=name):
+                kv = read(name).view(H, nope + v, L)
+                k_b, v_b = kv.split([nope, v], 1)
+                return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
+            for j, (kind, shape) in enumerate(((T.ATTN_K_B, (H, L, nope)), (T.ATTN_V_B, (H, v, L)))):
+                plan.append(Planned(gguf.TENSOR_NAMES[kind].format(bid=i) + ".weight", "BF16", shape,
+                                    (lambda s, j: lambda: as_type(s()[j], "BF16"))(split, j), [name]))
+    names = {p.name for p in plan}
+    if len(names) != len(plan):
+        raise ExportError(f"{path}: two dense tensors map to one GGUF name")
+    return plan
+
+
+@dataclass
+class ExpertSource:
+    block: str
+    layer: int
+    files: list[tuple[int, int, Path]]  # (first expert, end, group file)
+
+
+def _expert_sources(src: Path, mcfg) -> list[ExpertSource]:
+    out = []
+    for i, sparse in enumerate(mcfg.sparse):
+        if not sparse:
+            continue
+        block = f"model.layers.{i}"
+        spans = sorted(_group_range(f) + (f,) for f in block_files(src, block))
+        if [j for g0, g1, _ in spans for j in range(g0, g1)] != list(range(mcfg.num_experts)):
+            raise ExportError(f"{src / 'experts' / block}: the group files do not cover experts "
+                              f"0..{mcfg.num_experts - 1}")
+        out.append(ExpertSource(block, i, spans))
+    return out
+
+
+def _read_kind(es: ExpertSource, kind: str, shape: tuple[int, int], codes: bool, name: str):
+    """(codes uint8 [E, R, C] or None, fp16 scales [E, R]) of one matrix kind over a layer's experts; ExportError
+    on a matrix that is not int4-sym of the expected shape, or a scale that is not an fp16 value."""
+    R, C = shape
+    all_codes, all_scales = [], []
+    for g0, g1, f in es.files:
+        with safe_open(str(f), framework="pt") as h:
+            meta = json.loads((h.metadata() or {}).get("qmoe", "{}"))
+            if meta.get("scheme") != Scheme.INT4_SYM.value:
+                raise ExportError(f"{f}: its experts are {meta.get('scheme')!r}, not int4-sym")
+            for j in range(g0, g1):
+                key = f"expert_{j}.{kind}"
+                if tuple(meta.get("shapes", {}).get(key, ())) != (R, C):
+                    raise ExportError(f"{f}: expert matrix {key!r} is missing or not {R}x{C}")
+                scale, zero = h.get_tensor(f"{key}.scale"), h.get_tensor(f"{key}.zero")
+                if scale.dtype != torch.bfloat16 or tuple(scale.shape) != (R,) or tuple(zero.shape) != (R,):
+                    raise ExportError(f"{f}: {key!r}: row scales are not {R} bf16 values")
+                if bool((zero != 8).any()):
+                    raise ExportError(f"{f}: {key!r}: a symmetric grid with a zero point other than 8")
+                s16 = fp16_scales(scale)
+                if s16 is None:
+                    bad = next(r for r in range(R) if fp16_scales(scale[r:r + 1]) is None)
+                    raise ExportError(f"{f}: {key!r} ({name}, expert {j}) row {bad}: scale {float(scale[bad])!r} "
+                                      "is not an fp16 value, which Q4_0's block scale is; the export never re-rounds")
+                all_scales.append(s16)
+                if codes:
+                    all_codes.append(unpack(h.get_tensor(f"{key}.codes"), 4, (R, C)))
+    return (torch.stack(all_codes) if codes else None), torch.stack(all_scales)
+
+
+def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict) -> list[Planned]:
+    gguf = _gguf()
+    T = gguf.MODEL_TENSOR
+    plan = []
+    for es in sources:
+        for kind, mt in (("gate", T.FFN_GATE_EXP), ("up", T.FFN_UP_EXP), ("down", T.FFN_DOWN_EXP)):
+            R, C = shapes[kind]
+            qmoe_name = f"{es.block}.{fam.moe}.experts.*.{fam.expert_names[kind]}"
+            if C % QK4_0:
+                raise ExportError(f"{qmoe_name}: {C} columns, not a multiple of Q4_0's {QK4_0}-weight blocks")
+
+            def make(es=es, kind=kind, shape=(R, C), name=qmoe_name):
+                codes, s16 = _read_kind(es, kind, shape, True, name)
+                return q4_0_rows(codes, s16)
+            plan.append(Planned(gguf.TENSOR_NAMES[mt].format(bid=es.layer) + ".weight", "Q4_0",
+                                (mcfg.num_experts, R, C), make, [qmoe_name]))
+    return plan
+
+
+def _metadata(w, arch: str, hf: dict, mcfg, src: Path) -> None:
+    """The architecture's keys, as llama.cpp's converter writes them for the family (gguf's Keys via the writer)."""
+    gguf = _gguf()
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(src.name)
+    w.add_vocab_size(mcfg.vocab_size)
+    w.add_block_count(mcfg.num_layers)
+    if hf.get("max_position_embeddings") is not None:
+        w.add_context_length(int(hf["max_position_embeddings"]))
+    w.add_embedding_length(mcfg.hidden_size)
+    w.add_feed_forward_length(int(hf.get("intermediate_size") or mcfg.dense_intermediate))
+    w.add_head_count(mcfg.num_heads)
+    w.add_layer_norm_rms_eps(float(mcfg.rms_eps))
+    w.add_expert_count(mcfg.num_experts)
+    w.add_expert_used_count(mcfg.top_k)
+    r = mcfg.rope
+    w.add_rope_freq_base(float(r.theta))
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if r.factor > 1:  # YaRN (qmoe's rope_of reads default and yarn only)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(r.factor))
+        w.add_rope_scaling_orig_ctx_len(int(r.original_max))
+        w.add_rope_scaling_yarn_beta_fast(float(r.beta_fast))
+        w.add_rope_scaling_yarn_beta_slow(float(r.beta_slow))
+        if params.get("attention_factor", params.get("attn_factor")) is not None:
+            w.add_rope_scaling_yarn_attn_factor(float(params.get("attention_factor", params.get("attn_factor"))))
+    if arch in ("llama", "qwen3moe"):
+        w.add_head_count_kv(mcfg.num_kv_heads)
+        w.add_key_length(mcfg.head_dim)
+        w.add_value_length(mcfg.head_dim)
+        w.add_rope_dimension_count(mcfg.head_dim)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(mcfg.moe_intermediate)
+    else:  # deepseek2: MLA as MQA over the latent (converter's DeepseekV2Model)
+        o = dict(mcfg.extra)
+        L, rot = o["kv_lora_rank"], o["rot"]
+        w.add_head_count_kv(1)
+        w.add_leading_dense_block_count(mcfg.sparse.index(True))
+        w.add_q_lora_rank(int(o["q_lora_rank"] or 0))
+        w.add_kv_lora_rank(L)
+        w.add_key_length(L + rot)
+        w.add_value_length(L)
+        w.add_key_length_mla(o["nope"] + rot)
+        w.add_value_length_mla(o["v"])
+        w.add_rope_dimension_count(rot)
+        w.add_expert_feed_forward_length(mcfg.moe_intermediate)
+        w.add_expert_shared_count(int(o["shared"]))
+        w.add_expert_weights_scale(float(o["scaling"]))
+        if mcfg.norm_topk:
+            w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(int(o["n_group"]))
+        w.add_expert_group_used_count(int(o["topk_group"]))
+        if r.factor > 1 and params.get("mscale_all_dim"):
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(params["mscale_all_dim"]))  # llama.cpp divides by 0.1
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                progress=print) -> dict:
+    """Write OUT/model.gguf (split past max_shard_bytes) from the int4-sym directory SRC; returns a summary."""
+    from qmoe.models.load import FAMILIES
+
+    gguf = _gguf()
+    src, out = Path(src), Path(out)
+    _check_out(src, out, overwrite)
+    hf, _ = _read_source(src, SCHEMES, WHY, "GGUF", "they are written as llama.cpp's llama (Mixtral), qwen3moe "
+                                                     "and deepseek2 (DeepSeek-V3, Kimi-K2) architectures")
+    arch = ARCHS[hf["model_type"]]
+    fam = FAMILIES[hf["model_type"]]
+    try:
+        mcfg = fam.config(hf)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ExportError(f"{src / 'config.json'}: {e}") from None
+    _check_family(arch, hf, mcfg, src)
+    shapes = expert_shapes(mcfg)
+    sources = _expert_sources(src, mcfg)
+    with safe_open(str(src / DENSE_FILE), framework="pt") as h:
+        dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
+    plan = _dense_plan(arch, mcfg, dense, src / DENSE_FILE) + _expert_plan(fam, mcfg, sources, shapes)
+    for es in sources:  # every scale checked before anything is written
+        for kind in shapes:
+            _read_kind(es, kind, shapes[kind], False, f"{es.block}.{fam.moe}.experts.*.{fam.expert_names[kind]}")
+    tokenizer = _tokenizer_kind(src, hf)
+
+    total = sum(p.nbytes() for p in plan)
+    split = max_shard_bytes if total > max_shard_bytes else 0
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        w = gguf.GGUFWriter(tmp / GGUF_FILE, arch, split_max_size=split)
+        _metadata(w, arch, hf, mcfg, src)
+        if tokenizer == "bytes":
+            _write_byte_vocabulary(w, mcfg.vocab_size)
+        qt = gguf.GGMLQuantizationType
+        for p in plan:
+            if p.qtype == "F32":
+                w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes())
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(p.shape, qt[p.qtype])
+                w.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes(), raw_dtype=qt[p.qtype])
+        files = [f.name for f in w.format_shard_names(tmp / GGUF_FILE)]
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        expert_bytes = 0
+        for p in plan:
+            data = p.make()
+            want = {"F32": np.float32, "BF16": np.uint16, "Q4_0": np.uint8}[p.qtype]
+            if data.dtype != want or data.nbytes != p.nbytes():
+                raise ExportError(f"{p.name}: made {data.dtype} of {data.nbytes} bytes, planned {p.nbytes()}")
+            w.write_tensor_data(data if p.qtype == "F32" else data.view(np.uint8))
+            expert_bytes += data.nbytes if p.qtype == "Q4_0" else 0
+        w.close()
+        for f in files:
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp / f, 0o644)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    params_experts = len(sources) * mcfg.num_experts * sum(r * c for r, c in shapes.values())
+    summary = {"format": "gguf", "source": str(src), "out": str(out), "files": files, "architecture": arch,
+               "tokenizer": tokenizer, "tensor_bytes": total, "expert_bytes": expert_bytes,
+               "params_experts": params_experts, "bits_per_param_experts": 8 * expert_bytes / params_experts}
+    if tokenizer is None:
+        progress(f"note: {src} has a tokenizer.json (or too small a vocabulary for qmoe's byte tokens): no tokenizer "
+                 "metadata written, and llama.cpp will not load the file until one is added (docs/export.md#gguf)")
+    progress(f"{out}: GGUF {arch}, {len(files)} file(s), experts Q4_0 at "
+             f"{summary['bits_per_param_experts']:.3f} bits a parameter")
+    return summary
