@@ -1,0 +1,448 @@
+"""The GGUF export (qmoe.export --format gguf) of int4-sym Mixtral, Qwen3-MoE and DeepSeek-V3 directories, read back
+with gguf's own GGUFReader and dequantizer: every expert bit for bit qmoe's weights, every dense tensor qmoe's bf16
+values under llama.cpp's names and layouts, the architecture's keys, the byte vocabulary, and the one-line
+refusals. llama.cpp itself is not run here (docs/export.md#gguf says why)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+gguf = pytest.importorskip("gguf")
+
+import qmoe  # noqa: E402
+from qmoe import export_gguf as eg  # noqa: E402
+from qmoe.compressed import expert_shapes  # noqa: E402
+from qmoe.compressor import DataSpec, compress_model  # noqa: E402
+from qmoe.data import DataConfig  # noqa: E402
+from qmoe.export import ExportError, export  # noqa: E402
+from qmoe.models.base import rope  # noqa: E402
+from qmoe.models.load import FAMILIES  # noqa: E402
+from qmoe.pipeline import CompressConfig  # noqa: E402
+from qmoe.quant import Method, Scheme  # noqa: E402
+from qmoe.tokenizer import ByteTokenizer  # noqa: E402
+from test_export import _copy, _quiet, _refused, _run, _umask  # noqa: E402
+from test_families import _deepseek_v3, _mixtral, _qwen3_moe  # noqa: E402
+
+SPEC = DataSpec(train_samples=4, val_samples=0, seed=0, data=DataConfig(raw_length=32))
+# The tiny models with expert columns a multiple of Q4_0's 32-weight blocks; Qwen3-MoE with every layer MoE (as
+# llama.cpp's qwen3moe computes it). DeepSeek-V3 is written in split files (a tiny split size), with GPTQ.
+MODELS = {"mixtral": (_mixtral, dict(intermediate_size=64), Method.RTN),
+          "qwen3_moe": (_qwen3_moe, dict(moe_intermediate_size=32, mlp_only_layers=[]), Method.RTN),
+          "deepseek_v3": (_deepseek_v3, dict(moe_intermediate_size=32), Method.GPTQ)}
+ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2"}
+SPLIT = 40_000
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """{family: (source checkpoint, compressed int4-sym directory, GGUF export, the export's summary)}."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for name, (make, over, method) in MODELS.items():
+        src, comp, gg = root / name, root / f"{name}-sym", root / f"{name}-gguf"
+        torch.manual_seed(0)
+        make(vocab_size=300, **over).eval().save_pretrained(src)
+        compress_model(src, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=method), SPEC, progress=_quiet)
+        summary = export(comp, gg, "gguf", max_shard_bytes=SPLIT if name == "deepseek_v3" else 10**9,
+                         progress=_quiet)
+        out[name] = (src, comp, gg, summary)
+    return out
+
+
+def _read(gg: Path) -> tuple[dict, dict]:
+    """(fields {key: contents} of the first file, tensors {name: ReaderTensor} over every file) of an export."""
+    files = sorted(gg.glob("*.gguf"))
+    readers = [gguf.GGUFReader(f) for f in files]
+    fields = {k: f.contents() for k, f in readers[0].fields.items() if not k.startswith("GGUF.")}
+    tensors = {}
+    for r in readers:
+        for t in r.tensors:
+            assert t.name not in tensors
+            tensors[t.name] = t
+    return fields, tensors
+
+
+def _hf(comp: Path) -> dict:
+    return json.loads((comp / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gguf_experts_dequantize_to_qmoes_weights_exactly(dirs, name):
+    """gguf's own dequantizer (gguf.quants.dequantize, Q4_0) gives every expert of every layer equal, bit for bit,
+    to qmoe's float32 weights (qmoe.load, fused=False), fused per layer as blk.N.ffn_{gate,up,down}_exps
+    [experts, rows, columns]."""
+    _, comp, gg, summary = dirs[name]
+    hf = _hf(comp)
+    fam = FAMILIES[hf["model_type"]]
+    cfg = fam.config(hf)
+    shapes = expert_shapes(cfg)
+    ours = dict(qmoe.load(comp, fused=False).named_parameters())
+    _, tensors = _read(gg)
+    n = 0
+    for i, sparse in enumerate(cfg.sparse):
+        for kind, gname in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
+            key = f"blk.{i}.{gname}.weight"
+            if not sparse:
+                assert key not in tensors
+                continue
+            t = tensors[key]
+            R, C = shapes[kind]
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            assert t.shape.tolist() == [C, R, cfg.num_experts]  # ggml's ne: columns, rows, experts
+            got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            want = torch.stack([ours[f"model.layers.{i}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"]
+                                for j in range(cfg.num_experts)])
+            assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), key
+            n += 1
+    assert n == 3 * sum(cfg.sparse)
+    assert summary["bits_per_param_experts"] == 4.5  # 18 bytes a 32-weight block
+
+
+def _permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's pairwise RoPE layout, written independently of the export: within each head, output row 2i is
+    row i and row 2i + 1 is row i + half."""
+    hd = w.shape[0] // heads
+    order = [h * hd + (k // 2 if k % 2 == 0 else hd // 2 + k // 2) for h in range(heads) for k in range(hd)]
+    return w[order]
+
+
+def _expected_dense(name: str, comp: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """{GGUF name: (type, expected tensor)}: qmoe's bf16 dense tensors under llama.cpp's names (as its converter
+    writes them), F32 for 1-D tensors and routers, BF16 for the rest, Mixtral's q/k rows in pairwise RoPE order,
+    DeepSeek's kv_b_proj split into attn_k_b (transposed per head) and attn_v_b."""
+    hf = _hf(comp)
+    cfg = FAMILIES[hf["model_type"]].config(hf)
+    with safe_open(str(comp / "dense.safetensors"), framework="pt") as h:
+        dense = {k: h.get_tensor(k) for k in h.keys()}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+                 "block_sparse_moe.gate.weight": "ffn_gate_inp.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+                 "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+                 "self_attn.q_a_proj.weight": "attn_q_a.weight", "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+                 "self_attn.q_b_proj.weight": "attn_q_b.weight",
+                 "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+                 "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+                 "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+                 "mlp.down_proj.weight": "ffn_down.weight",
+                 "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+                 "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+                 "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight"}
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    out = {}
+    for k, v in dense.items():
+        assert v.dtype == torch.bfloat16
+        if k in top:
+            gname = top[k]
+        else:
+            _, _, i, rest = k.split(".", 3)
+            if rest == "self_attn.kv_b_proj.weight":
+                H, nope, vd, L = cfg.num_heads, cfg.opt("nope"), cfg.opt("v"), cfg.opt("kv_lora_rank")
+                kv = v.reshape(H, nope + vd, L)
+                out[f"blk.{i}.attn_k_b.weight"] = ("BF16", kv[:, :nope].transpose(1, 2))
+                out[f"blk.{i}.attn_v_b.weight"] = ("BF16", kv[:, nope:])
+                continue
+            gname = f"blk.{i}.{per_layer[rest]}"
+            if name == "mixtral" and rest == "self_attn.q_proj.weight":
+                v = _permute_rows(v, cfg.num_heads)
+            if name == "mixtral" and rest == "self_attn.k_proj.weight":
+                v = _permute_rows(v, cfg.num_kv_heads)
+        f32 = v.dim() == 1 or gname.endswith("ffn_gate_inp.weight")
+        out[gname] = ("F32" if f32 else "BF16", v)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gguf_dense_tensors_are_qmoes_bf16_values(dirs, name):
+    """Every tensor that is not an expert is one of qmoe's dense bf16 tensors, its bits unchanged (BF16) or
+    widened exactly (F32), under llama.cpp's name and layout; no tensor is missing or extra."""
+    _, comp, gg, _ = dirs[name]
+    _, tensors = _read(gg)
+    want = _expected_dense(name, comp)
+    assert set(tensors) - set(want) == {k for k in tensors if "_exps." in k}
+    assert set(want) <= set(tensors)
+    for k, (qtype, v) in want.items():
+        t = tensors[k]
+        assert t.tensor_type.name == qtype, k
+        assert tuple(reversed(t.shape.tolist())) == tuple(v.shape), k
+        if qtype == "F32":
+            got = torch.from_numpy(np.asarray(t.data).copy()).reshape(v.shape)
+            assert torch.equal(got, v.float()), k
+        else:
+            got = torch.from_numpy(np.asarray(t.data).view(np.int16).copy()).reshape(v.shape)
+            assert torch.equal(got, v.contiguous().view(torch.int16)), k
+
+
+def test_mixtrals_permuted_rows_give_the_same_attention_scores_under_pairwise_rope(dirs):
+    """Why Mixtral's q/k rows are permuted: llama.cpp's llama architecture rotates consecutive pairs (its NORM
+    RoPE), transformers and qmoe rotate half against half; the GGUF's rows under pairwise RoPE give qmoe's q.k
+    scores (qmoe's own rope, interleave=True, is a pairwise rotation)."""
+    _, comp, gg, _ = dirs["mixtral"]
+    hf = _hf(comp)
+    cfg = FAMILIES["mixtral"].config(hf)
+    _, tensors = _read(gg)
+    with safe_open(str(comp / "dense.safetensors"), framework="pt") as h:
+        wq, wk = h.get_tensor("model.layers.0.self_attn.q_proj.weight"), h.get_tensor("model.layers.0.self_attn.k_proj.weight")
+
+    def bf16(t):
+        return torch.from_numpy(np.asarray(t.data).view(np.int16).copy()).view(torch.bfloat16)
+
+    gq, gk = bf16(tensors["blk.0.attn_q.weight"]), bf16(tensors["blk.0.attn_k.weight"])
+    torch.manual_seed(1)
+    x, pos, hd = torch.randn(1, 7, cfg.hidden_size), torch.arange(7), cfg.head_dim
+
+    def scores(q_w, k_w, interleave):
+        q = (x @ q_w.float().t()).view(1, 7, cfg.num_heads, hd).transpose(1, 2)
+        k = (x @ k_w.float().t()).view(1, 7, cfg.num_kv_heads, hd).transpose(1, 2)
+        q, k = rope(q, pos, cfg.rope, interleave), rope(k, pos, cfg.rope, interleave)
+        return q @ k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, 1).transpose(-1, -2)
+    assert torch.allclose(scores(wq, wk, False), scores(gq, gk, True), atol=1e-5)
+    assert not torch.allclose(scores(wq, wk, False), scores(wq, wk, True), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gguf_metadata_is_the_architectures(dirs, name):
+    """general.architecture and the architecture's keys (llama.cpp's converter's choice of keys for the family)
+    from the source config; gguf's key names come from gguf.Keys."""
+    src, comp, gg, summary = dirs[name]
+    hf = _hf(comp)
+    cfg = FAMILIES[hf["model_type"]].config(hf)
+    f, _ = _read(gg)
+    a = ARCH[name]
+    assert f["general.architecture"] == a == summary["architecture"]
+    K, L, At, Ro = gguf.Keys.General, gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+    assert f[K.FILE_TYPE] == gguf.LlamaFileType.MOSTLY_Q4_0 and f[K.QUANTIZATION_VERSION] == gguf.GGML_QUANT_VERSION
+    want = {L.BLOCK_COUNT: hf["num_hidden_layers"], L.CONTEXT_LENGTH: hf["max_position_embeddings"],
+            L.EMBEDDING_LENGTH: hf["hidden_size"], L.FEED_FORWARD_LENGTH: hf["intermediate_size"],
+            L.VOCAB_SIZE: hf["vocab_size"], At.HEAD_COUNT: hf["num_attention_heads"],
+            L.EXPERT_USED_COUNT: hf["num_experts_per_tok"], L.EXPERT_COUNT: cfg.num_experts}
+    if name == "deepseek_v3":
+        p = hf["rope_parameters"]
+        want.update({At.HEAD_COUNT_KV: 1, L.LEADING_DENSE_BLOCK_COUNT: hf["first_k_dense_replace"],
+                     At.Q_LORA_RANK: hf["q_lora_rank"], At.KV_LORA_RANK: hf["kv_lora_rank"],
+                     At.KEY_LENGTH: hf["kv_lora_rank"] + hf["qk_rope_head_dim"], At.VALUE_LENGTH: hf["kv_lora_rank"],
+                     At.KEY_LENGTH_MLA: hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"],
+                     At.VALUE_LENGTH_MLA: hf["v_head_dim"], Ro.DIMENSION_COUNT: hf["qk_rope_head_dim"],
+                     L.EXPERT_FEED_FORWARD_LENGTH: hf["moe_intermediate_size"],
+                     L.EXPERT_SHARED_COUNT: hf["n_shared_experts"],
+                     L.EXPERT_WEIGHTS_SCALE: hf["routed_scaling_factor"], L.EXPERT_WEIGHTS_NORM: True,
+                     L.EXPERT_GATING_FUNC: gguf.ExpertGatingFuncType.SIGMOID.value,
+                     L.EXPERT_GROUP_COUNT: hf["n_group"], L.EXPERT_GROUP_USED_COUNT: hf["topk_group"],
+                     Ro.FREQ_BASE: p["rope_theta"], Ro.SCALING_TYPE: "yarn", Ro.SCALING_FACTOR: p["factor"],
+                     Ro.SCALING_ORIG_CTX_LEN: p["original_max_position_embeddings"],
+                     Ro.SCALING_YARN_BETA_FAST: p["beta_fast"], Ro.SCALING_YARN_BETA_SLOW: p["beta_slow"],
+                     Ro.SCALING_YARN_LOG_MUL: pytest.approx(0.1 * p["mscale_all_dim"])})
+    else:
+        hd = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        want.update({At.HEAD_COUNT_KV: hf["num_key_value_heads"], At.KEY_LENGTH: hd, At.VALUE_LENGTH: hd,
+                     Ro.DIMENSION_COUNT: hd, Ro.FREQ_BASE: cfg.rope.theta})
+        assert Ro.SCALING_TYPE.format(arch=a) not in f
+        if name == "qwen3_moe":
+            want[L.EXPERT_FEED_FORWARD_LENGTH] = hf["moe_intermediate_size"]
+    for key, v in want.items():
+        assert f[key.format(arch=a)] == v, key
+    assert f[At.LAYERNORM_RMS_EPS.format(arch=a)] == pytest.approx(hf["rms_norm_eps"], rel=1e-7)
+
+
+def test_the_byte_vocabulary_tokenizes_as_bytetokenizer(dirs):
+    """tokenizer.ggml.*: byte-level BPE ('gpt2') with no working merge, its tokens GPT-2's byte characters
+    (transformers' bytes_to_unicode) at ByteTokenizer's ids, pad/eos/unk and the sentinels control tokens. Looking
+    each byte's character up in the vocabulary, as llama.cpp's BPE tokenizer does with no merge to apply, gives
+    ByteTokenizer.encode's ids; the pieces give its bytes back. Hugging Face's own byte-level BPE (tokenizers)
+    over the same vocabulary, without merges, agrees."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    f, _ = _read(dirs["qwen3_moe"][2])
+    T = gguf.TokenType
+    assert eg.bytes_to_unicode() == bytes_to_unicode()
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "default"
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == 300 and len(set(tokens)) == 300
+    assert tokens[:3] == ["<pad>", "</s>", "<unk>"] and types[:3] == [T.CONTROL] * 3
+    assert tokens[358 - 99] == "<extra_id_99>" and types[259:] == [T.CONTROL] * 41
+    assert types[3:259] == [T.NORMAL] * 256
+    merges = f["tokenizer.ggml.merges"]
+    assert merges == [eg.BYTE_PLACEHOLDER_MERGE] and all(len(m.split(" ")[0]) > 1 for m in merges)
+    assert (f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.unknown_token_id"],
+            f["tokenizer.ggml.padding_token_id"]) == (1, 2, 0)
+    assert f["tokenizer.ggml.add_bos_token"] is False and f["tokenizer.ggml.add_eos_token"] is False
+    b2u, to_id = bytes_to_unicode(), {t: i for i, t in enumerate(tokens)}
+    text = "Grüße, qmoe!\n\t<extra_id_0> 日本語 \u2581"
+    ids = [to_id[b2u[b]] for b in text.encode("utf-8")]
+    assert ids == ByteTokenizer().encode(text).tolist()
+    u2b = {c: b for b, c in b2u.items()}
+    assert bytes(u2b[tokens[i]] for i in ids).decode("utf-8") == text
+    hf_bpe = Tokenizer(models.BPE(vocab=to_id, merges=[]))  # the placeholder's halves are never symbols
+    hf_bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_bpe.decoder = decoders.ByteLevel()
+    assert hf_bpe.encode(text, add_special_tokens=False).ids == ids
+    assert hf_bpe.decode(ids) == text
+
+
+def test_the_split_export_is_llamacpps_split_files(dirs):
+    """Past --max-shard-gb the export is llama.cpp's split GGUF (gguf-py's writer): model-0000i-of-0000N.gguf, each
+    with split.no / split.count / split.tensors.count, the metadata in the first."""
+    _, comp, gg, summary = dirs["deepseek_v3"]
+    files = sorted(p.name for p in gg.iterdir())
+    n = len(files)
+    assert n > 1 and files == [f"model-{i + 1:05d}-of-{n:05d}.gguf" for i in range(n)] == summary["files"]
+    total = 0
+    for i, name in enumerate(files):
+        r = gguf.GGUFReader(gg / name)
+        assert r.fields["split.no"].contents() == i and r.fields["split.count"].contents() == n
+        total += len(r.tensors)
+        assert ("deepseek2.block_count" in r.fields) == (i == 0)
+    assert total == r.fields["split.tensors.count"].contents() == len(_read(gg)[1])
+    single = export(comp, gg.parent / "deepseek-one", "gguf", progress=_quiet)
+    assert single["files"] == ["model.gguf"]
+    assert set(_read(gg.parent / "deepseek-one")[1]) == set(_read(gg)[1])
+
+
+def test_q4_0_costs_four_and_a_half_bits_an_expert_parameter(dirs, tmp_path):
+    """Q4_0 stores 16 bits of scale a 32-weight block: 4 + 16/32 bits an expert parameter whatever the shape
+    (compressed-tensors int4-sym: 4 + 16/C a row plus 16 bytes of shape a matrix; docs/export.md#sizes)."""
+    _, comp, gg, summary = dirs["mixtral"]
+    ct = export(comp, tmp_path / "ct", progress=_quiet)
+    assert summary["params_experts"] == ct["params_experts"]
+    assert summary["expert_bytes"] * 8 == 4.5 * summary["params_experts"]
+    shapes = expert_shapes(FAMILIES["mixtral"].config(_hf(comp)))
+    per_expert = sum(R * C // 2 + R * 2 + 16 for R, C in shapes.values())
+    assert ct["expert_bytes"] == per_expert * 5 * 2  # 5 experts, 2 layers
+
+
+# The refusals: one line on stderr, rc 2, nothing written (test_export's _refused).
+
+@pytest.fixture(scope="module")
+def others(tmp_path_factory, dirs):
+    """The Mixtral source compressed int4 (asymmetric), ternary and int2 (RTN), and an int4-sym directory with
+    one expert row scaled below fp16's range."""
+    root = tmp_path_factory.mktemp("gguf-refused")
+    src = dirs["mixtral"][0]
+    out = {}
+    for scheme in (Scheme.INT4, Scheme.TERNARY, Scheme.INT2):
+        out[scheme.value] = root / scheme.value
+        compress_model(src, out[scheme.value], CompressConfig(scheme=scheme, method=Method.RTN), SPEC,
+                       progress=_quiet)
+    torch.manual_seed(0)
+    model = _mixtral(vocab_size=300, intermediate_size=64).eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[3, 5] *= 1e-7  # expert 3 of layer 1, down row 5
+    tiny = root / "tiny-src"
+    model.save_pretrained(tiny)
+    out["tiny"] = root / "tiny-scale"
+    compress_model(tiny, out["tiny"], CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN), SPEC,
+                   progress=_quiet)
+    return out
+
+
+@pytest.mark.parametrize("scheme,words", [("int4", "Q4_1"), ("ternary", "TQ1_0"), ("int2", "Q2_K")])
+def test_an_int4_ternary_or_int2_directory_is_refused(others, scheme, words, tmp_path, capsys):
+    out = tmp_path / "gguf"
+    _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out, words)
+    _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out,
+             f"scheme {scheme!r}: only int4-sym directories export to GGUF")
+
+
+def test_a_scale_that_is_not_an_fp16_value_is_refused_naming_the_matrix(others, tmp_path, capsys):
+    with safe_open(str(sorted((others["tiny"] / "experts" / "model.layers.1").glob("*.safetensors"))[0]), "pt") as h:
+        scale = h.get_tensor("expert_3.down.scale")
+    assert eg.fp16_scales(scale) is None and eg.fp16_scales(scale[:5]) is not None
+    out = tmp_path / "gguf"
+    _refused([others["tiny"], "--format", "gguf", "--out", out], capsys, out,
+             "'expert_3.down' (model.layers.1.block_sparse_moe.experts.*.w2, expert 3) row 5")
+    _refused([others["tiny"], "--format", "gguf", "--out", out], capsys, out, "not an fp16 value")
+
+
+def test_a_switch_directory_is_refused(tiny_ckpt, tmp_path, capsys):
+    comp = tmp_path / "switch-int4"
+    compress_model(tiny_ckpt, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN),
+                   DataSpec(train_samples=4, val_samples=0, data=DataConfig(raw_length=32)), progress=_quiet)
+    out = tmp_path / "gguf"
+    _refused([comp, "--format", "gguf", "--out", out], capsys, out, "Switch Transformers")
+
+
+def test_an_incomplete_or_tampered_directory_is_refused_before_writing(dirs, tmp_path, capsys):
+    comp = dirs["mixtral"][1]
+    out = tmp_path / "out" / "gguf"
+    out.parent.mkdir()
+    incomplete = _copy(comp, tmp_path / "incomplete")
+    (incomplete / "manifest.json").unlink()
+    _refused([incomplete, "--format", "gguf", "--out", out], capsys, out, "did not finish")
+    tampered = _copy(comp, tmp_path / "tampered")
+    f = sorted((tampered / "experts").rglob("*.safetensors"))[0]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    _refused([tampered, "--format", "gguf", "--out", out], capsys, out, "do not match the manifest")
+
+
+def test_an_existing_output_is_kept_without_overwrite_and_replaced_whole_with_it(dirs, tmp_path, capsys,
+                                                                                 monkeypatch):
+    _, comp, gg, _ = dirs["mixtral"]
+    out = tmp_path / "gguf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _refused([comp, "--format", "gguf", "--out", out], capsys, out, "--overwrite")
+
+    def broken(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    with monkeypatch.context() as m:  # a failure half way: the old OUT stays as it was, no temp dir is left
+        m.setattr(eg, "q4_0_rows", broken)
+        rc, err = _run([comp, "--format", "gguf", "--out", out, "--overwrite"], capsys)
+    assert rc == 2 and "disk full" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf"] and (out / "keep.txt").read_text() == "mine"
+    assert _run([comp, "--format", "gguf", "--out", out, "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.gguf"]
+    assert (out / "model.gguf").read_bytes() == (gg / "model.gguf").read_bytes()  # deterministic
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def test_what_llamacpp_computes_differently_is_refused(dirs):
+    """Family settings llama.cpp's architectures do not compute as qmoe does: one line each (checked on the
+    config, before any file is read), and expert columns that are not whole Q4_0 blocks."""
+    def refused(name, words, **over):
+        hf = dict(_hf(dirs[name][1]), **over)
+        cfg = FAMILIES[hf["model_type"]].config(hf)
+        with pytest.raises(ExportError, match=words) as e:
+            eg._check_family(eg.ARCHS[hf["model_type"]], hf, cfg, Path("d"))
+        assert "\n" not in str(e.value)
+
+    refused("mixtral", "sliding_window 16", sliding_window=16)
+    refused("qwen3_moe", r"layers \[1\] are dense", mlp_only_layers=[1])
+    refused("qwen3_moe", "always renormalizes", norm_topk_prob=False)
+    refused("deepseek_v3", "rotates interleaved pairs", rope_interleave=False)
+    refused("deepseek_v3", "attention biases", attention_bias=True)
+    refused("deepseek_v3", "requires one", n_shared_experts=0)
+    hf = _hf(dirs["mixtral"][1])
+    cfg = FAMILIES["mixtral"].config(dict(hf, intermediate_size=24))
+    with pytest.raises(ExportError, match="w2: 24 columns, not a multiple of Q4_0's 32-weight blocks"):
+        eg._expert_plan(FAMILIES["mixtral"], cfg, [eg.ExpertSource("model.layers.0", 0, [])], expert_shapes(cfg))
+
+
+def test_the_q4_0_layout_is_ggmls_block(dirs):
+    """One block by hand: 2 bytes of little-endian fp16 scale, then byte j = code j | code (j + 16) << 4; gguf's
+    dequantizer reads it as (code - 8) * scale."""
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16).reshape(1, 32)
+    scale = torch.tensor([0.375], dtype=torch.float16)
+    b = eg.q4_0_rows(codes, scale)
+    assert b.shape == (1, 18) and bytes(b[0, :2]) == np.float16(0.375).tobytes()
+    assert list(b[0, 2:]) == [c | (c << 4) for c in range(16)]
+    got = gguf.quants.dequantize(b, gguf.GGMLQuantizationType.Q4_0)
+    assert got.tolist() == [[(c % 16 - 8) * 0.375 for c in range(32)]]
+    assert os.path.basename(eg.GGUF_FILE) == "model.gguf"
+    assert gguf.__name__ == "gguf" and eg.GGUF_VERSION == _installed_gguf_version()
+
+
+def _installed_gguf_version() -> str:
+    from importlib.metadata import version
+    return version("gguf")
