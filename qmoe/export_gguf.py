@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) export of a compressed int4-sym decoder-only family directory (docs/export.md#gguf).
+"""GGUF (llama.cpp) export of a compressed int4-sym decoder-only family directory
+(docs/export.md#gguf-llamacpp).
 
 `python -m qmoe.export DIR --format gguf --out OUT` writes OUT/model.gguf (or model-0000i-of-0000N.gguf past
 --max-shard-gb, llama.cpp's split files) with the `gguf` package (gguf-py, llama.cpp's own writer).
@@ -462,7 +463,8 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
                "params_experts": params_experts, "bits_per_param_experts": 8 * expert_bytes / params_experts}
     if tokenizer is None:
         progress(f"note: {src} has a tokenizer.json (or too small a vocabulary for qmoe's byte tokens): no tokenizer "
-                 "metadata written, and llama.cpp will not load the file until one is added (docs/export.md#gguf)")
+                 "metadata written, and llama.cpp will not load the file until one is added "
+                 "(docs/export.md#gguf-llamacpp)")
     progress(f"{out}: GGUF {arch}, {len(files)} file(s), experts Q4_0 at "
              f"{summary['bits_per_param_experts']:.3f} bits a parameter")
     return summary

@@ -1,7 +1,7 @@
 """The GGUF export (qmoe.export --format gguf) of int4-sym Mixtral, Qwen3-MoE and DeepSeek-V3 directories, read back
 with gguf's own GGUFReader and dequantizer: every expert bit for bit qmoe's weights, every dense tensor qmoe's bf16
 values under llama.cpp's names and layouts, the architecture's keys, the byte vocabulary, and the one-line
-refusals. llama.cpp itself is not run here (docs/export.md#gguf says why)."""
+refusals. llama.cpp itself is not run here (docs/export.md#gguf-llamacpp says why)."""
 import json
 import os
 from pathlib import Path
@@ -125,7 +125,8 @@ def _expected_dense(name: str, comp: Path) -> dict[str, tuple[str, torch.Tensor]
                  "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
                  "block_sparse_moe.gate.weight": "ffn_gate_inp.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
                  "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
-                 "self_attn.q_a_proj.weight": "attn_q_a.weight", "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+                 "self_attn.q_a_proj.weight": "attn_q_a.weight",
+                 "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
                  "self_attn.q_b_proj.weight": "attn_q_b.weight",
                  "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
                  "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
@@ -189,7 +190,8 @@ def test_mixtrals_permuted_rows_give_the_same_attention_scores_under_pairwise_ro
     cfg = FAMILIES["mixtral"].config(hf)
     _, tensors = _read(gg)
     with safe_open(str(comp / "dense.safetensors"), framework="pt") as h:
-        wq, wk = h.get_tensor("model.layers.0.self_attn.q_proj.weight"), h.get_tensor("model.layers.0.self_attn.k_proj.weight")
+        wq = h.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        wk = h.get_tensor("model.layers.0.self_attn.k_proj.weight")
 
     def bf16(t):
         return torch.from_numpy(np.asarray(t.data).view(np.int16).copy()).view(torch.bfloat16)
