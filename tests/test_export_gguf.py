@@ -289,6 +289,26 @@ def test_the_byte_vocabulary_tokenizes_as_bytetokenizer(dirs):
     assert hf_bpe.decode(ids) == text
 
 
+def test_a_directory_with_a_tokenizer_json_gets_no_tokenizer_metadata_and_says_so(dirs, tmp_path):
+    """A model with its own tokenizer.json (copied into the compressed directory): no tokenizer.ggml.* key is
+    written (llama.cpp's converter derives the pre-tokenizer from transformers; not reproduced), and the export
+    says so on its progress line; the tensors are written as for any directory."""
+    from tokenizers import Tokenizer, models
+
+    src = _copy(dirs["mixtral"][0], tmp_path / "src")
+    Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(eg.bytes_to_unicode().values())}, merges=[])).save(
+        str(src / "tokenizer.json"))
+    comp = tmp_path / "comp"
+    compress_model(src, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN), SPEC, progress=_quiet)
+    assert (comp / "tokenizer.json").is_file()
+    lines = []
+    summary = export(comp, tmp_path / "gguf", "gguf", progress=lines.append)
+    assert summary["tokenizer"] is None and "no tokenizer metadata written" in lines[0]
+    fields, tensors = _read(tmp_path / "gguf")
+    assert not [k for k in fields if k.startswith("tokenizer.")]
+    assert set(tensors) == set(_read(dirs["mixtral"][2])[1])
+
+
 def test_the_split_export_is_llamacpps_split_files(dirs):
     """Past --max-shard-gb the export is llama.cpp's split GGUF (gguf-py's writer): model-0000i-of-0000N.gguf, each
     with split.no / split.count / split.tensors.count, the metadata in the first."""
