@@ -21,6 +21,7 @@ import heapq
 from dataclasses import dataclass
 from functools import cache, cached_property
 
+import numba
 import numpy as np
 
 CODEWORDS = 1 << 16
@@ -128,7 +129,15 @@ def _tunstall(probs: tuple[float, float, float], size: int) -> Dictionary:
     not idempotent in floating point), which can reorder tied leaves and give another dictionary, so the
     dictionary a container names is rebuilt from its recorded probabilities verbatim.
 
-    Leaves of MAX_WORD symbols are not expanded further (the tree stays complete, so parsing stays unique)."""
+    Leaves of MAX_WORD symbols are not expanded further (the tree stays complete, so parsing stays unique).
+    Compiled (`_tunstall_trie`); `_tunstall_reference` is the same construction in plain Python, the definition
+    the tests hold it to, array for array."""
+    length, nz_start, nz_pos, nz_sym, child, word = _tunstall_trie(np.asarray(probs, dtype=np.float64), size,
+                                                                   MAX_WORD)
+    return Dictionary("tunstall", tuple(float(p) for p in probs), length, nz_start, nz_pos, nz_sym, child, word)
+
+
+def _tunstall_reference(probs: tuple[float, float, float], size: int) -> Dictionary:
     heap = [(-1.0, 0, ())]  # (-probability, tie-break, word): the expandable leaves
     full = []  # leaves at MAX_WORD
     leaves, counter = 1, 1
@@ -140,6 +149,92 @@ def _tunstall(probs: tuple[float, float, float], size: int) -> Dictionary:
             counter += 1
         leaves += 2
     return _from_words("tunstall", probs, [w for _, _, w in heap] + [w for _, _, w in full])
+
+
+@numba.njit(inline="always")
+def _heap_less(negp, a: int, b: int) -> bool:
+    return negp[a] < negp[b] or (negp[a] == negp[b] and a < b)
+
+
+@numba.njit(cache=True)
+def _tunstall_trie(probs, size, max_word):
+    """Tunstall's trie, as `_tunstall_reference` builds it. Node ids are creation order, which is the Python
+    version's tie-break counter, so a binary heap keyed on (-probability, id) pops the same leaf at every step.
+    The words are then listed by a depth-first walk taking children in symbol order: the leaves come out in
+    lexicographic order and the nodes in the order `_from_words` creates them."""
+    cap = 1 + 3 * max(1, (size - 1) // 2)
+    negp = np.empty(cap, np.float64)
+    depth = np.zeros(cap, np.int64)
+    first = np.full(cap, -1, np.int64)  # id of the node's child 0 (children 1, 2 follow), -1 for a leaf
+    heap = np.empty(cap, np.int64)
+    negp[0], n, heap[0], hn, leaves = -1.0, 1, 0, 1, 1
+    while leaves + 2 <= size and hn > 0:
+        top = heap[0]  # pop the smallest (-p, id)
+        hn -= 1
+        heap[0] = heap[hn]
+        i = 0
+        while True:
+            c = 2 * i + 1
+            if c >= hn:
+                break
+            if c + 1 < hn and _heap_less(negp, heap[c + 1], heap[c]):
+                c += 1
+            if _heap_less(negp, heap[c], heap[i]):
+                heap[i], heap[c] = heap[c], heap[i]
+                i = c
+            else:
+                break
+        first[top] = n
+        for s in range(3):
+            negp[n], depth[n] = negp[top] * probs[s], depth[top] + 1
+            if depth[n] < max_word:  # push
+                j = hn
+                heap[hn] = n
+                hn += 1
+                while j > 0:
+                    parent = (j - 1) // 2
+                    if _heap_less(negp, heap[j], heap[parent]):
+                        heap[j], heap[parent] = heap[parent], heap[j]
+                        j = parent
+                    else:
+                        break
+            n += 1
+        leaves += 2
+    words = leaves
+    length = np.empty(words, np.uint16)
+    nz_start = np.zeros(words + 1, np.int64)
+    nz_pos = np.empty(words * max_word, np.uint16)
+    nz_sym = np.empty(words * max_word, np.uint8)
+    child = np.full((n, 3), -1, np.int32)
+    word = np.full(n, -1, np.int32)
+    path = np.zeros(max_word + 1, np.int64)  # the symbols from the root to the node being visited
+    stack = np.empty(3 * max_word + 3, np.int64)  # (node, its preorder id's parent slot) pairs, flattened
+    stack_sym = np.empty(3 * max_word + 3, np.int64)
+    stack_parent = np.empty(3 * max_word + 3, np.int64)
+    stack[0], stack_sym[0], stack_parent[0], sp = 0, 0, -1, 1
+    order, w, nnz = 0, 0, 0
+    while sp > 0:
+        sp -= 1
+        node, sym, parent = stack[sp], stack_sym[sp], stack_parent[sp]
+        me = order
+        order += 1
+        if parent >= 0:
+            child[parent, sym] = me
+            path[depth[node] - 1] = sym
+        if first[node] < 0:  # a leaf: the next word in lexicographic order
+            word[me] = w
+            length[w] = depth[node]
+            for k in range(depth[node]):
+                if path[k] != 0:
+                    nz_pos[nnz], nz_sym[nnz] = k, path[k]
+                    nnz += 1
+            w += 1
+            nz_start[w] = nnz
+        else:
+            for s in range(2, -1, -1):  # pushed in reverse: child 0 is visited first
+                stack[sp], stack_sym[sp], stack_parent[sp] = first[node] + s, s, me
+                sp += 1
+    return length, nz_start, nz_pos[:nnz].copy(), nz_sym[:nnz].copy(), child, word
 
 
 @cache

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qmoe.codec.container import ContainerError, read_container, write_container
-from qmoe.codec.dictionary import qmoe_pairs, tunstall
+from qmoe.codec.dictionary import normalize_probs, qmoe_pairs, tunstall
 from qmoe.codec.ternary import CodecError, decode, decode_symbols, encode, f32_to_bf16_bits, fit_dictionary
 
 P885 = (0.885, 0.0575, 0.0575)
@@ -60,6 +60,22 @@ def test_one_by_one_and_values():
         levels = np.stack([f32_to_bf16_bits(np.array([-0.5], np.float32)), f32_to_bf16_bits(np.array([2.0], np.float32))])
         m = encode(sym, levels, tunstall(P885))
         assert decode(m).tolist() == [[[0.0, 2.0, -0.5][s]]]
+
+
+@pytest.mark.parametrize("probs,size", [((0.885, 0.0575, 0.0575), 1 << 16), ((1 / 3, 1 / 3, 1 / 3), 4096),
+                                        ((0.5, 0.25, 0.25), 1000), ((0.999998, 1e-6, 1e-6), 3000),
+                                        ((0.6, 0.3, 0.1), 1), ((0.6, 0.3, 0.1), 2), ((0.8, 0.1, 0.1), 301)])
+def test_compiled_tunstall_is_the_reference_construction(probs, size):
+    """The compiled Tunstall (a heap over node ids) builds the plain-Python construction's dictionary array for
+    array: the same leaves under ties (equal probabilities, the MAX_WORD cap), the same codeword order and trie."""
+    from qmoe.codec.dictionary import _tunstall, _tunstall_reference
+
+    p = normalize_probs(probs)
+    a, b = _tunstall.__wrapped__(p, size), _tunstall_reference(p, size)
+    for f in ("length", "nz_start", "nz_pos", "nz_sym", "child", "word"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and np.array_equal(x, y), f
+    assert a.sha256 == b.sha256
 
 
 def test_tunstall_is_within_four_percent_of_entropy():
