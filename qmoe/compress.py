@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"the grid (default: {d.scheme.value}; int4-sym: symmetric int4)")
     p.add_argument("--export-format", choices=sorted(EXPORT_GRIDS),
                    help="quantize onto the grid this format holds exactly, so that qmoe.export can write it "
-                        "(compressed-tensors: int4-sym, the grid transformers and vLLM load)")
+                        "(int4-sym for both: the grid transformers, vLLM and llama.cpp's Q4_0 hold)")
     p.add_argument("--method", default=d.method.value, choices=[x.value for x in Method])
     p.add_argument("--calib", type=Path, help="calibration text: plain text or JSON lines with a 'text' field")
     p.add_argument("--train-samples", type=int, default=s.train_samples)
@@ -84,7 +84,8 @@ def saved(out: Path) -> str:
             "run the same command with --resume to continue")
 
 
-EXPORT_GRIDS = {"compressed-tensors": Scheme.INT4_SYM}  # export format -> the grid it holds exactly (qmoe.export)
+# export format -> the grid it holds exactly (qmoe.export): symmetric int4 for both (GGUF as Q4_0)
+EXPORT_GRIDS = {"compressed-tensors": Scheme.INT4_SYM, "gguf": Scheme.INT4_SYM}
 
 
 def _scheme(scheme: str | None, export_format: str | None) -> Scheme:
