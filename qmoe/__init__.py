@@ -5,8 +5,8 @@ def load(path, device="cpu", dtype=None, fused=True):
     """A decoder-only MoE (Mixtral, Qwen3-MoE, DeepSeek-V3 / Kimi-K2, gpt-oss) as a torch module in eval mode on
     `device`: forward(input_ids [B, S]) -> logits [B, S, V]. `path`: a checkpoint as published (float32 unless
     `dtype`), or a directory qmoe.compress wrote (every file checked against its manifest; float32 compute; ternary
-    experts on the fused kernels unless `fused` is False, then decoded; gpt-oss's are always decoded). A compressed
-    Switch directory gives a SwitchModel; original Switch checkpoints load through qmoe.checkpoint.load_model."""
+    experts on the fused kernels unless `fused` is False, then decoded). A compressed Switch directory gives a
+    SwitchModel; original Switch checkpoints load through qmoe.checkpoint.load_model."""
     import json
     from pathlib import Path
 
@@ -18,7 +18,6 @@ def load(path, device="cpu", dtype=None, fused=True):
     if is_compressed(path):
         if dtype is not None:
             raise ValueError("a compressed directory computes in float32: leave dtype unset")
-        hf = json.loads((Path(path) / "config.json").read_text())
-        fusable = hf["qmoe"]["scheme"] == "ternary" and hf.get("model_type") != "gpt_oss"
-        return load_compressed(path, fused=fused and fusable)[0].to(device)
+        scheme = json.loads((Path(path) / "config.json").read_text())["qmoe"]["scheme"]
+        return load_compressed(path, fused=fused and scheme == "ternary")[0].to(device)
     return load_family(path, device=device, dtype=dtype or torch.float32)

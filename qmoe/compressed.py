@@ -289,9 +289,6 @@ def load_compressed(path: Path, fused: bool = False):
     hf = json.loads((path / "config.json").read_text())
     scheme = Scheme(hf["qmoe"]["scheme"])
     model, cfg, blocks, expert_param, is_expert = _skeleton(hf)
-    if fused and expert_param is None:
-        raise ValueError(f"{path}: fused kernels are not built for gpt-oss's fused expert layout: load it decoded "
-                         "(fused=False, qmoe.infer --reference)")
     params = dict(model.named_parameters())
     with safe_open(str(path / DENSE_FILE), framework="pt") as f:
         for name in f.keys():
@@ -301,7 +298,7 @@ def load_compressed(path: Path, fused: bool = False):
     if fused and scheme is not Scheme.TERNARY:
         raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {scheme.value}")
     shapes = expert_shapes(cfg)
-    seen = set()
+    seen, split = set(), {}  # split: gpt-oss's expert -> {kind: CompressedLinear} of the block at hand
     for block_name in blocks:
         files = block_files(path, block_name)
         if not files:
@@ -312,8 +309,11 @@ def load_compressed(path: Path, fused: bool = False):
             if fused:
                 for key, module in _fused_experts(f, expected).items():
                     j, m = key.removeprefix("expert_").split(".")
-                    owner, _, attr = expert_param(block_name, int(j), m).removesuffix(".weight").rpartition(".")
-                    setattr(model.get_submodule(owner), attr, module)
+                    if expert_param is None:  # gpt-oss: gathered, then one SplitExperts for the layer
+                        split.setdefault(int(j), {})[m] = module
+                    else:
+                        owner, _, attr = expert_param(block_name, int(j), m).removesuffix(".weight").rpartition(".")
+                        setattr(model.get_submodule(owner), attr, module)
                     seen.add((block_name, int(j)))
                 continue
             weights = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
@@ -327,6 +327,14 @@ def load_compressed(path: Path, fused: bool = False):
         absent = [j for j in range(cfg.num_experts) if (block_name, j) not in seen]
         if absent:
             raise CheckpointError(path / "experts" / block_name, f"expert_{absent[0]}", "expert is missing")
+        if split:
+            from qmoe.models.gpt_oss import SplitExperts
+
+            moe = model.get_submodule(f"{block_name}.mlp")
+            old = moe.experts
+            moe.experts = SplitExperts(cfg, [split[j] for j in range(cfg.num_experts)], old.gate_up_proj_bias.data,
+                                       old.down_proj_bias.data)
+            split = {}
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         where = path / ("experts" if is_expert(missing[0]) else DENSE_FILE)

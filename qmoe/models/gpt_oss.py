@@ -51,6 +51,25 @@ class FusedExperts(nn.Module):
         return ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ self.down_proj[e] + self.down_proj_bias[e]
 
 
+class SplitExperts(nn.Module):
+    """A compressed layer's experts, one module per matrix (`gate`, `up`, `down`: CompressedLinear on the fused
+    kernels, or plain Linear), with the fused biases as published; the same forward as FusedExperts."""
+
+    def __init__(self, c: MoEConfig, matrices: list[dict[str, nn.Module]], gate_up_bias: torch.Tensor,
+                 down_bias: torch.Tensor):
+        super().__init__()
+        self.matrices = nn.ModuleList(nn.ModuleDict(m) for m in matrices)
+        self.gate_up_proj_bias = nn.Parameter(gate_up_bias, requires_grad=False)
+        self.down_proj_bias = nn.Parameter(down_bias, requires_grad=False)
+        self.alpha, self.limit = c.opt("alpha"), c.opt("limit")
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        m, b = self.matrices[e], self.gate_up_proj_bias[e]
+        gate = (m["gate"](x) + b[0::2]).clamp(max=self.limit)
+        up = (m["up"](x) + b[1::2]).clamp(-self.limit, self.limit)
+        return m["down"]((up + 1) * gate * torch.sigmoid(gate * self.alpha)) + self.down_proj_bias[e]
+
+
 class SoftmaxOfTopK(MoE):
     """The router's top-k logits (with its bias), softmaxed among themselves; fused clamped-SwiGLU experts."""
 

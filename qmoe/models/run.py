@@ -50,8 +50,7 @@ def load_any(model_dir: Path, reference: bool = False) -> tuple[MoECausalLM, str
         model = load(model_dir)
         return model, f"{model.family.name} (float32)"
     hf, _ = read_hf_config(model_dir)
-    # gpt-oss's experts are fused per layer: the fused kernels' per-matrix modules are not built for them.
-    fused = hf["qmoe"]["scheme"] == "ternary" and not reference and hf.get("model_type") != "gpt_oss"
+    fused = hf["qmoe"]["scheme"] == "ternary" and not reference
     model, _, _ = load_compressed(model_dir, fused=fused)
     how = "on fused kernels" if fused else "decoded to float32"
     return model, f"{model.family.name} compressed {hf['qmoe']['scheme']}, experts {how}"
@@ -78,9 +77,16 @@ def simulate_uncompressed(model: MoECausalLM) -> MoECausalLM:
         moe = getattr(layer, layer.ffn_name)
         if not hasattr(moe, "router_name"):
             continue
+        if hasattr(moe.experts, "matrices"):  # gpt-oss, compressed: SplitExperts
+            m = moe.experts.matrices
+            shared = nn.ModuleDict({k: BF16Linear(lin.dense() if hasattr(lin, "dense") else lin.weight)
+                                    for k, lin in m[0].items()})
+            for e in range(len(m)):
+                m[e] = shared
+            continue
         if not isinstance(moe.experts, nn.ModuleList):
-            raise ValueError(f"--simulate-uncompressed is built for per-expert modules, not {model.family.name}'s "
-                             "fused experts")
+            raise ValueError(f"--simulate-uncompressed is built for compressed directories and per-expert modules, "
+                             f"not {model.family.name}'s fused experts as published")
         first = moe.experts[0]
         shared = SwiGLU(model.cfg.hidden_size, model.cfg.moe_intermediate, first.names)
         for name in first.names.values():
