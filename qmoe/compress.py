@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from qmoe.checkpoint import CheckpointError
-from qmoe.compressor import DataSpec, compress_model, resolve_model
-from qmoe.memory import MemoryError_, parse_size
-from qmoe.pipeline import DECODER_MASKS, CompressConfig
+from qmoe.compression.compressor import compress_model
+from qmoe.data import DataSpec, resolve_model
+from qmoe.compression.memory import MemoryError_, parse_size
+from qmoe.compression.pipeline import DECODER_MASKS, CompressConfig
 from qmoe.quant import Method, Scheme
 
 

@@ -8,6 +8,8 @@ round(noise / mean_span) spans, so every sample has the same input and target le
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,3 +91,65 @@ def train_val_samples(text: str, tokenizer, n_train: int, n_val: int, seed: int,
     train = make_samples(train_pool, n_train, cfg, tokenizer, seed)
     val = make_samples(val_pool, n_val, cfg, tokenizer, seed + 1)
     return train, val
+
+
+# ---- what a run samples, from which text ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataSpec:
+    train_samples: int = 512
+    val_samples: int = 256  # 0: no validation losses
+    seed: int = 0
+    calib: Path | None = None  # plain text or JSON lines; None: the embedded corpus
+    data: DataConfig = DataConfig()
+
+    def __post_init__(self):
+        if self.train_samples < 0:
+            raise ValueError(f"--train-samples must be >= 1, got {self.train_samples}")
+        if self.val_samples < 0:
+            raise ValueError(f"--val-samples must be >= 0 (0: no validation), got {self.val_samples}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.calib is not None and not Path(self.calib).is_file():
+            raise ValueError(f"--calib {self.calib}: not a file")
+
+
+EMBEDDED = ("default", "default-qwen3_moe")  # the shipped models, qmoe/assets/<name>
+
+
+def resolve_model(model: str) -> Path:
+    """'default' (the embedded Switch model) or 'default-qwen3_moe' (the embedded Qwen3-MoE model); anything else
+    is a directory."""
+    if model in EMBEDDED:
+        return Path(str(resources.files("qmoe.assets").joinpath(model)))
+    return Path(model)
+
+
+def causal_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
+    """A decoder-only model's calibration and validation windows of `raw_length` tokens (no span corruption):
+    input_ids = a window's first raw_length - 1 tokens, labels = its last raw_length - 1. Validation windows are
+    those qmoe.infer evaluates with --seq-len raw_length (models/run.py), so its loss is the walk's. No position
+    is a sentinel (floor 1 over all-zero mask ids)."""
+    from qmoe.corpus import load_default_corpus
+    from qmoe.models.run import validation_windows
+    from qmoe.tokenizer import load_causal_tokenizer, read_text_file
+
+    tok = load_causal_tokenizer(model_dir, hf)
+    text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
+    pool, _ = windows(tok.encode(text), spec.data.raw_length)
+    idx = np.random.default_rng(spec.seed).choice(len(pool), size=spec.train_samples,
+                                                  replace=spec.train_samples > len(pool))
+    train = torch.from_numpy(pool[idx]).long()
+    val = validation_windows(tok, text, spec.val_samples, spec.data.raw_length, spec.seed).long()
+    return Samples(train[:, :-1], train[:, 1:]), Samples(val[:, :-1], val[:, 1:]), 1
+
+
+def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
+    """A Switch model's span-corrupted calibration and validation samples, and its tokenizer's sentinel floor."""
+    from qmoe.corpus import load_default_corpus
+    from qmoe.tokenizer import load_tokenizer, read_text_file
+
+    tok = load_tokenizer(model_dir, hf)
+    text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
+    train, val = train_val_samples(text, tok, spec.train_samples, spec.val_samples, spec.seed, spec.data)
+    return train, val, tok.sentinel_floor

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from qmoe.checkpoint import CheckpointError
-from qmoe.compressor import DataSpec, load_samples, resolve_model
+from qmoe.data import DataSpec, load_samples, resolve_model
 from qmoe.store import atomic_write_json
 
 
@@ -38,7 +38,7 @@ def load_for_inference(model_dir: Path, cfg: InferConfig):
     from qmoe import compressed as C
     from qmoe.checkpoint import load_model
     from qmoe.quant import Scheme
-    from qmoe.runner import simulate_uncompressed
+    from qmoe.inference.runner import simulate_uncompressed
 
     if C.is_compressed(model_dir):
         hf = json.loads((model_dir / "config.json").read_text())
@@ -59,15 +59,15 @@ def load_for_inference(model_dir: Path, cfg: InferConfig):
 
 def _held_bytes(model, units: list[str]) -> int:
     """What a slot's units hold where they run: their tensors plus, on the CPU, the list kernels' dictionary tables."""
-    from qmoe.runner import tensor_bytes
+    from qmoe.inference.runner import tensor_bytes
 
     seen: set = set()
     return sum(tensor_bytes(model.get_submodule(n), seen, host_tables=True) for n in units)
 
 
 def run(model_dir: Path, cfg: InferConfig, spec: DataSpec) -> dict:
-    from qmoe.evaluate import validation_loss
-    from qmoe.runner import Runner
+    from qmoe.inference.evaluate import validation_loss
+    from qmoe.inference.runner import Runner
 
     t0 = time.perf_counter()
     model, hf, kind = load_for_inference(model_dir, cfg)

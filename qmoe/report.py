@@ -26,7 +26,7 @@ from pathlib import Path
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import DENSE_FILE, block_files, read_manifest
 from qmoe.config import SwitchConfig, config_from_hf
-from qmoe.runner import split_contiguous, unit_names
+from qmoe.inference.runner import split_contiguous, unit_names
 from qmoe.store import atomic_write_text
 
 C2048_CONFIG = Path(__file__).parent / "assets" / "configs" / "switch-c-2048.json"
@@ -208,7 +208,7 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
         "devices": {"names": devices, **plan_units(units, len(devices), None, cfg, runtime)},
         "targets": {t.label: plan_units(units, t.count, t.bytes_each, cfg, runtime) for t in targets}}
     if measure:
-        from qmoe.bench_kernels import end_to_end_rows
+        from qmoe.inference.overhead import end_to_end_rows
 
         rep["overhead"] = end_to_end_rows(path, repeats=3, val_samples=32, gen_tokens=8)
     if project is not None:

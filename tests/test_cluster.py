@@ -22,7 +22,8 @@ def test_ray_job_submit_compresses(ray_head, tiny_ckpt, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["blocks_done"]) == 6  # tiny_ckpt: 3 + 3 sparse blocks
     # The same bytes as an in-process run with the same settings: the launch path changes nothing.
-    from qmoe.compressor import CompressConfig, DataSpec, compress_model
+    from qmoe.compression.compressor import CompressConfig, compress_model
+    from qmoe.data import DataSpec
 
     here = tmp_path / "in-process"
     compress_model(tiny_ckpt, here, CompressConfig(), DataSpec(train_samples=16, val_samples=4),

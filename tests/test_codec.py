@@ -305,7 +305,7 @@ def test_missing_file(tmp_path):
 
 def test_bench_row_on_a_small_matrix():
     """The benchmark's own measurement: a round trip inside, and the fitted dictionary beating QMoE's."""
-    from qmoe.bench_codec import iid_matrices, measure
+    from qmoe.bench.codec import iid_matrices, measure
 
     mats, levels = iid_matrices((64, 2080), 0.885, seed=0)
     row = measure("small", mats, levels, repeats=1)

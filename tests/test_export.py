@@ -16,14 +16,15 @@ pytest.importorskip("compressed_tensors")
 import qmoe  # noqa: E402
 from qmoe import export as export_cli  # noqa: E402
 from qmoe.compressed import expert_shapes  # noqa: E402
-from qmoe.compressor import DataSpec, compress_model  # noqa: E402
+from qmoe.compression.compressor import compress_model  # noqa: E402
+from qmoe.data import DataSpec  # noqa: E402
 from qmoe.corpus import load_default_corpus  # noqa: E402
 from qmoe.data import DataConfig  # noqa: E402
 from qmoe.export import ExportError, export  # noqa: E402
 from qmoe.models.load import FAMILIES  # noqa: E402
 from qmoe.models.run import next_token_loss, validation_windows  # noqa: E402
 from qmoe.packed import unpack  # noqa: E402
-from qmoe.pipeline import CompressConfig  # noqa: E402
+from qmoe.compression.pipeline import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
 from qmoe.tokenizer import ByteTokenizer  # noqa: E402
 from test_families import _deepseek_v3, _mixtral, _qwen3_moe  # noqa: E402

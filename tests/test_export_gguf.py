@@ -14,14 +14,15 @@ from safetensors import safe_open
 gguf = pytest.importorskip("gguf")
 
 import qmoe  # noqa: E402
-from qmoe import export_gguf as eg  # noqa: E402
+from qmoe.export import gguf as eg  # noqa: E402
 from qmoe.compressed import expert_shapes  # noqa: E402
-from qmoe.compressor import DataSpec, compress_model  # noqa: E402
+from qmoe.compression.compressor import compress_model  # noqa: E402
+from qmoe.data import DataSpec  # noqa: E402
 from qmoe.data import DataConfig  # noqa: E402
 from qmoe.export import ExportError, export  # noqa: E402
 from qmoe.models.base import rope  # noqa: E402
 from qmoe.models.load import FAMILIES  # noqa: E402
-from qmoe.pipeline import CompressConfig  # noqa: E402
+from qmoe.compression.pipeline import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
 from qmoe.tokenizer import ByteTokenizer  # noqa: E402
 from test_export import _copy, _quiet, _refused, _run, _umask  # noqa: E402

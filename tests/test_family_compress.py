@@ -13,13 +13,13 @@ from qmoe import compress as compress_cli
 from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import load_compressed
-from qmoe.compressor import DataSpec, compress_model, resolve_model
+from qmoe.compression.compressor import compress_model
 from qmoe.corpus import load_default_corpus
-from qmoe.data import DataConfig
+from qmoe.data import DataConfig, DataSpec, resolve_model
 from qmoe.models.base import is_routed_expert
 from qmoe.models.load import load as load_original
 from qmoe.models.run import next_token_loss, validation_windows
-from qmoe.pipeline import CompressConfig
+from qmoe.compression.pipeline import CompressConfig
 from qmoe.quant import Method, Scheme
 from qmoe.tokenizer import ByteTokenizer
 from test_families import _deepseek_v3, _fp8_blocks, _gpt_oss, _mixtral, _qwen3_moe
@@ -221,7 +221,7 @@ def test_a_compressed_family_refuses_a_dtype_and_the_report(models, tmp_path):
 def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_path, monkeypatch):
     """A crash after a Qwen3-MoE layer's first groups were written: --resume replays those groups from their
     files (not quantized again) and the output equals an uninterrupted run's, byte for byte."""
-    import qmoe.family_steps as fs
+    import qmoe.compression.family_steps as fs
 
     cfg = CompressConfig(group_size=2)
     real = fs.FamilyWorker._expert

@@ -17,7 +17,8 @@ from qmoe import compress as compress_cli
 from qmoe import report
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import load_compressed
-from qmoe.compressor import DataSpec, compress_model
+from qmoe.compression.compressor import compress_model
+from qmoe.data import DataSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--train-samples", "8", "--val-samples", "2", "--method", "rtn"]
@@ -57,7 +58,7 @@ def test_overwrite_replaces_only_what_qmoe_wrote(tiny_ckpt, tmp_path, capsys):
 
 
 def test_resume_with_other_data_settings_is_refused(tiny_ckpt, tmp_path, capsys, monkeypatch):
-    import qmoe.steps as steps
+    import qmoe.compression.steps as steps
 
     out = tmp_path / "o"
 
@@ -130,7 +131,7 @@ def _kill_mid_write(path: Path) -> None:
 
 
 def test_temp_files_of_a_killed_write_are_not_counted_and_are_cleaned(tiny_ckpt, tmp_path, capsys, monkeypatch):
-    import qmoe.steps as steps
+    import qmoe.compression.steps as steps
 
     out = tmp_path / "o"
     real = steps.Worker.experts
@@ -276,12 +277,12 @@ def test_one_writer_per_output_directory(tiny_ckpt, tmp_path, capsys):
     """While a live process holds the output's lock, a second run (--overwrite or --resume) is refused in one line
     naming it, and nothing in the directory is touched; once the holder is gone (SIGKILL: no cleanup), the next
     run takes the lock over, says so, and removes it when done."""
-    from qmoe.outdir import LOCK
+    from qmoe.compression.outdir import LOCK
 
     out = tmp_path / "o"
     assert compress_cli.main(["--model", str(tiny_ckpt), "--out", str(out), *ARGS]) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    code = ("import sys, time; from qmoe.outdir import OutputLock; OutputLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from qmoe.compression.outdir import OutputLock; OutputLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -302,7 +303,7 @@ def test_one_writer_per_output_directory(tiny_ckpt, tmp_path, capsys):
 def test_ctrl_c_says_what_was_saved_in_one_line(tiny_ckpt, tmp_path):
     """SIGINT (Ctrl-C) mid-run: exit status 130, no traceback, one line saying what the directory keeps and how to
     continue, the lock released; --resume then finishes the run."""
-    from qmoe.outdir import LOCK
+    from qmoe.compression.outdir import LOCK
 
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "qmoe.compress", "--model", str(tiny_ckpt), "--out", str(out),
@@ -324,8 +325,8 @@ def test_ctrl_c_says_what_was_saved_in_one_line(tiny_ckpt, tmp_path):
 def test_out_of_gpu_memory_is_one_line_naming_the_settings(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """A GPU out of memory in a group step (raised here where GPTQ would raise it): one line naming --gptq-batch
     and --max-memory and what the directory keeps, exit 2, the lock released."""
-    from qmoe import steps
-    from qmoe.outdir import LOCK
+    from qmoe.compression import steps
+    from qmoe.compression.outdir import LOCK
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")

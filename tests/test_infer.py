@@ -7,9 +7,10 @@ import torch
 
 from qmoe import infer as infer_cli
 from qmoe.compressed import load_compressed
-from qmoe.compressor import CompressConfig, DataSpec, compress_model, load_samples
+from qmoe.compression.compressor import CompressConfig, compress_model
+from qmoe.data import DataSpec, load_samples
 from qmoe.model import shift_right
-from qmoe.runner import Runner, plan, simulate_uncompressed, unit_names
+from qmoe.inference.runner import Runner, plan, simulate_uncompressed, unit_names
 from qmoe.kernels.module import CompressedLinear
 
 SPEC = DataSpec(train_samples=16, val_samples=8, seed=0)
@@ -66,7 +67,7 @@ def test_split_over_slots_gives_the_loss_of_one_device(compressed, devices):
     validation loss of the first device alone. Same device: equal up to the fused kernel's atomic adds (float
     order). A GPU and the CPU: the CPU computes experts in float32 where a GPU multiplies wide batches from bf16
     inputs (decode + cuBLAS), so up to 1e-3."""
-    from qmoe.evaluate import validation_loss
+    from qmoe.inference.evaluate import validation_loss
 
     out, _ = compressed
     s = _val(out)

@@ -31,8 +31,12 @@ def _run(cmd, cwd, env=None, timeout=600):
 def wheel(tmp_path_factory) -> Path:
     # Built from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
     src = tmp_path_factory.mktemp("src") / "qmoe"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "out", "bench", "*.egg-info",
-                                                             "__pycache__", ".pytest_cache", ".hypothesis", ".whl"))
+    skip = shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".whl")
+
+    def ignore(d, names):  # the checkout's measurement folders (not qmoe/bench, the benchmarks' package)
+        top = {"out", "bench"} if Path(d) == ROOT else set()
+        return set(skip(d, names)) | (top & set(names))
+    shutil.copytree(ROOT, src, ignore=ignore)
     dist = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
           str(src)], cwd=dist)

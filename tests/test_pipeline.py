@@ -13,8 +13,9 @@ from qmoe import compress as compress_cli
 from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import load_compressed, read_manifest
-from qmoe.compressor import DataSpec, compress_model
-from qmoe.pipeline import CompressConfig, expert_outputs, hessian_mask_ids, hessian_rows, quantize_experts
+from qmoe.compression.compressor import compress_model
+from qmoe.data import DataSpec
+from qmoe.compression.pipeline import CompressConfig, expert_outputs, hessian_mask_ids, hessian_rows, quantize_experts
 from qmoe.quant import Method, Scheme
 
 SPEC = DataSpec(train_samples=24, val_samples=8, seed=0)
@@ -199,7 +200,7 @@ def test_token_cap_is_applied(tiny_ckpt, tmp_path):
 
 def test_quantize_experts_feeds_wo_from_the_quantized_wi():
     """GPTQ on wo sees relu(quantized wi x): its result equals a GPTQ run fed those activations directly."""
-    from qmoe.gptq import GPTQ
+    from qmoe.compression.gptq import GPTQ
 
     torch.manual_seed(0)
     D, Fd = 12, 20
@@ -221,8 +222,8 @@ def test_quantize_experts_swiglu_stacks_gate_and_up_and_feeds_down_the_gated_hid
     """SwiGLU experts: gate and up quantized as one stacked matrix from one Hessian (each equal to quantizing it
     alone with that Hessian: GPTQ's rows are independent), down from silu(gate_q x) * up_q x; the forward is
     down(silu(gate x) * up x)."""
-    from qmoe.gptq import GPTQ
-    from qmoe.pipeline import SWIGLU_FORM
+    from qmoe.compression.gptq import GPTQ
+    from qmoe.compression.pipeline import SWIGLU_FORM
 
     torch.manual_seed(0)
     D, inter = 12, 10
@@ -265,7 +266,7 @@ def test_cli_errors_are_one_line_and_leave_no_complete_output(tiny_ckpt, tmp_pat
 
 def test_crash_mid_run_leaves_an_incomplete_manifest(tiny_ckpt, tmp_path, monkeypatch):
     """A failure after some blocks were written: the manifest says incomplete and loading refuses the directory."""
-    import qmoe.steps as steps
+    import qmoe.compression.steps as steps
 
     d = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
     calls = {"n": 0}
@@ -306,7 +307,7 @@ def test_existing_output_is_not_overwritten(compressed_dir, tiny_mixed_bin):
 def test_resume_mid_block_replays_the_groups_written(tiny_ckpt, tmp_path, monkeypatch):
     """A crash after some groups of a block were written: --resume replays those groups from their files (does not
     quantize them again) and the output equals an uninterrupted run's."""
-    import qmoe.steps as steps
+    import qmoe.compression.steps as steps
 
     cfg = CompressConfig(group_size=1)
     real = steps.read_expert
@@ -357,7 +358,7 @@ def test_step_results_are_small_and_hold_no_tensors(tiny_ckpt, tmp_path):
     larger storage would carry all of it)."""
     import pickle
 
-    from qmoe.executor import LocalExecutor
+    from qmoe.compression.executor import LocalExecutor
 
     results = []
 
@@ -409,7 +410,7 @@ def test_model_tokenizer_and_jsonl_calibration(tiny_ckpt, tmp_path):
     spec = DataSpec(train_samples=16, val_samples=4, seed=0, calib=calib)
     s = compress_model(d, tmp_path / "o", CompressConfig(), spec, progress=lambda *_: None)
     assert (tmp_path / "o" / "tokenizer.json").exists()
-    from qmoe.compressor import load_samples
+    from qmoe.data import load_samples
 
     train, _, floor = load_samples(d, json.loads((d / "config.json").read_text()), spec)
     assert floor == 384 - 100 and int(train.input_ids.max()) >= floor  # sentinels are in the inputs...

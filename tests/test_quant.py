@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from qmoe.gptq import GPTQ
+from qmoe.compression.gptq import GPTQ
 from qmoe.packed import QuantizedMatrix, pack, unpack
 from qmoe.quant import Scheme, dequantize_codes, find_params, quantize, rtn
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from qmoe import report
-from qmoe.compressor import CompressConfig, DataSpec, compress_model
+from qmoe.compression.compressor import CompressConfig, compress_model
+from qmoe.data import DataSpec
 from qmoe.config import PRESETS, config_from_hf, replace
 from qmoe.model import SwitchModel
-from qmoe.runner import unit_names
+from qmoe.inference.runner import unit_names
 
 
 @pytest.mark.parametrize("cfg", [PRESETS["tiny"], PRESETS["default"],

@@ -30,7 +30,7 @@ def test_deterministic_in_seed(tmp_path):
 
 def test_generation_holds_one_tensor_not_a_block(tmp_path):
     """A block of 16 experts (128 MB in bf16) is written with far less memory than the block: tensor by tensor."""
-    from qmoe.memory import PeakMonitor
+    from qmoe.compression.memory import PeakMonitor
 
     cfg = synth_config(blocks=1, experts=16, d_model=512, d_ff=4096, num_heads=2, d_kv=8)
     mon = PeakMonitor(interval=0.005)

@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from qmoe.compressor import CompressConfig, DataSpec, compress_model  # noqa: E402
+from qmoe.compression.compressor import CompressConfig, compress_model  # noqa: E402
+from qmoe.data import DataSpec
 from qmoe.workers.ray_executor import RayExecutor, check_shared_dir  # noqa: E402
 
 SPEC = DataSpec(train_samples=16, val_samples=4, seed=0)

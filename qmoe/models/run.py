@@ -17,7 +17,7 @@ from qmoe.corpus import load_default_corpus
 from qmoe.data import windows
 from qmoe.models.base import MoECausalLM, SwiGLU, generate
 from qmoe.models.load import load, read_hf_config
-from qmoe.runner import BF16Linear, Placement, check_device, split_contiguous, tensor_bytes
+from qmoe.inference.runner import BF16Linear, Placement, check_device, split_contiguous, tensor_bytes
 from qmoe.tokenizer import load_causal_tokenizer, read_text_file
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from qmoe.steps import Job, Worker
+from qmoe.compression.steps import Job, Worker
 
 READ_AHEAD_STEPS = ("experts",)  # steps that take next_call
 
@@ -17,7 +17,7 @@ READ_AHEAD_STEPS = ("experts",)  # steps that take next_call
 def worker_class(job: Job) -> type[Worker]:
     """The Worker that runs this job's steps: Switch's, or a decoder-only family's."""
     if job.family:
-        from qmoe.family_steps import FamilyWorker
+        from qmoe.compression.family_steps import FamilyWorker
 
         return FamilyWorker
     return Worker

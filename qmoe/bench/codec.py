@@ -106,8 +106,9 @@ def ternary_model(experts_dir: Path | None) -> Path:
     """experts_dir, or (when None) a fresh ternary GPTQ compression of the default model in a temporary directory."""
     if experts_dir is not None:
         return Path(experts_dir)
-    from qmoe.compressor import DataSpec, compress_model, resolve_model
-    from qmoe.pipeline import CompressConfig
+    from qmoe.compression.compressor import compress_model
+    from qmoe.data import DataSpec, resolve_model
+    from qmoe.compression.pipeline import CompressConfig
 
     experts_dir = Path(tempfile.mkdtemp(prefix="qmoe-bench-")) / "default-ternary"
     print(f"compressing the default model (ternary, GPTQ) into {experts_dir} ...", file=sys.stderr)

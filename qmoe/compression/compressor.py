@@ -10,63 +10,29 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from qmoe import compressed as C
-from qmoe.activations import ActivationStore
-from qmoe import outdir
+from qmoe.compression.activations import ActivationStore
+from qmoe.compression import outdir
 from qmoe.checkpoint import (CheckpointError, CheckpointReader, checkpoint_name, is_expert_param, model_file,
                              read_config)
-from qmoe.corpus import load_default_corpus
-from qmoe.data import DataConfig, Samples, train_val_samples, windows
-from qmoe.executor import LocalExecutor
-from qmoe.memory import PeakMonitor, default_max_memory, plan_memory
+from qmoe.data import DataSpec, causal_samples, load_samples
+from qmoe.compression.executor import LocalExecutor
+from qmoe.compression.memory import PeakMonitor, default_max_memory, plan_memory
 from qmoe.model import SwitchModel
-from qmoe.pipeline import CompressConfig
-from qmoe.steps import Job, Stream
+from qmoe.compression.pipeline import CompressConfig
+from qmoe.compression.steps import Job, Stream
 from qmoe.codec.atomic import atomic_write
 from qmoe.store import atomic_write_json, sha256_file
-from qmoe.tokenizer import load_tokenizer, read_text_file
-from qmoe.walk import compress_blocks, write_ids
+from qmoe.compression.walk import compress_blocks, write_ids
 
 log = logging.getLogger("qmoe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    train_samples: int = 512
-    val_samples: int = 256  # 0: no validation losses
-    seed: int = 0
-    calib: Path | None = None  # plain text or JSON lines; None: the embedded corpus
-    data: DataConfig = DataConfig()
-
-    def __post_init__(self):
-        if self.train_samples < 0:
-            raise ValueError(f"--train-samples must be >= 1, got {self.train_samples}")
-        if self.val_samples < 0:
-            raise ValueError(f"--val-samples must be >= 0 (0: no validation), got {self.val_samples}")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
-        if self.calib is not None and not Path(self.calib).is_file():
-            raise ValueError(f"--calib {self.calib}: not a file")
-
-
-EMBEDDED = ("default", "default-qwen3_moe")  # the shipped models, qmoe/assets/<name>
-
-
-def resolve_model(model: str) -> Path:
-    """'default' (the embedded Switch model) or 'default-qwen3_moe' (the embedded Qwen3-MoE model); anything else
-    is a directory."""
-    if model in EMBEDDED:
-        return Path(str(resources.files("qmoe.assets").joinpath(model)))
-    return Path(model)
 
 
 @dataclass
@@ -151,31 +117,6 @@ def open_every_shard(reader: CheckpointReader) -> None:
         reader.get(name)  # opens (and for safetensors validates) the shard
 
 
-def causal_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
-    """A decoder-only model's calibration and validation windows of `raw_length` tokens (no span corruption):
-    input_ids = a window's first raw_length - 1 tokens, labels = its last raw_length - 1. Validation windows are
-    those qmoe.infer evaluates with --seq-len raw_length (models/run.py), so its loss is the walk's. No position
-    is a sentinel (floor 1 over all-zero mask ids)."""
-    from qmoe.models.run import validation_windows
-    from qmoe.tokenizer import load_causal_tokenizer
-
-    tok = load_causal_tokenizer(model_dir, hf)
-    text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
-    pool, _ = windows(tok.encode(text), spec.data.raw_length)
-    idx = np.random.default_rng(spec.seed).choice(len(pool), size=spec.train_samples,
-                                                  replace=spec.train_samples > len(pool))
-    train = torch.from_numpy(pool[idx]).long()
-    val = validation_windows(tok, text, spec.val_samples, spec.data.raw_length, spec.seed).long()
-    return Samples(train[:, :-1], train[:, 1:]), Samples(val[:, :-1], val[:, 1:]), 1
-
-
-def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
-    tok = load_tokenizer(model_dir, hf)
-    text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
-    train, val = train_val_samples(text, tok, spec.train_samples, spec.val_samples, spec.seed, spec.data)
-    return train, val, tok.sentinel_floor
-
-
 def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSpec, n_train: int, n_val: int,
              sentinel_floor: int, max_memory: int | None, processes: int, fail_marker: str | None = None,
              max_batch: int | None = None) -> Job:
@@ -206,7 +147,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
 
     resume: `out` holds an unfinished run of the same model and settings; the groups and blocks its manifest
     records are replayed from their files (not compressed again) and the run goes on from there. executor: where
-    the steps run (qmoe.executor.LocalExecutor by default; qmoe.workers.ray_executor.RayExecutor for a Ray pool); the
+    the steps run (qmoe.compression.executor.LocalExecutor by default; qmoe.workers.ray_executor.RayExecutor for a Ray pool); the
     output's bytes are the same either way. max_memory: the bound, in bytes, for every process (default: from the
     machine's available memory). max_batch: at most this many experts quantized at once (default: as many of a
     group as the bound allows; never changes a byte). fail_marker: tests only (see steps.Job)."""

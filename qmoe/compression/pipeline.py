@@ -1,6 +1,6 @@
 """The math of compressing one group of experts (docs/design.md, step 3), and the settings that decide a run's bytes.
 
-The block walk (qmoe/walk.py) and the steps it hands to an executor (qmoe/steps.py) call these functions; they hold
+The block walk (qmoe/compression/walk.py) and the steps it hands to an executor (qmoe/compression/steps.py) call these functions; they hold
 no I/O. Legend: G experts in a group, R rows (out features), C columns (in features), D d_model, F d_ff, n tokens.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from qmoe.gptq import GPTQ
+from qmoe.compression.gptq import GPTQ
 from qmoe.packed import QuantizedMatrix
 from qmoe.quant import Method, Scheme, rtn
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from qmoe.models.base import is_routed_expert
-from qmoe.steps import Worker
+from qmoe.compression.steps import Worker
 
 
 class FamilyWorker(Worker):

@@ -21,10 +21,10 @@ import numpy as np
 
 from qmoe.compressed import Manifest
 from qmoe.data import Samples
-from qmoe.memory import format_size
+from qmoe.compression.memory import format_size
 from qmoe.model import shift_right
-from qmoe.pipeline import BlockStats, hessian_cap
-from qmoe.steps import Job
+from qmoe.compression.pipeline import BlockStats, hessian_cap
+from qmoe.compression.steps import Job
 
 log = logging.getLogger("qmoe")
 

@@ -28,10 +28,11 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from qmoe import steps
-from qmoe.compressor import DataSpec, compress_model, resolve_model
-from qmoe.gptq import GPTQ
-from qmoe.pipeline import SWITCH_FORM, CompressConfig
+from qmoe.compression import steps
+from qmoe.compression.compressor import compress_model
+from qmoe.data import DataSpec, resolve_model
+from qmoe.compression.gptq import GPTQ
+from qmoe.compression.pipeline import SWITCH_FORM, CompressConfig
 from qmoe.quant import Method, Scheme, dequantize_codes, rtn
 
 VARIANTS = ("gptq", "rtn", "before", "qmoe")  # on the Hessian GPTQ was given

@@ -2,7 +2,7 @@
 
 `python -m qmoe.export DIR --format compressed-tensors --out OUT [--overwrite]`
 `python -m qmoe.export DIR --format gguf --out OUT [--overwrite]`: GGUF for llama.cpp, int4-sym directories only
-(the experts as Q4_0, exactly; qmoe/export_gguf.py).
+(the experts as Q4_0, exactly; qmoe/export/gguf.py).
 
 compressed-tensors' `pack-quantized` format (what llm-compressor writes; transformers and vLLM read its config):
 every routed expert matrix of an int4 directory becomes `<name>.weight_packed` (int32 [R, ceil(C/8)], 8 codes a
@@ -178,7 +178,7 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r}: the formats are {', '.join(FORMATS)}")
     if fmt == "gguf":
-        from qmoe.export_gguf import export_gguf
+        from qmoe.export.gguf import export_gguf
 
         return export_gguf(src, out, overwrite, max_shard_bytes, progress)
     _check_out(src, out, overwrite)
@@ -313,6 +313,3 @@ def main(argv=None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from qmoe import compressed as C
-from qmoe.activations import ActivationStore
+from qmoe.compression.activations import ActivationStore
 from qmoe.checkpoint import CheckpointReader, _set_param, checkpoint_name, is_expert_param, read_expert
 from qmoe.config import SwitchConfig
-from qmoe.memory import PeakMonitor, Plan
+from qmoe.compression.memory import PeakMonitor, Plan
 from qmoe.model import SwitchModel
-from qmoe.pipeline import (SWIGLU_FORM, SWITCH_FORM, CompressConfig, ExpertForm, expert_seed, hessian_mask_ids,
+from qmoe.compression.pipeline import (SWIGLU_FORM, SWITCH_FORM, CompressConfig, ExpertForm, expert_seed, hessian_mask_ids,
                            hessian_rows, quantize_experts)
 from qmoe.store import sha256_file
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from qmoe.bench_kernels import cpu_description
+from qmoe.bench.kernels import cpu_description
 from qmoe.store import atomic_write_json
 
 GEN_BATCHES = (1, 8, 32)
@@ -34,8 +34,9 @@ def build(work: Path, blocks: int, experts: int, device: str, train_samples: int
     synthetic checkpoint is deleted once compressed: it is 3.3 GB a block of 64 experts."""
     from qmoe.checkpoint import CheckpointError
     from qmoe.compressed import read_manifest
-    from qmoe.compressor import DataSpec, compress_model
-    from qmoe.pipeline import CompressConfig
+    from qmoe.compression.compressor import compress_model
+    from qmoe.data import DataSpec
+    from qmoe.compression.pipeline import CompressConfig
     from qmoe.quant import Method
     from qmoe.synth import C2048, synth_config, write_synthetic
 
@@ -59,7 +60,7 @@ def build(work: Path, blocks: int, experts: int, device: str, train_samples: int
 def _decode_to_bf16(model) -> None:
     """Every CompressedLinear replaced, in place, by a BF16Linear of its decoded weights (on its own device)."""
     from qmoe.kernels.module import CompressedLinear
-    from qmoe.runner import BF16Linear
+    from qmoe.inference.runner import BF16Linear
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, CompressedLinear):
@@ -98,9 +99,9 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
     """The result (see format_table); `partial`: a JSON file rewritten after every row, marked "partial", so that
     a run stopped by a time limit leaves what it measured."""
     from qmoe.compressed import load_compressed
-    from qmoe.compressor import DataSpec, load_samples
-    from qmoe.evaluate import validation_loss
-    from qmoe.runner import Runner, simulate_uncompressed, tensor_bytes
+    from qmoe.data import DataSpec, load_samples
+    from qmoe.inference.evaluate import validation_loss
+    from qmoe.inference.runner import Runner, simulate_uncompressed, tensor_bytes
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device here")
@@ -128,7 +129,7 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
                 b * tokens, lambda r, b=b: r.generate(val.input_ids[:b], tokens))
     machine = {"cpu": cpu_description(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     if device == "cuda":
-        from qmoe.bench_kernels import cuda_machine
+        from qmoe.bench.kernels import cuda_machine
 
         machine = cuda_machine()
     result = {"machine": machine, "device": dev,

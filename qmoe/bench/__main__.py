@@ -1,6 +1,6 @@
 """python -m qmoe.bench {codec,kernels,infer,scale,gptq} [--json FILE]: benchmarks, each run side by side with its
-baselines. codec: qmoe/bench_codec.py; kernels: qmoe/bench_kernels.py; infer: qmoe/bench_infer.py; scale:
-qmoe/bench_scale.py; gptq: qmoe/bench_gptq.py."""
+baselines. codec: qmoe/bench/codec.py; kernels: qmoe/bench/kernels.py; infer: qmoe/bench/infer.py; scale:
+qmoe/bench/scale.py; gptq: qmoe/bench/gptq.py."""
 from __future__ import annotations
 
 import argparse
@@ -58,29 +58,29 @@ def main(argv=None) -> int:
     g.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if a.what == "gptq":
-        from qmoe import bench_gptq as b
+        from qmoe.bench import gptq as b
         from qmoe.quant import Scheme
 
         result = b.run(a.model, [Scheme(x) for x in a.schemes], a.seeds, a.decoder_mask, a.train_samples,
                        a.val_samples, percdamp=a.percdamp)
     elif a.what == "infer":
-        from qmoe import bench_infer as b
+        from qmoe.bench import infer as b
 
         result = b.run(a.compressed, a.dir, a.blocks, a.experts, a.device, a.repeats, a.tokens, a.val_samples,
                        keep=a.keep, partial=a.json)
     elif a.what == "scale":
-        from qmoe import bench_scale as b
+        from qmoe.bench import scale as b
 
         result = b.run(a)
         if a.plot:
             b.plot(result, a.plot)
     else:
         if a.what == "codec":
-            from qmoe import bench_codec as b
+            from qmoe.bench import codec as b
 
             result = b.run(a.experts, a.repeats)
         else:
-            from qmoe import bench_kernels as b
+            from qmoe.bench import kernels as b
 
             result = b.run(a.experts, a.repeats, device=a.device, end_to_end=not a.no_end_to_end, partial=a.json)
     print(b.format_table(result))

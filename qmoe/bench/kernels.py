@@ -12,7 +12,6 @@ dense bf16 expert a block) vs the experts decoded to dense fp32.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -29,7 +28,8 @@ from qmoe.codec.dictionary import normalize_probs, tunstall
 from qmoe.codec.ternary import bf16_bits_to_f32, decode, encode
 from qmoe.kernels.cpu import decode_gemm, record_gemm
 from qmoe.kernels.records import records
-from qmoe.bench_codec import C2048_SHAPES, iid_matrices, ternary_model
+from qmoe.bench.codec import C2048_SHAPES, iid_matrices, ternary_model
+from qmoe.inference.overhead import end_to_end_rows, medians as _medians
 
 BATCHES = (1, 4, 16, 64)
 
@@ -65,19 +65,6 @@ def _csr_arrays(W: np.ndarray):
     np.cumsum(counts_h + counts_l, out=indptr[1:])
     idx = np.concatenate([np.concatenate([np.flatnonzero(h), np.flatnonzero(l)]) for h, l in zip(hi, lo)])
     return indptr, idx.astype(np.int32), indptr[:-1] + counts_h
-
-
-def _medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Milliseconds per call, median over `repeats` rounds; in each round every function runs once, in turn."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(1e3 * (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _matrices(experts_dir: Path | None) -> list[tuple[str, object]]:
@@ -126,37 +113,6 @@ def kernel_rows(experts_dir: Path | None, repeats: int) -> list[dict]:
     return rows
 
 
-def end_to_end_rows(experts_dir: Path | None, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
-                    device: str = "cpu") -> list[dict]:
-    from qmoe.compressed import load_compressed
-    from qmoe.compressor import DataSpec, load_samples
-    from qmoe.evaluate import validation_loss
-    from qmoe.runner import Runner, simulate_uncompressed, tensor_bytes
-
-    path = ternary_model(experts_dir)
-    models = {"fused": load_compressed(path, fused=True)[0],
-              "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]),
-              "decoded fp32": load_compressed(path)[0]}
-    hf = json.loads((path / "config.json").read_text())
-    _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))  # validation only
-    runners = {k: Runner(m, [device]) for k, m in models.items()}
-    rows = []
-    eval_tokens = val.labels.numel() + val.input_ids.numel()
-    work = {"eval (teacher-forced, batch 32)": (eval_tokens, lambda r: validation_loss(r, val, batch_size=32))}
-    for b in (1, 8):
-        work[f"generate {gen_tokens} tokens, batch {b}"] = (
-            b * gen_tokens, lambda r, b=b: r.generate(val.input_ids[:b], gen_tokens))
-    for task, (tokens, fn) in work.items():
-        ms = _medians({k: (lambda r=r: fn(r)) for k, r in runners.items()}, max(3, repeats // 2))
-        row = {"task": task, "tokens": tokens, **{f"{k} tokens/s": tokens / (v / 1e3) for k, v in ms.items()}}
-        row["fused / simulated"] = ms["simulated uncompressed (bf16)"] / ms["fused"]
-        row["fused / decoded fp32"] = ms["decoded fp32"] / ms["fused"]
-        rows.append(row)
-        print(row, flush=True)
-    rows.append({"task": "bytes held", **{f"{k} bytes": tensor_bytes(m, host_tables=True) for k, m in models.items()}})
-    return rows
-
-
 def run(experts_dir: Path | None, repeats: int, device: str = "cpu", end_to_end: bool = True,
         partial: Path | None = None) -> dict:
     """partial (CUDA): a JSON file rewritten after every kernel row, marked "partial", so that a run stopped by a
@@ -175,12 +131,12 @@ def run(experts_dir: Path | None, repeats: int, device: str = "cpu", end_to_end:
                                                      "partial": True})
         result["kernels"] = cuda_kernel_rows(repeats, copies_out=copies, on_row=on_row)
         result["settings"] = cuda_settings(copies)
-        result["end_to_end"] = end_to_end_rows(experts_dir, repeats, device="cuda:0") if end_to_end else []
+        result["end_to_end"] = end_to_end_rows(ternary_model(experts_dir), repeats, device="cuda:0") if end_to_end else []
         return result
     return {"machine": {"cpu": cpu_description(), "numba_threads": numba.get_num_threads(),
                         "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
             "kernels": kernel_rows(experts_dir, repeats),
-            "end_to_end": end_to_end_rows(experts_dir, repeats) if end_to_end else []}
+            "end_to_end": end_to_end_rows(ternary_model(experts_dir), repeats) if end_to_end else []}
 
 
 def _kernel_line(r: dict) -> str:

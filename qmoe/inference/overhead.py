@@ -1,0 +1,54 @@
+"""The inference overhead measurement (the report's table, and `qmoe.bench kernels`' end-to-end rows): a compressed
+Switch directory run on its fused kernels, as QMoE's simulated-uncompressed baseline (one shared dense bf16 expert
+a block) and decoded to float32, side by side in one process, tokens/s for teacher-forced evaluation and greedy
+generation, and the bytes each holds."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Milliseconds per call, median over `repeats` rounds; in each round every function runs once, in turn."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(1e3 * (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
+                    device: str = "cpu") -> list[dict]:
+    from qmoe.compressed import load_compressed
+    from qmoe.data import DataSpec, load_samples
+    from qmoe.inference.evaluate import validation_loss
+    from qmoe.inference.runner import Runner, simulate_uncompressed, tensor_bytes
+
+    path = Path(path)
+    models = {"fused": load_compressed(path, fused=True)[0],
+              "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]),
+              "decoded fp32": load_compressed(path)[0]}
+    hf = json.loads((path / "config.json").read_text())
+    _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))  # validation only
+    runners = {k: Runner(m, [device]) for k, m in models.items()}
+    rows = []
+    eval_tokens = val.labels.numel() + val.input_ids.numel()
+    work = {"eval (teacher-forced, batch 32)": (eval_tokens, lambda r: validation_loss(r, val, batch_size=32))}
+    for b in (1, 8):
+        work[f"generate {gen_tokens} tokens, batch {b}"] = (
+            b * gen_tokens, lambda r, b=b: r.generate(val.input_ids[:b], gen_tokens))
+    for task, (tokens, fn) in work.items():
+        ms = medians({k: (lambda r=r: fn(r)) for k, r in runners.items()}, max(3, repeats // 2))
+        row = {"task": task, "tokens": tokens, **{f"{k} tokens/s": tokens / (v / 1e3) for k, v in ms.items()}}
+        row["fused / simulated"] = ms["simulated uncompressed (bf16)"] / ms["fused"]
+        row["fused / decoded fp32"] = ms["decoded fp32"] / ms["fused"]
+        rows.append(row)
+        print(row, flush=True)
+    rows.append({"task": "bytes held", **{f"{k} bytes": tensor_bytes(m, host_tables=True) for k, m in models.items()}})
+    return rows
