@@ -78,7 +78,7 @@ class CompressedLinear(nn.Module):
     def host_tables(self) -> tuple[tuple[str, str], int] | None:
         """(key, bytes) of the dictionary tables the CPU kernels use beyond this module's buffers (records.Lists,
         one per dictionary, built here if not yet), when the module is on the CPU; None elsewhere. Memory counts
-        (qmoe.runner.tensor_bytes) add each key once."""
+        (qmoe.inference.runner.tensor_bytes) add each key once."""
         if self.codes.device.type != "cpu":
             return None
         return ("lists", self._dictionary_key), records(self.encoded.dictionary).lists.nbytes

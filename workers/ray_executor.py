@@ -1,4 +1,4 @@
-"""The walk's executor on a Ray pool: N actors, each a qmoe.steps.Worker, on any number of nodes.
+"""The walk's executor on a Ray pool: N actors, each a qmoe.compression.steps.Worker, on any number of nodes.
 
 An actor asks for one GPU when the job computes on CUDA, else for one CPU slot, so `--workers N` runs on a cluster
 of N slots; nothing else the walk does needs a slot. With `gpus_per_worker` (--gpus-per-worker, e.g. 0.5) an actor
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import ray
 
-from qmoe.executor import READ_AHEAD_STEPS
-from qmoe.executor import worker_class
-from qmoe.steps import Job
+from qmoe.compression.executor import READ_AHEAD_STEPS
+from qmoe.compression.executor import worker_class
+from qmoe.compression.steps import Job
 
 
 class RayExecutor:
