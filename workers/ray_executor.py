@@ -21,8 +21,7 @@ from pathlib import Path
 
 import ray
 
-from qmoe.compression.executor import READ_AHEAD_STEPS
-from qmoe.compression.executor import worker_class
+from qmoe.compression.executor import READ_AHEAD_STEPS, worker_class
 from qmoe.compression.steps import Job
 
 
