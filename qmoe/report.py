@@ -1,6 +1,7 @@
 """python -m qmoe.report DIR: a memory and overhead report of a compressed checkpoint, as Markdown and PNG plots.
 
-- bits per parameter of every block's experts, per matrix kind (wi, wo), counting every byte of the files;
+- bits per parameter of every block's experts, per matrix kind (wi, wo; a decoder-only family's gate, up, down),
+  counting every byte of the files;
 - bytes per device when its units (embedding, blocks, norms, head) are split across --devices by bytes;
 - for each --target (e.g. 4x48GB, 8x24GB): the same split over that machine, and whether the model fits, counting
   each device's dictionary tables, the KV cache of its decoder blocks and one block's activations at --batch and
@@ -59,13 +60,22 @@ class Runtime:
     batch: int = 8
     context: int = 512
 
-    def kv_bytes(self, cfg: SwitchConfig, unit: str) -> int:
+    def kv_bytes(self, cfg, unit: str) -> int:
+        if hasattr(cfg, "family"):  # a decoder-only family: each layer's keys and values, as the model caches them
+            if not unit.startswith("model.layers."):
+                return 0
+            per_token = (cfg.num_heads * (cfg.opt("nope") + cfg.opt("rot") + cfg.opt("v")) if cfg.family ==
+                         "deepseek_v3" else 2 * cfg.num_kv_heads * cfg.head_dim)  # MLA: expanded, per head
+            return self.batch * self.context * per_token * 2
         if not unit.startswith("decoder.block."):
             return 0
         return 4 * self.batch * self.context * cfg.num_heads * cfg.d_kv * 2
 
-    def activation_bytes(self, cfg: SwitchConfig) -> int:
+    def activation_bytes(self, cfg) -> int:
         b, c = self.batch, self.context
+        if hasattr(cfg, "family"):  # scores, and hidden states: residual, norm, attention, one MLP's hidden layer
+            hidden = max(cfg.dense_intermediate, cfg.moe_intermediate * cfg.top_k)
+            return 4 * (b * cfg.num_heads * c * c + b * c * (4 * cfg.hidden_size + hidden))
         return 4 * (b * cfg.num_heads * c * c + b * c * (4 * cfg.d_model + cfg.d_ff))
 
 
@@ -117,6 +127,8 @@ def _safetensors_sizes(path: Path) -> tuple[dict[str, int], int]:
 
 def units_from_dir(path: Path) -> tuple[SwitchConfig, list[Unit]]:
     hf = json.loads((path / "config.json").read_text())
+    if hf.get("model_type") not in (None, "switch_transformers"):
+        return _family_units(path, hf)
     sizes, _ = _safetensors_sizes(path / DENSE_FILE)
     cfg = config_from_hf(hf, list(sizes))  # the routers are among the dense tensors: block pattern from names
     dense: dict[str, int] = {}
@@ -129,6 +141,34 @@ def units_from_dir(path: Path) -> tuple[SwitchConfig, list[Unit]]:
         files = block_files(path, name)
         expert_bytes = sum(f.stat().st_size for f in files)
         units.append(Unit(name, dense.get(name, 0), expert_bytes, params[name][1], 2 * len(files) if ternary else 0))
+    return cfg, units
+
+
+def _family_units(path: Path, hf: dict):
+    """A decoder-only family's config and units (embedding, layers, final norm, head), in the order they run."""
+    import torch
+
+    from qmoe.models.base import MoECausalLM
+    from qmoe.models.load import FAMILIES
+
+    fam = FAMILIES[hf["model_type"]]
+    cfg = fam.config(hf)
+    with torch.device("meta"):
+        names = MoECausalLM(cfg, fam).units()
+    sizes, _ = _safetensors_sizes(path / DENSE_FILE)
+    dense: dict[str, int] = {}
+    for name, nbytes in sizes.items():
+        m = re.match(r"^(model\.layers\.\d+)\.", name)
+        unit = m.group(1) if m else name.removesuffix(".weight")
+        dense[unit] = dense.get(unit, 0) + nbytes
+    ternary = hf["qmoe"]["scheme"] == "ternary"
+    units = []
+    for i, name in enumerate(names):
+        files = block_files(path, name) if name.startswith("model.layers.") else []
+        sparse = name.startswith("model.layers.") and cfg.sparse[int(name.split(".")[2])]
+        params = cfg.num_experts * 3 * cfg.moe_intermediate * cfg.hidden_size if sparse else 0
+        units.append(Unit(name, dense.get(name, 0), sum(f.stat().st_size for f in files), params,
+                          3 * len(files) if ternary else 0))
     return cfg, units
 
 
@@ -147,7 +187,7 @@ def matrix_bits(path: Path, manifest: dict) -> list[dict]:
     for fname, tensors in sorted(manifest["tensors"].items()):
         sizes, header = _safetensors_sizes(path / fname)
         data = sum(sizes.values())
-        for kind in ("wi", "wo"):
+        for kind in sorted({t.split(".")[1] for t in tensors}):  # wi, wo; or down, gate, up
             names = [t for t in tensors if t.endswith("." + kind)]
             nbytes = sum(v for k, v in sizes.items() if k.split(".")[1] == kind)
             a = acc.setdefault((Path(fname).parent.name, kind), [0, 0.0])
@@ -171,7 +211,7 @@ def plan_units(units: list[Unit], count: int, capacity: int | None = None, cfg: 
         p["units"].append(u.name)
         if runtime is not None and cfg is not None:
             p["kv"] += runtime.kv_bytes(cfg, u.name)
-            if ".block." in u.name:
+            if ".block." in u.name or ".layers." in u.name:
                 p["activations"] = runtime.activation_bytes(cfg)
     for p in per:
         p["total"] = p["dense"] + p["experts"] + p["tables"] + p["kv"] + p["activations"]
@@ -198,15 +238,17 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
     manifest = read_manifest(path)  # every file checked against its checksum before anything is read
     summary = json.loads((path / "summary.json").read_text())
     kind = json.loads((path / "config.json").read_text()).get("model_type")
-    if kind not in (None, "switch_transformers"):
-        raise ValueError(f"{path}: a compressed {kind} directory; the report plans Switch directories only so far "
-                         "(bits per parameter are in its summary.json)")
+    family = kind not in (None, "switch_transformers")
     cfg, units = units_from_dir(path)
     rep = {"model": str(path), "summary": {k: summary.get(k) for k in (
         "scheme", "method", "params_total", "params_experts", "bits_per_param_experts", "bits_per_param_total",
         "val_loss_before", "val_loss_after")}, "matrices": matrix_bits(path, manifest),
         "devices": {"names": devices, **plan_units(units, len(devices), None, cfg, runtime)},
         "targets": {t.label: plan_units(units, t.count, t.bytes_each, cfg, runtime) for t in targets}}
+    if family:  # the overhead measurement and the c2048 projection are Switch's
+        rep["not_covered"] = ("the overhead measurement and the projection are built for Switch directories; for "
+                              f"this {kind} directory see `python -m qmoe.infer --simulate-uncompressed`")
+        return rep
     if measure:
         from qmoe.inference.overhead import end_to_end_rows
 
@@ -286,10 +328,11 @@ def _plot_bits(rows: list[dict], path: Path) -> None:
     plt = _pyplot()
     blocks = sorted({r["block"] for r in rows}, key=lambda b: (b.startswith("decoder"), int(b.split(".")[-1])))
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(blocks) + 2), 3.6))
-    w = 0.38
-    for k, kind in enumerate(("wi", "wo")):
+    kinds = list(dict.fromkeys(r["matrix"] for r in rows))  # wi, wo; or down, gate, up
+    w = 0.76 / len(kinds)
+    for k, kind in enumerate(kinds):
         vals = [next(r["bits_per_param"] for r in rows if r["block"] == b and r["matrix"] == kind) for b in blocks]
-        ax.bar([i + (k - 0.5) * w for i in range(len(blocks))], vals, w, label=kind)
+        ax.bar([i + (k - (len(kinds) - 1) / 2) * w for i in range(len(blocks))], vals, w, label=kind)
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_xticks(range(len(blocks)))
     ax.set_xticklabels(blocks, rotation=30, ha="right", fontsize=8)
@@ -373,6 +416,8 @@ def render(rep: dict, out: Path) -> Path:
         md += _plan_table(p["targets"])
         _plot_plans(p["targets"], f"projection: {Path(p['config']).stem} at {p['expert_bits_per_param']:.3f} "
                     "expert bits/param", out / "projection.png")
+    if "not_covered" in rep:
+        md += ["", f"Not in this report: {rep['not_covered']}."]
     f = out / "report.md"
     atomic_write_text(f, "\n".join(md) + "\n")
     atomic_write_text(out / "report.json", json.dumps(rep, indent=1, default=str))

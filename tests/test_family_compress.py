@@ -102,6 +102,7 @@ def test_a_family_compresses_and_runs_with_the_walks_losses(models, name, scheme
     assert s["params_experts"] == sum(m.numel() for _, m in matrices)
     hf = json.loads((out / "config.json").read_text())
     assert hf["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
+    assert hf["qmoe"]["quantized"].startswith("routed experts; shared experts, dense-layer MLPs")
     assert s["experts_fallback_rtn"] == 0
 
 
@@ -206,7 +207,7 @@ def test_gpt_oss_in_mxfp4_compresses_like_its_dequantized_weights(models, tmp_pa
                                    for f in files)
 
 
-def test_a_compressed_family_refuses_a_dtype_and_the_report(models, tmp_path):
+def test_a_compressed_family_refuses_a_dtype_and_has_a_report(models, tmp_path):
     compress_model(models["mixtral"], tmp_path / "o", CompressConfig(method=Method.RTN), SPEC, progress=_quiet)
     with pytest.raises(ValueError, match="float32"):
         qmoe.load(tmp_path / "o", dtype=torch.bfloat16)
@@ -214,8 +215,16 @@ def test_a_compressed_family_refuses_a_dtype_and_the_report(models, tmp_path):
     assert m.family.name == "mixtral"
     from qmoe import report
 
-    assert report.main([str(tmp_path / "o"), "--no-measure"]) == 2  # Switch only so far, said in one line
-    assert not (tmp_path / "o" / "report").exists()
+    assert report.main([str(tmp_path / "o"), "--no-measure", "--batch", "2", "--context", "64"]) == 0
+    md = (tmp_path / "o" / "report" / "report.md").read_text()
+    assert "| model.layers.0 | gate |" in md and "| model.layers.1 | down |" in md and "Not in this report" in md
+    rep = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
+    slots = rep["devices"]["slots"]
+    assert [u for p in slots for u in p["units"]] == m.units()
+    cfg = m.cfg  # GQA: keys and values of every layer, bf16, at batch 2 and context 64
+    assert sum(p["kv"] for p in slots) == cfg.num_layers * 2 * 64 * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    assert sum(p["experts"] for p in slots) == sum(f.stat().st_size for f in (tmp_path / "o" / "experts").rglob("*")
+                                                   if f.is_file())
 
 
 def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_path, monkeypatch):

@@ -1,6 +1,5 @@
-"""python -m qmoe.bench {codec,kernels,infer,scale,gptq} [--json FILE]: benchmarks, each run side by side with its
-baselines. codec: qmoe/bench/codec.py; kernels: qmoe/bench/kernels.py; infer: qmoe/bench/infer.py; scale:
-qmoe/bench/scale.py; gptq: qmoe/bench/gptq.py."""
+"""python -m qmoe.bench {codec,kernels,infer,scale,gptq,tunstall} [--json FILE]: benchmarks, each run side by side
+with its baselines, one module each in qmoe/bench/."""
 from __future__ import annotations
 
 import argparse
@@ -56,8 +55,15 @@ def main(argv=None) -> int:
     g.add_argument("--train-samples", type=int, default=512)
     g.add_argument("--val-samples", type=int, default=256)
     g.add_argument("--json", type=Path)
+    t = sub.add_parser("tunstall", help="the compiled Tunstall construction against the plain-Python reference")
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    if a.what == "gptq":
+    if a.what == "tunstall":
+        from qmoe.bench import tunstall as b
+
+        result = b.run(a.repeats)
+    elif a.what == "gptq":
         from qmoe.bench import gptq as b
         from qmoe.quant import Scheme
 

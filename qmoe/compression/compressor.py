@@ -193,6 +193,8 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
                          method=cfg.method.value, source=str(model_dir), settings=settings,
                          dense_sha256=manifest.data["files"][C.DENSE_FILE]["sha256"])
+        if source.family:  # what is not quantized (the one choice built: routed experts only)
+            qmoe_meta["quantized"] = "routed experts; shared experts, dense-layer MLPs and the rest kept in bf16"
         atomic_write_json(out / "config.json", source.out_config | {"qmoe": qmoe_meta})
         manifest.record_file("config.json")
         manifest.save()
