@@ -1,6 +1,7 @@
 """python -m qmoe.infer: run an original or compressed checkpoint across devices: validation loss, greedy
 generation with a KV cache, tokens/s and bytes per device. Decoder-only families (Mixtral, Qwen3-MoE, DeepSeek-V3,
-gpt-oss; original checkpoints only, one device): next-token loss and perplexity, generation after --prompt.
+gpt-oss; original or compressed, layers split over --devices): next-token loss and perplexity, generation after
+--prompt or each line of --prompt-file.
 
 Compressed ternary experts run on the fused decode-GEMM kernels (kernels/), never decoded to dense matrices;
 int2/int4 experts, and every expert with --reference, are decoded to float32 weights. --simulate-uncompressed is
@@ -114,16 +115,27 @@ def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:
         seq_len = hf.get("qmoe", {}).get("settings", {}).get("data_raw_length", 128)
     if seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2, got {seq_len}")
+    prompt = a.prompt
+    if a.prompt_file is not None:
+        if a.prompt is not None:
+            raise ValueError("--prompt and --prompt-file: give one")
+        try:
+            prompt = [line for line in Path(a.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt-file {a.prompt_file}: cannot read it ({e})") from None
+        if not prompt:
+            raise ValueError(f"--prompt-file {a.prompt_file}: no prompt in it (one a line)")
     r = run_family(model_dir, list(cfg.devices), cfg.eval, cfg.generate, cfg.batch, a.val_samples, a.seed, a.calib,
-                   seq_len, a.prompt, cfg.reference, cfg.simulate_uncompressed)
+                   seq_len, prompt, cfg.reference, cfg.simulate_uncompressed)
     print(f"{r['model']} ({r['kind']})")
     _print_devices(r["devices"])
     if "val_loss" in r:
         print(f"validation loss {r['val_loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['val_samples']} "
               f"windows of {r['seq_len']} tokens, {r['eval_tokens_per_second']:.0f} tokens/s")
     _finish(r, a)
-    for text in r.get("generated_text", [])[:1 if a.prompt is not None else 4]:
-        print(f"{a.prompt}{text}" if a.prompt is not None else repr(text))
+    prompts = r.get("prompts")
+    for k, text in enumerate(r.get("generated_text", [])):
+        print(f"{prompts[k]}{text}" if prompts else repr(text))
     return 0
 
 
@@ -159,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--calib", type=Path, help="the text the validation samples come from (as for compress)")
     p.add_argument("--prompt", help="decoder-only families: generate after this text (with --generate N)")
+    p.add_argument("--prompt-file", type=Path, help="decoder-only families: generate after each line of this file")
     p.add_argument("--seq-len", type=int, default=None,
                    help="decoder-only families: tokens per validation window (default: a compressed directory's "
                         "calibration length, so its validation loss is the one compress reported; else 128)")
@@ -175,8 +188,9 @@ def main(argv=None) -> int:
         model_dir = resolve_model(a.model)
         if _family(model_dir):
             return _run_family(model_dir, cfg, a)
-        if a.prompt is not None:
-            raise ValueError("--prompt is for decoder-only families; Switch generates from validation samples")
+        if a.prompt is not None or a.prompt_file is not None:
+            raise ValueError("--prompt and --prompt-file are for decoder-only families; Switch generates from "
+                             "validation samples")
         r = run(model_dir, cfg, DataSpec(val_samples=a.val_samples, seed=a.seed, calib=a.calib))
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -178,6 +178,14 @@ def test_the_command_lines_compress_and_evaluate_a_family(tmp_path, capsys):
     assert "compressed ternary, experts on fused kernels" in printed
     assert f"validation loss {s['val_loss_after']:.4f}" in printed
     assert "windows of 256 tokens" in printed
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main():\n\nimport os\n")
+    assert infer_cli.main(["--model", str(out), "--generate", "4", "--prompt-file", str(prompts),
+                           "--json", str(tmp_path / "g.json")]) == 0
+    g = json.loads((tmp_path / "g.json").read_text())
+    printed = capsys.readouterr().out
+    assert g["prompts"] == ["def main():", "import os"] and [len(t) for t in g["generated"]] == [4, 4]
+    assert all(f"{p}{t}" in printed for p, t in zip(g["prompts"], g["generated_text"]))
 
 
 def test_gpt_oss_in_mxfp4_compresses_like_its_dequantized_weights(models, tmp_path):

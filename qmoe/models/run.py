@@ -98,7 +98,7 @@ def simulate_uncompressed(model: MoECausalLM) -> MoECausalLM:
 
 
 def run(model_dir: Path, devices: list[str], eval_: bool, steps: int, batch: int, val_samples: int, seed: int,
-        calib: Path | None, seq_len: int, prompt: str | None, reference: bool = False,
+        calib: Path | None, seq_len: int, prompt: str | list[str] | None, reference: bool = False,
         simulate: bool = False) -> dict:
     t0 = time.perf_counter()
     hf, _ = read_hf_config(model_dir)
@@ -122,18 +122,23 @@ def run(model_dir: Path, devices: list[str], eval_: bool, steps: int, batch: int
         result.update(val_loss=loss, perplexity=float(np.exp(loss)), val_samples=len(ids), seq_len=seq_len,
                       eval_seconds=round(seconds, 3), eval_tokens_per_second=round(ids.numel() / seconds, 1))
     if steps:
-        if prompt is not None:
-            ids = torch.from_numpy(tok.encode(prompt))[None]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        encoded = [torch.from_numpy(tok.encode(p))[None] for p in prompts]
+        for p, ids in zip(prompts, encoded):
             if ids.shape[1] == 0:
-                raise ValueError("--prompt encodes to no tokens")
-        else:
-            ids = validation_windows(tok, text, batch, min(seq_len, 32), seed)
+                raise ValueError(f"prompt {p!r} encodes to no tokens")
         t1 = time.perf_counter()
-        out = generate(model, ids.to(device), steps).cpu()
+        if prompts:  # one at a time: their lengths differ
+            out = torch.cat([generate(model, ids.to(device), steps).cpu() for ids in encoded])
+        else:
+            out = generate(model, validation_windows(tok, text, batch, min(seq_len, 32), seed).to(device), steps).cpu()
         seconds = time.perf_counter() - t1
-        result.update(generate_batch=len(ids), generate_tokens=steps, generate_seconds=round(seconds, 3),
-                      generate_tokens_per_second=round(out.numel() / seconds, 1), generated=out[:4].tolist(),
-                      generated_text=[tok.decode(row) for row in out[:4]])
-        if prompt is not None:
+        shown = len(prompts) or 4
+        result.update(generate_batch=len(out), generate_tokens=steps, generate_seconds=round(seconds, 3),
+                      generate_tokens_per_second=round(out.numel() / seconds, 1), generated=out[:shown].tolist(),
+                      generated_text=[tok.decode(row) for row in out[:shown]])
+        if prompts:
+            result["prompts"] = prompts
+        if isinstance(prompt, str):
             result["prompt"] = prompt
     return result
