@@ -245,9 +245,12 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
         "val_loss_before", "val_loss_after")}, "matrices": matrix_bits(path, manifest),
         "devices": {"names": devices, **plan_units(units, len(devices), None, cfg, runtime)},
         "targets": {t.label: plan_units(units, t.count, t.bytes_each, cfg, runtime) for t in targets}}
-    if family:  # the overhead measurement and the c2048 projection are Switch's
-        rep["not_covered"] = ("the overhead measurement and the projection are built for Switch directories; for "
-                              f"this {kind} directory see `python -m qmoe.infer --simulate-uncompressed`")
+    if family:  # the c2048 projection is Switch's
+        if measure:
+            from qmoe.inference.overhead import family_end_to_end_rows
+
+            rep["overhead"] = family_end_to_end_rows(path, repeats=3, val_samples=32, gen_tokens=8)
+        rep["not_covered"] = "the projection to c2048's shapes, a Switch model"
         return rep
     if measure:
         from qmoe.inference.overhead import end_to_end_rows

@@ -12,6 +12,7 @@ dense bf16 expert a block) vs the experts decoded to dense fp32.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -30,7 +31,7 @@ from qmoe.kernels.cpu import decode_gemm, record_gemm
 from qmoe.kernels.module import CompressedLinear
 from qmoe.kernels.records import records
 from qmoe.bench.codec import C2048_SHAPES, iid_matrices, ternary_model
-from qmoe.inference.overhead import end_to_end_rows, medians as _medians
+from qmoe.inference.overhead import end_to_end_rows, family_end_to_end_rows, medians as _medians
 
 BATCHES = (1, 4, 16, 32, 64, 128, 256)
 
@@ -137,12 +138,19 @@ def run(experts_dir: Path | None, repeats: int, device: str = "cpu", end_to_end:
                                                      "partial": True})
         result["kernels"] = cuda_kernel_rows(repeats, copies_out=copies, on_row=on_row)
         result["settings"] = cuda_settings(copies)
-        result["end_to_end"] = end_to_end_rows(ternary_model(experts_dir), repeats, device="cuda:0") if end_to_end else []
+        result["end_to_end"] = _end_to_end(ternary_model(experts_dir), repeats, device="cuda:0") if end_to_end else []
         return result
     return {"machine": {"cpu": cpu_description(), "numba_threads": numba.get_num_threads(),
                         "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
             "kernels": kernel_rows(experts_dir, repeats),
-            "end_to_end": end_to_end_rows(ternary_model(experts_dir), repeats) if end_to_end else []}
+            "end_to_end": _end_to_end(ternary_model(experts_dir), repeats) if end_to_end else []}
+
+
+def _end_to_end(path: Path, repeats: int, device: str = "cpu") -> list[dict]:
+    """The end-to-end rows of a Switch directory, or of a decoder-only family's (its config's model_type)."""
+    kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    rows = end_to_end_rows if kind in (None, "switch_transformers") else family_end_to_end_rows
+    return rows(path, repeats, device=device)
 
 
 def _kernel_line(r: dict) -> str:

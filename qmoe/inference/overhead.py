@@ -1,7 +1,7 @@
 """The inference overhead measurement (the report's table, and `qmoe.bench kernels`' end-to-end rows): a compressed
-Switch directory run on its fused kernels, as QMoE's simulated-uncompressed baseline (one shared dense bf16 expert
-a block) and decoded to float32, side by side in one process, tokens/s for teacher-forced evaluation and greedy
-generation, and the bytes each holds."""
+directory (Switch's, or a decoder-only family's) run on its fused kernels, as QMoE's simulated-uncompressed
+baseline (one shared dense bf16 expert a block or layer) and decoded to float32, side by side in one process,
+tokens/s for teacher-forced evaluation and greedy generation, and the bytes each holds."""
 from __future__ import annotations
 
 import json
@@ -23,12 +23,56 @@ def medians(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _rows(work: dict, models: dict, repeats: int) -> list[dict]:
+    """work {task: (tokens, fn(model))}: each task's tokens/s per model, calls alternated, median of the rounds."""
+    rows = []
+    for task, (tokens, fn) in work.items():
+        ms = medians({k: (lambda m=m: fn(m)) for k, m in models.items()}, max(3, repeats // 2))
+        row = {"task": task, "tokens": tokens, **{f"{k} tokens/s": tokens / (v / 1e3) for k, v in ms.items()}}
+        row["fused / simulated"] = ms["simulated uncompressed (bf16)"] / ms["fused"]
+        row["fused / decoded fp32"] = ms["decoded fp32"] / ms["fused"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def _held(models: dict) -> dict:
+    from qmoe.inference.runner import tensor_bytes
+
+    return {"task": "bytes held", **{f"{k} bytes": tensor_bytes(m, host_tables=True) for k, m in models.items()}}
+
+
+def family_end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
+                           device: str = "cpu") -> list[dict]:
+    """The same three models of a decoder-only family's compressed directory: next-token evaluation of validation
+    windows (the calibration length, batch 32) and greedy generation at batch 1 and 8."""
+    from qmoe.compressed import load_compressed
+    from qmoe.models.base import generate
+    from qmoe.models.run import next_token_loss, simulate_uncompressed, validation_windows
+    from qmoe.corpus import load_default_corpus
+    from qmoe.tokenizer import load_causal_tokenizer
+
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    models = {"fused": load_compressed(path, fused=True)[0].to(device),
+              "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]).to(device),
+              "decoded fp32": load_compressed(path)[0].to(device)}
+    seq = hf["qmoe"]["settings"].get("data_raw_length", 256)
+    ids = validation_windows(load_causal_tokenizer(path, hf), load_default_corpus(), val_samples, seq, 0)
+    work = {"eval (teacher-forced, batch 32)": (ids[:, 1:].numel(), lambda m: next_token_loss(m, ids, 32, device))}
+    for b in (1, 8):
+        prompt = ids[:b, :32].to(device)
+        work[f"generate {gen_tokens} tokens, batch {b}"] = (b * gen_tokens,
+                                                            lambda m, p=prompt: generate(m, p, gen_tokens))
+    return _rows(work, models, repeats) + [_held(models)]
+
+
 def end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
                     device: str = "cpu") -> list[dict]:
     from qmoe.compressed import load_compressed
     from qmoe.data import DataSpec, load_samples
     from qmoe.inference.evaluate import validation_loss
-    from qmoe.inference.runner import Runner, simulate_uncompressed, tensor_bytes
+    from qmoe.inference.runner import Runner, simulate_uncompressed
 
     path = Path(path)
     models = {"fused": load_compressed(path, fused=True)[0],
@@ -37,18 +81,9 @@ def end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens:
     hf = json.loads((path / "config.json").read_text())
     _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))  # validation only
     runners = {k: Runner(m, [device]) for k, m in models.items()}
-    rows = []
     eval_tokens = val.labels.numel() + val.input_ids.numel()
     work = {"eval (teacher-forced, batch 32)": (eval_tokens, lambda r: validation_loss(r, val, batch_size=32))}
     for b in (1, 8):
         work[f"generate {gen_tokens} tokens, batch {b}"] = (
             b * gen_tokens, lambda r, b=b: r.generate(val.input_ids[:b], gen_tokens))
-    for task, (tokens, fn) in work.items():
-        ms = medians({k: (lambda r=r: fn(r)) for k, r in runners.items()}, max(3, repeats // 2))
-        row = {"task": task, "tokens": tokens, **{f"{k} tokens/s": tokens / (v / 1e3) for k, v in ms.items()}}
-        row["fused / simulated"] = ms["simulated uncompressed (bf16)"] / ms["fused"]
-        row["fused / decoded fp32"] = ms["decoded fp32"] / ms["fused"]
-        rows.append(row)
-        print(row, flush=True)
-    rows.append({"task": "bytes held", **{f"{k} bytes": tensor_bytes(m, host_tables=True) for k, m in models.items()}})
-    return rows
+    return _rows(work, runners, repeats) + [_held(models)]
