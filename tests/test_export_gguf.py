@@ -26,7 +26,7 @@ from qmoe.compression.pipeline import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
 from qmoe.tokenizer import ByteTokenizer  # noqa: E402
 from test_export import _copy, _quiet, _refused, _run, _umask  # noqa: E402
-from test_families import _deepseek_v3, _mixtral, _qwen3_moe  # noqa: E402
+from test_families import _deepseek_v3, _gpt_oss, _mixtral, _qwen3_moe  # noqa: E402
 
 SPEC = DataSpec(train_samples=4, val_samples=0, seed=0, data=DataConfig(raw_length=32))
 # The tiny models with expert columns a multiple of Q4_0's 32-weight blocks; Qwen3-MoE with every layer MoE (as
@@ -469,3 +469,169 @@ def test_the_q4_0_layout_is_ggmls_block(dirs):
 def _installed_gguf_version() -> str:
     from importlib.metadata import version
     return version("gguf")
+
+
+# gpt-oss (llama.cpp's gpt-oss architecture).
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    """(compressed int4-sym gpt-oss directory, its GGUF export, the summary): the tiny gpt-oss of test_families
+    with YaRN's correction range rounded (truncate true, as ggml computes it) and 32 expert columns."""
+    root = tmp_path_factory.mktemp("gguf-gpt-oss")
+    src, comp, gg = root / "src", root / "sym", root / "gguf"
+    torch.manual_seed(0)
+    rope_parameters = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
+                       "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+    _gpt_oss(vocab_size=300, rope_parameters=rope_parameters).eval().save_pretrained(src)
+    compress_model(src, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN), SPEC, progress=_quiet)
+    return comp, gg, export(comp, gg, "gguf", progress=_quiet)
+
+
+def _gpt_oss_matrix(experts, j: int, kind: str) -> torch.Tensor:
+    """Expert j's gate, up or down [rows, columns] of a loaded gpt-oss layer: SplitExperts' Linear modules, or the
+    decoded model's fused tensors (gate and up the even and odd columns of gate_up_proj [E, D, 2I], down_proj
+    [E, I, D] transposed)."""
+    if type(experts).__name__ == "SplitExperts":
+        return experts.matrices[j][kind].weight.float()
+    if kind == "down":
+        return experts.down_proj[j].t().float()
+    start = 0 if kind == "gate" else 1
+    return experts.gate_up_proj[j][:, start::2].t().float()
+
+
+def test_gpt_oss_experts_are_llamacpps_split_gate_and_up_exactly(gpt_oss):
+    """ffn_gate_exps / ffn_up_exps / ffn_down_exps (llama.cpp's converter's unfused default) dequantize, bit for
+    bit, to qmoe's own gate, up and down weights (qmoe.load, fused=False), [experts, rows, columns];
+    gate and up are the published gate_up_proj's even and odd columns."""
+    comp, gg, summary = gpt_oss
+    hf = _hf(comp)
+    cfg = FAMILIES["gpt_oss"].config(hf)
+    model = qmoe.load(comp, fused=False)
+    _, tensors = _read(gg)
+    shapes = expert_shapes(cfg)
+    for i in range(cfg.num_layers):
+        experts = model.get_submodule(f"model.layers.{i}.mlp.experts")
+        for kind in ("gate", "up", "down"):
+            t = tensors[f"blk.{i}.ffn_{kind}_exps.weight"]
+            R, C = shapes[kind]
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            assert t.shape.tolist() == [C, R, cfg.num_experts]
+            got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            want = torch.stack([_gpt_oss_matrix(experts, j, kind) for j in range(cfg.num_experts)])
+            assert got.shape == want.shape == (cfg.num_experts, R, C)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (i, kind)
+    assert not [k for k in tensors if "gate_up" in k]
+    assert summary["architecture"] == "gpt-oss" and summary["bits_per_param_experts"] == 4.5
+
+
+def test_gpt_oss_biases_sinks_and_dense_tensors_are_qmoes_values(gpt_oss):
+    """Expert biases split as llama.cpp's converter splits them (gate_up_proj_bias' even entries -> ffn_gate_exps
+    .bias, odd -> ffn_up_exps.bias, down_proj_bias -> ffn_down_exps.bias), the sinks as attn_sinks.weight, the
+    router's weight and bias: F32, exactly qmoe's bf16 values (and the loaded model's); the other dense tensors
+    BF16 or F32 (1-D) under llama.cpp's gpt-oss names; no tensor missing or extra."""
+    comp, gg, _ = gpt_oss
+    cfg = FAMILIES["gpt_oss"].config(_hf(comp))
+    model = qmoe.load(comp, fused=False)
+    _, tensors = _read(gg)
+    with safe_open(str(comp / "dense.safetensors"), framework="pt") as h:
+        dense = {k: h.get_tensor(k) for k in h.keys()}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight",
+                 "post_attention_layernorm.weight": "post_attention_norm.weight",
+                 "self_attn.sinks": "attn_sinks.weight", "mlp.router.weight": "ffn_gate_inp.weight",
+                 "mlp.router.bias": "ffn_gate_inp.bias"}
+    for p in "qkvo":
+        for s in ("weight", "bias"):
+            per_layer[f"self_attn.{p}_proj.{s}"] = f"attn_{'output' if p == 'o' else p}.{s}"
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    want = {}
+    for k, v in dense.items():
+        assert v.dtype == torch.bfloat16
+        if k in top:
+            gname = top[k]
+        else:
+            _, _, i, rest = k.split(".", 3)
+            if rest == "mlp.experts.gate_up_proj_bias":
+                want[f"blk.{i}.ffn_gate_exps.bias"] = ("F32", v[:, 0::2])
+                want[f"blk.{i}.ffn_up_exps.bias"] = ("F32", v[:, 1::2])
+                experts = model.get_submodule(f"model.layers.{i}.mlp.experts")
+                assert torch.equal(experts.gate_up_proj_bias, v)
+                continue
+            if rest == "mlp.experts.down_proj_bias":
+                want[f"blk.{i}.ffn_down_exps.bias"] = ("F32", v)
+                continue
+            gname = f"blk.{i}.{per_layer[rest]}"
+        f32 = v.dim() == 1 or gname.endswith(("ffn_gate_inp.weight", "attn_sinks.weight"))
+        want[gname] = ("F32" if f32 else "BF16", v)
+    assert set(tensors) - set(want) == {f"blk.{i}.ffn_{k}_exps.weight" for i in range(cfg.num_layers)
+                                        for k in ("gate", "up", "down")}
+    assert set(want) <= set(tensors)
+    assert {f"blk.{i}.attn_sinks.weight" for i in range(cfg.num_layers)} <= set(want)
+    for k, (qtype, v) in want.items():
+        t = tensors[k]
+        assert t.tensor_type.name == qtype, k
+        assert tuple(reversed(t.shape.tolist())) == tuple(v.shape), k
+        if qtype == "F32":
+            got = torch.from_numpy(np.asarray(t.data).copy()).reshape(v.shape)
+            assert torch.equal(got, v.float()), k
+        else:
+            got = torch.from_numpy(np.asarray(t.data).view(np.int16).copy()).reshape(v.shape)
+            assert torch.equal(got, v.contiguous().view(torch.int16)), k
+    assert torch.equal(model.get_submodule("model.layers.0.self_attn").sinks.float(),
+                       torch.from_numpy(np.asarray(tensors["blk.0.attn_sinks.weight"].data).copy()))
+
+
+def test_gpt_oss_metadata_is_the_architectures(gpt_oss):
+    """gpt-oss.*: the keys llama.cpp's gpt-oss reads (expert_feed_forward_length, sliding_window, YaRN's factor and
+    original context; no attention factor: llama.cpp's own 0.1 ln(factor) + 1 is qmoe's)."""
+    comp, gg, _ = gpt_oss
+    hf = _hf(comp)
+    f, _ = _read(gg)
+    a = "gpt-oss"
+    assert f["general.architecture"] == a == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS]
+    L, At, Ro = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+    p = hf["rope_parameters"]
+    want = {L.BLOCK_COUNT: 3, L.CONTEXT_LENGTH: 256, L.EMBEDDING_LENGTH: 32, L.VOCAB_SIZE: 300,
+            L.EXPERT_FEED_FORWARD_LENGTH: hf["intermediate_size"], L.EXPERT_COUNT: hf["num_local_experts"],
+            L.EXPERT_USED_COUNT: hf["num_experts_per_tok"], At.HEAD_COUNT: 4, At.HEAD_COUNT_KV: 2,
+            At.KEY_LENGTH: 8, At.VALUE_LENGTH: 8, At.SLIDING_WINDOW: 4, Ro.DIMENSION_COUNT: 8,
+            Ro.FREQ_BASE: p["rope_theta"], Ro.SCALING_TYPE: "yarn", Ro.SCALING_FACTOR: p["factor"],
+            Ro.SCALING_ORIG_CTX_LEN: p["original_max_position_embeddings"],
+            Ro.SCALING_YARN_BETA_FAST: p["beta_fast"], Ro.SCALING_YARN_BETA_SLOW: p["beta_slow"]}
+    for key, v in want.items():
+        assert f[key.format(arch=a)] == v, key
+    assert Ro.SCALING_YARN_ATTN_FACTOR.format(arch=a) not in f
+    assert f[At.LAYERNORM_RMS_EPS.format(arch=a)] == pytest.approx(hf["rms_norm_eps"], rel=1e-7)
+    assert hf["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]  # llama.cpp's pattern
+
+
+def test_what_llamacpps_gpt_oss_computes_differently_is_refused(gpt_oss):
+    """One line each: the SwiGLU constants llama.cpp hardcodes, its sliding-window pattern, YaRN with an unrounded
+    correction range (the published configs' truncate false), an explicit attention factor, no attention biases,
+    tied embeddings."""
+    base = _hf(gpt_oss[0])
+
+    def refused(words, **over):
+        hf = dict(base, **over)
+        cfg = FAMILIES["gpt_oss"].config(hf)
+        with pytest.raises(ExportError, match=words) as e:
+            eg._check_family("gpt-oss", hf, cfg, Path("d"))
+        assert "\n" not in str(e.value)
+
+    refused("swiglu_limit 8.0", swiglu_limit=8.0)
+    refused("swiglu_alpha 1.5", swiglu_alpha=1.5)
+    refused("layer_types", layer_types=["full_attention", "sliding_attention", "full_attention"])
+    refused("no sliding_window", sliding_window=None)
+    refused("truncate false", rope_parameters=dict(base["rope_parameters"], truncate=False))
+    refused("attention_factor", rope_parameters=dict(base["rope_parameters"], attention_factor=1.1))
+    refused("attention biases", attention_bias=False)
+    refused("tie_word_embeddings", tie_word_embeddings=True)
+    eg._check_family("gpt-oss", base, FAMILIES["gpt_oss"].config(base), Path("d"))
+
+
+def test_an_incomplete_gpt_oss_directory_is_refused_before_writing(gpt_oss, tmp_path, capsys):
+    """gpt-oss directories get qmoe.export's checks too (the manifest verified before anything is written)."""
+    incomplete = _copy(gpt_oss[0], tmp_path / "incomplete")
+    (incomplete / "manifest.json").unlink()
+    out = tmp_path / "gguf"
+    _refused([incomplete, "--format", "gguf", "--out", out], capsys, out, "did not finish")

@@ -18,6 +18,16 @@ qmoe's bf16 values: 2-D and 3-D ones as BF16, 1-D ones, norms and routers as F32
 converter (convert_hf_to_gguf.py) in every name, shape and layout: Mixtral's q/k rows permuted for llama.cpp's
 pairwise RoPE, DeepSeek's kv_b_proj split into attn_k_b (transposed) and attn_v_b. Nothing is re-rounded.
 
+gpt-oss (llama.cpp's gpt-oss architecture, LLM_ARCH_OPENAI_MOE): qmoe's expert gate and up matrices (the even and
+odd columns of the published gate_up_proj) are llama.cpp's separate ffn_gate_exps and ffn_up_exps (its converter's
+default, unfused); the expert biases, kept in dense.safetensors, are split the same way (gate_up_proj_bias' even
+and odd entries -> ffn_gate_exps.bias and ffn_up_exps.bias [experts, I], down_proj_bias -> ffn_down_exps.bias)
+and written F32, as are the attention sinks (attn_sinks.weight) and the router's bias. Refused in one line: a
+SwiGLU alpha or limit other than llama.cpp's hardcoded 1.702 and 7.0, a layer_types other than llama.cpp's
+sliding-window pattern (even layers sliding, odd full), no sliding_window, YaRN with `truncate: false` (ggml always
+rounds the YaRN correction range to whole dimensions; the published gpt-oss configs say false, so they are refused),
+an explicit YaRN attention_factor, no attention biases, tied embeddings.
+
 Tokenizer: a model on qmoe's byte vocabulary (qmoe.tokenizer.ByteTokenizer: no tokenizer.json, vocabulary of at
 least 259 ids) gets a GPT-2-style byte-level BPE vocabulary without merges (one inert placeholder merge: gguf-py
 cannot write an empty array) that llama.cpp tokenizes byte for byte into ByteTokenizer's ids. A directory with a
@@ -39,7 +49,7 @@ import torch
 from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
-from qmoe.compressed import DENSE_FILE, _group_range, block_files, expert_shapes
+from qmoe.compressed import DENSE_FILE, _group_range, block_files, expert_shapes, read_manifest
 from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
 from qmoe.packed import unpack
 from qmoe.quant import Scheme
@@ -49,7 +59,11 @@ GGUF_VERSION = "0.19.0"  # the gguf release the export was written against and i
 GGUF_FILE = "model.gguf"
 QK4_0 = 32  # weights per Q4_0 block: 2 bytes of fp16 scale, 16 bytes of 4-bit codes
 Q4_0_BYTES = 2 + QK4_0 // 2
-ARCHS = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2"}
+ARCHS = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2",
+         "gpt_oss": "gpt-oss"}
+# llama.cpp's gpt-oss computes its experts' SwiGLU with these constants (LLM_FFN_SWIGLU_OAI_MOE in llama-graph.cpp:
+# alpha 1.702, limit 7.0, hardcoded, no GGUF key); a config with other values is refused.
+OAI_SWIGLU = {"alpha": 1.702, "limit": 7.0}
 SCHEMES = (Scheme.INT4_SYM.value,)
 WHY = {
     Scheme.INT4.value: "GGUF's symmetric Q4_0 has no zero point, and Q4_1 (value = q * d + m) would need the block "
@@ -178,6 +192,28 @@ def _llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _source(src: Path) -> dict:
+    """config.json of a compressed int4-sym directory, every file verified: qmoe.export's _read_source, whose
+    families are the compressed-tensors export's; gpt-oss, which only the GGUF export takes, gets its same checks."""
+    loaders = ("they are written as llama.cpp's llama (Mixtral), qwen3moe, deepseek2 (DeepSeek-V3, Kimi-K2) and "
+               "gpt-oss architectures")
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = None
+    if not isinstance(hf, dict) or hf.get("model_type") != "gpt_oss" or "scheme" not in (hf.get("qmoe") or {}):
+        return _read_source(src, SCHEMES, WHY, "GGUF", loaders)[0]
+    scheme = hf["qmoe"]["scheme"]
+    if scheme not in SCHEMES:
+        raise ExportError(f"{src}: scheme {scheme!r}: only {' and '.join(SCHEMES)} directories export to GGUF: "
+                          f"{WHY.get(scheme, 'not a scheme the format holds')}")
+    try:
+        read_manifest(src)  # every file's size and sha256, before anything is written
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    return hf
+
+
 def _check_family(arch: str, hf: dict, mcfg, src: Path) -> None:
     """What llama.cpp's architecture computes differently from qmoe's model: refused in one line."""
     if arch == "llama":
@@ -193,6 +229,33 @@ def _check_family(arch: str, hf: dict, mcfg, src: Path) -> None:
         if not mcfg.norm_topk:
             raise ExportError(f"{src}: norm_topk_prob is false: llama.cpp's qwen3moe always renormalizes the chosen "
                               "experts' weights")
+    elif arch == "gpt-oss":
+        for k, v in OAI_SWIGLU.items():
+            if float(mcfg.opt(k)) != v:
+                raise ExportError(f"{src}: swiglu_{k} {mcfg.opt(k)}: llama.cpp's gpt-oss computes the experts' "
+                                  f"SwiGLU with {k} {v}, hardcoded")
+        types = list(mcfg.opt("layer_types"))
+        want = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(mcfg.num_layers)]
+        if types != want:
+            raise ExportError(f"{src}: layer_types {types}: llama.cpp's gpt-oss slides the window on even layers "
+                              "and attends fully on odd ones")
+        if mcfg.sliding_window is None:
+            raise ExportError(f"{src}: no sliding_window: llama.cpp's gpt-oss requires one")
+        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if mcfg.rope.factor > 1 and not mcfg.rope.truncate:
+            raise ExportError(f"{src}: YaRN with truncate false: llama.cpp (ggml_rope_yarn_corr_dims) rounds the "
+                              "correction range to whole dimensions, so the rotary frequencies would differ")
+        if mcfg.rope.factor > 1 and params.get("attention_factor") is not None:
+            raise ExportError(f"{src}: YaRN attention_factor {params['attention_factor']}: llama.cpp's gpt-oss "
+                              "scales by 0.1 ln(factor) + 1 itself")
+        if mcfg.rope.dim != mcfg.head_dim:
+            raise ExportError(f"{src}: RoPE over {mcfg.rope.dim} of {mcfg.head_dim} head dimensions: llama.cpp's "
+                              "gpt-oss rotates the whole head")
+        if not mcfg.opt("bias"):
+            raise ExportError(f"{src}: attention_bias is false: llama.cpp's gpt-oss requires attention biases")
+        if hf.get("tie_word_embeddings"):
+            raise ExportError(f"{src}: tie_word_embeddings is true: llama.cpp's gpt-oss requires its own "
+                              "output.weight")
     else:
         lead = mcfg.sparse.index(True) if True in mcfg.sparse else len(mcfg.sparse)
         if list(mcfg.sparse) != [i >= lead for i in range(len(mcfg.sparse))]:
@@ -230,6 +293,10 @@ def _dense_plan(arch: str, mcfg, dense: dict, path: Path) -> list[Planned]:
         hf_name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # as llama.cpp's converter
         if name.endswith("self_attn.kv_b_proj.weight") and arch == "deepseek2":
             continue  # split below
+        if arch == "gpt-oss" and name.endswith(("mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj_bias")):
+            continue  # split below
+        if arch == "gpt-oss" and name.endswith("self_attn.sinks"):
+            hf_name += ".weight"  # as llama.cpp's converter: blk.N.attn_sinks.weight
         got = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if got is None or got[0] not in allowed:
             raise ExportError(f"{path}: dense tensor {name!r} has no place in llama.cpp's {arch} architecture")
@@ -258,6 +325,20 @@ def _dense_plan(arch: str, mcfg, dense: dict, path: Path) -> list[Planned]:
             for j, (kind, shape) in enumerate(((T.ATTN_K_B, (H, L, nope)), (T.ATTN_V_B, (H, v, L)))):
                 plan.append(Planned(gguf.TENSOR_NAMES[kind].format(bid=i) + ".weight", "BF16", shape,
                                     (lambda s, j: lambda: as_type(s()[j], "BF16"))(split, j), [name]))
+    if arch == "gpt-oss":  # the experts' biases, F32: gate_up_proj_bias [E, 2I] interleaved, down_proj_bias [E, D]
+        E, D, inter = mcfg.num_experts, mcfg.hidden_size, mcfg.moe_intermediate
+        for i in range(mcfg.num_layers):
+            for suffix, shape in (("gate_up_proj_bias", (E, 2 * inter)), ("down_proj_bias", (E, D))):
+                name = f"model.layers.{i}.mlp.experts.{suffix}"
+                if name not in dense or tuple(dense[name][1]) != shape:
+                    raise ExportError(f"{path}: {name!r} is missing or not {list(shape)}")
+            gu, down = f"model.layers.{i}.mlp.experts.gate_up_proj_bias", f"model.layers.{i}.mlp.experts.down_proj_bias"
+            for kind, name, cols, shape in ((T.FFN_GATE_EXP, gu, slice(0, None, 2), (E, inter)),
+                                            (T.FFN_UP_EXP, gu, slice(1, None, 2), (E, inter)),
+                                            (T.FFN_DOWN_EXP, down, slice(None), (E, D))):
+                plan.append(Planned(gguf.TENSOR_NAMES[kind].format(bid=i) + ".bias", "F32", shape,
+                                    (lambda n, c: lambda: as_type(read(n)[:, c].contiguous(), "F32"))(name, cols),
+                                    [name]))
     names = {p.name for p in plan}
     if len(names) != len(plan):
         raise ExportError(f"{path}: two dense tensors map to one GGUF name")
@@ -322,7 +403,7 @@ def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict) -> list[P
     for es in sources:
         for kind, mt in (("gate", T.FFN_GATE_EXP), ("up", T.FFN_UP_EXP), ("down", T.FFN_DOWN_EXP)):
             R, C = shapes[kind]
-            qmoe_name = f"{es.block}.{fam.moe}.experts.*.{fam.expert_names[kind]}"
+            qmoe_name = f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}"
             if C % QK4_0:
                 raise ExportError(f"{qmoe_name}: {C} columns, not a multiple of Q4_0's {QK4_0}-weight blocks")
 
@@ -358,15 +439,17 @@ def _metadata(w, arch: str, hf: dict, mcfg, src: Path) -> None:
         w.add_rope_scaling_orig_ctx_len(int(r.original_max))
         w.add_rope_scaling_yarn_beta_fast(float(r.beta_fast))
         w.add_rope_scaling_yarn_beta_slow(float(r.beta_slow))
-        if params.get("attention_factor", params.get("attn_factor")) is not None:
+        if arch != "gpt-oss" and params.get("attention_factor", params.get("attn_factor")) is not None:
             w.add_rope_scaling_yarn_attn_factor(float(params.get("attention_factor", params.get("attn_factor"))))
-    if arch in ("llama", "qwen3moe"):
+    if arch in ("llama", "qwen3moe", "gpt-oss"):
         w.add_head_count_kv(mcfg.num_kv_heads)
         w.add_key_length(mcfg.head_dim)
         w.add_value_length(mcfg.head_dim)
         w.add_rope_dimension_count(mcfg.head_dim)
-        if arch == "qwen3moe":
+        if arch in ("qwen3moe", "gpt-oss"):
             w.add_expert_feed_forward_length(mcfg.moe_intermediate)
+        if arch == "gpt-oss":
+            w.add_sliding_window(int(mcfg.sliding_window))
     else:  # deepseek2: MLA as MQA over the latent (converter's DeepseekV2Model)
         o = dict(mcfg.extra)
         L, rot = o["kv_lora_rank"], o["rot"]
@@ -401,8 +484,7 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
     gguf = _gguf()
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
-    hf, _ = _read_source(src, SCHEMES, WHY, "GGUF", "they are written as llama.cpp's llama (Mixtral), qwen3moe "
-                                                     "and deepseek2 (DeepSeek-V3, Kimi-K2) architectures")
+    hf = _source(src)
     arch = ARCHS[hf["model_type"]]
     fam = FAMILIES[hf["model_type"]]
     try:
@@ -417,7 +499,8 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
     plan = _dense_plan(arch, mcfg, dense, src / DENSE_FILE) + _expert_plan(fam, mcfg, sources, shapes)
     for es in sources:  # every scale checked before anything is written
         for kind in shapes:
-            _read_kind(es, kind, shapes[kind], False, f"{es.block}.{fam.moe}.experts.*.{fam.expert_names[kind]}")
+            _read_kind(es, kind, shapes[kind], False,
+                       f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}")
     tokenizer = _tokenizer_kind(src, hf)
 
     total = sum(p.nbytes() for p in plan)
