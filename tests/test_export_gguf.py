@@ -635,3 +635,12 @@ def test_an_incomplete_gpt_oss_directory_is_refused_before_writing(gpt_oss, tmp_
     (incomplete / "manifest.json").unlink()
     out = tmp_path / "gguf"
     _refused([incomplete, "--format", "gguf", "--out", out], capsys, out, "did not finish")
+
+
+def test_compressed_tensors_refuses_gpt_oss_in_one_line(gpt_oss, tmp_path):
+    """gpt-oss exports to GGUF only: its experts are fused parameters in transformers, not the Linear modules
+    compressed-tensors targets; nothing is written."""
+    comp = gpt_oss[0]
+    with pytest.raises(ExportError, match="gpt-oss's experts are fused parameters"):
+        export(comp, tmp_path / "ct", fmt="compressed-tensors", progress=lambda *_: None)
+    assert not (tmp_path / "ct").exists()

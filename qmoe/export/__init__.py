@@ -44,7 +44,7 @@ FORMATS = ("compressed-tensors", "gguf")
 # The compressed-tensors release the export was checked against (its own decompressor reads it back: tests).
 COMPRESSED_TENSORS_VERSION = "0.20.1"
 BITS = 4
-FAMILY_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "kimi_k2")  # the families qmoe.compress compresses
+FAMILY_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "kimi_k2")  # what compressed-tensors' Linear targets hold
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
@@ -107,10 +107,12 @@ _WHY = {"ternary": "the ternary grid {lo, 0, hi} (two bf16 levels a row) is no i
 
 
 def _read_source(src: Path, schemes=SCHEMES, why: dict | None = None, fmt: str = "",
-                 loaders: str = "vLLM serves no Switch Transformers model") -> tuple[dict, dict]:
-    """(config.json, manifest) of a compressed family directory whose scheme is one of `schemes`, every file
-    verified; ExportError otherwise (`why`: the reason per refused scheme, `fmt`: the format's name in the message,
-    `loaders`: what the message says of the loaders after a refused model type)."""
+                 loaders: str = "vLLM serves no Switch Transformers model, and gpt-oss's experts are fused "
+                                "parameters, not the Linear modules the format targets",
+                 families: tuple[str, ...] = FAMILY_TYPES) -> tuple[dict, dict]:
+    """(config.json, manifest) of a compressed directory of one of `families` whose scheme is one of `schemes`,
+    every file verified; ExportError otherwise (`why`: the reason per refused scheme, `fmt`: the format's name in
+    the message, `loaders`: what the message says of the loaders after a refused model type)."""
     cfg_file = src / "config.json"
     if not src.is_dir():
         raise ExportError(f"{src}: not a directory")
@@ -123,10 +125,10 @@ def _read_source(src: Path, schemes=SCHEMES, why: dict | None = None, fmt: str =
     if not isinstance(hf, dict) or "scheme" not in (hf.get("qmoe") or {}):
         raise ExportError(f"{src}: config.json has no qmoe section: not a directory qmoe.compress wrote")
     mt, scheme = hf.get("model_type"), hf["qmoe"]["scheme"]
-    if mt not in FAMILY_TYPES:
+    if mt not in families:
         what = "a Switch Transformers directory" if mt == "switch_transformers" else f"model_type {mt!r}"
-        raise ExportError(f"{src}: {what}: the export covers the decoder-only families qmoe compresses "
-                          f"({', '.join(FAMILY_TYPES)}); {loaders}")
+        raise ExportError(f"{src}: {what}: the {fmt or 'compressed-tensors'} export covers "
+                          f"{', '.join(families)}; {loaders}")
     if scheme not in schemes:
         reason = (_WHY if why is None else why).get(scheme, "not a scheme the format holds")
         raise ExportError(f"{src}: scheme {scheme!r}: only {' and '.join(schemes)} directories export"

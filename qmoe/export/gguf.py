@@ -49,8 +49,8 @@ import torch
 from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
-from qmoe.compressed import DENSE_FILE, _group_range, block_files, expert_shapes, read_manifest
-from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
+from qmoe.compressed import DENSE_FILE, _group_range, block_files, expert_shapes
+from qmoe.export import FAMILY_TYPES, ExportError, _check_out, _read_source, _replace, _umask
 from qmoe.packed import unpack
 from qmoe.quant import Scheme
 from qmoe.tokenizer import ByteTokenizer
@@ -193,25 +193,10 @@ def _llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _source(src: Path) -> dict:
-    """config.json of a compressed int4-sym directory, every file verified: qmoe.export's _read_source, whose
-    families are the compressed-tensors export's; gpt-oss, which only the GGUF export takes, gets its same checks."""
+    """config.json of a compressed int4-sym directory of a family llama.cpp runs, every file verified."""
     loaders = ("they are written as llama.cpp's llama (Mixtral), qwen3moe, deepseek2 (DeepSeek-V3, Kimi-K2) and "
                "gpt-oss architectures")
-    try:
-        hf = json.loads((src / "config.json").read_text())
-    except (OSError, ValueError):
-        hf = None
-    if not isinstance(hf, dict) or hf.get("model_type") != "gpt_oss" or "scheme" not in (hf.get("qmoe") or {}):
-        return _read_source(src, SCHEMES, WHY, "GGUF", loaders)[0]
-    scheme = hf["qmoe"]["scheme"]
-    if scheme not in SCHEMES:
-        raise ExportError(f"{src}: scheme {scheme!r}: only {' and '.join(SCHEMES)} directories export to GGUF: "
-                          f"{WHY.get(scheme, 'not a scheme the format holds')}")
-    try:
-        read_manifest(src)  # every file's size and sha256, before anything is written
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
-    return hf
+    return _read_source(src, SCHEMES, WHY, "GGUF", loaders, FAMILY_TYPES + ("gpt_oss",))[0]
 
 
 def _check_family(arch: str, hf: dict, mcfg, src: Path) -> None:
