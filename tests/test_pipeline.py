@@ -15,7 +15,7 @@ from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import load_compressed, read_manifest
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec
-from qmoe.compression.pipeline import CompressConfig, expert_outputs, hessian_mask_ids, hessian_rows, quantize_experts
+from qmoe.compression.pipeline import SWITCH_FORM, CompressConfig, hessian_mask_ids, hessian_rows, quantize_experts
 from qmoe.quant import Method, Scheme
 
 SPEC = DataSpec(train_samples=24, val_samples=8, seed=0)
@@ -214,7 +214,7 @@ def test_quantize_experts_feeds_wo_from_the_quantized_wi():
         g.add_batch(0, torch.relu(slab @ experts[2]["wi"].values().T))
     ref = g.fasterquant(weights[2]["wo"][None], cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
     assert torch.equal(ref.codes[0], experts[2]["wo"].codes)
-    y = expert_outputs(experts[0]["wi"].values(), experts[0]["wo"].values(), tokens[0])
+    y = SWITCH_FORM.outputs({"wi": experts[0]["wi"].values(), "wo": experts[0]["wo"].values()}, tokens[0])
     assert torch.allclose(y, torch.relu(tokens[0] @ experts[0]["wi"].values().T) @ experts[0]["wo"].values().T, atol=1e-5)
 
 

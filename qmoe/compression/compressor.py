@@ -40,11 +40,9 @@ class Source:
     """A checkpoint opened for compression, every tensor name and shape checked: its model on the meta device (for
     names and shapes), how a parameter reads (FP8 blocks dequantized), which parameters are routed experts, and the
     config.json the output starts from."""
-    dir: Path
     model: nn.Module
     mcfg: object  # SwitchConfig, or a family's MoEConfig
     hf: dict
-    reader: CheckpointReader
     read: Callable[[str], torch.Tensor]
     is_expert: Callable[[str], bool]
     out_config: dict
@@ -78,16 +76,15 @@ def open_source(model_dir: Path) -> Source:
         block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
         # The dense weights are written in bf16: the source's quantization (FP8) does not describe the output.
         out_config = {k: v for k, v in hf.items() if k != "quantization_config"}
-        return Source(model_dir, model, model.cfg, hf, reader, lambda n: read_tensor(reader, n, block),
-                      is_routed_expert, out_config)
+        return Source(model, model.cfg, hf, lambda n: read_tensor(reader, n, block), is_routed_expert, out_config)
     reader = CheckpointReader(model_dir)
     mcfg, hf = read_config(model_dir, reader)
     with torch.device("meta"):
         model = SwitchModel(mcfg)
     verify_checkpoint(reader, model)
     available = set(reader.names())
-    return Source(model_dir, model, mcfg, hf, reader, lambda n: reader.get(checkpoint_name(n, available)),
-                  is_expert_param, hf | mcfg.to_hf_dict())
+    return Source(model, mcfg, hf, lambda n: reader.get(checkpoint_name(n, available)), is_expert_param,
+                  hf | mcfg.to_hf_dict())
 
 
 def verify_checkpoint(reader: CheckpointReader, model: SwitchModel) -> None:
@@ -136,7 +133,7 @@ def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSp
     if n_val:
         streams += [Stream("before", n_val, "original"), Stream("after", n_val, "compressed")]
     return Job(str(model_dir), str(out), str(out / ".work"), mcfg, cfg, plan, tuple(streams), sentinel_floor,
-               fail_marker, seq)
+               fail_marker)
 
 
 @torch.no_grad()

@@ -65,9 +65,6 @@ class FamilyWorker(Worker):
         self._use(f"model.layers.{i}")
         return self.model.model.layers[i]
 
-    def _x(self, stream: str, kind: str, chunk: int, n: int) -> torch.Tensor:
-        return self.store.read(stream, kind, chunk, self.job.width).view(n, -1, self.job.width)
-
     def _chunk_x(self, stack: str, i: int, stream: str, chunk: int) -> torch.Tensor:
         n = self._ids(stream, chunk)["ids"].shape[0]
         return self._x(stream, f"{stack}.x{i}", chunk, n).to(self.device)

@@ -77,10 +77,6 @@ class ExpertForm:
     limit: float = 0.0
 
     @property
-    def kinds(self) -> tuple[str, ...]:
-        return (*self.inputs, self.output)
-
-    @property
     def bias(self) -> bool:
         """Whether the matrices have biases (`<kind>_bias` beside each weight; never quantized)."""
         return self.act == "clamped"
@@ -177,11 +173,6 @@ def quantize_experts(weights: list[dict[str, torch.Tensor]], hessian_slabs, cfg:
     reasons = [f"{name_in}: {a}" if a else (f"{form.output}: {b}" if b else "") for a, b in zip(why_in, why_out)]
     return [{**dict(zip(form.inputs, qi.split(len(form.inputs)))), form.output: qo}
             for qi, qo in zip(q_in, q_out)], reasons
-
-
-def expert_outputs(wi: torch.Tensor, wo: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [n, D] (one slab) through one Switch expert: wo(relu(wi(x))) [n, D]."""
-    return SWITCH_FORM.outputs({"wi": wi, "wo": wo}, tokens)
 
 
 def hessian_cap(usable: list[int], cfg: CompressConfig) -> tuple[int, int]:

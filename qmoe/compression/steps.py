@@ -54,7 +54,6 @@ class Job:
     streams: tuple[Stream, ...]
     sentinel_floor: int
     fail_marker: str | None = None  # tests only: an expert step that finds this file deletes it and kills its process
-    seq_len: int = 0  # decoder-only families: tokens per sample
 
     @property
     def family(self) -> str | None:
@@ -189,7 +188,7 @@ class Worker:
         return self.store.read_small(stream, "ids", chunk)  # written by the driver: enc_ids, dec_ids, labels
 
     def _x(self, stream: str, kind: str, chunk: int, n: int) -> torch.Tensor:
-        return self.store.read(stream, kind, chunk, self.job.mcfg.d_model).view(n, -1, self.job.mcfg.d_model)
+        return self.store.read(stream, kind, chunk, self.job.width).view(n, -1, self.job.width)
 
     @torch.no_grad()
     def embed(self, stack: str, stream: str, chunk: int) -> dict:

@@ -82,13 +82,14 @@ def check_device(name: str) -> torch.device:
     return dev
 
 
-def plan(model: SwitchModel, devices: list[str]) -> Placement:
-    """Split the units into len(devices) contiguous runs of about equal bytes."""
+def plan(model: nn.Module, devices: list[str], names: list[str] | None = None) -> Placement:
+    """Split the units (`names`, in the order they run; default: a Switch model's) into len(devices) contiguous
+    runs of about equal bytes."""
     if not devices:
         raise ValueError("no devices given")
     for d in devices:
         check_device(d)
-    names = unit_names(model.cfg)
+    names = unit_names(model.cfg) if names is None else names
     seen: set[int] = set()
     sizes = {n: tensor_bytes(model.get_submodule(n), seen) for n in names}
     slots = split_contiguous([sizes[n] for n in names], len(devices))

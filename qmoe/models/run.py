@@ -17,7 +17,7 @@ from qmoe.corpus import load_default_corpus
 from qmoe.data import windows
 from qmoe.models.base import MoECausalLM, SwiGLU, generate
 from qmoe.models.load import load, read_hf_config
-from qmoe.inference.runner import BF16Linear, Placement, check_device, split_contiguous, tensor_bytes
+from qmoe.inference.runner import BF16Linear, Placement, plan
 from qmoe.tokenizer import load_causal_tokenizer, read_text_file
 
 
@@ -59,14 +59,8 @@ def load_any(model_dir: Path, reference: bool = False) -> tuple[MoECausalLM, str
 def place(model: MoECausalLM, devices: list[str]) -> Placement:
     """Split the model's units over the devices (a device may be listed several times) in contiguous runs of
     about equal bytes, as the Switch runner does, and move them there."""
-    if not devices:
-        raise ValueError("no devices given")
-    for d in devices:
-        check_device(d)
-    names, seen = model.units(), set()
-    sizes = {n: tensor_bytes(model.get_submodule(n), seen) for n in names}
-    p = Placement(tuple(devices), dict(zip(names, split_contiguous([sizes[n] for n in names], len(devices)))), sizes)
-    model.place({n: p.device(n) for n in names})
+    p = plan(model, devices, model.units())
+    model.place({n: p.device(n) for n in p.slot_of})
     return p
 
 
