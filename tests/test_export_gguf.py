@@ -29,6 +29,9 @@ from test_export import _copy, _quiet, _refused, _run, _umask  # noqa: E402
 from test_families import _deepseek_v3, _gpt_oss, _mixtral, _qwen3_moe  # noqa: E402
 
 SPEC = DataSpec(train_samples=4, val_samples=0, seed=0, data=DataConfig(raw_length=32))
+# The GGUF names of the tensors outside the layers, every architecture alike.
+TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+       "lm_head.weight": "output.weight"}
 # The tiny models with expert columns a multiple of Q4_0's 32-weight blocks; Qwen3-MoE with every layer MoE (as
 # llama.cpp's qwen3moe computes it). DeepSeek-V3 is written in split files (a tiny split size), with GPTQ.
 MODELS = {"mixtral": (_mixtral, dict(intermediate_size=64), Method.RTN),
@@ -136,13 +139,11 @@ def _expected_dense(name: str, comp: Path) -> dict[str, tuple[str, torch.Tensor]
                  "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
                  "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
                  "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight"}
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
     out = {}
     for k, v in dense.items():
         assert v.dtype == torch.bfloat16
-        if k in top:
-            gname = top[k]
+        if k in TOP:
+            gname = TOP[k]
         else:
             _, _, i, rest = k.split(".", 3)
             if rest == "self_attn.kv_b_proj.weight":
@@ -542,13 +543,11 @@ def test_gpt_oss_biases_sinks_and_dense_tensors_are_qmoes_values(gpt_oss):
     for p in "qkvo":
         for s in ("weight", "bias"):
             per_layer[f"self_attn.{p}_proj.{s}"] = f"attn_{'output' if p == 'o' else p}.{s}"
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
     want = {}
     for k, v in dense.items():
         assert v.dtype == torch.bfloat16
-        if k in top:
-            gname = top[k]
+        if k in TOP:
+            gname = TOP[k]
         else:
             _, _, i, rest = k.split(".", 3)
             if rest == "mlp.experts.gate_up_proj_bias":
