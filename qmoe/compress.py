@@ -24,10 +24,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="'default' (the embedded model) or a checkpoint directory")
     p.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
     p.add_argument("--scheme", default=None, choices=[x.value for x in Scheme],
-                   help=f"the grid (default: {d.scheme.value}; int4-sym: symmetric int4)")
+                   help=f"the grid (default: {d.scheme.value}; int4-sym: symmetric int4; ternary-g256: {{-d, 0, d}} "
+                        "with one fp16 d per 256 columns, GGUF's TQ1_0 / TQ2_0)")
     p.add_argument("--export-format", choices=sorted(EXPORT_GRIDS),
-                   help="quantize onto the grid this format holds exactly, so that qmoe.export can write it "
-                        "(int4-sym for both: the grid transformers, vLLM and llama.cpp's Q4_0 hold)")
+                   help="quantize onto a grid this format holds exactly, so that qmoe.export can write it "
+                        "(int4-sym unless --scheme names another the format holds: gguf also holds ternary-g256 "
+                        "as TQ1_0 / TQ2_0)")
     p.add_argument("--method", default=d.method.value, choices=[x.value for x in Method])
     p.add_argument("--calib", type=Path, help="calibration text: plain text or JSON lines with a 'text' field")
     p.add_argument("--train-samples", type=int, default=s.train_samples)
@@ -85,18 +87,21 @@ def saved(out: Path) -> str:
             "run the same command with --resume to continue")
 
 
-# export format -> the grid it holds exactly (qmoe.export): symmetric int4 for both (GGUF as Q4_0)
-EXPORT_GRIDS = {"compressed-tensors": Scheme.INT4_SYM, "gguf": Scheme.INT4_SYM}
+# export format -> the grids it holds exactly (qmoe.export), the default first: symmetric int4 for both (GGUF as
+# Q4_0), and for GGUF the symmetric ternary grid of 256-column groups (TQ1_0 / TQ2_0)
+EXPORT_GRIDS = {"compressed-tensors": (Scheme.INT4_SYM,), "gguf": (Scheme.INT4_SYM, Scheme.TERNARY_G256)}
 
 
 def _scheme(scheme: str | None, export_format: str | None) -> Scheme:
     if export_format is None:
         return Scheme(scheme or CompressConfig().scheme.value)
-    want = EXPORT_GRIDS[export_format]
-    if scheme not in (None, want.value):
-        raise ValueError(f"--export-format {export_format} quantizes onto {want.value}; --scheme {scheme} is a grid "
-                         "it cannot hold (leave --scheme out)")
-    return want
+    grids = EXPORT_GRIDS[export_format]
+    if scheme is None:
+        return grids[0]
+    if Scheme(scheme) not in grids:
+        raise ValueError(f"--export-format {export_format} holds {' or '.join(g.value for g in grids)}; --scheme "
+                         f"{scheme} is a grid it cannot hold (leave --scheme out for {grids[0].value})")
+    return Scheme(scheme)
 
 
 def main(argv=None) -> int:

@@ -53,6 +53,5 @@ class QuantizedMatrix:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str, scheme: Scheme, shape: tuple[int, int]):
-        names = ("lo", "hi") if scheme is Scheme.TERNARY else ("scale", "zero")
-        params = RowParams.from_tensors(scheme, {k: t[f"{prefix}.{k}"] for k in names})
+        params = RowParams.from_tensors(scheme, {k: t[f"{prefix}.{k}"] for k in RowParams.names(scheme)})
         return cls(unpack(t[f"{prefix}.codes"], scheme.bits, shape), params)

@@ -3,10 +3,16 @@
 Scheme.TERNARY is QMoE's grid {lo, 0, hi} with lo = min(row min, 0), hi = max(row max, 0); codes 0 -> 0, 1 -> hi,
 2 -> lo. Scheme.INT2/INT4 are asymmetric uniform grids (GPTQ's): scale = (hi - lo) / maxq, integer zero point,
 value = scale * (code - zero). Scheme.INT4_SYM is GPTQ's symmetric grid: zero = 8, scale = 2 max|row| / 15, so
-value = scale * q with q = code - 8 in -8..7 (compressed-tensors' symmetric int4, which vLLM serves). Row parameters are rounded to bf16 before use, so what GPTQ quantizes against is
-exactly what is stored and what `dequantize` gives back.
+value = scale * q with q = code - 8 in -8..7 (compressed-tensors' symmetric int4, which vLLM serves). Row parameters
+are rounded to bf16 before use, so what GPTQ quantizes against is exactly what is stored and what `dequantize` gives
+back.
 
-Shapes: W [E, R, C] (experts, rows = out features, columns = in features); row params [E, R].
+Scheme.TERNARY_G256 is the symmetric ternary grid {-d, 0, d} with one fp16 scale d per group of 256 columns of a row
+(d = max |w| over the group, rounded to fp16; the last group of a row may be shorter): GGUF's TQ1_0 / TQ2_0 blocks,
+which llama.cpp serves. Codes as ternary's: 0 -> 0, 1 -> d, 2 -> -d; held as lo = -d, hi = d per group.
+
+Shapes: W [E, R, C] (experts, rows = out features, columns = in features); row params [E, R], group params
+[E, R, G] with G = ceil(C / group).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import enum
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 class Scheme(enum.Enum):
@@ -21,6 +28,17 @@ class Scheme(enum.Enum):
     INT2 = "int2"
     INT4 = "int4"
     INT4_SYM = "int4-sym"  # symmetric int4: zero point 8 on every row (what vLLM's int4 MoE kernels take)
+    TERNARY_G256 = "ternary-g256"  # {-d, 0, d}, one fp16 d per 256 columns (GGUF's TQ1_0 / TQ2_0)
+
+    @property
+    def group(self) -> int:
+        """Columns that share one set of grid parameters; 0: the whole row."""
+        return 256 if self is Scheme.TERNARY_G256 else 0
+
+    @property
+    def ternary(self) -> bool:
+        """Levels {lo, 0, hi} (codes 0 -> 0, 1 -> hi, 2 -> lo)."""
+        return self in (Scheme.TERNARY, Scheme.TERNARY_G256)
 
     @property
     def bits(self) -> int:
@@ -29,7 +47,7 @@ class Scheme(enum.Enum):
 
     @property
     def maxq(self) -> int:
-        return {Scheme.TERNARY: 2, Scheme.INT2: 3, Scheme.INT4: 15, Scheme.INT4_SYM: 15}[self]
+        return {Scheme.TERNARY: 2, Scheme.INT2: 3, Scheme.INT4: 15, Scheme.INT4_SYM: 15, Scheme.TERNARY_G256: 2}[self]
 
 
 class Method(enum.Enum):
@@ -43,19 +61,30 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RowParams:
-    """Per-row grid parameters: ternary uses (lo, hi); intN uses (scale, zero). Tensors [E, R], stored as named."""
+    """Per-row (or per-group) grid parameters: ternary uses (lo, hi); intN uses (scale, zero). Tensors [E, R] (group
+    schemes [E, R, G]), stored as named."""
 
     scheme: Scheme
-    a: torch.Tensor  # ternary: lo (bf16 values);  intN: scale (bf16 values)
-    b: torch.Tensor  # ternary: hi (bf16 values);  intN: zero point (integer values)
+    a: torch.Tensor  # ternary: lo (bf16 values; ternary-g256: -d);  intN: scale (bf16 values)
+    b: torch.Tensor  # ternary: hi (bf16 values; ternary-g256: d, fp16 values);  intN: zero point (integer values)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self.scheme is Scheme.TERNARY_G256:
+            return {"scale": self.b.to(torch.float16)}
         if self.scheme is Scheme.TERNARY:
             return {"lo": self.a.to(torch.bfloat16), "hi": self.b.to(torch.bfloat16)}
         return {"scale": self.a.to(torch.bfloat16), "zero": self.b.to(torch.uint8)}
 
+    @staticmethod
+    def names(scheme: Scheme) -> tuple[str, ...]:
+        """The stored tensors' names (see tensors)."""
+        return {Scheme.TERNARY: ("lo", "hi"), Scheme.TERNARY_G256: ("scale",)}.get(scheme, ("scale", "zero"))
+
     @classmethod
     def from_tensors(cls, scheme: Scheme, t: dict[str, torch.Tensor]) -> "RowParams":
+        if scheme is Scheme.TERNARY_G256:
+            d = t["scale"].float()
+            return cls(scheme, -d, d)
         if scheme is Scheme.TERNARY:
             return cls(scheme, t["lo"].float(), t["hi"].float())
         return cls(scheme, t["scale"].float(), t["zero"].float())
@@ -68,7 +97,15 @@ class RowParams:
 
 
 def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
-    """Row grids from the rows' ranges. W [..., R, C] -> params [..., R]."""
+    """Row grids from the rows' ranges. W [..., R, C] -> params [..., R] (group schemes: [..., R, G])."""
+    if scheme.group:
+        pad = (-W.shape[-1]) % scheme.group
+        amax = F.pad(W.abs(), (0, pad)).unflatten(-1, (-1, scheme.group)).amax(-1)
+        d = amax.to(torch.float16).to(torch.float32)
+        if not torch.isfinite(d).all():
+            raise ValueError(f"a weight's magnitude exceeds fp16's range ({amax.max().item():.4g}); "
+                             f"{scheme.value}'s scales are fp16")
+        return RowParams(scheme, -d, d)
     lo = torch.clamp(W.amin(-1), max=0)
     hi = torch.clamp(W.amax(-1), min=0)
     if scheme is Scheme.TERNARY:
@@ -84,13 +121,23 @@ def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
     return RowParams(scheme, scale, zero)
 
 
-def quantize_codes(w: torch.Tensor, p: RowParams) -> torch.Tensor:
-    """Nearest grid point per weight, as codes (uint8). w [..., R] or [..., R, C] (params broadcast over trailing C
-    when given unsqueezed)."""
+def _levels(w: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """p's (a, b) broadcast against w: w [..., R] takes them as they are ([..., R]: one column's), w [..., R, C]
+    over its columns (row params [..., R] unsqueezed; group params [..., R, G] repeated group times, cut to C)."""
     a, b = p.a, p.b
     if w.dim() == a.dim() + 1:
-        a, b = a.unsqueeze(-1), b.unsqueeze(-1)
-    if p.scheme is Scheme.TERNARY:
+        return a.unsqueeze(-1), b.unsqueeze(-1)
+    if p.scheme.group and a.shape[-1] != w.shape[-1]:
+        g, C = p.scheme.group, w.shape[-1]
+        return a.repeat_interleave(g, -1)[..., :C], b.repeat_interleave(g, -1)[..., :C]
+    return a, b
+
+
+def quantize_codes(w: torch.Tensor, p: RowParams) -> torch.Tensor:
+    """Nearest grid point per weight, as codes (uint8). w [..., R] (one column, p that column's params) or
+    [..., R, C] (see _levels)."""
+    a, b = _levels(w, p)
+    if p.scheme.ternary:
         # Thresholds halfway between 0 and each level: nearest of {lo, 0, hi} (lo <= 0 <= hi, so at most one holds;
         # uint8 arithmetic: no int64 temporaries, 2.6x faster on c2048's experts).
         return (w > b / 2).to(torch.uint8) + 2 * (w < a / 2).to(torch.uint8)
@@ -100,15 +147,14 @@ def quantize_codes(w: torch.Tensor, p: RowParams) -> torch.Tensor:
 def quantize(w: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8, values float32) of the nearest grid points (see quantize_codes)."""
     codes = quantize_codes(w, p)
-    a, b = (p.a.unsqueeze(-1), p.b.unsqueeze(-1)) if w.dim() == p.a.dim() + 1 else (p.a, p.b)
-    return codes, dequantize_codes(codes, p, a, b)
+    return codes, dequantize_codes(codes, p, *_levels(w, p))
 
 
 def dequantize_codes(codes: torch.Tensor, p: RowParams, a=None, b=None) -> torch.Tensor:
     """codes [..., R, C] (or [..., R] with a, b given broadcastable) -> float32 values."""
     if a is None:
-        a, b = p.a.unsqueeze(-1), p.b.unsqueeze(-1)
-    if p.scheme is Scheme.TERNARY:  # 0 -> 0, 1 -> hi, 2 -> lo
+        a, b = _levels(codes, p)
+    if p.scheme.ternary:  # 0 -> 0, 1 -> hi, 2 -> lo
         return torch.where(codes == 1, b, torch.where(codes == 2, a, torch.zeros((), dtype=a.dtype))).to(torch.float32)
     return (a * (codes.to(torch.float32) - b)).to(torch.float32)
 

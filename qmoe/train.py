@@ -57,6 +57,20 @@ def aux_loss(model: SwitchModel) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def _overrides(items: list[str], base: dict) -> dict:
+    """{key: value} of KEY=JSON items, each key one the config has."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in base:
+            raise SystemExit(f"--set {item}: expected KEY=JSON with KEY one of the config's keys")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--set {item}: {value!r} is not JSON ({e})") from None
+    return out
+
+
 def train(out: Path, cfg: SwitchConfig, minutes: float, batch: int, lr: float, seed: int, probe_steps: int = 20,
           eval_every: int = 250, val_samples: int = 256) -> dict:
     torch.manual_seed(seed)
@@ -140,13 +154,19 @@ def main(argv=None):
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--family", choices=["qwen3_moe"],
                    help="train the default decoder-only model of this family instead (next-token loss)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="with --family: override one key of the default config.json (e.g. hidden_size=256, "
+                        "mlp_only_layers=[]); repeatable")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.family:
         from qmoe.models.train import QWEN3_MOE_DEFAULT, train_causal
 
-        r = train_causal(a.out, QWEN3_MOE_DEFAULT, a.minutes, a.batch, a.lr, a.seed)
+        r = train_causal(a.out, QWEN3_MOE_DEFAULT | _overrides(a.set, QWEN3_MOE_DEFAULT), a.minutes, a.batch, a.lr,
+                         a.seed)
     else:
+        if a.set:
+            p.error("--set overrides a --family config")
         r = train(a.out, PRESETS[a.preset], a.minutes, a.batch, a.lr, a.seed)
     print(json.dumps({k: v for k, v in r.items() if k != "curve"}))
 

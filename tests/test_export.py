@@ -381,7 +381,7 @@ def test_compress_export_format_picks_the_grid_the_format_holds(dirs, tmp_path, 
     capsys.readouterr()
     assert compress_cli.main(common + ["--export-format", "compressed-tensors", "--scheme", "ternary"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "quantizes onto int4-sym" in err[0] and not out.exists()
+    assert len(err) == 1 and "compressed-tensors holds int4-sym; --scheme ternary" in err[0] and not out.exists()
     assert compress_cli.main(common + ["--export-format", "compressed-tensors"]) == 0
     assert json.loads((out / "config.json").read_text())["qmoe"]["scheme"] == "int4-sym"
     export(out, tmp_path / "ct", progress=_quiet)

@@ -1,4 +1,5 @@
-"""The GGUF export (qmoe.export --format gguf) of int4-sym Mixtral, Qwen3-MoE and DeepSeek-V3 directories, read back
+"""The GGUF export (qmoe.export --format gguf) of int4-sym Mixtral, Qwen3-MoE and DeepSeek-V3 directories (and
+ternary-g256 Qwen3-MoE and DeepSeek-V3 ones as TQ1_0 / TQ2_0), read back
 with gguf's own GGUFReader and dequantizer: every expert bit for bit qmoe's weights, every dense tensor qmoe's bf16
 values under llama.cpp's names and layouts, the architecture's keys, the byte vocabulary, and the one-line
 refusals. llama.cpp itself is not run here (docs/export.md#gguf-llamacpp says why)."""
@@ -367,12 +368,12 @@ def others(tmp_path_factory, dirs):
     return out
 
 
-@pytest.mark.parametrize("scheme,words", [("int4", "Q4_1"), ("ternary", "TQ1_0"), ("int2", "Q2_K")])
+@pytest.mark.parametrize("scheme,words", [("int4", "Q4_1"), ("ternary", "--scheme ternary-g256"), ("int2", "Q2_K")])
 def test_an_int4_ternary_or_int2_directory_is_refused(others, scheme, words, tmp_path, capsys):
     out = tmp_path / "gguf"
     _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out, words)
     _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out,
-             f"scheme {scheme!r}: only int4-sym directories export to GGUF")
+             f"scheme {scheme!r}: only int4-sym and ternary-g256 directories export to GGUF")
 
 
 def test_a_scale_that_is_not_an_fp16_value_is_refused_naming_the_matrix(others, tmp_path, capsys):
@@ -420,7 +421,7 @@ def test_an_existing_output_is_kept_without_overwrite_and_replaced_whole_with_it
         raise OSError("disk full (simulated)")
 
     with monkeypatch.context() as m:  # a failure half way: the old OUT stays as it was, no temp dir is left
-        m.setattr(eg, "q4_0_rows", broken)
+        m.setitem(eg.EXPERT_ROWS, "Q4_0", broken)
         rc, err = _run([comp, "--format", "gguf", "--out", out, "--overwrite"], capsys)
     assert rc == 2 and "disk full" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf"] and (out / "keep.txt").read_text() == "mine"
@@ -450,7 +451,8 @@ def test_what_llamacpp_computes_differently_is_refused(dirs):
     hf = _hf(dirs["mixtral"][1])
     cfg = FAMILIES["mixtral"].config(dict(hf, intermediate_size=24))
     with pytest.raises(ExportError, match="w2: 24 columns, not a multiple of Q4_0's 32-weight blocks"):
-        eg._expert_plan(FAMILIES["mixtral"], cfg, [eg.ExpertSource("model.layers.0", 0, [])], expert_shapes(cfg))
+        eg._expert_plan(FAMILIES["mixtral"], cfg, [eg.ExpertSource("model.layers.0", 0, [])], expert_shapes(cfg),
+                        Scheme.INT4_SYM, "Q4_0")
 
 
 def test_the_q4_0_layout_is_ggmls_block(dirs):
@@ -643,3 +645,108 @@ def test_compressed_tensors_refuses_gpt_oss_in_one_line(gpt_oss, tmp_path):
     with pytest.raises(ExportError, match="gpt-oss's experts are fused parameters"):
         export(comp, tmp_path / "ct", fmt="compressed-tensors", progress=lambda *_: None)
     assert not (tmp_path / "ct").exists()
+
+
+# Ternary: qmoe's ternary-g256 grid as TQ1_0 and TQ2_0.
+
+TERNARY = {"qwen3_moe": (_qwen3_moe, dict(hidden_size=256, moe_intermediate_size=256, mlp_only_layers=[],
+                                          num_experts=4, num_experts_per_tok=2, num_hidden_layers=2)),
+           "deepseek_v3": (_deepseek_v3, dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=64,
+                                              n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1))}
+
+
+@pytest.fixture(scope="module")
+def ternary(tmp_path_factory):
+    """{family: (compressed ternary-g256 directory (GPTQ), {TQ1_0: (export, summary), TQ2_0: (export, summary)})},
+    on tiny models whose expert rows are whole 256-weight blocks."""
+    root = tmp_path_factory.mktemp("gguf-ternary")
+    out = {}
+    for name, (make, over) in TERNARY.items():
+        src, comp = root / name, root / f"{name}-tq"
+        torch.manual_seed(0)
+        make(vocab_size=300, **over).eval().save_pretrained(src)
+        compress_model(src, comp, CompressConfig(scheme=Scheme.TERNARY_G256, method=Method.GPTQ), SPEC,
+                       progress=_quiet)
+        out[name] = (comp, {t: (root / f"{name}-{t}", export(comp, root / f"{name}-{t}", "gguf", progress=_quiet,
+                                                             ternary_type=t)) for t in eg.TERNARY_TYPES})
+    return out
+
+
+@pytest.mark.parametrize("name", list(TERNARY))
+@pytest.mark.parametrize("qtype", ["TQ1_0", "TQ2_0"])
+def test_ternary_experts_dequantize_to_qmoes_weights_exactly(ternary, name, qtype):
+    """gguf's dequantizer gives every TQ1_0 / TQ2_0 expert equal, bit for bit, to qmoe's float32 weights (qmoe.load,
+    fused=False), at 54 or 66 bytes a 256-weight block; the dense tensors are the int4-sym export's (qmoe's bf16),
+    and the file type names the expert type."""
+    comp, exports = ternary[name]
+    gg, summary = exports[qtype]
+    hf = _hf(comp)
+    fam = FAMILIES[hf["model_type"]]
+    cfg = fam.config(hf)
+    shapes = expert_shapes(cfg)
+    ours = dict(qmoe.load(comp, fused=False).named_parameters())
+    fields, tensors = _read(gg)
+    qt = gguf.GGMLQuantizationType[qtype]
+    n = 0
+    for i, sparse in enumerate(cfg.sparse):
+        for kind, gname in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
+            key = f"blk.{i}.{gname}.weight"
+            if not sparse:
+                assert key not in tensors
+                continue
+            t = tensors[key]
+            R, C = shapes[kind]
+            assert t.tensor_type == qt and t.shape.tolist() == [C, R, cfg.num_experts]
+            got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            want = torch.stack([ours[f"model.layers.{i}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"]
+                                for j in range(cfg.num_experts)])
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), key
+            assert set(got.unique().abs().tolist()) - {0.0}  # some weights are not zero
+            n += 1
+    assert n == 3 * sum(cfg.sparse)
+    assert summary["bits_per_param_experts"] == {"TQ1_0": 54 * 8 / 256, "TQ2_0": 66 * 8 / 256}[qtype]
+    assert summary["scheme"] == "ternary-g256" and summary["expert_type"] == qtype
+    assert fields["general.file_type"] == int(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
+    for gname, (kind, want) in _expected_dense(name, comp).items():
+        t = tensors[gname]
+        assert t.tensor_type == gguf.GGMLQuantizationType[kind]
+
+
+@pytest.mark.parametrize("qtype", ["TQ1_0", "TQ2_0"])
+def test_the_ternary_layouts_are_ggmls_blocks(qtype):
+    """Every code in every position of a block: two rows of 512 weights (two blocks each), codes drawn at random
+    with whole runs of each value, fp16 scales of different sizes and one of 0; gguf's dequantizer reads
+    d * t with qmoe's codes 0 -> 0, 1 -> d, 2 -> -d."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 3, (2, 512), generator=g, dtype=torch.uint8)
+    codes[0, :256] = 1
+    codes[1, 256:] = 2
+    d = torch.tensor([[0.375, 1e-3], [0.0, 6e4]], dtype=torch.float16)
+    b = eg.EXPERT_ROWS[qtype](codes, d)
+    assert b.shape == (2, 2 * eg.BLOCK_BYTES[qtype][1]) and b.dtype == np.uint8
+    assert bytes(b[0, eg.BLOCK_BYTES[qtype][1] - 2:eg.BLOCK_BYTES[qtype][1]]) == np.float16(0.375).tobytes()
+    got = torch.from_numpy(gguf.quants.dequantize(b, gguf.GGMLQuantizationType[qtype]).copy())
+    t = torch.tensor([0.0, 1.0, -1.0])[codes.long()]
+    assert torch.equal(got, t * d.float().repeat_interleave(256, -1))
+
+
+def test_ternary_g256_rows_not_whole_blocks_are_refused(others, tmp_path, capsys, dirs):
+    """A ternary-g256 directory whose expert rows are not whole 256-weight blocks (Mixtral's 64 columns here) is
+    refused in one line naming the matrix, nothing written; compressed-tensors refuses ternary-g256 and says GGUF
+    holds it; compress --export-format gguf takes --scheme ternary-g256 and refuses the per-row ternary grid."""
+    from qmoe import compress as compress_cli
+
+    comp = tmp_path / "mixtral-tq"
+    compress_model(dirs["mixtral"][0], comp, CompressConfig(scheme=Scheme.TERNARY_G256, method=Method.RTN), SPEC,
+                   progress=_quiet)
+    out = tmp_path / "gguf"
+    _refused([comp, "--format", "gguf", "--out", out], capsys, out,
+             "experts.*.w1: 32 columns, not a multiple of TQ1_0's 256-weight blocks")
+    _refused([comp, "--format", "compressed-tensors", "--out", out], capsys, out, "export it with --format gguf")
+    common = ["--model", str(dirs["mixtral"][0]), "--method", "rtn", "--train-samples", "4", "--val-samples", "0"]
+    assert compress_cli.main(common + ["--out", str(tmp_path / "a"), "--export-format", "gguf", "--scheme",
+                                       "ternary"]) == 2
+    assert "holds int4-sym or ternary-g256" in capsys.readouterr().err
+    assert compress_cli.main(common + ["--out", str(tmp_path / "b"), "--export-format", "gguf", "--scheme",
+                                       "ternary-g256"]) == 0
+    assert _hf(tmp_path / "b")["qmoe"]["scheme"] == "ternary-g256"

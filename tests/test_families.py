@@ -49,7 +49,7 @@ def _deepseek_v3(**over):
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**kw))
     with torch.no_grad():  # a correction bias that changes the choice, as trained ones do
         for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(kw["n_routed_experts"]) * 0.3)
     return model
 
 

@@ -1,4 +1,4 @@
-"""python -m qmoe.bench {codec,kernels,infer,scale,gptq,tunstall} [--json FILE]: benchmarks, each run side by side
+"""python -m qmoe.bench {codec,kernels,infer,scale,gptq,tunstall,llamacpp} [--json FILE]: benchmarks, each run side by side
 with its baselines, one module each in qmoe/bench/."""
 from __future__ import annotations
 
@@ -58,11 +58,26 @@ def main(argv=None) -> int:
     t = sub.add_parser("tunstall", help="the compiled Tunstall construction against the plain-Python reference")
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--json", type=Path)
+    lc = sub.add_parser("llamacpp", help="qmoe's compressed model against its GGUF export run in llama.cpp")
+    lc.add_argument("--model", required=True, help="a decoder-only checkpoint llama.cpp runs (e.g. Qwen3-MoE, "
+                                                   "every layer MoE, expert rows whole 256-weight blocks)")
+    lc.add_argument("--schemes", type=lambda t: t.split(","), default=["int4-sym", "ternary-g256", "ternary"])
+    lc.add_argument("--train-samples", type=int, default=128)
+    lc.add_argument("--val-samples", type=int, default=32)
+    lc.add_argument("--seq-len", type=int, default=128)
+    lc.add_argument("--threads", type=int, default=2)
+    lc.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if a.what == "tunstall":
         from qmoe.bench import tunstall as b
 
         result = b.run(a.repeats)
+    elif a.what == "llamacpp":
+        from qmoe.bench import llamacpp as b
+        from qmoe.quant import Scheme
+
+        result = b.run(a.model, [Scheme(x) for x in a.schemes], a.train_samples, a.val_samples, a.seq_len,
+                       a.threads)
     elif a.what == "gptq":
         from qmoe.bench import gptq as b
         from qmoe.quant import Scheme

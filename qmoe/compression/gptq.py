@@ -6,6 +6,10 @@ upper Cholesky factor of H^-1; columns are quantized left to right in blocks of 
 error, scaled by Hinv's diagonal, is spread onto the not-yet-quantized columns (Err1 within a block, then one
 matmul for the rest).
 
+A grid of groups (Scheme.group columns sharing one scale, e.g. ternary-g256) takes each group's parameters from the
+weights as GPTQ has updated them when it reaches the group's first column (GPTQ's `groupsize`, not its static groups);
+`blocksize` divides the group, so that column starts a block and every earlier column's error has been spread.
+
 Robustness (each counted in `GPTQResult`, none fatal): a Hessian is dampened by `percdamp` x the mean of its live
 diagonal; a column no input ever touches ("dead": its diagonal is 0) is zeroed and left out of that mean; an expert
 with fewer than `min_tokens` inputs, or whose Hessian will not factor (not positive definite, or not finite), is
@@ -53,6 +57,9 @@ class GPTQ:
     def fasterquant(self, W: torch.Tensor, scheme: Scheme, blocksize: int = 128, percdamp: float = 0.1,
                     min_tokens: int = 1) -> GPTQResult:
         E, R, C = W.shape
+        group = scheme.group
+        if group and group % blocksize:
+            raise ValueError(f"blocksize {blocksize} does not divide {scheme.value}'s groups of {group} columns")
         W = W.to(torch.float32).clone()
         H = self.H.clone()
         reasons = ["" for _ in range(E)]
@@ -68,7 +75,7 @@ class GPTQ:
         fallback = few | bad
         H[fallback] = eye
 
-        params = find_params(W, scheme)  # the grid comes from the original weights, as in GPTQ
+        params = find_params(W, scheme)  # the grid comes from the original weights, as in GPTQ (groups: replaced below)
         diag = torch.diagonal(H, dim1=1, dim2=2)  # [E, C], a view
         dead = diag == 0
         # Dampening from the live diagonal only, taken before a dead column's diagonal becomes 1: with small
@@ -88,15 +95,20 @@ class GPTQ:
 
         codes = torch.zeros(E, R, C, dtype=torch.uint8, device=W.device)
         Q = torch.zeros_like(W)
+        column_params = params
         for i1 in range(0, C, blocksize):
             i2 = min(i1 + blocksize, C)
+            if group and i1 % group == 0:  # a group's first column: its grid from the weights as updated so far
+                g = find_params(W[:, :, i1:i1 + group], scheme)
+                params.a[:, :, i1 // group], params.b[:, :, i1 // group] = g.a[..., 0], g.b[..., 0]
+                column_params = RowParams(scheme, g.a[..., 0], g.b[..., 0])
             W1 = W[:, :, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[:, i1:i2, i1:i2]
             for i in range(i2 - i1):
                 w = W1[:, :, i]  # [E, R]
                 d = Hinv1[:, i, i].unsqueeze(1)  # [E, 1]
-                c, q = quantize(w, params)
+                c, q = quantize(w, column_params)
                 codes[:, :, i1 + i], Q[:, :, i1 + i] = c, q
                 err = (w - q) / d
                 W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)

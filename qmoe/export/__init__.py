@@ -102,6 +102,7 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
 
 _WHY = {"ternary": "the ternary grid {lo, 0, hi} (two bf16 levels a row) is no integer grid of one scale, so "
                    "the format cannot hold it exactly for vLLM's MoE kernels, and the export never re-rounds",
+        "ternary-g256": "vLLM's MoE kernels take 4- and 8-bit grids, not a ternary one (export it with --format gguf)",
         "int2": "the format cannot hold the 2-bit grid for vLLM's MoE kernels, which take 4- and 8-bit "
                 "grids only (compress with --scheme int4)"}
 
@@ -170,9 +171,10 @@ def _expert_tensors(path: Path, g0: int, g1: int, shapes: dict, name_of) -> dict
 
 
 def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", overwrite: bool = False,
-           max_shard_bytes: int = MAX_SHARD_BYTES, progress=print) -> dict:
+           max_shard_bytes: int = MAX_SHARD_BYTES, progress=print, ternary_type: str = "TQ1_0") -> dict:
     """Write OUT from the compressed directory SRC (see the module's docstring); returns a summary: files, tensor
-    bytes, expert parameters and the bits per parameter of the exported expert tensors."""
+    bytes, expert parameters and the bits per parameter of the exported expert tensors. ternary_type: GGUF's type
+    for ternary-g256 experts (TQ1_0 or TQ2_0)."""
     from qmoe.models.base import is_routed_expert
     from qmoe.models.load import FAMILIES
 
@@ -182,7 +184,7 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     if fmt == "gguf":
         from qmoe.export.gguf import export_gguf
 
-        return export_gguf(src, out, overwrite, max_shard_bytes, progress)
+        return export_gguf(src, out, overwrite, max_shard_bytes, progress, ternary_type)
     _check_out(src, out, overwrite)
     hf, _ = _read_source(src)
     fam = FAMILIES[hf["model_type"]]
@@ -298,18 +300,21 @@ def _replace(tmp: Path, out: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qmoe.export", description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path, help="a compressed directory (written by qmoe.compress, scheme int4 or "
-                                            "int4-sym; GGUF: int4-sym)")
+                                            "int4-sym; GGUF: int4-sym or ternary-g256)")
     p.add_argument("--format", default="compressed-tensors", choices=FORMATS, help="(default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="the directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9,
                    help="start a new safetensors shard (GGUF: split file) past this many GB (default: "
                         "%(default)s)")
+    p.add_argument("--ternary-type", default="TQ1_0", choices=("TQ1_0", "TQ2_0"),
+                   help="GGUF: the type of ternary-g256 experts (TQ1_0: 1.69 bits a weight, TQ2_0: 2.06 bits; "
+                        "default: %(default)s)")
     a = p.parse_args(argv)
     try:
         if a.max_shard_gb <= 0:
             raise ExportError("--max-shard-gb must be > 0")
-        export(a.model, a.out, a.format, a.overwrite, int(a.max_shard_gb * 1e9))
+        export(a.model, a.out, a.format, a.overwrite, int(a.max_shard_gb * 1e9), ternary_type=a.ternary_type)
     except (ExportError, CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) export of a compressed int4-sym decoder-only family directory
+"""GGUF (llama.cpp) export of a compressed int4-sym or ternary-g256 decoder-only family directory
 (docs/export.md#gguf-llamacpp).
 
 `python -m qmoe.export DIR --format gguf --out OUT` writes OUT/model.gguf (or model-0000i-of-0000N.gguf past
@@ -10,8 +10,14 @@ block of a row takes the row's scale as d and its codes as q, so whenever the bf
 row by row; refused otherwise, naming the matrix) the grid is held exactly: gguf's dequantizer gives qmoe's float32
 weights bit for bit (tests). The experts of a layer are fused as llama.cpp's converter fuses them:
 `blk.N.ffn_{gate,up,down}_exps.weight`, torch shape [experts, rows, columns] (ggml ne = columns, rows, experts).
-Asymmetric int4 is refused (Q4_1's block minimum m = -zero * scale is not always an fp16 value), and so are ternary
-and int2: the export never re-rounds.
+
+qmoe's ternary-g256 grid is value = d * t, t in {-1, 0, 1}, one fp16 d per 256 columns of a row; GGUF's TQ2_0
+(2.06 bits a weight: 64 bytes of 2-bit q = t + 1, then fp16 d) and TQ1_0 (1.69 bits: 48 + 4 bytes of base-3 digits,
+five or four to a byte, then fp16 d) hold it block for block, exactly (`--ternary-type`, TQ1_0 by default: the
+smaller; both need a row length that is a multiple of 256).
+
+Asymmetric int4 is refused (Q4_1's block minimum m = -zero * scale is not always an fp16 value), and so are the
+per-row ternary grid and int2: the export never re-rounds.
 
 The dense tensors (attention, norms, router, embeddings, head, DeepSeek's shared experts and dense MLPs) keep
 qmoe's bf16 values: 2-D and 3-D ones as BF16, 1-D ones, norms and routers as F32 (exact), following llama.cpp's
@@ -59,18 +65,22 @@ GGUF_VERSION = "0.19.0"  # the gguf release the export was written against and i
 GGUF_FILE = "model.gguf"
 QK4_0 = 32  # weights per Q4_0 block: 2 bytes of fp16 scale, 16 bytes of 4-bit codes
 Q4_0_BYTES = 2 + QK4_0 // 2
+QK_K = 256  # weights per TQ1_0 / TQ2_0 block
+BLOCK_BYTES = {"Q4_0": (QK4_0, Q4_0_BYTES), "TQ2_0": (QK_K, QK_K // 4 + 2), "TQ1_0": (QK_K, 48 + 4 + 2)}
+TERNARY_TYPES = ("TQ1_0", "TQ2_0")
 ARCHS = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2",
          "gpt_oss": "gpt-oss"}
 # llama.cpp's gpt-oss computes its experts' SwiGLU with these constants (LLM_FFN_SWIGLU_OAI_MOE in llama-graph.cpp:
 # alpha 1.702, limit 7.0, hardcoded, no GGUF key); a config with other values is refused.
 OAI_SWIGLU = {"alpha": 1.702, "limit": 7.0}
-SCHEMES = (Scheme.INT4_SYM.value,)
+SCHEMES = (Scheme.INT4_SYM.value, Scheme.TERNARY_G256.value)
 WHY = {
     Scheme.INT4.value: "GGUF's symmetric Q4_0 has no zero point, and Q4_1 (value = q * d + m) would need the block "
                        "minimum m = -zero * scale as an fp16 value, which it is not always; the export never re-rounds "
                        "(compress with --scheme int4-sym)",
     Scheme.TERNARY.value: "the ternary grid {lo, 0, hi} has two free bf16 levels a row, and GGUF's ternary types "
-                          "TQ1_0 / TQ2_0 hold {-d, 0, d} with one fp16 d a block; the export never re-rounds",
+                          "TQ1_0 / TQ2_0 hold {-d, 0, d} with one fp16 d a block; the export never re-rounds "
+                          "(compress with --scheme ternary-g256)",
     Scheme.INT2.value: "the asymmetric 2-bit grid would need Q2_K (256-weight super-blocks of 4-bit sub-scales and "
                        "mins under fp16 scales), which this export does not write (compress with --scheme int4-sym)",
 }
@@ -171,19 +181,70 @@ def q4_0_rows(codes: torch.Tensor, scale16: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(*lead, nb * Q4_0_BYTES))
 
 
+# TQ2_0 and TQ1_0. A block is 256 weights of one row: t = value / d in {-1, 0, 1}, q = t + 1 in {0, 1, 2}.
+
+_TERNARY_Q = torch.tensor([1, 2, 0], dtype=torch.uint8)  # qmoe's ternary code (0 -> 0, 1 -> +d, 2 -> -d) -> q
+
+
+def _ternary_blocks(codes: torch.Tensor, d16: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(q uint8 [n, 256], d bytes [n, 2]) of codes [..., R, C] (C a multiple of 256) under fp16 scales [..., R, C/256]."""
+    q = _TERNARY_Q[codes.long()].reshape(-1, QK_K).numpy()
+    d = d16.contiguous().view(torch.int16).numpy().astype("<i2").view(np.uint8).reshape(-1, 2)
+    return q, d
+
+
+def tq2_0_rows(codes: torch.Tensor, d16: torch.Tensor) -> np.ndarray:
+    """TQ2_0 bytes [..., R, C / 256 * 66]: per block 64 bytes, byte 32 h + n (half h of 128 weights, n < 32) holding
+    q[128 h + 32 l + n] in bits 2l..2l+1 for l = 0..3, then the fp16 d (little-endian)."""
+    *lead, C = codes.shape
+    q, d = _ternary_blocks(codes, d16)
+    q = q.reshape(-1, 2, 4, 32)  # [block, half, l, n]
+    qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    out = np.concatenate([qs.reshape(-1, QK_K // 4), d], -1)
+    return np.ascontiguousarray(out.reshape(*lead, C // QK_K * BLOCK_BYTES["TQ2_0"][1]))
+
+
+def _base3_bytes(q: np.ndarray, digits: int) -> np.ndarray:
+    """q [n, digits, m] in {0, 1, 2} -> [n, m] bytes: the base-3 number q[0] q[1] ... (q[0] most significant,
+    padded with 0 digits to five) as the fraction x / 243, stored as ceil(x * 256 / 243), so that llama.cpp reads
+    digit k back as the top two bits of (byte * 3^k) * 3 (ggml's TQ1_0)."""
+    x = np.zeros(q.shape[::2], dtype=np.uint16)
+    for k in range(5):
+        x = x * 3 + (q[:, k].astype(np.uint16) if k < digits else 0)
+    return ((x * 256 + 242) // 243).astype(np.uint8)
+
+
+def tq1_0_rows(codes: torch.Tensor, d16: torch.Tensor) -> np.ndarray:
+    """TQ1_0 bytes [..., R, C / 256 * 54]: per block 48 bytes of five base-3 digits (byte n < 32: weights n + 32k,
+    k < 5; byte 32 + n, n < 16: weights 160 + n + 16k), 4 bytes of four (byte n: weights 240 + n + 4k, k < 4),
+    then the fp16 d."""
+    *lead, C = codes.shape
+    q, d = _ternary_blocks(codes, d16)
+    n = q.shape[0]
+    qs = np.concatenate([_base3_bytes(q[:, :160].reshape(n, 5, 32), 5), _base3_bytes(q[:, 160:240].reshape(n, 5, 16), 5),
+                         _base3_bytes(q[:, 240:].reshape(n, 4, 4), 4), d], -1)
+    return np.ascontiguousarray(qs.reshape(*lead, C // QK_K * BLOCK_BYTES["TQ1_0"][1]))
+
+
+EXPERT_ROWS = {"Q4_0": q4_0_rows, "TQ2_0": tq2_0_rows, "TQ1_0": tq1_0_rows}
+
+
 # The tensor plan: every GGUF tensor, its type, shape and how to make its bytes.
 
 @dataclass
 class Planned:
     name: str  # GGUF name
-    qtype: str  # "F32", "BF16", "Q4_0"
+    qtype: str  # "F32", "BF16", "Q4_0", "TQ1_0", "TQ2_0"
     shape: tuple[int, ...]  # torch order (ggml ne reversed)
-    make: Callable[[], np.ndarray]  # the data: float32, bf16 bits as uint16, or Q4_0 bytes
+    make: Callable[[], np.ndarray]  # the data: float32, bf16 bits as uint16, or the quantized type's bytes
     source: list[str] = field(default_factory=list)  # qmoe names it comes from
 
     def nbytes(self) -> int:
         n = int(np.prod(self.shape))
-        return {"F32": 4 * n, "BF16": 2 * n, "Q4_0": n // QK4_0 * Q4_0_BYTES}[self.qtype]
+        if self.qtype in BLOCK_BYTES:
+            per, nb = BLOCK_BYTES[self.qtype]
+            return n // per * nb
+        return {"F32": 4 * n, "BF16": 2 * n}[self.qtype]
 
 
 def _llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -193,7 +254,8 @@ def _llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _source(src: Path) -> dict:
-    """config.json of a compressed int4-sym directory of a family llama.cpp runs, every file verified."""
+    """config.json of a compressed int4-sym or ternary-g256 directory of a family llama.cpp runs, every file
+    verified."""
     loaders = ("they are written as llama.cpp's llama (Mixtral), qwen3moe, deepseek2 (DeepSeek-V3, Kimi-K2) and "
                "gpt-oss architectures")
     return _read_source(src, SCHEMES, WHY, "GGUF", loaders, FAMILY_TYPES + ("gpt_oss",))[0]
@@ -351,20 +413,34 @@ def _expert_sources(src: Path, mcfg) -> list[ExpertSource]:
     return out
 
 
-def _read_kind(es: ExpertSource, kind: str, shape: tuple[int, int], codes: bool, name: str):
-    """(codes uint8 [E, R, C] or None, fp16 scales [E, R]) of one matrix kind over a layer's experts; ExportError
-    on a matrix that is not int4-sym of the expected shape, or a scale that is not an fp16 value."""
+def _read_kind(es: ExpertSource, kind: str, shape: tuple[int, int], codes: bool, name: str, scheme: Scheme):
+    """(codes uint8 [E, R, C] or None, fp16 scales [E, R] (ternary-g256: [E, R, C / 256])) of one matrix kind over a
+    layer's experts; ExportError on a matrix that is not `scheme` of the expected shape, a scale that is not an fp16
+    value, or a ternary code that is not one."""
     R, C = shape
     all_codes, all_scales = [], []
     for g0, g1, f in es.files:
         with safe_open(str(f), framework="pt") as h:
             meta = json.loads((h.metadata() or {}).get("qmoe", "{}"))
-            if meta.get("scheme") != Scheme.INT4_SYM.value:
-                raise ExportError(f"{f}: its experts are {meta.get('scheme')!r}, not int4-sym")
+            if meta.get("scheme") != scheme.value:
+                raise ExportError(f"{f}: its experts are {meta.get('scheme')!r}, not {scheme.value}")
             for j in range(g0, g1):
                 key = f"expert_{j}.{kind}"
                 if tuple(meta.get("shapes", {}).get(key, ())) != (R, C):
                     raise ExportError(f"{f}: expert matrix {key!r} is missing or not {R}x{C}")
+                if scheme is Scheme.TERNARY_G256:
+                    scale = h.get_tensor(f"{key}.scale")
+                    G = -(-C // scheme.group)
+                    if scale.dtype != torch.float16 or tuple(scale.shape) != (R, G) or \
+                            not bool(torch.isfinite(scale).all()):
+                        raise ExportError(f"{f}: {key!r}: group scales are not {R}x{G} finite fp16 values")
+                    all_scales.append(scale)
+                    if codes:
+                        c = unpack(h.get_tensor(f"{key}.codes"), scheme.bits, (R, C))
+                        if bool((c > 2).any()):
+                            raise ExportError(f"{f}: {key!r} ({name}, expert {j}): a ternary code of 3")
+                        all_codes.append(c)
+                    continue
                 scale, zero = h.get_tensor(f"{key}.scale"), h.get_tensor(f"{key}.zero")
                 if scale.dtype != torch.bfloat16 or tuple(scale.shape) != (R,) or tuple(zero.shape) != (R,):
                     raise ExportError(f"{f}: {key!r}: row scales are not {R} bf16 values")
@@ -381,26 +457,27 @@ def _read_kind(es: ExpertSource, kind: str, shape: tuple[int, int], codes: bool,
     return (torch.stack(all_codes) if codes else None), torch.stack(all_scales)
 
 
-def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict) -> list[Planned]:
+def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: Scheme, qtype: str) -> list[Planned]:
     gguf = _gguf()
     T = gguf.MODEL_TENSOR
+    per = BLOCK_BYTES[qtype][0]
     plan = []
     for es in sources:
         for kind, mt in (("gate", T.FFN_GATE_EXP), ("up", T.FFN_UP_EXP), ("down", T.FFN_DOWN_EXP)):
             R, C = shapes[kind]
             qmoe_name = f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}"
-            if C % QK4_0:
-                raise ExportError(f"{qmoe_name}: {C} columns, not a multiple of Q4_0's {QK4_0}-weight blocks")
+            if C % per:
+                raise ExportError(f"{qmoe_name}: {C} columns, not a multiple of {qtype}'s {per}-weight blocks")
 
             def make(es=es, kind=kind, shape=(R, C), name=qmoe_name):
-                codes, s16 = _read_kind(es, kind, shape, True, name)
-                return q4_0_rows(codes, s16)
-            plan.append(Planned(gguf.TENSOR_NAMES[mt].format(bid=es.layer) + ".weight", "Q4_0",
+                codes, s16 = _read_kind(es, kind, shape, True, name, scheme)
+                return EXPERT_ROWS[qtype](codes, s16)
+            plan.append(Planned(gguf.TENSOR_NAMES[mt].format(bid=es.layer) + ".weight", qtype,
                                 (mcfg.num_experts, R, C), make, [qmoe_name]))
     return plan
 
 
-def _metadata(w, arch: str, hf: dict, mcfg, src: Path) -> None:
+def _metadata(w, arch: str, hf: dict, mcfg, src: Path, qtype: str) -> None:
     """The architecture's keys, as llama.cpp's converter writes them for the family (gguf's Keys via the writer)."""
     gguf = _gguf()
     w.add_type(gguf.GGUFType.MODEL)
@@ -457,19 +534,24 @@ def _metadata(w, arch: str, hf: dict, mcfg, src: Path) -> None:
         w.add_expert_group_used_count(int(o["topk_group"]))
         if r.factor > 1 and params.get("mscale_all_dim"):
             w.add_rope_scaling_yarn_log_mul(0.1 * float(params["mscale_all_dim"]))  # llama.cpp divides by 0.1
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                progress=print) -> dict:
-    """Write OUT/model.gguf (split past max_shard_bytes) from the int4-sym directory SRC; returns a summary."""
+                progress=print, ternary_type: str = "TQ1_0") -> dict:
+    """Write OUT/model.gguf (split past max_shard_bytes) from the int4-sym (experts Q4_0) or ternary-g256 (experts
+    `ternary_type`, TQ1_0 or TQ2_0) directory SRC; returns a summary."""
     from qmoe.models.load import FAMILIES
 
     gguf = _gguf()
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
+    if ternary_type not in TERNARY_TYPES:
+        raise ExportError(f"ternary type {ternary_type!r}: GGUF's are {', '.join(TERNARY_TYPES)}")
     hf = _source(src)
+    scheme = Scheme(hf["qmoe"]["scheme"])
+    qtype = "Q4_0" if scheme is Scheme.INT4_SYM else ternary_type
     arch = ARCHS[hf["model_type"]]
     fam = FAMILIES[hf["model_type"]]
     try:
@@ -481,11 +563,11 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
     sources = _expert_sources(src, mcfg)
     with safe_open(str(src / DENSE_FILE), framework="pt") as h:
         dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
-    plan = _dense_plan(arch, mcfg, dense, src / DENSE_FILE) + _expert_plan(fam, mcfg, sources, shapes)
+    plan = _dense_plan(arch, mcfg, dense, src / DENSE_FILE) + _expert_plan(fam, mcfg, sources, shapes, scheme, qtype)
     for es in sources:  # every scale checked before anything is written
         for kind in shapes:
             _read_kind(es, kind, shapes[kind], False,
-                       f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}")
+                       f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}", scheme)
     tokenizer = _tokenizer_kind(src, hf)
 
     total = sum(p.nbytes() for p in plan)
@@ -494,7 +576,7 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         w = gguf.GGUFWriter(tmp / GGUF_FILE, arch, split_max_size=split)
-        _metadata(w, arch, hf, mcfg, src)
+        _metadata(w, arch, hf, mcfg, src, qtype)
         if tokenizer == "bytes":
             _write_byte_vocabulary(w, mcfg.vocab_size)
         qt = gguf.GGMLQuantizationType
@@ -511,11 +593,11 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
         expert_bytes = 0
         for p in plan:
             data = p.make()
-            want = {"F32": np.float32, "BF16": np.uint16, "Q4_0": np.uint8}[p.qtype]
+            want = {"F32": np.float32, "BF16": np.uint16}.get(p.qtype, np.uint8)
             if data.dtype != want or data.nbytes != p.nbytes():
                 raise ExportError(f"{p.name}: made {data.dtype} of {data.nbytes} bytes, planned {p.nbytes()}")
             w.write_tensor_data(data if p.qtype == "F32" else data.view(np.uint8))
-            expert_bytes += data.nbytes if p.qtype == "Q4_0" else 0
+            expert_bytes += data.nbytes if p.qtype == qtype else 0
         w.close()
         for f in files:
             with open(tmp / f, "rb") as fh:
@@ -527,12 +609,13 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
         raise
     params_experts = len(sources) * mcfg.num_experts * sum(r * c for r, c in shapes.values())
     summary = {"format": "gguf", "source": str(src), "out": str(out), "files": files, "architecture": arch,
+               "scheme": scheme.value, "expert_type": qtype,
                "tokenizer": tokenizer, "tensor_bytes": total, "expert_bytes": expert_bytes,
                "params_experts": params_experts, "bits_per_param_experts": 8 * expert_bytes / params_experts}
     if tokenizer is None:
         progress(f"note: {src} has a tokenizer.json (or too small a vocabulary for qmoe's byte tokens): no tokenizer "
                  "metadata written, and llama.cpp will not load the file until one is added "
                  "(docs/export.md#gguf-llamacpp)")
-    progress(f"{out}: GGUF {arch}, {len(files)} file(s), experts Q4_0 at "
+    progress(f"{out}: GGUF {arch}, {len(files)} file(s), experts {qtype} at "
              f"{summary['bits_per_param_experts']:.3f} bits a parameter")
     return summary
