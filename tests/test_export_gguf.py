@@ -476,6 +476,9 @@ def _installed_gguf_version() -> str:
 
 # gpt-oss (llama.cpp's gpt-oss architecture).
 
+GPT_OSS_ROPE = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
     """(compressed int4-sym gpt-oss directory, its GGUF export, the summary): the tiny gpt-oss of test_families
@@ -483,9 +486,7 @@ def gpt_oss(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-gpt-oss")
     src, comp, gg = root / "src", root / "sym", root / "gguf"
     torch.manual_seed(0)
-    rope_parameters = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
-                       "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
-    _gpt_oss(vocab_size=300, rope_parameters=rope_parameters).eval().save_pretrained(src)
+    _gpt_oss(vocab_size=300, rope_parameters=GPT_OSS_ROPE).eval().save_pretrained(src)
     compress_model(src, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN), SPEC, progress=_quiet)
     return comp, gg, export(comp, gg, "gguf", progress=_quiet)
 

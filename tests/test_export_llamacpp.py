@@ -1,6 +1,7 @@
 """The GGUF export run in llama.cpp itself (llama-cpp-python, `pip install -e ".[llamacpp]"`; skipped without it:
-the test extra leaves it out, as it compiles llama.cpp for about 10 minutes): a tiny Qwen3-MoE compressed int4-sym
-(Q4_0) and ternary-g256 (TQ1_0, TQ2_0) loads in llama.cpp, and its logits on the same windows are qmoe's to within
+the test extra leaves it out, as it compiles llama.cpp for about 10 minutes): tiny Mixtral, Qwen3-MoE, DeepSeek-V3
+and gpt-oss models compressed int4-sym (Q4_0), and Qwen3-MoE and DeepSeek-V3 ternary-g256 (TQ1_0, TQ2_0), load in
+llama.cpp, and its logits on the same windows are qmoe's to within
 what llama.cpp's own arithmetic changes (it rounds the activations of its quantized matrix products to 8 bits, and a
 near tie in a router can then pick another expert): far closer to the compressed model's than the original's are."""
 import pytest
@@ -17,22 +18,31 @@ from qmoe.data import DataConfig  # noqa: E402
 from qmoe.export import export  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
 from test_export import _quiet  # noqa: E402
-from test_export_gguf import TERNARY  # noqa: E402
+from test_export_gguf import GPT_OSS_ROPE, MODELS, TERNARY  # noqa: E402
+from test_families import _gpt_oss  # noqa: E402
+
+SOURCES = {**{f"{k}-q4": (v[0], v[1]) for k, v in MODELS.items()},
+           "gpt_oss-q4": (_gpt_oss, dict(rope_parameters=GPT_OSS_ROPE)),
+           **{f"{k}-tq": v for k, v in TERNARY.items()}}
+CASES = [(f"{k}-q4", Scheme.INT4_SYM, "Q4_0") for k in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")] + \
+        [(f"{k}-tq", Scheme.TERNARY_G256, t) for k in TERNARY for t in ("TQ1_0", "TQ2_0")]
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    make, over = TERNARY["qwen3_moe"]
-    src = tmp_path_factory.mktemp("llamacpp") / "src"
-    torch.manual_seed(0)
-    model = make(vocab_size=300, initializer_range=0.1, **over).eval()  # logits far from uniform
-    model.save_pretrained(src)
-    return src
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llamacpp")
+    out = {}
+    for name, (make, over) in SOURCES.items():
+        torch.manual_seed(0)
+        model = make(vocab_size=300, initializer_range=0.1, **over).eval()  # logits far from uniform
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
 
 
-@pytest.mark.parametrize("scheme,qtype", [(Scheme.INT4_SYM, "Q4_0"), (Scheme.TERNARY_G256, "TQ1_0"),
-                                          (Scheme.TERNARY_G256, "TQ2_0")])
-def test_llamacpp_runs_the_export_with_qmoes_logits(source, scheme, qtype, tmp_path):
+@pytest.mark.parametrize("name,scheme,qtype", CASES)
+def test_llamacpp_runs_the_export_with_qmoes_logits(sources, name, scheme, qtype, tmp_path):
+    source = sources[name]
     comp, gg = tmp_path / "comp", tmp_path / "gguf"
     compress_model(source, comp, CompressConfig(scheme=scheme, method=Method.GPTQ),
                    DataSpec(train_samples=8, val_samples=0, data=DataConfig(raw_length=64)), progress=_quiet)
@@ -44,7 +54,28 @@ def test_llamacpp_runs_the_export_with_qmoes_logits(source, scheme, qtype, tmp_p
     r = compare(ours, theirs, windows)
     corr = torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1].item()
     assert ours.std() > 0.5  # a model whose logits say something
-    assert abs(r["loss_rel_diff"]) < 5e-3 and r["top1_agreement"] > 0.9 and corr > 0.998, (r, corr)
-    # llama.cpp computes the compressed model, not the original: measured 13x (Q4_0) and 36x (TQ) closer.
+    # Per position, 1-3% of the logits' spread (8-bit activations), except where a router's near tie tipped.
+    assert r["median_position_diff"] < 0.05 and r["positions_past_0_1"] < 0.15, r
+    assert abs(r["loss_rel_diff"]) < 1e-2 and r["top1_agreement"] > 0.85 and corr > 0.98, (r, corr)
+    # llama.cpp computes the compressed model, not the original (measured 4-36x closer).
     orig = qmoe_logits(source, windows)
-    assert (ours - theirs).abs().mean() < 0.2 * (orig - theirs).abs().mean()
+    assert (ours - theirs).abs().mean() < 0.5 * (orig - theirs).abs().mean()
+
+
+def test_llamacpp_tokenizes_text_as_bytetokenizer(sources, tmp_path):
+    """The byte vocabulary the export writes: llama.cpp's own tokenizer turns text (ASCII, accented, CJK, an emoji,
+    controls) into ByteTokenizer's ids, and its detokenizer gives the text back."""
+    from llama_cpp import Llama
+
+    from qmoe.tokenizer import ByteTokenizer
+
+    comp, gg = tmp_path / "comp", tmp_path / "gguf"
+    compress_model(sources["qwen3_moe-q4"], comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN),
+                   DataSpec(train_samples=4, val_samples=0, data=DataConfig(raw_length=32)), progress=_quiet)
+    export(comp, gg, "gguf", progress=_quiet)
+    llm = Llama(model_path=str(gg / "model.gguf"), vocab_only=True, verbose=False)
+    text = "def f(x):\n\treturn x ** 2  # Héllo wörld, 数学 🙂 <pad> </s>\r\n"
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    assert ids == ByteTokenizer().encode(text).tolist()
+    assert llm.detokenize(ids).decode() == text
+    llm.close()
