@@ -114,12 +114,14 @@ class DataSpec:
             raise ValueError(f"--calib {self.calib}: not a file")
 
 
-EMBEDDED = ("default", "default-qwen3_moe")  # the shipped models, qmoe/assets/<name>
+# The shipped models, qmoe/assets/<name>: the Switch default, the Qwen3-MoE default, and a Qwen3-MoE that llama.cpp's
+# qwen3moe computes (every layer MoE, expert rows whole 256-weight blocks: it exports to GGUF in every grid).
+EMBEDDED = ("default", "default-qwen3_moe", "llamacpp-qwen3_moe")
 
 
 def resolve_model(model: str) -> Path:
-    """'default' (the embedded Switch model) or 'default-qwen3_moe' (the embedded Qwen3-MoE model); anything else
-    is a directory."""
+    """A name of EMBEDDED ('default': the embedded Switch model, 'default-qwen3_moe', 'llamacpp-qwen3_moe': the
+    embedded Qwen3-MoE models); anything else is a directory."""
     if model in EMBEDDED:
         return Path(str(resources.files("qmoe.assets").joinpath(model)))
     return Path(model)

@@ -245,6 +245,10 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
         "val_loss_before", "val_loss_after")}, "matrices": matrix_bits(path, manifest),
         "devices": {"names": devices, **plan_units(units, len(devices), None, cfg, runtime)},
         "targets": {t.label: plan_units(units, t.count, t.bytes_each, cfg, runtime) for t in targets}}
+    if measure and summary.get("scheme") != "ternary":
+        measure = False
+        rep["overhead_not_measured"] = (f"its experts are {summary.get('scheme')}, which runs decoded: the fused "
+                                        "kernels take the per-row ternary grid only")
     if family:  # the c2048 projection is Switch's
         if measure:
             from qmoe.inference.overhead import family_end_to_end_rows
@@ -409,6 +413,8 @@ def render(rep: dict, out: Path) -> Path:
         md += [f"| {r['task']} | " + " | ".join(f"{v:.0f}" for k, v in r.items() if k.endswith("tokens/s"))
                + f" | {r['fused / simulated']:.2f}x |" for r in rows]
         _plot_overhead(rep["overhead"], out / "overhead.png")
+    elif "overhead_not_measured" in rep:
+        md += ["", "## Overhead of compressed inference", "", f"Not measured: {rep['overhead_not_measured']}."]
     if "projection" in rep:
         p = rep["projection"]
         md += ["", f"## Projection: {Path(p['config']).name}", "",

@@ -163,7 +163,7 @@ def main(argv=None):
         from qmoe.models.train import QWEN3_MOE_DEFAULT, train_causal
 
         r = train_causal(a.out, QWEN3_MOE_DEFAULT | _overrides(a.set, QWEN3_MOE_DEFAULT), a.minutes, a.batch, a.lr,
-                         a.seed)
+                         a.seed, sets=tuple(a.set))
     else:
         if a.set:
             p.error("--set overrides a --family config")

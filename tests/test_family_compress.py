@@ -149,12 +149,13 @@ def test_fp8_deepseek_compresses_like_its_dequantized_weights(models, tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "a" / "config.json").read_text())
 
 
-def test_the_embedded_qwen3_moe_default_is_a_transformers_checkpoint():
-    """The shipped default Qwen3-MoE loads in transformers' own class with qmoe's logits, and has learned the corpus
-    (its validation loss far under the byte unigram baseline recorded beside it)."""
+@pytest.mark.parametrize("name", ["default-qwen3_moe", "llamacpp-qwen3_moe"])
+def test_the_embedded_qwen3_moe_models_are_transformers_checkpoints(name):
+    """The shipped Qwen3-MoE models load in transformers' own class with qmoe's logits, and have learned the corpus
+    (validation loss far under the byte unigram baseline recorded beside it)."""
     from transformers import Qwen3MoeForCausalLM
 
-    path = resolve_model("default-qwen3_moe")
+    path = resolve_model(name)
     ref = Qwen3MoeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = qmoe.load(path)
     ids = _val_ids(2)[:, :64]

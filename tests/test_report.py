@@ -84,3 +84,18 @@ def test_plans_count_dictionary_tables_kv_cache_and_activations():
     assert all(s["total"] == s["dense"] + s["experts"] + s["tables"] + s["kv"] + s["activations"] for s in slots)
     assert plan["fits"] and plan["largest_slot_bytes"] == max(s["total"] for s in slots)
     assert not report.plan_units(units, 8, 24 << 30, cfg, report.Runtime(64, 4096))["fits"]
+
+
+def test_a_directory_without_fused_kernels_reports_why_its_overhead_is_not_measured(tiny_ckpt, tmp_path):
+    """An int4 directory runs decoded (the fused kernels take the per-row ternary grid only): the report is written,
+    its overhead section says why nothing was measured, and the JSON records it."""
+    from qmoe.quant import Method, Scheme
+
+    out = tmp_path / "c"
+    compress_model(tiny_ckpt, out, CompressConfig(scheme=Scheme.INT4, method=Method.RTN),
+                   DataSpec(train_samples=8, val_samples=2), progress=lambda *_: None)
+    assert report.main([str(out), "--out", str(tmp_path / "rep"), "--no-project"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Not measured: its experts are int4, which runs decoded" in md
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert "overhead" not in rep and "int4" in rep["overhead_not_measured"]

@@ -5,7 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=${1:-out/bench-default-qwen3_moe}
-for scheme in ${SCHEMES:-ternary int2 int4 int4-sym}; do
+for scheme in ${SCHEMES:-ternary ternary-g256 int2 int4 int4-sym}; do
   for method in gptq rtn; do
     python -m qmoe.compress --model default-qwen3_moe --out "$work/$scheme-$method" --scheme "$scheme" \
       --method "$method" --overwrite

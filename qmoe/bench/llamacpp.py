@@ -127,7 +127,10 @@ def _version() -> str:
 
 
 def format_table(r: dict) -> str:
-    lines = ["| scheme | GGUF type | expert bits (qmoe / GGUF) | loss, qmoe | loss, llama.cpp | relative diff | "
+    original = next((row["val_loss_original"] for row in r["rows"] if row.get("val_loss_original") is not None), None)
+    lines = [f"{r['model']}: original (bf16) validation loss {original:.4f} over {r['val_samples']} windows of "
+             f"{r['seq_len']}", "",
+             "| scheme | GGUF type | expert bits (qmoe / GGUF) | loss, qmoe | loss, llama.cpp | relative diff | "
              "logit diff / std, median position | positions past 0.1 | top-1 agreement | llama.cpp prompt tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:

@@ -107,7 +107,9 @@ def forward_with_balance(model: MoECausalLM, ids: torch.Tensor) -> tuple[torch.T
 
 
 def train_causal(out: Path, hf: dict, minutes: float, batch: int, lr: float, seed: int, probe_steps: int = 20,
-                 eval_every: int = 250, val_samples: int = 64, seq_len: int = 256) -> dict:
+                 eval_every: int = 250, val_samples: int = 64, seq_len: int = 256, sets: tuple[str, ...] = ()) -> dict:
+    """Train a decoder-only MoE (config hf) on the corpus for `minutes`; `sets`: the command's --set items, for the
+    report."""
     torch.manual_seed(seed)
     tok, text = ByteTokenizer(), load_default_corpus()
     pool, _ = windows(tok.encode(text), seq_len)
@@ -147,18 +149,19 @@ def train_causal(out: Path, hf: dict, minutes: float, batch: int, lr: float, see
     atomic_save_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
     atomic_write_json(out / "config.json", hf | {"qmoe": {"tokenizer": tok.name}})
     atomic_write_text(out / "training_curve.json", json.dumps(result, indent=1))
-    write_report(out, hf, result)
+    write_report(out, hf, result, sets)
     return result
 
 
-def write_report(out: Path, hf: dict, r: dict) -> None:
+def write_report(out: Path, hf: dict, r: dict, sets: tuple[str, ...] = ()) -> None:
     rows = "\n".join(f"| {c['step']} | {c['seconds']:.0f} | {c['train_loss']:.3f} | {c['val_loss']:.3f} |"
                      for c in r["curve"])
     cmd = (f"python -m qmoe.train --family {hf['model_type']} --out {out.as_posix()} --minutes {r['minutes']:g} "
-           f"--batch {r['batch']} --lr {r['lr']:g}")
-    shape = (f"{hf['num_hidden_layers']} layers (layer 0 dense), hidden {hf['hidden_size']}, {hf['num_experts']} "
+           f"--batch {r['batch']} --lr {r['lr']:g}" + "".join(f" --set '{x}'" for x in sets))
+    dense = hf.get("mlp_only_layers") or []
+    shape = (f"{hf['num_hidden_layers']} layers ({f'layers {dense} dense' if dense else 'every layer MoE'}), hidden {hf['hidden_size']}, {hf['num_experts']} "
              f"experts of {hf['moe_intermediate_size']} a MoE layer, top-{hf['num_experts_per_tok']} renormalized")
-    atomic_write_text(out / "TRAINING.md", f"""# The embedded default {hf['model_type']} model: how it was trained
+    atomic_write_text(out / "TRAINING.md", f"""# The embedded {out.name} model ({hf['model_type']}): how it was trained
 
 `{cmd}` on a 2-core CPU: {r['steps']} steps of {r['batch']} windows of {r['seq_len']} bytes (next-token loss, byte
 vocabulary), peak lr {r['lr']:g}, seed {r['seed']}, {r['seconds'] / 60:.0f} minutes of wall time. {shape}. The
