@@ -12,9 +12,8 @@ Two kinds of kernel:
   first turned into two short lists of absolute positions, its hi ones and its lo ones (records.Lists: each word
   writes its up to 4 positions of each level with one store and advances by its counts, no branch on the counts),
   then x is summed over each list: with vector gathers at batch 1, and at batch B > 1 one W-wide vector add per
-  position (x transposed and padded to W columns, qmoe.kernels._llvm.make_rowsum; xt in huge pages, and from batch
-  64 y written row by row into huge-page scratch, then transposed). Lists live in L1 (a row's are at most C + 4
-  entries). Against the record kernels below, alternated in one process on c2048's shapes: see
+  position (x transposed and padded to W columns, qmoe.kernels._llvm.make_rowsum). Lists live in L1 (a row's are at
+  most C + 4 entries). Against the record kernels below, alternated in one process on c2048's shapes: see
   docs/kernels.md.
 - record kernels (any width): walk each codeword's record and gather-add its non-zeros in place.
 """
@@ -281,50 +280,19 @@ def _transpose_into(x, xt):
                 xt[c, b] = 0.0
 
 
-@numba.njit(parallel=True, cache=True)
-def _untranspose(yt, y):
-    """y [B, R] = yt[:, :B].T, in blocks of 64 of y's columns (one task each)."""
-    B, R = y.shape
-    for block in numba.prange((R + 63) // 64):
-        r0 = block * 64
-        for b in range(B):
-            for r in range(r0, min(R, r0 + 64)):
-                y[b, r] = yt[r, b]
-
-
-_SCRATCH = threading.local()  # each thread's buffers for xt and yt, kept between calls (a fresh one page-faults)
-HUGE = 2 << 20  # x86's huge page
-YT_FROM = 64  # from this batch on the gemm writes y row-major into scratch, then transposes it (see list_gemm)
-
-
-def _huge_buffer(nfloats: int) -> np.ndarray:
-    """A float32 buffer of nfloats starting on a 2 MiB boundary, which the kernel is asked to back with transparent
-    huge pages (madvise; nothing changes where THP is off). The gemm loads whole rows of xt at random: with 4 KiB
-    pages a 1.5 MiB xt (c2048's 6144 columns at batch 64) spans 384 pages, past the first-level TLB, and huge pages
-    make the list gemm 1.2-1.46x faster at batch 16-128 (docs/kernels.md)."""
-    import mmap
-
-    m = mmap.mmap(-1, nfloats * 4 + HUGE)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        m.madvise(mmap.MADV_HUGEPAGE)
-    a = np.frombuffer(m, dtype=np.float32)
-    start = (-a.ctypes.data % HUGE) // 4
-    return a[start:start + nfloats]
-
-
-def _scratch(name: str, nfloats: int) -> np.ndarray:
-    """This thread's huge-page buffer `name` of at least nfloats (grown by doubling), valid until its next call."""
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or len(buf) < nfloats:
-        buf = _huge_buffer(max(nfloats, 2 * len(buf) if buf is not None else 0))
-        setattr(_SCRATCH, name, buf)
-    return buf[:nfloats]
+_SCRATCH = threading.local()  # each thread's buffer for xt, kept between calls (a fresh one page-faults)
 
 
 def _padded_transpose(x: np.ndarray, Bp: int) -> np.ndarray:
-    """x [B, C] as xt [C, Bp] float32, columns B.. zero, 2 MiB aligned: a view of this thread's scratch."""
+    """x [B, C] as xt [C, Bp] float32, columns B.. zero, the data 64-byte aligned (one cache line per 16 lanes).
+    A view of this thread's scratch buffer: valid until the thread's next call."""
     B, C = x.shape
-    xt = _scratch("xt", C * Bp).reshape(C, Bp)
+    need = C * Bp + 16
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < need:
+        buf = _SCRATCH.buf = np.empty(max(need, 2 * len(buf) if buf is not None else 0), dtype=np.float32)
+    start = (-buf.ctypes.data % 64) // 4
+    xt = buf[start:start + C * Bp].reshape(C, Bp)
     _transpose_into(x, xt)
     return xt
 
@@ -338,20 +306,12 @@ def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndar
     L = recs.lists
     gemv, gemms = _LIST_KERNELS[L.big]
     args = (codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi)
-    R = len(offsets) - 1
-    y = np.empty((B, R), dtype=np.float32)
+    y = np.empty((B, len(offsets) - 1), dtype=np.float32)
     if B == 1:
         gemv(*args, x[0], y[0])
     elif B > 1:
         W = next((w for w in WIDTHS if w >= B), WIDTHS[-1])
-        Bp = -(-B // W) * W
-        xt = _padded_transpose(x, Bp)
-        if B < YT_FROM:
-            gemms[W](*args, xt, y)
-        else:  # a row's B outputs to one run of memory, not B pages apart; then one parallel transpose
-            yt = _scratch("yt", R * Bp).reshape(R, Bp)
-            gemms[W](*args, xt, yt[:, :B].T)
-            _untranspose(yt, y)
+        gemms[W](*args, _padded_transpose(x, -(-B // W) * W), y)
     return y
 
 

@@ -66,25 +66,6 @@ def test_cpu_kernels_every_batch_width(kernel, p):
         assert_close(kernel(m.codes, m.row_offsets, recs, lo, hi, x), reference(m, x))
 
 
-def test_list_gemm_results_do_not_share_its_scratch():
-    """The list gemm keeps x transposed (and, from batch YT_FROM, y row-major) in per-thread huge-page scratch
-    reused across calls: each result is its own array, unchanged by later calls of other shapes and batches, and
-    equal to the reference."""
-    from qmoe.kernels.cpu import YT_FROM, _SCRATCH
-
-    out = []
-    for shape, batch, seed in (((300, 211), 130, 1), ((37, 520), YT_FROM, 2), ((300, 211), 3, 3), ((90, 64), 70, 4)):
-        m = random_matrix(shape, seed=seed)
-        lo, hi = bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1])
-        x = np.random.default_rng(seed).standard_normal((batch, shape[1])).astype(np.float32)
-        y = list_gemm(m.codes, m.row_offsets, records(m.dictionary), lo, hi, x)
-        out.append((y, y.copy(), reference(m, x)))
-    for y, first, ref in out:
-        assert np.array_equal(y, first) and y.flags.owndata
-        assert_close(y, ref)
-    assert _SCRATCH.xt.ctypes.data % (2 << 20) == 0 and _SCRATCH.yt.ctypes.data % (2 << 20) == 0
-
-
 def test_lists_layout():
     """records.Lists against the dictionary: length, per-level counts, the first LANES positions of each level
     in word order, the big flag; words with overflow records included."""
