@@ -280,7 +280,8 @@ def test_the_training_loops_run_and_write_loadable_checkpoints(tmp_path):
     r = train_causal(tmp_path / "qwen", hf, minutes=0.01, batch=2, lr=1e-3, seed=0, probe_steps=2, eval_every=2,
                      val_samples=2, seq_len=32)
     assert r["steps"] >= 3 and r["curve"][0]["val_loss"] > r["val_loss_fp32_best"] - 1e-4
-    assert (tmp_path / "qwen" / "TRAINING.md").read_text().startswith("# The embedded default qwen3_moe model")
+    report = (tmp_path / "qwen" / "TRAINING.md").read_text()
+    assert report.startswith("# The embedded qwen model (qwen3_moe)") and "2 layers (layers [0] dense)" in report
     ids = validation_windows(ByteTokenizer(), load_default_corpus(), 2, 32, 12345)
     assert next_token_loss(qmoe.load(tmp_path / "qwen"), ids, 2, "cpu") == pytest.approx(r["val_loss_bf16"], abs=1e-4)
 
