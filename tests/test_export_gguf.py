@@ -75,18 +75,17 @@ def _hf(comp: Path) -> dict:
     return json.loads((comp / "config.json").read_text())
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_gguf_experts_dequantize_to_qmoes_weights_exactly(dirs, name):
-    """gguf's own dequantizer (gguf.quants.dequantize, Q4_0) gives every expert of every layer equal, bit for bit,
-    to qmoe's float32 weights (qmoe.load, fused=False), fused per layer as blk.N.ffn_{gate,up,down}_exps
-    [experts, rows, columns]."""
-    _, comp, gg, summary = dirs[name]
+def _assert_experts_exact(comp: Path, gg: Path, qtype: str) -> dict:
+    """Every expert of every MoE layer of the export gg, dequantized by gguf (`qtype` blocks), equals qmoe's float32
+    weights of comp (qmoe.load, fused=False) bit for bit, fused per layer as blk.N.ffn_{gate,up,down}_exps
+    [experts, rows, columns] (ggml's ne: columns, rows, experts); dense layers have none. Returns the GGUF's
+    fields."""
     hf = _hf(comp)
     fam = FAMILIES[hf["model_type"]]
     cfg = fam.config(hf)
     shapes = expert_shapes(cfg)
     ours = dict(qmoe.load(comp, fused=False).named_parameters())
-    _, tensors = _read(gg)
+    fields, tensors = _read(gg)
     n = 0
     for i, sparse in enumerate(cfg.sparse):
         for kind, gname in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
@@ -96,15 +95,25 @@ def test_gguf_experts_dequantize_to_qmoes_weights_exactly(dirs, name):
                 continue
             t = tensors[key]
             R, C = shapes[kind]
-            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
-            assert t.shape.tolist() == [C, R, cfg.num_experts]  # ggml's ne: columns, rows, experts
+            assert t.tensor_type == gguf.GGMLQuantizationType[qtype]
+            assert t.shape.tolist() == [C, R, cfg.num_experts]
             got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
             want = torch.stack([ours[f"model.layers.{i}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"]
                                 for j in range(cfg.num_experts)])
             assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
             assert torch.equal(got.view(torch.int32), want.view(torch.int32)), key
+            assert set(got.unique().abs().tolist()) - {0.0}  # some weights are not zero
             n += 1
     assert n == 3 * sum(cfg.sparse)
+    return fields
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gguf_experts_dequantize_to_qmoes_weights_exactly(dirs, name):
+    """gguf's own dequantizer (gguf.quants.dequantize, Q4_0) gives every expert of every layer equal, bit for bit,
+    to qmoe's float32 weights, at 4.5 bits a parameter."""
+    _, comp, gg, summary = dirs[name]
+    _assert_experts_exact(comp, gg, "Q4_0")
     assert summary["bits_per_param_experts"] == 4.5  # 18 bytes a 32-weight block
 
 
@@ -168,6 +177,10 @@ def test_gguf_dense_tensors_are_qmoes_bf16_values(dirs, name):
     """Every tensor that is not an expert is one of qmoe's dense bf16 tensors, its bits unchanged (BF16) or
     widened exactly (F32), under llama.cpp's name and layout; no tensor is missing or extra."""
     _, comp, gg, _ = dirs[name]
+    _assert_dense_exact(name, comp, gg)
+
+
+def _assert_dense_exact(name: str, comp: Path, gg: Path) -> None:
     _, tensors = _read(gg)
     want = _expected_dense(name, comp)
     assert set(tensors) - set(want) == {k for k in tensors if "_exps." in k}
@@ -681,36 +694,11 @@ def test_ternary_experts_dequantize_to_qmoes_weights_exactly(ternary, name, qtyp
     and the file type names the expert type."""
     comp, exports = ternary[name]
     gg, summary = exports[qtype]
-    hf = _hf(comp)
-    fam = FAMILIES[hf["model_type"]]
-    cfg = fam.config(hf)
-    shapes = expert_shapes(cfg)
-    ours = dict(qmoe.load(comp, fused=False).named_parameters())
-    fields, tensors = _read(gg)
-    qt = gguf.GGMLQuantizationType[qtype]
-    n = 0
-    for i, sparse in enumerate(cfg.sparse):
-        for kind, gname in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
-            key = f"blk.{i}.{gname}.weight"
-            if not sparse:
-                assert key not in tensors
-                continue
-            t = tensors[key]
-            R, C = shapes[kind]
-            assert t.tensor_type == qt and t.shape.tolist() == [C, R, cfg.num_experts]
-            got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-            want = torch.stack([ours[f"model.layers.{i}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"]
-                                for j in range(cfg.num_experts)])
-            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), key
-            assert set(got.unique().abs().tolist()) - {0.0}  # some weights are not zero
-            n += 1
-    assert n == 3 * sum(cfg.sparse)
+    fields = _assert_experts_exact(comp, gg, qtype)
+    _assert_dense_exact(name, comp, gg)
     assert summary["bits_per_param_experts"] == {"TQ1_0": 54 * 8 / 256, "TQ2_0": 66 * 8 / 256}[qtype]
     assert summary["scheme"] == "ternary-g256" and summary["expert_type"] == qtype
     assert fields["general.file_type"] == int(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
-    for gname, (kind, want) in _expected_dense(name, comp).items():
-        t = tensors[gname]
-        assert t.tensor_type == gguf.GGMLQuantizationType[kind]
 
 
 @pytest.mark.parametrize("qtype", ["TQ1_0", "TQ2_0"])
