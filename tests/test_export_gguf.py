@@ -325,6 +325,64 @@ def test_a_directory_with_a_tokenizer_json_gets_no_tokenizer_metadata_and_says_s
     assert set(tensors) == set(_read(dirs["mixtral"][2])[1])
 
 
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def qwen_bpe_source(root: Path, vocab: int = 400) -> Path:
+    """A tiny Qwen3-MoE (every layer MoE) with a Qwen2-style tokenizer: byte-level BPE trained here on the corpus
+    to `vocab` tokens under Qwen2's pre-tokenizer, the three Qwen specials first (special added tokens), and
+    tokenizer_config.json as Qwen's says it (pad <|endoftext|>, no BOS added); the model has 16 more ids than
+    the tokenizer (unused, as Qwen3's 151,936 against its 151,669 tokens)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from qmoe.corpus import load_default_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(eg.QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([load_default_corpus()[:400_000]], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=QWEN_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    src = root / "qwen-bpe"
+    torch.manual_seed(0)
+    _qwen3_moe(vocab_size=tok.get_vocab_size() + 16, moe_intermediate_size=32, mlp_only_layers=[],
+               bos_token_id=0, eos_token_id=2).eval().save_pretrained(src)
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>", "add_bos_token": False,
+                                                           "eos_token": "<|im_end|>"}))
+    return src
+
+
+def test_a_qwen_bpe_tokenizer_is_written_as_llamacpps_qwen2(tmp_path):
+    """A Qwen-MoE directory with Qwen2's byte-level BPE tokenizer.json: the GGUF holds it as llama.cpp's converter
+    writes it (model gpt2, pre qwen2, every token by id, specials CONTROL, the model's extra ids UNUSED, the merges,
+    bos / eos from config.json, pad from tokenizer_config.json, no BOS added); a tokenizer that gives an id past
+    the model's vocabulary is refused in one line."""
+    src = qwen_bpe_source(tmp_path)
+    comp = tmp_path / "comp"
+    compress_model(src, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN), SPEC, progress=_quiet)
+    summary = export(comp, tmp_path / "gguf", "gguf", progress=_quiet)
+    assert summary["tokenizer"] == "qwen2"
+    fields, _ = _read(tmp_path / "gguf")
+    tok = json.loads((src / "tokenizer.json").read_text())
+    vocab = {i: t for t, i in tok["model"]["vocab"].items()}
+    n = _hf(comp)["vocab_size"]
+    T = gguf.TokenType
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "qwen2"
+    assert fields["tokenizer.ggml.tokens"] == [vocab.get(i, f"[PAD{i}]") for i in range(n)]
+    want_types = [T.CONTROL if vocab.get(i) in QWEN_SPECIALS else T.NORMAL if i in vocab else T.UNUSED
+                  for i in range(n)]
+    assert fields["tokenizer.ggml.token_type"] == [int(t) for t in want_types]
+    assert fields["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m)
+                                               for m in tok["model"]["merges"]]
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
+            fields["tokenizer.ggml.padding_token_id"], fields["tokenizer.ggml.add_bos_token"]) == (0, 2, 0, False)
+    with pytest.raises(ExportError, match=r"token '<\|im_end\|>' has id 2, outside the model's 2 ids"):
+        eg.bpe_vocabulary(tok, 2, src / "tokenizer.json")
+
+
 def test_the_split_export_is_llamacpps_split_files(dirs):
     """Past --max-shard-gb the export is llama.cpp's split GGUF (gguf-py's writer): model-0000i-of-0000N.gguf, each
     with split.no / split.count / split.tensors.count, the metadata in the first."""

@@ -79,3 +79,34 @@ def test_llamacpp_tokenizes_text_as_bytetokenizer(sources, tmp_path):
     assert ids == ByteTokenizer().encode(text).tolist()
     assert llm.detokenize(ids).decode() == text
     llm.close()
+
+
+def test_llamacpp_tokenizes_as_the_qwen_bpe_tokenizer_json(tmp_path):
+    """A Qwen-MoE with Qwen2's byte-level BPE tokenizer.json, exported: llama.cpp's tokenizer (its qwen2
+    pre-tokenizer and the merges written) gives the ids Hugging Face's tokenizers gives, on text with
+    contractions, digits, runs of spaces and newlines, accents, CJK and emoji, and parses the special tokens
+    when asked; the file runs with qmoe's logits on those ids."""
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    from test_export_gguf import qwen_bpe_source
+
+    src = qwen_bpe_source(tmp_path)
+    comp, gg = tmp_path / "comp", tmp_path / "gguf"
+    compress_model(src, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN),
+                   DataSpec(train_samples=4, val_samples=0, data=DataConfig(raw_length=32)), progress=_quiet)
+    export(comp, gg, "gguf", progress=_quiet)
+    hf_tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    llm = Llama(model_path=str(gg / "model.gguf"), vocab_only=True, verbose=False)
+    texts = ["def f(x):\n\treturn x ** 2  # it's 12345 o'clock\n\n\n", "They'll   see   we'RE here.  \r\n  ",
+             "Héllo wörld, naïve café: 数学 🙂 — ok?!", "    indented\n        more\n"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf_tok.encode(text).ids, text
+        assert llm.detokenize(hf_tok.encode(text).ids).decode() == text
+    chat = "<|im_start|>user\nhi there<|im_end|>"
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == hf_tok.encode(chat).ids
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True)[0] == 1  # <|im_start|>, one token
+    llm.close()
+    windows = torch.tensor([hf_tok.encode(texts[0] + texts[2]).ids[:24]])
+    r = compare(qmoe_logits(comp, windows), llamacpp_logits(gg / "model.gguf", windows, threads=2)[0], windows)
+    assert r["median_position_diff"] < 0.05 and r["top1_agreement"] > 0.85, r

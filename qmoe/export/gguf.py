@@ -136,14 +136,93 @@ def byte_vocabulary(vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, [int(t) for t in types]
 
 
+# Qwen2's pre-tokenizer (Qwen2, Qwen2.5, Qwen3 and Qwen3-MoE's tokenizer.json): this split, then byte-level, which
+# llama.cpp runs as its "qwen2" pre-tokenizer (LLAMA_VOCAB_PRE_TYPE_QWEN2, the same expression).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _bpe_pre(tok: dict) -> str | None:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json, or None when it is not one this export writes: a
+    byte-level BPE whose pre-tokenizer is Qwen2's (`QWEN2_SPLIT`, isolated, then ByteLevel without its own regex)."""
+    model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "Sequence" or len(pre.get("pretokenizers", [])) != 2:
+        return None
+    split, byte_level = pre["pretokenizers"]
+    if (split.get("type"), split.get("pattern"), split.get("behavior"), split.get("invert")) != \
+            ("Split", {"Regex": QWEN2_SPLIT}, "Isolated", False):
+        return None
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
+        return None
+    return "qwen2"
+
+
 def _tokenizer_kind(src: Path, hf: dict) -> str | None:
-    """'bytes' when the model was trained on ByteTokenizer (qmoe.tokenizer.load_causal_tokenizer's rule), else None."""
+    """'bytes' when the model was trained on ByteTokenizer (qmoe.tokenizer.load_causal_tokenizer's rule), 'qwen2'
+    for a Qwen-MoE with Qwen2's byte-level BPE tokenizer.json, else None (no tokenizer written)."""
     try:
-        if model_file(src, "tokenizer.json") is not None:
-            return None
+        path = model_file(src, "tokenizer.json")
     except CheckpointError:
         return None
+    if path is not None:
+        if hf.get("model_type") != "qwen3_moe":
+            return None
+        try:
+            return _bpe_pre(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            return None
     return "bytes" if hf.get("vocab_size", 0) >= ByteTokenizer.sentinel_floor else None
+
+
+def bpe_vocabulary(tok: dict, vocab_size: int, where: Path) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, gguf token types, merges "a b") of a byte-level BPE tokenizer.json for a model of vocab_size ids,
+    as llama.cpp's converter lays them out: id order, the added tokens CONTROL when special and USER_DEFINED
+    otherwise, the rest NORMAL, ids the tokenizer leaves unused up to vocab_size `[PAD{i}]` UNUSED. ExportError
+    when the tokenizer has an id outside the model's vocabulary or gives two tokens one id."""
+    T = _gguf().TokenType
+    tokens: dict[int, tuple[str, int]] = {}
+
+    def put(i, text: str, kind: int) -> None:
+        if not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise ExportError(f"{where}: token {text!r} has id {i!r}, outside the model's {vocab_size} ids")
+        if i in tokens and tokens[i][0] != text:
+            raise ExportError(f"{where}: id {i} is both {tokens[i][0]!r} and {text!r}")
+        tokens[i] = (text, kind)
+
+    for text, i in tok["model"]["vocab"].items():
+        put(i, text, T.NORMAL)
+    for added in tok.get("added_tokens", []):
+        put(added["id"], added["content"], T.CONTROL if added.get("special") else T.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    out = [tokens.get(i, (f"[PAD{i}]", T.UNUSED)) for i in range(vocab_size)]
+    return [t for t, _ in out], [int(k) for _, k in out], merges
+
+
+def _write_bpe_vocabulary(w, src: Path, hf: dict, vocab_size: int, pre: str) -> None:
+    """Write the tokenizer.json of src as llama.cpp's `gpt2` BPE with pre-tokenizer `pre`; special ids from
+    config.json (bos_token_id, eos_token_id) and tokenizer_config.json (pad_token, add_bos_token)."""
+    path = model_file(src, "tokenizer.json")
+    tokens, types, merges = bpe_vocabulary(json.loads(path.read_text(encoding="utf-8")), vocab_size, path)
+    cfg_path = src / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+
+    def first(v):
+        return v[0] if isinstance(v, list) else v
+
+    if isinstance(first(hf.get("bos_token_id")), int):
+        w.add_bos_token_id(first(hf["bos_token_id"]))
+    if isinstance(first(hf.get("eos_token_id")), int):
+        w.add_eos_token_id(first(hf["eos_token_id"]))
+    pad = tcfg.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if isinstance(pad, str) and pad in tokens:
+        w.add_pad_token_id(tokens.index(pad))
+    w.add_add_bos_token(bool(tcfg.get("add_bos_token", False)))
 
 
 def _write_byte_vocabulary(w, vocab_size: int) -> None:
@@ -579,6 +658,8 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
         _metadata(w, arch, hf, mcfg, src, qtype)
         if tokenizer == "bytes":
             _write_byte_vocabulary(w, mcfg.vocab_size)
+        elif tokenizer is not None:
+            _write_bpe_vocabulary(w, src, hf, mcfg.vocab_size, tokenizer)
         qt = gguf.GGMLQuantizationType
         for p in plan:
             if p.qtype == "F32":
@@ -613,9 +694,9 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
                "tokenizer": tokenizer, "tensor_bytes": total, "expert_bytes": expert_bytes,
                "params_experts": params_experts, "bits_per_param_experts": 8 * expert_bytes / params_experts}
     if tokenizer is None:
-        progress(f"note: {src} has a tokenizer.json (or too small a vocabulary for qmoe's byte tokens): no tokenizer "
-                 "metadata written, and llama.cpp will not load the file until one is added "
-                 "(docs/export.md#gguf-llamacpp)")
+        progress(f"note: {src} has a tokenizer.json other than a Qwen-MoE's byte-level BPE (or too small a vocabulary "
+                 "for qmoe's byte tokens): no tokenizer metadata written, and llama.cpp will not load the file until "
+                 "one is added (docs/export.md#gguf-llamacpp)")
     progress(f"{out}: GGUF {arch}, {len(files)} file(s), experts {qtype} at "
              f"{summary['bits_per_param_experts']:.3f} bits a parameter")
     return summary
