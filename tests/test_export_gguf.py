@@ -328,49 +328,62 @@ def test_a_directory_with_a_tokenizer_json_gets_no_tokenizer_metadata_and_says_s
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def qwen_bpe_source(root: Path, vocab: int = 400) -> Path:
-    """A tiny Qwen3-MoE (every layer MoE) with a Qwen2-style tokenizer: byte-level BPE trained here on the corpus
-    to `vocab` tokens under Qwen2's pre-tokenizer, the three Qwen specials first (special added tokens), and
-    tokenizer_config.json as Qwen's says it (pad <|endoftext|>, no BOS added); the model has 16 more ids than
-    the tokenizer (unused, as Qwen3's 151,936 against its 151,669 tokens)."""
+BPE_MODELS = {"qwen2": (_qwen3_moe, dict(moe_intermediate_size=32, mlp_only_layers=[])),
+              "deepseek-v3": (_deepseek_v3, dict(moe_intermediate_size=32))}
+
+
+def bpe_source(root: Path, pre: str = "qwen2", vocab: int = 400) -> Path:
+    """A tiny model of the family whose tokenizer.json has llama.cpp's pre-tokenizer `pre` (eg.BPE_PRE: Qwen3-MoE
+    with every layer MoE, or DeepSeek-V3), with such a tokenizer: byte-level BPE trained here on the corpus to
+    `vocab` tokens under that family's Split expressions, three specials first (special added tokens), and a
+    tokenizer_config.json (pad the first special, no BOS added); the model has 16 more ids than the tokenizer
+    (unused, as Qwen3's 151,936 against its 151,669 tokens)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from qmoe.corpus import load_default_corpus
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(eg.QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(x), behavior="isolated", invert=False) for x in eg.BPE_PRE[pre][1]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([load_default_corpus()[:400_000]], trainers.BpeTrainer(
         vocab_size=vocab, special_tokens=QWEN_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    src = root / "qwen-bpe"
+    src = root / f"{pre}-bpe"
+    make, over = BPE_MODELS[pre]
     torch.manual_seed(0)
-    _qwen3_moe(vocab_size=tok.get_vocab_size() + 16, moe_intermediate_size=32, mlp_only_layers=[],
-               bos_token_id=0, eos_token_id=2).eval().save_pretrained(src)
+    make(vocab_size=tok.get_vocab_size() + 16, bos_token_id=0, eos_token_id=2, **over).eval().save_pretrained(src)
     tok.save(str(src / "tokenizer.json"))
     (src / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>", "add_bos_token": False,
                                                            "eos_token": "<|im_end|>"}))
     return src
 
 
-def test_a_qwen_bpe_tokenizer_is_written_as_llamacpps_qwen2(tmp_path):
-    """A Qwen-MoE directory with Qwen2's byte-level BPE tokenizer.json: the GGUF holds it as llama.cpp's converter
-    writes it (model gpt2, pre qwen2, every token by id, specials CONTROL, the model's extra ids UNUSED, the merges,
-    bos / eos from config.json, pad from tokenizer_config.json, no BOS added); a tokenizer that gives an id past
-    the model's vocabulary is refused in one line."""
-    src = qwen_bpe_source(tmp_path)
+@pytest.mark.parametrize("pre", list(eg.BPE_PRE))
+def test_a_familys_bpe_tokenizer_is_written_as_llamacpps(tmp_path, pre):
+    """A Qwen-MoE / DeepSeek-V3 directory with its family's byte-level BPE tokenizer.json: the GGUF holds it as
+    llama.cpp's converter writes it (model gpt2, pre qwen2 / deepseek-v3, every token by id, specials CONTROL, the
+    model's extra ids UNUSED, the merges, bos / eos from config.json, pad from tokenizer_config.json, no BOS
+    added); a tokenizer that gives an id past the model's vocabulary is refused in one line; the same tokenizer on
+    the other family, or with a CR spelled as the character, is recognized as before or not at all."""
+    src = bpe_source(tmp_path, pre)
     comp = tmp_path / "comp"
     compress_model(src, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN), SPEC, progress=_quiet)
     summary = export(comp, tmp_path / "gguf", "gguf", progress=_quiet)
-    assert summary["tokenizer"] == "qwen2"
+    assert summary["tokenizer"] == pre
     fields, _ = _read(tmp_path / "gguf")
+    tok = json.loads((src / "tokenizer.json").read_text())
+    other = next(f for p, (f, _) in eg.BPE_PRE.items() if p != pre)
+    assert eg._bpe_pre(tok, other) is None and eg._bpe_pre(tok, _hf(comp)["model_type"]) == pre
+    for split in tok["pre_tokenizer"]["pretokenizers"][:-1]:  # CR / LF as characters: the same expressions
+        split["pattern"]["Regex"] = split["pattern"]["Regex"].replace("\\r", "\r").replace("\\n", "\n")
+    assert eg._bpe_pre(tok, _hf(comp)["model_type"]) == pre
     tok = json.loads((src / "tokenizer.json").read_text())
     vocab = {i: t for t, i in tok["model"]["vocab"].items()}
     n = _hf(comp)["vocab_size"]
     T = gguf.TokenType
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "qwen2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == pre
     assert fields["tokenizer.ggml.tokens"] == [vocab.get(i, f"[PAD{i}]") for i in range(n)]
     want_types = [T.CONTROL if vocab.get(i) in QWEN_SPECIALS else T.NORMAL if i in vocab else T.UNUSED
                   for i in range(n)]

@@ -81,17 +81,18 @@ def test_llamacpp_tokenizes_text_as_bytetokenizer(sources, tmp_path):
     llm.close()
 
 
-def test_llamacpp_tokenizes_as_the_qwen_bpe_tokenizer_json(tmp_path):
-    """A Qwen-MoE with Qwen2's byte-level BPE tokenizer.json, exported: llama.cpp's tokenizer (its qwen2
-    pre-tokenizer and the merges written) gives the ids Hugging Face's tokenizers gives, on text with
-    contractions, digits, runs of spaces and newlines, accents, CJK and emoji, and parses the special tokens
-    when asked; the file runs with qmoe's logits on those ids."""
+@pytest.mark.parametrize("pre", ["qwen2", "deepseek-v3"])
+def test_llamacpp_tokenizes_as_the_familys_bpe_tokenizer_json(tmp_path, pre):
+    """A Qwen-MoE / DeepSeek-V3 with its family's byte-level BPE tokenizer.json, exported: llama.cpp's tokenizer
+    (its qwen2 / deepseek-v3 pre-tokenizer and the merges written) gives the ids Hugging Face's tokenizers gives,
+    on text with contractions, digits, runs of spaces and newlines, accents, CJK, kana and emoji, and parses the
+    special tokens when asked; the file runs with qmoe's logits on those ids."""
     from llama_cpp import Llama
     from tokenizers import Tokenizer
 
-    from test_export_gguf import qwen_bpe_source
+    from test_export_gguf import bpe_source
 
-    src = qwen_bpe_source(tmp_path)
+    src = bpe_source(tmp_path, pre)
     comp, gg = tmp_path / "comp", tmp_path / "gguf"
     compress_model(src, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN),
                    DataSpec(train_samples=4, val_samples=0, data=DataConfig(raw_length=32)), progress=_quiet)
@@ -99,7 +100,8 @@ def test_llamacpp_tokenizes_as_the_qwen_bpe_tokenizer_json(tmp_path):
     hf_tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     llm = Llama(model_path=str(gg / "model.gguf"), vocab_only=True, verbose=False)
     texts = ["def f(x):\n\treturn x ** 2  # it's 12345 o'clock\n\n\n", "They'll   see   we'RE here.  \r\n  ",
-             "Héllo wörld, naïve café: 数学 🙂 — ok?!", "    indented\n        more\n"]
+             "Héllo wörld, naïve café: 数学 ひらがな カタカナ 🙂 — ok?!", "    indented\n        more\n",
+             "x=[1,2,3]; y = {'a': 1_000_000}  //  <tag attr=\"v\"> ..."]
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf_tok.encode(text).ids, text
         assert llm.detokenize(hf_tok.encode(text).ids).decode() == text

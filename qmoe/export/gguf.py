@@ -136,39 +136,55 @@ def byte_vocabulary(vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, [int(t) for t in types]
 
 
-# Qwen2's pre-tokenizer (Qwen2, Qwen2.5, Qwen3 and Qwen3-MoE's tokenizer.json): this split, then byte-level, which
-# llama.cpp runs as its "qwen2" pre-tokenizer (LLAMA_VOCAB_PRE_TYPE_QWEN2, the same expression).
+# The byte-level BPE pre-tokenizers written, by llama.cpp's name: the family whose published tokenizer.json has it,
+# and its Split expressions in order (each isolated, then ByteLevel without its own regex), which llama.cpp's
+# pre-tokenizer of that name runs (llama-vocab.cpp). Qwen2's: Qwen2, 2.5, 3 and Qwen3-MoE; DeepSeek-V3's: digits in
+# runs of up to 3, then kana and CJK ideographs, then the rest.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+DEEPSEEK3_SPLITS = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                    '[!"#$%&' + r"'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"
+                    r" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_PRE = {"qwen2": ("qwen3_moe", (QWEN2_SPLIT,)), "deepseek-v3": ("deepseek_v3", DEEPSEEK3_SPLITS)}
 
 
-def _bpe_pre(tok: dict) -> str | None:
-    """llama.cpp's pre-tokenizer name for a tokenizer.json, or None when it is not one this export writes: a
-    byte-level BPE whose pre-tokenizer is Qwen2's (`QWEN2_SPLIT`, isolated, then ByteLevel without its own regex)."""
+def _regex(x: str) -> str:
+    """A Split expression with CR and LF spelled as regex escapes (tokenizer.json files write either)."""
+    return x.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _bpe_pre(tok: dict, model_type: str) -> str | None:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json of a `model_type` model, or None when it is not one this
+    export writes: a byte-level BPE whose pre-tokenizer is that family's in BPE_PRE (the Splits, isolated, then
+    ByteLevel without its own regex)."""
     model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "Sequence" or len(pre.get("pretokenizers", [])) != 2:
+    if model.get("type") != "BPE" or pre.get("type") != "Sequence":
         return None
-    split, byte_level = pre["pretokenizers"]
-    if (split.get("type"), split.get("pattern"), split.get("behavior"), split.get("invert")) != \
-            ("Split", {"Regex": QWEN2_SPLIT}, "Isolated", False):
-        return None
+    *splits, byte_level = pre.get("pretokenizers") or [{}]
     if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
         return None
-    return "qwen2"
+    got = []
+    for split in splits:
+        if (split.get("type"), split.get("behavior"), split.get("invert")) != ("Split", "Isolated", False):
+            return None
+        got.append(_regex((split.get("pattern") or {}).get("Regex", "")))
+    for name, (family, want) in BPE_PRE.items():
+        if family == model_type and got == [_regex(w) for w in want]:
+            return name
+    return None
 
 
 def _tokenizer_kind(src: Path, hf: dict) -> str | None:
-    """'bytes' when the model was trained on ByteTokenizer (qmoe.tokenizer.load_causal_tokenizer's rule), 'qwen2'
-    for a Qwen-MoE with Qwen2's byte-level BPE tokenizer.json, else None (no tokenizer written)."""
+    """'bytes' when the model was trained on ByteTokenizer (qmoe.tokenizer.load_causal_tokenizer's rule), the
+    llama.cpp pre-tokenizer name for a family's own byte-level BPE tokenizer.json (BPE_PRE), else None (no
+    tokenizer written)."""
     try:
         path = model_file(src, "tokenizer.json")
     except CheckpointError:
         return None
     if path is not None:
-        if hf.get("model_type") != "qwen3_moe":
-            return None
         try:
-            return _bpe_pre(json.loads(path.read_text(encoding="utf-8")))
+            return _bpe_pre(json.loads(path.read_text(encoding="utf-8")), hf.get("model_type"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
             return None
     return "bytes" if hf.get("vocab_size", 0) >= ByteTokenizer.sentinel_floor else None
@@ -694,8 +710,8 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
                "tokenizer": tokenizer, "tensor_bytes": total, "expert_bytes": expert_bytes,
                "params_experts": params_experts, "bits_per_param_experts": 8 * expert_bytes / params_experts}
     if tokenizer is None:
-        progress(f"note: {src} has a tokenizer.json other than a Qwen-MoE's byte-level BPE (or too small a vocabulary "
-                 "for qmoe's byte tokens): no tokenizer metadata written, and llama.cpp will not load the file until "
+        progress(f"note: {src} has a tokenizer.json other than a Qwen-MoE's or DeepSeek-V3's byte-level BPE (or too "
+                 "small a vocabulary for qmoe's byte tokens): no tokenizer metadata written, and llama.cpp will not load the file until "
                  "one is added (docs/export.md#gguf-llamacpp)")
     progress(f"{out}: GGUF {arch}, {len(files)} file(s), experts {qtype} at "
              f"{summary['bits_per_param_experts']:.3f} bits a parameter")
