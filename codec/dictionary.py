@@ -156,7 +156,7 @@ def _heap_less(negp, a: int, b: int) -> bool:
     return negp[a] < negp[b] or (negp[a] == negp[b] and a < b)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _tunstall_trie(probs, size, max_word):
     """Tunstall's trie, as `_tunstall_reference` builds it. Node ids are creation order, which is the Python
     version's tie-break counter, so a binary heap keyed on (-probability, id) pops the same leaf at every step.

@@ -59,7 +59,7 @@ def _parse_row(sym, child, word, out, write):
     return n
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)  # nogil: a worker encodes in a thread beside its compute
 def _count_codes(symbols, child, word):
     counts = np.empty(symbols.shape[0], dtype=np.int64)
     dummy = np.empty(0, dtype=np.uint16)
@@ -68,7 +68,7 @@ def _count_codes(symbols, child, word):
     return counts
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _write_codes(symbols, child, word, offsets, codes):
     for r in numba.prange(symbols.shape[0]):
         _parse_row(symbols[r], child, word, codes[offsets[r]:offsets[r + 1]], True)

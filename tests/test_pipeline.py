@@ -104,6 +104,29 @@ def test_output_does_not_depend_on_the_memory_plan(tiny_mixed_bin, compressed_di
     assert s["memory_plan"]["batch"] == 1 and compressed_dir[1]["memory_plan"]["batch"] == 4
 
 
+def test_writing_behind_the_outputs_gives_the_same_bytes_and_fails_as_the_step(tiny_mixed_bin, compressed_dir,
+                                                                                tmp_path, monkeypatch):
+    """Each group's file is encoded and written in a thread while the last batch's outputs are computed: the bytes
+    are those of writing after the outputs (Worker.write_behind False), the summary counts the thread's seconds
+    and the step's wait, and an error in the writer is the step's error, the group never recorded."""
+    import qmoe.compression.steps as steps
+
+    s = compressed_dir[1]
+    assert all({"worker_encode_write", "worker_encode_write_wait"} <= set(b["seconds"]) for b in s["blocks"])
+    monkeypatch.setattr(steps.Worker, "write_behind", False)
+    _assert_same_output(tiny_mixed_bin, compressed_dir[0], tmp_path / "after", CompressConfig())
+    monkeypatch.setattr(steps.Worker, "write_behind", True)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(steps.C, "write_group", disk_full)
+    with pytest.raises(OSError, match="simulated"):
+        compress_model(tiny_mixed_bin, tmp_path / "full", CompressConfig(), SPEC, progress=lambda *_: None)
+    manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    assert not manifest["complete"] and not manifest.get("groups")
+
+
 def test_groups_are_files_of_their_own(tiny_mixed_bin, tmp_path):
     """group_size 3 of 4 experts: two files a block, each with its own dictionaries, loadable as one model."""
     s = compress_model(tiny_mixed_bin, tmp_path / "o", CompressConfig(group_size=3), SPEC, progress=lambda *_: None)

@@ -1,4 +1,4 @@
-"""python -m qmoe.bench {codec,kernels,infer,scale,gptq,tunstall,llamacpp} [--json FILE]: benchmarks, each run side by side
+"""python -m qmoe.bench {codec,kernels,infer,scale,gptq,tunstall,llamacpp,overlap} [--json FILE]: benchmarks, each run side by side
 with its baselines, one module each in qmoe/bench/."""
 from __future__ import annotations
 
@@ -67,8 +67,18 @@ def main(argv=None) -> int:
     lc.add_argument("--seq-len", type=int, default=128)
     lc.add_argument("--threads", type=int, default=2)
     lc.add_argument("--json", type=Path)
+    o = sub.add_parser("overlap", help="a group's file written behind its outputs against after them, alternated")
+    o.add_argument("--experts", type=int, default=8, help="experts per sparse block (default: 8)")
+    o.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--train-samples", type=int, default=32)
+    o.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    if a.what == "tunstall":
+    if a.what == "overlap":
+        from qmoe.bench import overlap as b
+
+        result = b.run(a.experts, a.method, a.repeats, a.train_samples)
+    elif a.what == "tunstall":
         from qmoe.bench import tunstall as b
 
         result = b.run(a.repeats)

@@ -50,7 +50,7 @@ def _compress(ckpt: Path, out: Path, method: str, workers: int, args) -> dict:
     blocks = s["blocks"]
     split = {k: sum(b["seconds"].get(k, 0.0) for b in blocks) for k in
              ("dense", "experts", "total", "worker_wait", "worker_read", "worker_quantize", "worker_outputs",
-              "worker_encode_write")}
+              "worker_encode_write", "worker_encode_write_wait")}
     peaks = s["peak_anon_bytes"]
     return {"method": method, "workers": workers, "wall_seconds": wall, "seconds": split,
             "experts": sum(len(b["tokens_per_expert"]) for b in blocks),
@@ -138,8 +138,8 @@ def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM ({m['flags']}).", "",
              "| experts a block | checkpoint GB | method | workers | wall s | s per GB | dense s | waiting for weights s "
-             "| reading s | quantizing s | tokens s | encode+write s | GB read | GB written | peak anon per process GB "
-             "| bound GB |", "|" + "---|" * 16]
+             "| reading s | quantizing s | tokens s | encode+write s (in a thread) | waited for it s | GB read | GB written "
+             "| peak anon per process GB | bound GB |", "|" + "---|" * 17]
     for r in result["runs"]:
         gb = r["checkpoint_bytes"] / 1e9
         peaks = ", ".join(f"{v / 2**30:.2f}" for v in [r["peak_anon_driver"], *r["peak_anon_workers"]])
@@ -147,6 +147,7 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['experts_per_block']} | {gb:.1f} | {r['method']} | {r['workers']} | {r['wall_seconds']:.0f} | "
                      f"{r['wall_seconds'] / gb:.1f} | {s['dense']:.0f} | {s['worker_wait']:.0f} | {s['worker_read']:.0f} | "
                      f"{s['worker_quantize']:.0f} | {s['worker_outputs']:.0f} | {s['worker_encode_write']:.0f} | "
+                     f"{s.get('worker_encode_write_wait', s['worker_encode_write']):.0f} | "
                      f"{r['bytes_read'] / 1e9:.1f} | {r['bytes_written'] / 1e9:.2f} | {peaks} | "
                      f"{r['max_memory'] / 2**30:.1f} |")
     lines += ["", f"Expert files byte-identical between --workers 0 and 2: {result['byte_identical_1_vs_2_workers']}."]

@@ -99,7 +99,10 @@ class Job:
 
 
 class Worker:
-    """One process's state: the checkpoint, the dense weights of the unit in use, a read-ahead thread."""
+    """One process's state: the checkpoint, the dense weights of the unit in use, a read-ahead thread, a writer
+    thread."""
+
+    write_behind = True  # False: each group's file is written after its outputs (measured against, bench scale)
 
     def __init__(self, job: Job):
         self.job, self.cfg, self.store = job, job.cfg, job.store
@@ -109,6 +112,7 @@ class Worker:
         self._open()
         self._unit: tuple[str, ...] = ()  # module prefixes whose weights are loaded
         self._io = ThreadPoolExecutor(1)
+        self._writer = ThreadPoolExecutor(1)  # a group's encode and write, behind its last experts' outputs
         self._ahead: tuple[tuple, object] | None = None  # ((block, experts), future of their weights)
         self.bytes_read = 0
 
@@ -274,6 +278,8 @@ class Worker:
         """Step 3 for experts g0..g1-1 of a sparse block: quantize them (GPTQ or RTN, `plan.batch` at a time), encode
         and write the group's file, and run every stream's tokens through them (the compressed experts for the
         train and after streams, the original ones for the before stream), writing the outputs into the y files.
+        The file is encoded and written in a thread while the last batch's outputs are computed (the step returns
+        once both are done: seconds `encode_write` is the thread's, `encode_write_wait` what the step waited for it).
         replay: the group was written before (a resumed run): its experts are read back from the file instead.
         Returns the file's manifest record and the group's statistics."""
         t0 = time.perf_counter()
@@ -285,12 +291,13 @@ class Worker:
         rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form,
                                     whole=bool(self.job.family) and s.name == "train")
                 for s in self.job.streams}
-        secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0)
+        secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0, encode_write_wait=0.0)
         need_original = self._needs_original(replay)
         decoded = C.GroupReader(self.job.out, name, g0, g1, self.job.mcfg, self.cfg.scheme) if replay else None
         quantized, reasons, hess, layer_tokens = {}, {}, {}, []
         train = rows["train"]
         batches = [tuple(js[k:k + self.job.plan.batch]) for k in range(0, len(js), self.job.plan.batch)]
+        writing = None
         for b, batch in enumerate(batches):
             original = None
             if need_original:
@@ -325,6 +332,8 @@ class Worker:
                 secs["quantize"] += time.perf_counter() - t1
                 for j, qe, r in zip(batch, q, why):
                     quantized[j], reasons[j], hess[j] = qe, r, len(sel[j])
+                if b == len(batches) - 1 and self.write_behind:  # all quantized: written behind these outputs
+                    writing = self._writer.submit(self._write_group, name, g0, g1, quantized)
             t1 = time.perf_counter()
             for k, j in enumerate(batch):  # one expert's float32 weights at a time, for every stream
                 biases = self._expert_biases(name, j) if form.bias else {}
@@ -338,19 +347,28 @@ class Worker:
             secs["outputs"] += time.perf_counter() - t1
             del original
         record = {}
-        if not replay:
+        if not replay and writing is None:
+            writing = self._writer.submit(self._write_group, name, g0, g1, quantized)
+        if writing is not None:
             t1 = time.perf_counter()
-            rel, entries = C.write_group(self.job.out, name, g0, g1, quantized, self.cfg.scheme)
-            path = Path(self.job.out) / rel
-            record = {"file": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path), "tensors": entries,
+            rel, entries, size, sha, secs["encode_write"] = writing.result()  # its error, if any, is raised here
+            secs["encode_write_wait"] = time.perf_counter() - t1
+            record = {"file": rel, "bytes": size, "sha256": sha, "tensors": entries,
                       "hessian_tokens": [hess[j] for j in js],
                       "fallback": {str(j): reasons[j] for j in js if reasons[j]}}
             if layer_tokens:
                 record["layer_tokens"] = layer_tokens
-            secs["encode_write"] = time.perf_counter() - t1
         secs["total"] = time.perf_counter() - t0
         return self._done(group=[g0, g1], **record, seconds=secs,
                           activation_bytes_read=sum(r.bytes_read for r in rows.values()))
+
+    def _write_group(self, name: str, g0: int, g1: int, quantized: dict) -> tuple[str, dict, int, str, float]:
+        """Encode and write a group's file: (its path relative to the output, manifest entries, bytes, sha256,
+        seconds)."""
+        t0 = time.perf_counter()
+        rel, entries = C.write_group(self.job.out, name, g0, g1, quantized, self.cfg.scheme)
+        path = Path(self.job.out) / rel
+        return rel, entries, path.stat().st_size, sha256_file(path), time.perf_counter() - t0
 
     def _needs_original(self, replay: bool) -> bool:
         """Whether an expert step reads the original weights: to quantize them, or for the before stream."""

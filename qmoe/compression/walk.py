@@ -146,7 +146,8 @@ def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: s
                     hessian_tokens=[n for g in sorted(groups) for n in groups[g]["hessian_tokens"]],
                     fallback={int(j): why for g in groups.values() for j, why in g["fallback"].items()},
                     layer_tokens=sorted(j for g in groups.values() for j in g.get("layer_tokens", [])))
-    secs = {k: sum(r["seconds"][k] for r in results) for k in ("wait", "read", "quantize", "outputs", "encode_write")}
+    secs = {k: sum(r["seconds"][k] for r in results)
+            for k in ("wait", "read", "quantize", "outputs", "encode_write", "encode_write_wait")}
     st.seconds = dict(dense=t_dense, experts=t_experts, total=time.perf_counter() - t0,
                       **{f"worker_{k}": v for k, v in secs.items()})
     manifest.record_block(name, asdict(st) | {"fallback": {str(k): v for k, v in st.fallback.items()}})
