@@ -112,3 +112,37 @@ def test_llamacpp_tokenizes_as_the_familys_bpe_tokenizer_json(tmp_path, pre):
     windows = torch.tensor([hf_tok.encode(texts[0] + texts[2]).ids[:24]])
     r = compare(qmoe_logits(comp, windows), llamacpp_logits(gg / "model.gguf", windows, threads=2)[0], windows)
     assert r["median_position_diff"] < 0.05 and r["top1_agreement"] > 0.85, r
+
+
+@pytest.mark.parametrize("scheme,qtype", [(Scheme.INT4_SYM, "Q4_0"), (Scheme.TERNARY_G256, "TQ2_0")])
+def test_llamacpp_generates_qmoes_text_from_the_embedded_model(tmp_path, scheme, qtype):
+    """The embedded llamacpp-qwen3_moe, compressed and exported: llama.cpp's greedy generation (its own sampler at
+    temperature 0, from the prompt's bytes) is the token sequence qmoe's greedy generation gives, for three prompts,
+    up to the first step where qmoe's two best tokens are within 0.5 of each other (a near tie that llama.cpp's
+    8-bit activations may tip the other way; the sequences then part), and at least 8 tokens."""
+    from llama_cpp import Llama
+
+    import qmoe
+    from qmoe.data import resolve_model
+    from qmoe.models.base import generate
+    from qmoe.tokenizer import ByteTokenizer
+
+    comp, gg = tmp_path / "comp", tmp_path / "gguf"
+    compress_model(resolve_model("llamacpp-qwen3_moe"), comp, CompressConfig(scheme=scheme, method=Method.GPTQ),
+                   DataSpec(train_samples=64, val_samples=0, data=DataConfig(raw_length=128)), progress=_quiet)
+    export(comp, gg, "gguf", progress=_quiet, ternary_type="TQ2_0")
+    ours = qmoe.load(comp, fused=False)
+    llm = Llama(model_path=str(gg / "model.gguf"), n_ctx=128, verbose=False, n_threads=2)
+    tok = ByteTokenizer()
+    for prompt in ("def ", "    return self.", "The module "):
+        ids = tok.encode(prompt).tolist()
+        with torch.no_grad():
+            want = generate(ours, torch.tensor([ids]), 24)[0].tolist()
+        llm.reset()
+        got = [t for t, _ in zip(llm.generate(ids, temp=0.0, top_k=1, reset=True), range(24))]
+        if got != want:
+            d = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+            with torch.no_grad():
+                top2 = ours(torch.tensor([ids + want[:d]]))[0, -1].topk(2).values
+            assert d >= 8 and top2[0] - top2[1] < 0.5, (prompt, d, top2, tok.decode(got), tok.decode(want))
+    llm.close()
