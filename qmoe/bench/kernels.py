@@ -108,9 +108,15 @@ def kernel_rows(experts_dir: Path | None, repeats: int) -> list[dict]:
                 fns["floor_walk"] = lambda: _walk(m.codes, m.row_offsets, recs.table, out_i)
                 fns["floor_csr"] = lambda: _csr(*csr, x[0], out_f)
             ms = _medians(fns, repeats)
+            compressed = int(m.codes.nbytes + m.row_offsets.nbytes + m.levels.nbytes)
+            # What the fused path holds besides: the dictionary's records and the list kernels' tables (one set per
+            # dictionary, shared by every matrix of its kind in a group: 16 in c2048's groups of 16 experts).
+            tables = int(recs.table.nbytes + recs.extra.nbytes + recs.lists.nbytes)
             row = {"matrix": label, "shape": list(m.shape), "batch": B, "p0": float((W == 0).mean()),
                    "codewords": int(len(m.codes)), "nonzeros": int((W != 0).sum()),
-                   "compressed_bytes": int(m.codes.nbytes + m.row_offsets.nbytes + m.levels.nbytes),
+                   "compressed_bytes": compressed, "table_bytes": tables,
+                   "held_bits_per_weight": 8 * (compressed + tables) / W.size,
+                   "held_bits_per_weight_tables_shared_16": 8 * (compressed + tables / 16) / W.size,
                    **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
                    "speedup_vs_bf16": ms["bf16"] / ms["fused"], "speedup_vs_fp32": ms["fp32"] / ms["fused"],
                    "speedup_vs_record": ms["record"] / ms["fused"],
@@ -155,9 +161,11 @@ def _end_to_end(path: Path, repeats: int, device: str = "cpu") -> list[dict]:
 
 def _kernel_line(r: dict) -> str:
     floors = (f"{r['floor_walk_ms']:.3f} / {r['floor_csr_ms']:.3f}" if "floor_walk_ms" in r else "")
+    held = (f"{r['held_bits_per_weight']:.2f} / {r['held_bits_per_weight_tables_shared_16']:.2f}"
+            if "held_bits_per_weight" in r else "")
     return (f"| {r['matrix']} | {r['batch']} | {r['fused_ms']:.3f} | {r['bf16_ms']:.3f} | {r['fp32_ms']:.3f} | "
             f"{r['speedup_vs_bf16']:.2f}x | {r['speedup_vs_fp32']:.2f}x | {r['record_ms']:.3f} | "
-            f"{r['decode_bf16_ms']:.3f} | {r['speedup_vs_decode_bf16']:.2f}x | {floors} |")
+            f"{r['decode_bf16_ms']:.3f} | {r['speedup_vs_decode_bf16']:.2f}x | {floors} | {held} |")
 
 
 def format_table(result: dict) -> str:
@@ -165,8 +173,9 @@ def format_table(result: dict) -> str:
         lines = [cuda_table(result["kernels"])]
     else:
         lines = ["| matrix | batch | fused ms | bf16 F.linear ms | fp32 F.linear ms | fused vs bf16 | fused vs fp32 "
-                 "| record kernels ms | decode + bf16 ms | fused vs decode + bf16 | floors: walk / csr ms |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "| record kernels ms | decode + bf16 ms | fused vs decode + bf16 | floors: walk / csr ms "
+                 "| fused path's bits a weight held: own tables / tables shared by 16 (bf16: 16, fp32: 32) |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_kernel_line(r) for r in result["kernels"]]
     e2e = [r for r in result["end_to_end"] if "tokens" in r]
     if not e2e:
