@@ -310,7 +310,7 @@ def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndar
     if B == 1:
         gemv(*args, x[0], y[0])
     elif B > 1:
-        W = next((w for w in WIDTHS if w >= B), WIDTHS[-1])
+        W = _width(B)
         gemms[W](*args, _padded_transpose(x, -(-B // W) * W), y)
     return y
 
@@ -328,6 +328,21 @@ def record_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nd
     y = np.empty((R, x.shape[0]), dtype=np.float32)
     gemm(codes, offsets, recs.table, recs.extra, lo, hi, np.ascontiguousarray(x.T), y)
     return np.ascontiguousarray(y.T)
+
+
+def path(batch: int, width: int) -> str:
+    """The kernel decode_gemm runs for a batch of rows of this width: "list-gemv" (batch 1), "list-gemm<W>" (W the
+    padded batch width, tiles of 64 past it), or "record" (wider than MAX_LIST_WIDTH)."""
+    if width > MAX_LIST_WIDTH:
+        return "record"
+    if batch == 1:
+        return "list-gemv"
+    return f"list-gemm{_width(batch)}"
+
+
+def _width(batch: int) -> int:
+    """The list gemm's padded batch width for a batch (the widest, in tiles, past it)."""
+    return next((w for w in WIDTHS if w >= batch), WIDTHS[-1])
 
 
 def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,

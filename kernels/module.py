@@ -95,7 +95,7 @@ class CompressedLinear(nn.Module):
             self.last_path = "reference"
             y = F.linear(x2, self.dense(x.device))
         elif x.device.type == "cpu":
-            self.last_path = "cpu"
+            self.last_path = cpu.path(x2.shape[0], self.in_features)
             y = torch.from_numpy(cpu.decode_gemm(*self._host_arrays(), x2.detach().numpy()))
         elif x.device.type == "cuda" and x2.shape[0] >= self.decode_from_batch:
             # Wide batches: the fused kernel reads x at every non-zero per batch column; decoding the matrix once

@@ -66,6 +66,20 @@ def test_cpu_kernels_every_batch_width(kernel, p):
         assert_close(kernel(m.codes, m.row_offsets, recs, lo, hi, x), reference(m, x))
 
 
+def test_the_cpu_module_says_which_kernel_it_ran():
+    """CompressedLinear on the CPU records the kernel each call ran (list gemv at batch 1, the list gemm of the
+    padded width, tiles of 64 past it; the record kernels past MAX_LIST_WIDTH columns) and counts them."""
+    from qmoe.kernels.cpu import MAX_LIST_WIDTH, path
+
+    lin = CompressedLinear(random_matrix((9, 40), seed=2))
+    for batch, want in ((1, "list-gemv"), (2, "list-gemm4"), (5, "list-gemm8"), (33, "list-gemm64"),
+                        (130, "list-gemm64")):
+        lin(torch.randn(batch, 40))
+        assert lin.last_path == want
+    assert lin.path_calls == {"list-gemv": 1, "list-gemm4": 1, "list-gemm8": 1, "list-gemm64": 2}
+    assert path(1, MAX_LIST_WIDTH + 1) == path(64, MAX_LIST_WIDTH + 1) == "record"
+
+
 def test_lists_layout():
     """records.Lists against the dictionary: length, per-level counts, the first LANES positions of each level
     in word order, the big flag; words with overflow records included."""
