@@ -72,12 +72,13 @@ def main(argv=None) -> int:
     o.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
     o.add_argument("--repeats", type=int, default=3)
     o.add_argument("--train-samples", type=int, default=32)
+    o.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the steps run (default: cpu)")
     o.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if a.what == "overlap":
         from qmoe.bench import overlap as b
 
-        result = b.run(a.experts, a.method, a.repeats, a.train_samples)
+        result = b.run(a.experts, a.method, a.repeats, a.train_samples, a.device)
     elif a.what == "tunstall":
         from qmoe.bench import tunstall as b
 

@@ -26,7 +26,8 @@ def _expert_hashes(out: Path) -> dict[str, str]:
             for p in sorted((out / "experts").rglob("*.safetensors"))}
 
 
-def run(experts: int = 8, method: str = "rtn", repeats: int = 3, train_samples: int = 32, progress=print) -> dict:
+def run(experts: int = 8, method: str = "rtn", repeats: int = 3, train_samples: int = 32, device: str = "cpu",
+        progress=print) -> dict:
     from qmoe.compression import steps
     from qmoe.compression.compressor import compress_model
     from qmoe.compression.pipeline import CompressConfig
@@ -44,7 +45,7 @@ def run(experts: int = 8, method: str = "rtn", repeats: int = 3, train_samples: 
                 steps.Worker.write_behind = behind
                 out = root / f"out-{behind}"
                 t = time.perf_counter()
-                s = compress_model(ckpt, out, CompressConfig(method=Method(method)),
+                s = compress_model(ckpt, out, CompressConfig(method=Method(method), device=device),
                                    DataSpec(train_samples=train_samples, val_samples=16), overwrite=True,
                                    progress=lambda *a: None)
                 row = {"round": r, "write_behind": behind, "wall_seconds": time.perf_counter() - t,
@@ -58,13 +59,15 @@ def run(experts: int = 8, method: str = "rtn", repeats: int = 3, train_samples: 
     med = {b: {k: statistics.median(r[k] for r in rows if r["write_behind"] == b) for k in ("wall_seconds", *KEYS)}
            for b in (False, True)}
     return dict(model=f"c2048-shaped (d_model 2080, d_ff 6144): 1 + 1 sparse blocks of {experts} experts",
-                method=method, train_samples=train_samples, repeats=repeats, machine=cpu_description(), rows=rows,
+                method=method, device=device, train_samples=train_samples, repeats=repeats,
+                machine=cpu_description(), rows=rows,
                 median={"after": med[False], "behind": med[True]}, expert_files_identical=identical,
                 experts_seconds_behind_over_after=med[True]["experts"] / med[False]["experts"])
 
 
 def format_table(r: dict) -> str:
-    lines = [f"{r['model']}, {r['method']}, {r['train_samples']} calibration samples, median of {r['repeats']} "
+    lines = [f"{r['model']}, {r['method']} on {r.get('device', 'cpu')}, {r['train_samples']} calibration samples, "
+             f"median of {r['repeats']} "
              f"alternated rounds", "",
              "| file written | wall s | expert steps s | quantize s | outputs s | encode + write s | waited for the write s |",
              "|---|---|---|---|---|---|---|"]
