@@ -20,7 +20,7 @@ from qmoe.quant import Method, Scheme
 
 SPEC = DataSpec(train_samples=24, val_samples=8, seed=0)
 SUMMARY_KEYS = {"scheme", "method", "params_total", "params_experts", "bytes_original", "bytes_compressed",
-                "val_loss_before", "val_loss_after", "seconds", "peak_anon_bytes", "experts_fallback_rtn"}
+                "val_loss_before", "val_loss_after", "seconds", "peak_anon_bytes", "peak_gpu_bytes", "experts_fallback_rtn"}
 
 
 def expert_files(d) -> dict:
@@ -55,6 +55,7 @@ def test_full_run_writes_a_complete_checkpoint(compressed_dir, tiny_mixed_bin):
     assert not (out / ".work").exists()  # the activation files are gone
     peaks = summary["peak_anon_bytes"]
     assert 50 << 20 < peaks["driver"] < summary["memory_plan"]["max_memory"]
+    assert summary["peak_gpu_bytes"] == {}  # no step ran on a GPU
     model, cfg, _ = load_compressed(out)
     wi = model.encoder.block[1].layer[1].mlp.experts.expert_0.wi.weight
     assert wi.shape == (48, 32) and len(torch.unique(wi[0])) <= 3  # ternary: at most {lo, 0, hi} per row
@@ -448,6 +449,8 @@ def test_compress_on_a_gpu(tiny_ckpt, tmp_path):
     """--device cuda: GPTQ and the dense pass on the GPU; the float results differ from the CPU's by rounding only."""
     g = compress_model(tiny_ckpt, tmp_path / "g", CompressConfig(device="cuda"), SPEC, progress=lambda *_: None)
     c = compress_model(tiny_ckpt, tmp_path / "c", CompressConfig(), SPEC, progress=lambda *_: None)
+    assert list(g["peak_gpu_bytes"]) == ["driver"] and g["peak_gpu_bytes"]["driver"] > 0  # in-process steps
+    assert c["peak_gpu_bytes"] == {}
     assert g["val_loss_before"] == pytest.approx(c["val_loss_before"], rel=1e-4)
     assert g["val_loss_after"] == pytest.approx(c["val_loss_after"], rel=2e-2)
     _assert_same_output(tiny_ckpt, tmp_path / "g", tmp_path / "g2", CompressConfig(device="cuda"))

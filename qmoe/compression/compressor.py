@@ -264,6 +264,9 @@ def _summary(src: Source, manifest: C.Manifest, cfg: CompressConfig, spec: DataS
         # Anonymous resident memory (not the checkpoint's file-backed pages), the peak of each process.
         "peak_anon_bytes": {"driver": procs[os.getpid()]["peak_anon"],
                             "workers": {str(p): v["peak_anon"] for p, v in procs.items() if p != os.getpid()}},
+        # GPU memory torch allocated at its peak, per process that ran steps on a GPU ({} on the CPU).
+        "peak_gpu_bytes": {("driver" if p == os.getpid() else str(p)): v["peak_gpu"] for p, v in procs.items()
+                           if "peak_gpu" in v},
         # Expert and dense weights every step read from the checkpoint (the driver's dense.safetensors copy not
         # counted), summed over processes.
         "checkpoint_bytes_read": sum(v["checkpoint_bytes_read"] for v in procs.values()),

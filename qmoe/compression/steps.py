@@ -375,7 +375,10 @@ class Worker:
         return not replay or any(s.experts == "original" for s in self.job.streams)
 
     def _done(self, **result) -> dict:
-        """A step's result: what it measured, plus this process's id, bytes read so far and peak memory."""
+        """A step's result: what it measured, plus this process's id, bytes read so far and peak memory (host; and
+        the GPU's, torch's allocations, when the steps run on one)."""
+        if self.device.type == "cuda":
+            result["peak_gpu"] = torch.cuda.max_memory_allocated(self.device)
         return dict(result, pid=os.getpid(), checkpoint_bytes_read=self.bytes_read, peak_anon=self.monitor.sample())
 
 

@@ -78,6 +78,8 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
             p = procs.setdefault(r["pid"], {"peak_anon": 0, "checkpoint_bytes_read": 0})
             p["peak_anon"] = max(p["peak_anon"], r["peak_anon"])
             p["checkpoint_bytes_read"] = max(p["checkpoint_bytes_read"], r["checkpoint_bytes_read"])
+            if "peak_gpu" in r:
+                p["peak_gpu"] = max(p.get("peak_gpu", 0), r["peak_gpu"])
             prog.result(r)
             if on_result:
                 on_result(r)
