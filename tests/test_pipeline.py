@@ -128,6 +128,30 @@ def test_writing_behind_the_outputs_gives_the_same_bytes_and_fails_as_the_step(t
     assert not manifest["complete"] and not manifest.get("groups")
 
 
+def test_the_gpu_busy_monitor_averages_its_samples_and_says_why_it_has_none():
+    """The sampler behind summary.json's gpu_busy: the mean of the utilization readings taken so far; a reading
+    that fails (no NVML) stops sampling, leaves the mean None and keeps the reason."""
+    import itertools
+    import time
+
+    from qmoe.compression.memory import GpuBusyMonitor
+
+    values = itertools.cycle([20.0, 80.0])
+    mon = GpuBusyMonitor(lambda: next(values), interval=0.001)
+    while mon.count < 10:
+        time.sleep(0.001)
+    mean = mon.stop()
+    n = mon.count
+    assert mean == (20.0 * ((n + 1) // 2) + 80.0 * (n // 2)) / n and mon.why is None
+
+    def no_nvml():
+        raise ModuleNotFoundError("No module named 'pynvml'")
+
+    mon = GpuBusyMonitor(no_nvml, interval=0.001)
+    time.sleep(0.05)
+    assert mon.stop() is None and mon.count == 0 and "pynvml" in mon.why
+
+
 def test_groups_are_files_of_their_own(tiny_mixed_bin, tmp_path):
     """group_size 3 of 4 experts: two files a block, each with its own dictionaries, loadable as one model."""
     s = compress_model(tiny_mixed_bin, tmp_path / "o", CompressConfig(group_size=3), SPEC, progress=lambda *_: None)
@@ -450,7 +474,9 @@ def test_compress_on_a_gpu(tiny_ckpt, tmp_path):
     g = compress_model(tiny_ckpt, tmp_path / "g", CompressConfig(device="cuda"), SPEC, progress=lambda *_: None)
     c = compress_model(tiny_ckpt, tmp_path / "c", CompressConfig(), SPEC, progress=lambda *_: None)
     assert list(g["peak_gpu_bytes"]) == ["driver"] and g["peak_gpu_bytes"]["driver"] > 0  # in-process steps
-    assert c["peak_gpu_bytes"] == {}
+    busy = g["gpu_busy"]["driver"]
+    assert (busy["percent"] is not None and 0 <= busy["percent"] <= 100) or busy["unavailable"]
+    assert c["peak_gpu_bytes"] == {} and c["gpu_busy"] == {}
     assert g["val_loss_before"] == pytest.approx(c["val_loss_before"], rel=1e-4)
     assert g["val_loss_after"] == pytest.approx(c["val_loss_after"], rel=2e-2)
     _assert_same_output(tiny_ckpt, tmp_path / "g", tmp_path / "g2", CompressConfig(device="cuda"))

@@ -267,6 +267,10 @@ def _summary(src: Source, manifest: C.Manifest, cfg: CompressConfig, spec: DataS
         # GPU memory torch allocated at its peak, per process that ran steps on a GPU ({} on the CPU).
         "peak_gpu_bytes": {("driver" if p == os.getpid() else str(p)): v["peak_gpu"] for p, v in procs.items()
                            if "peak_gpu" in v},
+        # The GPU's utilization (NVML, sampled every 0.1 s) over each such process's life: percent, samples, and
+        # why it could not be read where it could not.
+        "gpu_busy": {("driver" if p == os.getpid() else str(p)): v["gpu_busy"] for p, v in procs.items()
+                     if "gpu_busy" in v},
         # Expert and dense weights every step read from the checkpoint (the driver's dense.safetensors copy not
         # counted), summed over processes.
         "checkpoint_bytes_read": sum(v["checkpoint_bytes_read"] for v in procs.values()),

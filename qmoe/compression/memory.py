@@ -68,6 +68,37 @@ class PeakMonitor:
         return self.sample()
 
 
+class GpuBusyMonitor:
+    """Samples a GPU's utilization every `interval` seconds in a daemon thread: `read()` gives the percent of the
+    last sample period in which a kernel ran (NVML, through torch.cuda.utilization). mean() is the busy percent
+    over the samples so far, None before the first or where the reading fails (`why` says why; sampling stops)."""
+
+    def __init__(self, read, interval: float = 0.1):
+        self.read, self.total, self.count, self.why = read, 0.0, 0, None
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="qmoe-gpu-busy")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                value = float(self.read())
+            except Exception as e:  # noqa: BLE001 - no NVML, no permission, a driver without it: said, not fatal
+                self.why = f"{type(e).__name__}: {e}"
+                return
+            self.total += value
+            self.count += 1
+
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.mean()
+
+
 def default_max_memory(processes: int) -> int:
     """The bound when none is given: 80% of the memory available now, shared by `processes` processes."""
     import psutil

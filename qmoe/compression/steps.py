@@ -26,7 +26,7 @@ from qmoe import compressed as C
 from qmoe.compression.activations import ActivationStore
 from qmoe.checkpoint import CheckpointReader, _set_param, checkpoint_name, is_expert_param, read_expert
 from qmoe.config import SwitchConfig
-from qmoe.compression.memory import PeakMonitor, Plan
+from qmoe.compression.memory import GpuBusyMonitor, PeakMonitor, Plan
 from qmoe.model import SwitchModel
 from qmoe.compression.pipeline import (SWIGLU_FORM, SWITCH_FORM, CompressConfig, ExpertForm, expert_seed, hessian_mask_ids,
                            hessian_rows, quantize_experts)
@@ -109,6 +109,9 @@ class Worker:
         torch.set_num_threads(job.cfg.threads)  # a recorded setting: the same float paths in every process
         self.monitor = PeakMonitor()
         self.device = torch.device(job.cfg.device)
+        # On a GPU: how busy it is over this worker's life (NVML samples), reported with every step.
+        self.gpu_busy = GpuBusyMonitor(lambda: torch.cuda.utilization(self.device)) \
+            if self.device.type == "cuda" else None
         self._open()
         self._unit: tuple[str, ...] = ()  # module prefixes whose weights are loaded
         self._io = ThreadPoolExecutor(1)
@@ -379,6 +382,8 @@ class Worker:
         the GPU's, torch's allocations, when the steps run on one)."""
         if self.device.type == "cuda":
             result["peak_gpu"] = torch.cuda.max_memory_allocated(self.device)
+            result["gpu_busy"] = dict(percent=self.gpu_busy.mean(), samples=self.gpu_busy.count,
+                                      unavailable=self.gpu_busy.why)
         return dict(result, pid=os.getpid(), checkpoint_bytes_read=self.bytes_read, peak_anon=self.monitor.sample())
 
 

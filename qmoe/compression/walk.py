@@ -80,6 +80,8 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
             p["checkpoint_bytes_read"] = max(p["checkpoint_bytes_read"], r["checkpoint_bytes_read"])
             if "peak_gpu" in r:
                 p["peak_gpu"] = max(p.get("peak_gpu", 0), r["peak_gpu"])
+                if r["gpu_busy"]["samples"] >= p.get("gpu_busy", {}).get("samples", -1):  # the latest, most samples
+                    p["gpu_busy"] = r["gpu_busy"]
             prog.result(r)
             if on_result:
                 on_result(r)
