@@ -43,59 +43,72 @@ def rss_anon(pid: int | str = "self") -> int:
     return 0
 
 
-class PeakMonitor:
+class _Sampler:
+    """Calls _sample() every `interval` seconds in a daemon thread until _halt() (or until _sample returns False)."""
+
+    def __init__(self, interval: float, name: str):
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            if self._sample() is False:
+                return
+
+    def _sample(self) -> bool | None:
+        raise NotImplementedError
+
+    def _halt(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakMonitor(_Sampler):
     """Samples this process's RssAnon every `interval` seconds in a daemon thread and keeps the peak. A spike shorter
     than the interval can be missed; the interval (20 ms) is far below the time any large buffer lives here."""
 
     def __init__(self, interval: float = 0.02):
         self.peak = rss_anon()
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="qmoe-peak-rss")
-        self._thread.start()
+        super().__init__(interval, "qmoe-peak-rss")
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, rss_anon())
+    def _sample(self) -> None:
+        self.peak = max(self.peak, rss_anon())
 
     def sample(self) -> int:
-        self.peak = max(self.peak, rss_anon())
+        self._sample()
         return self.peak
 
     def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
+        self._halt()
         return self.sample()
 
 
-class GpuBusyMonitor:
+class GpuBusyMonitor(_Sampler):
     """Samples a GPU's utilization every `interval` seconds in a daemon thread: `read()` gives the percent of the
     last sample period in which a kernel ran (NVML, through torch.cuda.utilization). mean() is the busy percent
     over the samples so far, None before the first or where the reading fails (`why` says why; sampling stops)."""
 
     def __init__(self, read, interval: float = 0.1):
         self.read, self.total, self.count, self.why = read, 0.0, 0, None
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="qmoe-gpu-busy")
-        self._thread.start()
+        super().__init__(interval, "qmoe-gpu-busy")
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                value = float(self.read())
-            except Exception as e:  # noqa: BLE001 - no NVML, no permission, a driver without it: said, not fatal
-                self.why = f"{type(e).__name__}: {e}"
-                return
-            self.total += value
-            self.count += 1
+    def _sample(self) -> bool:
+        try:
+            value = float(self.read())
+        except Exception as e:  # noqa: BLE001 - no NVML, no permission, a driver without it: said, not fatal
+            self.why = f"{type(e).__name__}: {e}"
+            return False
+        self.total += value
+        self.count += 1
+        return True
 
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None
 
     def stop(self) -> float | None:
-        self._stop.set()
-        self._thread.join()
+        self._halt()
         return self.mean()
 
 
