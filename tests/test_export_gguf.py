@@ -185,6 +185,12 @@ def _assert_dense_exact(name: str, comp: Path, gg: Path) -> None:
     want = _expected_dense(name, comp)
     assert set(tensors) - set(want) == {k for k in tensors if "_exps." in k}
     assert set(want) <= set(tensors)
+    _assert_values(tensors, want)
+
+
+def _assert_values(tensors: dict, want: dict) -> None:
+    """Each GGUF tensor named in want {name: (type, qmoe tensor)} has that type, the tensor's shape (ggml's ne
+    reversed), and its values: F32 exactly widened, BF16 the same bits."""
     for k, (qtype, v) in want.items():
         t = tensors[k]
         assert t.tensor_type.name == qtype, k
@@ -653,16 +659,7 @@ def test_gpt_oss_biases_sinks_and_dense_tensors_are_qmoes_values(gpt_oss):
                                         for k in ("gate", "up", "down")}
     assert set(want) <= set(tensors)
     assert {f"blk.{i}.attn_sinks.weight" for i in range(cfg.num_layers)} <= set(want)
-    for k, (qtype, v) in want.items():
-        t = tensors[k]
-        assert t.tensor_type.name == qtype, k
-        assert tuple(reversed(t.shape.tolist())) == tuple(v.shape), k
-        if qtype == "F32":
-            got = torch.from_numpy(np.asarray(t.data).copy()).reshape(v.shape)
-            assert torch.equal(got, v.float()), k
-        else:
-            got = torch.from_numpy(np.asarray(t.data).view(np.int16).copy()).reshape(v.shape)
-            assert torch.equal(got, v.contiguous().view(torch.int16)), k
+    _assert_values(tensors, want)
     assert torch.equal(model.get_submodule("model.layers.0.self_attn").sinks.float(),
                        torch.from_numpy(np.asarray(tensors["blk.0.attn_sinks.weight"].data).copy()))
 

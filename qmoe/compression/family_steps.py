@@ -113,9 +113,5 @@ class FamilyWorker(Worker):
         """Sum of the next-token cross-entropy (nats) over the chunk's targets, and their count."""
         head = "model.embed_tokens" if self.job.mcfg.tie_word_embeddings else "lm_head"
         self._use("model.norm", head)
-        labels = self._ids(stream, chunk)["labels"]
-        x = self._x(stream, f"model.x{blocks}", chunk, labels.shape[0]).to(self.device)
-        logits = F.linear(self.model.model.norm(x), self.model.get_submodule(head).weight)
-        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(self.device),
-                                reduction="sum")
-        return self._done(loss_sum=float(total), count=labels.numel())
+        return self._loss_sum(stream, chunk, f"model.x{blocks}",
+                              lambda x: F.linear(self.model.model.norm(x), self.model.get_submodule(head).weight))

@@ -102,7 +102,7 @@ class Worker:
     """One process's state: the checkpoint, the dense weights of the unit in use, a read-ahead thread, a writer
     thread."""
 
-    write_behind = True  # False: each group's file is written after its outputs (measured against, bench scale)
+    write_behind = True  # False: each group's file is written after its outputs (qmoe.bench overlap compares both)
 
     def __init__(self, job: Job):
         self.job, self.cfg, self.store = job, job.cfg, job.store
@@ -267,10 +267,15 @@ class Worker:
         """Sum of the decoder's cross-entropy (nats) over the chunk's targets, and their count."""
         head = "shared" if self.job.mcfg.tie_word_embeddings else "lm_head"
         self._use("decoder.final_layer_norm", head)
+        return self._loss_sum(stream, chunk, f"decoder.x{blocks}",
+                              lambda x: self.model.logits(self.model.decoder.final_layer_norm(x)))
+
+    def _loss_sum(self, stream: str, chunk: int, kind: str, logits) -> dict:
+        """The step result of a chunk's summed cross-entropy: logits(x) of the `kind` states against the labels."""
         labels = self._ids(stream, chunk)["labels"]
-        x = self._x(stream, f"decoder.x{blocks}", chunk, labels.shape[0]).to(self.device)
-        logits = self.model.logits(self.model.decoder.final_layer_norm(x))
-        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(self.device),
+        x = self._x(stream, kind, chunk, labels.shape[0]).to(self.device)
+        out = logits(x)
+        total = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1).to(self.device),
                                 reduction="sum")
         return self._done(loss_sum=float(total), count=labels.numel())
 
