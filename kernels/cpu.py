@@ -11,10 +11,12 @@ Two kinds of kernel:
 - list kernels (matrices up to MAX_LIST_WIDTH columns, so every position fits 16 bits): a row's codewords are
   first turned into two short lists of absolute positions, its hi ones and its lo ones (records.Lists: each word
   writes its up to 4 positions of each level with one store and advances by its counts, no branch on the counts),
-  then x is summed over each list: with vector gathers at batch 1, and at batch B > 1 one W-wide vector add per
-  position (x transposed and padded to W columns, qmoe.kernels._llvm.make_rowsum). Lists live in L1 (a row's are at
-  most C + 4 entries). Against the record kernels below, alternated in one process on c2048's shapes: see
-  docs/kernels.md.
+  then x is summed over each list: with vector gathers at batch 1 (a row's lists live in L1). At batch B > 1 x is
+  transposed into tiles of W columns ([T, C, W], zero-padded) and each position costs one W-wide vector add
+  (qmoe.kernels._llvm.make_rowsum); each of P parallel parts of the rows first emits the lists of as many rows as
+  fit a LIST_CAP-entry buffer, then sums them over one tile after the other, so that the dictionary tables (while
+  emitting) and one tile of x (while summing) each have the L2 to themselves; y comes out in the same tiles
+  ([T, R, W], one vector store a row) and is transposed back. Measurements: docs/kernels.md.
 - record kernels (any width): walk each codeword's record and gather-add its non-zeros in place.
 """
 from __future__ import annotations
@@ -31,8 +33,9 @@ from qmoe.kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records
 # P(0) = 0.885: batch 2 4.0 vs 5.0 ms, batch 4 8 vs 12 ms).
 GEMV_UP_TO = 4
 MAX_LIST_WIDTH = (1 << 16) - 128  # list entries are uint16 positions; a word may start at C - 1 and span 127
-WIDTHS = (4, 8, 16, 32, 64)  # batch widths of the list gemm (B is padded up to one; above 64, tiles of 64)
-ROWS_PER_TASK = 16  # rows a prange task takes (one pair of list buffers each)
+WIDTHS = (4, 8, 16, 32)  # tile widths of the list gemm (B is padded up to one; above 32, tiles of 32)
+ROWS_PER_TASK = 16  # rows a prange task of the list gemv takes (one pair of list buffers each)
+LIST_CAP = 1 << 17  # list entries of each level the list gemm emits before summing them (256 KB a level)
 PREFETCH = 32  # emit asks for word t + PREFETCH's table lines while it stores word t's lists
 SLACK = LANES  # list buffer entries past C: a word writes all its lanes
 
@@ -179,13 +182,11 @@ def _make_list_kernels(big: bool):
     kernels are (a never-taken branch in the emit loop still costs)."""
 
     @numba.njit(inline="always")
-    def emit(codes, t0, t1, meta, lanes, table, extra, hib, lob):
-        """Row codes[t0:t1]'s hi positions into hib[:nh], lo positions into lob[:nl]; returns (nh, nl). Each word
-        stores LANES positions of each level (the unused lanes are overwritten by the next word or ignored), so the
-        buffers need LANES entries beyond the row's count."""
+    def emit(codes, t0, t1, meta, lanes, table, extra, hib, lob, nh, nl):
+        """Row codes[t0:t1]'s hi positions into hib[nh:], lo positions into lob[nl:]; returns the new (nh, nl).
+        Each word stores LANES positions of each level (the unused lanes are overwritten by the next word or
+        ignored), so the buffers need LANES entries beyond the row's count."""
         pos = _U0
-        nh = _U0
-        nl = _U0
         last = np.uint64(len(codes) - 1)
         for t in range(np.uint64(t0), np.uint64(t1)):
             ahead = np.uint64(codes[min(t + _UPREFETCH, last)])  # a model's dictionaries take turns: cold tables
@@ -207,7 +208,7 @@ def _make_list_kernels(big: bool):
     @numba.njit(fastmath=True, cache=True)
     def gemv_rows(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, r0, r1, hib, lob):
         for r in range(r0, r1):
-            nh, nl = emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob)
+            nh, nl = emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob, _U0, _U0)
             sh = np.float32(0.0)
             for i in range(nh):  # LLVM vectorizes these sums with gathers
                 sh += x[hib[i]]
@@ -228,34 +229,56 @@ def _make_list_kernels(big: bool):
                       hib, lob)
 
     def make_gemm(W: int):
-        rowsum = make_rowsum(W, 4 if W <= 16 else 2)  # 2 accumulators of 32-64 lanes: 8 zmm, enough in flight
+        rowsum = make_rowsum(W, 4)  # 4 accumulators of W lanes: enough loads in flight
 
         @numba.njit(fastmath=True, cache=True)
-        def gemm_rows(codes, offsets, meta, lanes, table, extra, lo, hi, xf, Bp, y, r0, r1, hib, lob, sh, sl):
-            B = y.shape[0]
-            for r in range(r0, r1):
-                nh, nl = emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob)
-                for c0 in range(0, B, W):
-                    rowsum(xf, hib, nh, np.uint64(Bp), np.uint64(c0), sh)
-                    rowsum(xf, lob, nl, np.uint64(Bp), np.uint64(c0), sl)
-                    for k in range(min(W, B - c0)):
-                        y[c0 + k, r] = hi[r] * sh[k] + lo[r] * sl[k]
+        def sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl):
+            """yt[:, r0:r0 + k] from the k rows' lists (row i's end in hib and lob: ends[2i], ends[2i + 1]),
+            one tile of x's columns after the other."""
+            for t in range(T):
+                tile = xf[t * C * W:(t + 1) * C * W]
+                h0 = _U0
+                l0 = _U0
+                for i in range(k):
+                    h1 = ends[2 * i]
+                    l1 = ends[2 * i + 1]
+                    rowsum(tile, hib[h0:h1], h1 - h0, np.uint64(W), _U0, sh)
+                    rowsum(tile, lob[l0:l1], l1 - l0, np.uint64(W), _U0, sl)
+                    r = r0 + i
+                    for q in range(W):
+                        yt[t, r, q] = hi[r] * sh[q] + lo[r] * sl[q]
+                    h0 = h1
+                    l0 = l1
 
         @numba.njit(parallel=True, cache=True)
-        def gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt, y):
-            """Batch B > 1: xt [C, Bp] float32 (x transposed, columns zero-padded to a multiple of W, rows 64-byte
-            aligned for W >= 16), y [B, R] float32."""
+        def gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends):
+            """Batch B > 1: xt3 [T, C, W] float32 (x transposed in tiles of W columns, zero-padded, 64-byte
+            aligned), yt [T, R, W] float32 (y transposed in the same tiles); lists [P, 2, cap] uint16 and ends
+            [P, 2 * (rows of a part + 1)] uint64 scratch, one per part of the rows (P parts run in parallel)."""
             R = len(offsets) - 1
-            C, Bp = xt.shape
-            xf = xt.reshape(-1)
-            for task in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-                hib = np.empty(C + SLACK, np.uint16)
-                lob = np.empty(C + SLACK, np.uint16)
+            T, C, _ = xt3.shape
+            P, _, cap = lists.shape
+            xf = xt3.reshape(-1)
+            room = np.uint64(cap - C - SLACK)  # a row fits if the lists hold at most this many entries
+            for p in numba.prange(P):
+                hib = lists[p, 0]
+                lob = lists[p, 1]
                 sh = np.empty(W, np.float32)
                 sl = np.empty(W, np.float32)
-                r0 = task * ROWS_PER_TASK
-                gemm_rows(codes, offsets, meta, lanes, table, extra, lo, hi, xf, Bp, y, r0,
-                          min(R, r0 + ROWS_PER_TASK), hib, lob, sh, sl)
+                r = p * R // P
+                r1 = (p + 1) * R // P
+                while r < r1:  # rows' lists into the buffers while they fit, then their sums over every tile
+                    r0 = r
+                    nh = _U0
+                    nl = _U0
+                    k = 0
+                    while r < r1 and nh <= room and nl <= room:
+                        nh, nl = emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob, nh, nl)
+                        ends[p, 2 * k] = nh
+                        ends[p, 2 * k + 1] = nl
+                        k += 1
+                        r += 1
+                    sum_rows(xf, T, C, hib, lob, ends[p], k, r0, lo, hi, yt, sh, sl)
 
         return gemm
 
@@ -266,35 +289,53 @@ _LIST_KERNELS = {False: _make_list_kernels(False), True: _make_list_kernels(True
 
 
 @numba.njit(parallel=True, cache=True)
-def _transpose_into(x, xt):
-    """xt[:, :B] = x.T and xt[:, B:] = 0, in blocks of 64 of x's columns (one task each)."""
+def _tile_transpose(x, xt3):
+    """xt3[t, :, q] = x[t * W + q] (W = xt3.shape[2]), zero past x's rows; in blocks of 64 of x's columns."""
     B, C = x.shape
+    T, _, W = xt3.shape
     for block in numba.prange((C + 63) // 64):
         c0 = block * 64
         c1 = min(C, c0 + 64)
+        for t in range(T):
+            for q in range(W):
+                b = t * W + q
+                if b < B:
+                    for c in range(c0, c1):
+                        xt3[t, c, q] = x[b, c]
+                else:
+                    for c in range(c0, c1):
+                        xt3[t, c, q] = 0.0
+
+
+@numba.njit(parallel=True, cache=True)
+def _untile(yt, y):
+    """y[b] = yt[b // W, :, b % W] for b < y.shape[0]; in blocks of 64 of y's columns."""
+    B, R = y.shape
+    W = yt.shape[2]
+    for block in numba.prange((R + 63) // 64):
+        r0 = block * 64
+        r1 = min(R, r0 + 64)
         for b in range(B):
-            for c in range(c0, c1):
-                xt[c, b] = x[b, c]
-        for c in range(c0, c1):
-            for b in range(B, xt.shape[1]):
-                xt[c, b] = 0.0
+            t = b // W
+            q = b % W
+            for r in range(r0, r1):
+                y[b, r] = yt[t, r, q]
 
 
-_SCRATCH = threading.local()  # each thread's buffer for xt, kept between calls (a fresh one page-faults)
+_SCRATCH = threading.local()  # each thread's buffers, kept between calls (fresh ones page-fault on every call)
 
 
-def _padded_transpose(x: np.ndarray, Bp: int) -> np.ndarray:
-    """x [B, C] as xt [C, Bp] float32, columns B.. zero, the data 64-byte aligned (one cache line per 16 lanes).
-    A view of this thread's scratch buffer: valid until the thread's next call."""
-    B, C = x.shape
-    need = C * Bp + 16
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or len(buf) < need:
-        buf = _SCRATCH.buf = np.empty(max(need, 2 * len(buf) if buf is not None else 0), dtype=np.float32)
-    start = (-buf.ctypes.data % 64) // 4
-    xt = buf[start:start + C * Bp].reshape(C, Bp)
-    _transpose_into(x, xt)
-    return xt
+def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A 64-byte aligned array of this shape from the calling thread's buffer `name` (grown as needed); valid
+    until the thread's next call that asks for the same name. Contents undefined."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize + 64
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or len(buf) < n:
+        buf = np.empty(max(n, 2 * len(buf) if buf is not None else 0), dtype=np.uint8)
+        setattr(_SCRATCH, name, buf)
+    start = -buf.ctypes.data % 64
+    return buf[start:start + n - 64].view(dtype).reshape(shape)
 
 
 def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
@@ -306,12 +347,20 @@ def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndar
     L = recs.lists
     gemv, gemms = _LIST_KERNELS[L.big]
     args = (codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi)
-    y = np.empty((B, len(offsets) - 1), dtype=np.float32)
+    R = len(offsets) - 1
+    y = np.empty((B, R), dtype=np.float32)
     if B == 1:
         gemv(*args, x[0], y[0])
-    elif B > 1:
+    elif B > 1 and R > 0:
         W = _width(B)
-        gemms[W](*args, _padded_transpose(x, -(-B // W) * W), y)
+        T = -(-B // W)
+        P = max(1, min(numba.get_num_threads(), R))
+        xt3 = _scratch("xt", (T, C, W), np.float32)
+        _tile_transpose(x, xt3)
+        yt = _scratch("yt", (T, R, W), np.float32)
+        gemms[W](*args, xt3, yt, _scratch("lists", (P, 2, max(LIST_CAP, C + 2 * SLACK)), np.uint16),
+                 _scratch("ends", (P, 2 * (R // P + 2)), np.uint64))
+        _untile(yt, y)
     return y
 
 
@@ -332,7 +381,7 @@ def record_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nd
 
 def path(batch: int, width: int) -> str:
     """The kernel decode_gemm runs for a batch of rows of this width: "list-gemv" (batch 1), "list-gemm<W>" (W the
-    padded batch width, tiles of 64 past it), or "record" (wider than MAX_LIST_WIDTH)."""
+    padded batch width, tiles of 32 past it), or "record" (wider than MAX_LIST_WIDTH)."""
     if width > MAX_LIST_WIDTH:
         return "record"
     if batch == 1:

@@ -13,7 +13,7 @@ from qmoe.kernels.records import check_rows, records, window_starts
 
 SHAPES = [(1, 1), (1, 7), (3, 1), (5, 37), (33, 129), (64, 256), (17, 300), (130, 2)]
 BATCHES = [1, 2, 3, 16, 64]
-LIST_BATCHES = [1, 2, 5, 8, 13, 17, 33, 64, 70, 130]  # every list width (4 .. 64), partial ones, tiles of 64
+LIST_BATCHES = [1, 2, 5, 8, 13, 17, 32, 33, 64, 70, 130]  # every list width (4 .. 32), partial ones, tiles of 32
 
 
 def random_matrix(shape, p=(0.85, 0.09, 0.06), seed=0, dictionary=None, special_rows=True):
@@ -66,17 +66,40 @@ def test_cpu_kernels_every_batch_width(kernel, p):
         assert_close(kernel(m.codes, m.row_offsets, recs, lo, hi, x), reference(m, x))
 
 
+@pytest.mark.parametrize("cap", [1, 700])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_list_gemm_in_chunks_and_parts(monkeypatch, cap, threads):
+    """The list gemm emits a part's rows into a buffer of LIST_CAP entries (at least a row's worth) and sums them
+    whenever the next row might not fit: with the buffer lowered to one row (cap 1) or a few, and the rows split
+    over 1 or 2 parts, every batch width gives the reference; so does a matrix with fewer rows than parts."""
+    import numba
+
+    monkeypatch.setattr(cpu, "LIST_CAP", cap)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for shape, p in (((45, 300), (0.885, 0.0575, 0.0575)), ((1, 50), (0.6, 0.2, 0.2))):
+            m = random_matrix(shape, p=p, seed=5)
+            recs = records(m.dictionary)
+            lo, hi = bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1])
+            for batch in (2, 17, 70):
+                x = np.random.default_rng(batch).standard_normal((batch, shape[1])).astype(np.float32)
+                assert_close(list_gemm(m.codes, m.row_offsets, recs, lo, hi, x), reference(m, x))
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_the_cpu_module_says_which_kernel_it_ran():
     """CompressedLinear on the CPU records the kernel each call ran (list gemv at batch 1, the list gemm of the
-    padded width, tiles of 64 past it; the record kernels past MAX_LIST_WIDTH columns) and counts them."""
+    padded width, tiles of 32 past it; the record kernels past MAX_LIST_WIDTH columns) and counts them."""
     from qmoe.kernels.cpu import MAX_LIST_WIDTH, path
 
     lin = CompressedLinear(random_matrix((9, 40), seed=2))
-    for batch, want in ((1, "list-gemv"), (2, "list-gemm4"), (5, "list-gemm8"), (33, "list-gemm64"),
-                        (130, "list-gemm64")):
+    for batch, want in ((1, "list-gemv"), (2, "list-gemm4"), (5, "list-gemm8"), (33, "list-gemm32"),
+                        (130, "list-gemm32")):
         lin(torch.randn(batch, 40))
         assert lin.last_path == want
-    assert lin.path_calls == {"list-gemv": 1, "list-gemm4": 1, "list-gemm8": 1, "list-gemm64": 2}
+    assert lin.path_calls == {"list-gemv": 1, "list-gemm4": 1, "list-gemm8": 1, "list-gemm32": 2}
     assert path(1, MAX_LIST_WIDTH + 1) == path(64, MAX_LIST_WIDTH + 1) == "record"
 
 
