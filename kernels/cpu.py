@@ -21,6 +21,7 @@ Two kinds of kernel:
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import numba
@@ -325,17 +326,55 @@ def _untile(yt, y):
 _SCRATCH = threading.local()  # each thread's buffers, kept between calls (fresh ones page-fault on every call)
 
 
-def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
-    """A 64-byte aligned array of this shape from the calling thread's buffer `name` (grown as needed); valid
+def _scratch(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """An array of this shape from the calling thread's buffer `name` (64-byte aligned, grown as needed); valid
     until the thread's next call that asks for the same name. Contents undefined."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize + 64
-    buf = getattr(_SCRATCH, name, None)
+    n = math.prod(shape) * dtype.itemsize
+    buf = _SCRATCH.__dict__.get(name)
     if buf is None or len(buf) < n:
-        buf = np.empty(max(n, 2 * len(buf) if buf is not None else 0), dtype=np.uint8)
-        setattr(_SCRATCH, name, buf)
-    start = -buf.ctypes.data % 64
-    return buf[start:start + n - 64].view(dtype).reshape(shape)
+        raw = np.empty(max(n, 2 * len(buf) if buf is not None else 0) + 64, dtype=np.uint8)
+        start = -raw.ctypes.data % 64
+        buf = _SCRATCH.__dict__[name] = raw[start:start + len(raw) - 64]
+    return buf[:n].view(dtype).reshape(shape)
+
+
+_F32, _U16, _U64 = np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.uint64)
+
+
+def tiles(x: np.ndarray, name: str = "xt") -> np.ndarray:
+    """x [B, C] float32 transposed into tiles of W = tile_width(B) columns: [T, C, W], zero past x's rows; the
+    calling thread's scratch `name`."""
+    B, C = x.shape
+    W = tile_width(B)
+    xt3 = _scratch(name, (-(-B // W), C, W), _F32)
+    _tile_transpose(np.ascontiguousarray(x, dtype=np.float32), xt3)
+    return xt3
+
+
+def untile(yt: np.ndarray, batch: int) -> np.ndarray:
+    """A new y [batch, R] float32 from tiles yt [T, R, W]."""
+    y = np.empty((batch, yt.shape[1]), dtype=np.float32)
+    _untile(yt, y)
+    return y
+
+
+def gemm_tiles(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
+               xt3: np.ndarray, name: str = "yt") -> np.ndarray:
+    """The list gemm on tiles: xt3 [T, C, W] (tiles(x)) -> yt [T, R, W], the calling thread's scratch `name`.
+    Tiles out are tiles in: a matrix's output feeds the next matrix (after elementwise work) as it is."""
+    T, C, W = xt3.shape
+    if C > MAX_LIST_WIDTH:
+        raise ValueError(f"the list kernels take up to {MAX_LIST_WIDTH} columns, not {C}")
+    L = recs.lists
+    R = len(offsets) - 1
+    yt = _scratch(name, (T, R, W), _F32)
+    if R > 0:
+        P = max(1, min(numba.get_num_threads(), R))
+        lists = _scratch("lists", (P, 2, max(LIST_CAP, C + 2 * SLACK)), _U16)
+        ends = _scratch("ends", (P, 2 * (R // P + 2)), _U64)
+        _LIST_KERNELS[L.big][1][W](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, xt3, yt,
+                                   lists, ends)
+    return yt
 
 
 def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
@@ -344,23 +383,11 @@ def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndar
     B, C = x.shape
     if C > MAX_LIST_WIDTH:
         raise ValueError(f"the list kernels take up to {MAX_LIST_WIDTH} columns, not {C}")
+    if B != 1:
+        return untile(gemm_tiles(codes, offsets, recs, lo, hi, tiles(x)), B)
     L = recs.lists
-    gemv, gemms = _LIST_KERNELS[L.big]
-    args = (codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi)
-    R = len(offsets) - 1
-    y = np.empty((B, R), dtype=np.float32)
-    if B == 1:
-        gemv(*args, x[0], y[0])
-    elif B > 1 and R > 0:
-        W = _width(B)
-        T = -(-B // W)
-        P = max(1, min(numba.get_num_threads(), R))
-        xt3 = _scratch("xt", (T, C, W), np.float32)
-        _tile_transpose(x, xt3)
-        yt = _scratch("yt", (T, R, W), np.float32)
-        gemms[W](*args, xt3, yt, _scratch("lists", (P, 2, max(LIST_CAP, C + 2 * SLACK)), np.uint16),
-                 _scratch("ends", (P, 2 * (R // P + 2)), np.uint64))
-        _untile(yt, y)
+    y = np.empty((1, len(offsets) - 1), dtype=np.float32)
+    _LIST_KERNELS[L.big][0](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, x[0], y[0])
     return y
 
 
@@ -386,11 +413,11 @@ def path(batch: int, width: int) -> str:
         return "record"
     if batch == 1:
         return "list-gemv"
-    return f"list-gemm{_width(batch)}"
+    return f"list-gemm{tile_width(batch)}"
 
 
-def _width(batch: int) -> int:
-    """The list gemm's padded batch width for a batch (the widest, in tiles, past it)."""
+def tile_width(batch: int) -> int:
+    """The list gemm's tile width for a batch: the batch padded up to a width, or the widest (tiles of it)."""
     return next((w for w in WIDTHS if w >= batch), WIDTHS[-1])
 
 

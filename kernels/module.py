@@ -110,6 +110,32 @@ class CompressedLinear(nn.Module):
         self.path_calls[self.last_path] = self.path_calls.get(self.last_path, 0) + 1
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
+    def chain(self, x: torch.Tensor, first: tuple[nn.Module, ...], combine) -> torch.Tensor | None:
+        """self(combine(*(m(x) for m in first))), the same numbers, computed on the CPU list kernels without
+        leaving their tiled layout between the matrices (each matrix's output tiles are the next one's input tiles:
+        one transpose in, one out, instead of one each per matrix). combine must be elementwise and may work in
+        place on its inputs (scratch tiles [T, F, W]; lanes past the batch hold zeros' products). None when it does
+        not apply: a module not a CompressedLinear, not on the CPU, a batch of one, or a matrix wider than the
+        list kernels take; the caller then runs the modules one by one."""
+        mods = (*first, self)
+        x2 = x.reshape(-1, x.shape[-1])
+        if (x.device.type != "cpu" or x2.shape[0] < 2 or x.requires_grad
+                or not all(isinstance(m, CompressedLinear) and m.codes.device.type == "cpu"
+                           and m.in_features <= cpu.MAX_LIST_WIDTH for m in mods)):
+            return None
+        if any(m.in_features != x.shape[-1] for m in first) or self.in_features != first[0].out_features:
+            return None
+        xt3 = cpu.tiles(x2.float().numpy())
+        hs = [torch.from_numpy(m._gemm_tiles(xt3, f"chain{i}")) for i, m in enumerate(first)]
+        h = combine(*hs).contiguous()
+        y = cpu.untile(self._gemm_tiles(h.numpy(), "yt"), x2.shape[0])
+        return torch.from_numpy(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _gemm_tiles(self, xt3, name: str):
+        self.last_path = f"list-gemm{xt3.shape[2]}"
+        self.path_calls[self.last_path] = self.path_calls.get(self.last_path, 0) + 1
+        return cpu.gemm_tiles(*self._host_arrays(), xt3, name)
+
     def _host_arrays(self) -> tuple:
         """(codes, offsets, Records, lo, hi) as numpy views of the CPU buffers, made once: a batch-1 call of a
         small expert takes tens of microseconds, and six .numpy() calls and a Records cost a good part of that."""

@@ -417,3 +417,35 @@ def test_cuda_modules_share_records():
     a, b = (CompressedLinear(random_matrix((5 + i, 40), seed=i, dictionary=d)).cuda() for i in range(2))
     assert a.table.data_ptr() == b.table.data_ptr() and a.extra.data_ptr() == b.extra.data_ptr()
     assert a.table.is_cuda
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 33, 70])
+def test_chained_matrices_keep_the_tiles(batch):
+    """CompressedLinear.chain (a Switch expert's wo(relu(wi(x))), a SwiGLU's down(silu(gate(x)) * up(x))) gives
+    what the modules give one by one, which is the reference; batch 1, a plain Linear among the modules, or an
+    input on another device make it decline (None)."""
+    import torch.nn.functional as F
+
+    D, Fh = 37, 53
+    wi, gate, up = (CompressedLinear(random_matrix((Fh, D), seed=s)) for s in (1, 2, 3))
+    wo = CompressedLinear(random_matrix((D, Fh), seed=4))
+    x = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, D)).astype(np.float32))
+    ref = {m: torch.from_numpy(decode(m.encoded)) for m in (wi, gate, up, wo)}
+
+    def dense(m, v):
+        return v @ ref[m].T
+
+    for first, combine, want in (
+            ((wi,), F.relu_, dense(wo, F.relu(dense(wi, x)))),
+            ((gate, up), lambda g, u: F.silu(g, inplace=True).mul_(u),
+             dense(wo, F.silu(dense(gate, x)) * dense(up, x)))):
+        y = wo.chain(x, first, combine)
+        if batch == 1:
+            assert y is None
+            continue
+        one_by_one = wo(combine(*(m(x) for m in first)))
+        torch.testing.assert_close(y, one_by_one, rtol=0, atol=1e-5)
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-4 * max(1.0, float(want.abs().max())))
+        assert wo.last_path == cpu.path(batch, Fh)
+    assert wo.chain(x, (torch.nn.Linear(D, Fh),), F.relu_) is None
+    assert wo.chain(x.to("meta"), (wi,), F.relu_) is None
