@@ -49,6 +49,7 @@ class CompressedLinear(nn.Module):
         self.register_buffer("windows", torch.from_numpy(wins), persistent=False)
         self.halo = int((recs.table & 127).max()) if len(recs.table) else 1  # the longest word
         self._host: tuple | None = None  # numpy views of the buffers, while they are on the CPU
+        self._host_ptr = -1  # the codes' address they were made for
         self._device_args: tuple | None = None  # (codes' address, qmoe.kernels.cuda.prepare(...), dummy windows)
         # On a GPU, batches of at least this many rows take decode + cuBLAS instead of the fused kernel.
         self.decode_from_batch = DECODE_FROM_BATCH
@@ -89,26 +90,32 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: input has {x.shape[-1]} features, the matrix takes {self.in_features}")
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
         if reference:
-            self.last_path = "reference"
+            path = "reference"
             y = F.linear(x2, self.dense(x.device))
-        elif x.device.type == "cpu":
-            self.last_path = cpu.path(x2.shape[0], self.in_features)
+        elif x.device.type == "cpu":  # the common case at batch 1 takes tens of microseconds: keep the glue thin
+            path = cpu.path(x2.shape[0], self.in_features)
             y = torch.from_numpy(cpu.decode_gemm(*self._host_arrays(), x2.detach().numpy()))
         elif x.device.type == "cuda" and x2.shape[0] >= self.decode_from_batch:
             # Wide batches: the fused kernel reads x at every non-zero per batch column; decoding the matrix once
             # (each element written once) and one cuBLAS bf16 product is faster from the crossover on.
-            self.last_path = "decode+bf16"
+            path = "decode+bf16"
             y = F.linear(x2.bfloat16(), self.dense_bf16()).float()
         elif x.device.type == "cuda":
-            self.last_path = "fused"
+            path = "fused"
             y = self._cuda(x2)
         else:
             raise ValueError(f"{self.name}: no kernel for device {x.device}; use reference=True")
-        self.path_calls[self.last_path] = self.path_calls.get(self.last_path, 0) + 1
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        self._count(path)
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _count(self, path: str) -> None:
+        """last_path and path_calls (plain attributes: nn.Module.__setattr__ costs a microsecond or two a call)."""
+        self.__dict__["last_path"] = path
+        self.path_calls[path] = self.path_calls.get(path, 0) + 1
 
     def chain(self, x: torch.Tensor, first: tuple[nn.Module, ...], combine) -> torch.Tensor | None:
         """self(combine(*(m(x) for m in first))), the same numbers, computed on the CPU list kernels without
@@ -132,18 +139,19 @@ class CompressedLinear(nn.Module):
         return torch.from_numpy(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _gemm_tiles(self, xt3, name: str):
-        self.last_path = f"list-gemm{xt3.shape[2]}"
-        self.path_calls[self.last_path] = self.path_calls.get(self.last_path, 0) + 1
+        self._count(f"list-gemm{xt3.shape[2]}")
         return cpu.gemm_tiles(*self._host_arrays(), xt3, name)
 
     def _host_arrays(self) -> tuple:
         """(codes, offsets, Records, lo, hi) as numpy views of the CPU buffers, made once: a batch-1 call of a
         small expert takes tens of microseconds, and six .numpy() calls and a Records cost a good part of that."""
-        if self._host is None or self._host[0].ctypes.data != self.codes.data_ptr():
+        ptr = self.codes.data_ptr()
+        if self._host_ptr != ptr:
             # records(): one Records per dictionary, so the list kernels' tables (records.Lists, 1.1 MB) are built
             # once and shared by the dictionary's matrices, as the records are
-            self._host = (self.codes.numpy(), self.offsets.numpy(), records(self.encoded.dictionary),
-                          self.lo.numpy(), self.hi.numpy())
+            self.__dict__["_host"] = (self.codes.numpy(), self.offsets.numpy(), records(self.encoded.dictionary),
+                                      self.lo.numpy(), self.hi.numpy())
+            self.__dict__["_host_ptr"] = ptr
         return self._host
 
     def dense(self, device=None) -> torch.Tensor:
