@@ -4,8 +4,9 @@
   list kernels write a codeword's (up to) four positions at once, whatever its count, then advance by the count:
   no branch on how many non-zeros a word has (the record kernel's decode, which branches on it, took 2.35 of its
   3.1 ms at batch 1 on one core).
-- `make_rowsum(W)`: rowsum(xf, idx, n, B, c0, out): out[0:W] = sum over i < n of xf[idx[i] * B + c0 : ... + W],
-  the W-wide sums kept in vector registers (U of them, so the adds do not wait on each other). numba's loop
+- `rowsum(xf, idx, n, B, c0, out, W)`: out[0:W] = sum over i < n of xf[idx[i] * B + c0 : ... + W], the W-wide
+  sums kept in vector registers (U = 4 of them, so the adds do not wait on each other). W must be a compile-time
+  literal (the caller's `numba.literally`): kernels specialize on it and numba's cache keys them by it. numba's loop
   vectorizer, given the same loop in Python, vectorizes over i with gathers instead (16 gathers per 8 positions at
   W = 16, measured 2x slower), and W scalar accumulators stay scalar.
 - `prefetch(a, i)`: llvm.prefetch of a[i]'s cache line (the emit loop asks for the table lines of words ahead).
@@ -37,70 +38,72 @@ def store_lanes(typingctx, arr, idx, val):
     return sig, codegen
 
 
-def make_rowsum(W: int, U: int):
-    """The rowsum intrinsic for W float32 lanes and U accumulators (see the module's docstring)."""
+U = 4  # rowsum's accumulators
 
-    @intrinsic
-    def rowsum(typingctx, xf, idx, n, B, c0, out):
-        sig = types.void(xf, idx, types.uint64, types.uint64, types.uint64, out)
 
-        def codegen(context, builder, signature, args):
-            xs, ids, outs = (context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 5))
-            n, B, c0 = args[2], args[3], args[4]
-            vec = ir.VectorType(ir.FloatType(), W)
-            zero = ir.Constant(vec, [0.0] * W)
+@intrinsic
+def rowsum(typingctx, xf, idx, n, B, c0, out, width):
+    """See the module's docstring."""
+    if not isinstance(width, types.IntegerLiteral):
+        return None  # numba asks again with the literal (the caller wraps W in numba.literally)
+    W = width.literal_value
+    sig = types.void(xf, idx, types.uint64, types.uint64, types.uint64, out, width)
 
-            def row(i):  # xf[idx[i] * B + c0 : + W] as one vector load
-                j = builder.zext(builder.load(builder.gep(ids, [i])), _I64)
-                load = builder.load(builder.bitcast(builder.gep(xs, [builder.add(builder.mul(j, B), c0)]),
-                                                    vec.as_pointer()))
-                load.align = 4
-                return load
+    def codegen(context, builder, signature, args):
+        xs, ids, outs = (context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 5))
+        n, B, c0 = args[2], args[3], args[4]
+        vec = ir.VectorType(ir.FloatType(), W)
+        zero = ir.Constant(vec, [0.0] * W)
 
-            def add(a, b):
-                return builder.fadd(a, b, flags=("fast",))
+        def row(i):  # xf[idx[i] * B + c0 : + W] as one vector load
+            j = builder.zext(builder.load(builder.gep(ids, [i])), _I64)
+            load = builder.load(builder.bitcast(builder.gep(xs, [builder.add(builder.mul(j, B), c0)]),
+                                                vec.as_pointer()))
+            load.align = 4
+            return load
 
-            fn, entry = builder.function, builder.basic_block
-            head, body, merge, tail_head, tail_body, done = (
-                fn.append_basic_block(f"rowsum_{k}") for k in ("head", "body", "merge", "tail_head", "tail_body",
-                                                               "done"))
-            builder.branch(head)
-            builder.position_at_end(head)  # U positions a step, into U accumulators
-            i = builder.phi(_I64)
-            accs = [builder.phi(vec) for _ in range(U)]
-            i.add_incoming(ir.Constant(_I64, 0), entry)
-            for a in accs:
-                a.add_incoming(zero, entry)
-            builder.cbranch(builder.icmp_unsigned("<=", builder.add(i, ir.Constant(_I64, U)), n), body, merge)
-            builder.position_at_end(body)
-            stepped = [add(accs[u], row(builder.add(i, ir.Constant(_I64, u)))) for u in range(U)]
-            i.add_incoming(builder.add(i, ir.Constant(_I64, U)), body)
-            for a, s in zip(accs, stepped):
-                a.add_incoming(s, body)
-            builder.branch(head)
-            builder.position_at_end(merge)
-            total = accs[0]
-            for a in accs[1:]:
-                total = add(total, a)
-            builder.branch(tail_head)
-            builder.position_at_end(tail_head)  # the last n % U positions
-            k = builder.phi(_I64)
-            acc = builder.phi(vec)
-            k.add_incoming(i, merge)
-            acc.add_incoming(total, merge)
-            builder.cbranch(builder.icmp_unsigned("<", k, n), tail_body, done)
-            builder.position_at_end(tail_body)
-            k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), tail_body)
-            acc.add_incoming(add(acc, row(k)), tail_body)
-            builder.branch(tail_head)
-            builder.position_at_end(done)
-            store = builder.store(acc, builder.bitcast(outs, vec.as_pointer()))
-            store.align = 4
-            return context.get_dummy_value()
+        def add(a, b):
+            return builder.fadd(a, b, flags=("fast",))
 
-        return sig, codegen
+        fn, entry = builder.function, builder.basic_block
+        head, body, merge, tail_head, tail_body, done = (
+            fn.append_basic_block(f"rowsum_{k}") for k in ("head", "body", "merge", "tail_head", "tail_body",
+                                                           "done"))
+        builder.branch(head)
+        builder.position_at_end(head)  # U positions a step, into U accumulators
+        i = builder.phi(_I64)
+        accs = [builder.phi(vec) for _ in range(U)]
+        i.add_incoming(ir.Constant(_I64, 0), entry)
+        for a in accs:
+            a.add_incoming(zero, entry)
+        builder.cbranch(builder.icmp_unsigned("<=", builder.add(i, ir.Constant(_I64, U)), n), body, merge)
+        builder.position_at_end(body)
+        stepped = [add(accs[u], row(builder.add(i, ir.Constant(_I64, u)))) for u in range(U)]
+        i.add_incoming(builder.add(i, ir.Constant(_I64, U)), body)
+        for a, s in zip(accs, stepped):
+            a.add_incoming(s, body)
+        builder.branch(head)
+        builder.position_at_end(merge)
+        total = accs[0]
+        for a in accs[1:]:
+            total = add(total, a)
+        builder.branch(tail_head)
+        builder.position_at_end(tail_head)  # the last n % U positions
+        k = builder.phi(_I64)
+        acc = builder.phi(vec)
+        k.add_incoming(i, merge)
+        acc.add_incoming(total, merge)
+        builder.cbranch(builder.icmp_unsigned("<", k, n), tail_body, done)
+        builder.position_at_end(tail_body)
+        k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), tail_body)
+        acc.add_incoming(add(acc, row(k)), tail_body)
+        builder.branch(tail_head)
+        builder.position_at_end(done)
+        store = builder.store(acc, builder.bitcast(outs, vec.as_pointer()))
+        store.align = 4
+        return context.get_dummy_value()
 
-    return rowsum
+    return sig, codegen
 
 
 @intrinsic

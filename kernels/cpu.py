@@ -13,7 +13,7 @@ Two kinds of kernel:
   writes its up to 4 positions of each level with one store and advances by its counts, no branch on the counts),
   then x is summed over each list: with vector gathers at batch 1 (a row's lists live in L1). At batch B > 1 x is
   transposed into tiles of W columns ([T, C, W], zero-padded) and each position costs one W-wide vector add
-  (qmoe.kernels._llvm.make_rowsum); each of P parallel parts of the rows first emits the lists of as many rows as
+  (qmoe.kernels._llvm.rowsum); each of P parallel parts of the rows first emits the lists of as many rows as
   fit a LIST_CAP-entry buffer, then sums them over one tile after the other, so that the dictionary tables (while
   emitting) and one tile of x (while summing) each have the L2 to themselves; y comes out in the same tiles
   ([T, R, W], one vector store a row) and is transposed back. Measurements: docs/kernels.md.
@@ -27,7 +27,7 @@ import threading
 import numba
 import numpy as np
 
-from qmoe.kernels._llvm import make_rowsum, prefetch, store_lanes
+from qmoe.kernels._llvm import prefetch, rowsum, store_lanes
 from qmoe.kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records
 
 # Record kernels: up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at
@@ -178,115 +178,134 @@ def _emit_big(table, extra, c, pos, hib, lob, nh, nl):
     return nh, nl
 
 
-def _make_list_kernels(big: bool):
-    """(gemv, {W: gemm}) for dictionaries with (big) or without big words, compiled separately as the record
-    kernels are (a never-taken branch in the emit loop still costs)."""
+# The list kernels take `big` (whether the dictionary has words of more than LANES hi or lo non-zeros) and the tile
+# width W as compile-time literals: each (big, W) is its own specialization (a never-taken branch in the emit loop
+# still costs, and rowsum's vectors are W wide), called through _GEMV / _GEMM, jitted closures over the two
+# constants. Those cells pickle the same in every process, so numba's cache finds them; a closure over dispatchers
+# (which pickle with a per-process id) was compiled again in every process, 1-2 s a kernel, and its cache grew
+# with each. Called from Python directly, a numba.literally function retypes on every call (milliseconds).
 
-    @numba.njit(inline="always")
-    def emit(codes, t0, t1, meta, lanes, table, extra, hib, lob, nh, nl):
-        """Row codes[t0:t1]'s hi positions into hib[nh:], lo positions into lob[nl:]; returns the new (nh, nl).
-        Each word stores LANES positions of each level (the unused lanes are overwritten by the next word or
-        ignored), so the buffers need LANES entries beyond the row's count."""
-        pos = _U0
-        last = np.uint64(len(codes) - 1)
-        for t in range(np.uint64(t0), np.uint64(t1)):
-            ahead = np.uint64(codes[min(t + _UPREFETCH, last)])  # a model's dictionaries take turns: cold tables
-            prefetch(lanes, ahead + ahead)
-            prefetch(meta, ahead)
-            c = np.uint64(codes[t])
-            m = np.uint64(meta[c])
-            if big and m >> _UBIG:
-                nh, nl = _emit_big(table, extra, c, pos, hib, lob, nh, nl)
-            else:
-                spread = pos * _SPREAD
-                store_lanes(hib, nh, lanes[c + c] + spread)
-                store_lanes(lob, nl, lanes[c + c + _U1] + spread)
-                nh += (m >> _U7) & _U7
-                nl += (m >> _U10) & _U7
-            pos += m & _U127
-        return nh, nl
 
-    @numba.njit(fastmath=True, cache=True)
-    def gemv_rows(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, r0, r1, hib, lob):
-        for r in range(r0, r1):
-            nh, nl = emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob, _U0, _U0)
-            sh = np.float32(0.0)
-            for i in range(nh):  # LLVM vectorizes these sums with gathers
-                sh += x[hib[i]]
-            sl = np.float32(0.0)
-            for i in range(nl):
-                sl += x[lob[i]]
-            y[r] = hi[r] * sh + lo[r] * sl
+@numba.njit(inline="always")
+def _emit(codes, t0, t1, meta, lanes, table, extra, hib, lob, nh, nl, big):
+    """Row codes[t0:t1]'s hi positions into hib[nh:], lo positions into lob[nl:]; returns the new (nh, nl). Each
+    word stores LANES positions of each level (the unused lanes are overwritten by the next word or ignored), so
+    the buffers need LANES entries beyond the row's count."""
+    pos = _U0
+    last = np.uint64(len(codes) - 1)
+    for t in range(np.uint64(t0), np.uint64(t1)):
+        ahead = np.uint64(codes[min(t + _UPREFETCH, last)])  # a model's dictionaries take turns: cold tables
+        prefetch(lanes, ahead + ahead)
+        prefetch(meta, ahead)
+        c = np.uint64(codes[t])
+        m = np.uint64(meta[c])
+        if big and m >> _UBIG:
+            nh, nl = _emit_big(table, extra, c, pos, hib, lob, nh, nl)
+        else:
+            spread = pos * _SPREAD
+            store_lanes(hib, nh, lanes[c + c] + spread)
+            store_lanes(lob, nl, lanes[c + c + _U1] + spread)
+            nh += (m >> _U7) & _U7
+            nl += (m >> _U10) & _U7
+        pos += m & _U127
+    return nh, nl
 
-    @numba.njit(parallel=True, cache=True)
+
+@numba.njit(fastmath=True, cache=True)
+def _gemv_rows(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, r0, r1, hib, lob, big):
+    for r in range(r0, r1):
+        nh, nl = _emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob, _U0, _U0, big)
+        sh = np.float32(0.0)
+        for i in range(nh):  # LLVM vectorizes these sums with gathers
+            sh += x[hib[i]]
+        sl = np.float32(0.0)
+        for i in range(nl):
+            sl += x[lob[i]]
+        y[r] = hi[r] * sh + lo[r] * sl
+
+
+@numba.njit(parallel=True, cache=True)
+def _list_gemv(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, big):
+    """Batch 1: x [C] float32, y [R] float32."""
+    numba.literally(big)
+    R = len(offsets) - 1
+    for task in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        hib = np.empty(len(x) + SLACK, np.uint16)
+        lob = np.empty(len(x) + SLACK, np.uint16)
+        r0 = task * ROWS_PER_TASK
+        _gemv_rows(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, r0, min(R, r0 + ROWS_PER_TASK),
+                   hib, lob, big)
+
+
+@numba.njit(fastmath=True, cache=True)
+def _sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl, W):
+    """yt[:, r0:r0 + k] from the k rows' lists (row i's end in hib and lob: ends[2i], ends[2i + 1]), one tile of
+    x's columns after the other."""
+    for t in range(T):
+        tile = xf[t * C * W:(t + 1) * C * W]
+        h0 = _U0
+        l0 = _U0
+        for i in range(k):
+            h1 = ends[2 * i]
+            l1 = ends[2 * i + 1]
+            rowsum(tile, hib[h0:h1], h1 - h0, np.uint64(W), _U0, sh, W)
+            rowsum(tile, lob[l0:l1], l1 - l0, np.uint64(W), _U0, sl, W)
+            r = r0 + i
+            for q in range(W):
+                yt[t, r, q] = hi[r] * sh[q] + lo[r] * sl[q]
+            h0 = h1
+            l0 = l1
+
+
+@numba.njit(parallel=True, cache=True)
+def _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends, W, big):
+    """Batch B > 1: xt3 [T, C, W] float32 (x transposed in tiles of W columns, zero-padded, 64-byte aligned), yt
+    [T, R, W] float32 (y transposed in the same tiles); lists [P, 2, cap] uint16 and ends [P, 2 * (rows of a
+    part + 1)] uint64 scratch, one per part of the rows (P parts run in parallel)."""
+    numba.literally(W)
+    numba.literally(big)
+    R = len(offsets) - 1
+    T, C, _ = xt3.shape
+    P, _, cap = lists.shape
+    xf = xt3.reshape(-1)
+    room = np.uint64(cap - C - SLACK)  # a row fits if the lists hold at most this many entries
+    for p in numba.prange(P):
+        hib = lists[p, 0]
+        lob = lists[p, 1]
+        sh = np.empty(W, np.float32)
+        sl = np.empty(W, np.float32)
+        r = p * R // P
+        r1 = (p + 1) * R // P
+        while r < r1:  # rows' lists into the buffers while they fit, then their sums over every tile
+            r0 = r
+            nh = _U0
+            nl = _U0
+            k = 0
+            while r < r1 and nh <= room and nl <= room:
+                nh, nl = _emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob, nh, nl, big)
+                ends[p, 2 * k] = nh
+                ends[p, 2 * k + 1] = nl
+                k += 1
+                r += 1
+            _sum_rows(xf, T, C, hib, lob, ends[p], k, r0, lo, hi, yt, sh, sl, W)
+
+
+def _gemv_for(big: bool):
+    @numba.njit(cache=True)
     def gemv(codes, offsets, meta, lanes, table, extra, lo, hi, x, y):
-        """Batch 1: x [C] float32, y [R] float32."""
-        R = len(offsets) - 1
-        for task in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            hib = np.empty(len(x) + SLACK, np.uint16)
-            lob = np.empty(len(x) + SLACK, np.uint16)
-            r0 = task * ROWS_PER_TASK
-            gemv_rows(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, r0, min(R, r0 + ROWS_PER_TASK),
-                      hib, lob)
-
-    def make_gemm(W: int):
-        rowsum = make_rowsum(W, 4)  # 4 accumulators of W lanes: enough loads in flight
-
-        @numba.njit(fastmath=True, cache=True)
-        def sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl):
-            """yt[:, r0:r0 + k] from the k rows' lists (row i's end in hib and lob: ends[2i], ends[2i + 1]),
-            one tile of x's columns after the other."""
-            for t in range(T):
-                tile = xf[t * C * W:(t + 1) * C * W]
-                h0 = _U0
-                l0 = _U0
-                for i in range(k):
-                    h1 = ends[2 * i]
-                    l1 = ends[2 * i + 1]
-                    rowsum(tile, hib[h0:h1], h1 - h0, np.uint64(W), _U0, sh)
-                    rowsum(tile, lob[l0:l1], l1 - l0, np.uint64(W), _U0, sl)
-                    r = r0 + i
-                    for q in range(W):
-                        yt[t, r, q] = hi[r] * sh[q] + lo[r] * sl[q]
-                    h0 = h1
-                    l0 = l1
-
-        @numba.njit(parallel=True, cache=True)
-        def gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends):
-            """Batch B > 1: xt3 [T, C, W] float32 (x transposed in tiles of W columns, zero-padded, 64-byte
-            aligned), yt [T, R, W] float32 (y transposed in the same tiles); lists [P, 2, cap] uint16 and ends
-            [P, 2 * (rows of a part + 1)] uint64 scratch, one per part of the rows (P parts run in parallel)."""
-            R = len(offsets) - 1
-            T, C, _ = xt3.shape
-            P, _, cap = lists.shape
-            xf = xt3.reshape(-1)
-            room = np.uint64(cap - C - SLACK)  # a row fits if the lists hold at most this many entries
-            for p in numba.prange(P):
-                hib = lists[p, 0]
-                lob = lists[p, 1]
-                sh = np.empty(W, np.float32)
-                sl = np.empty(W, np.float32)
-                r = p * R // P
-                r1 = (p + 1) * R // P
-                while r < r1:  # rows' lists into the buffers while they fit, then their sums over every tile
-                    r0 = r
-                    nh = _U0
-                    nl = _U0
-                    k = 0
-                    while r < r1 and nh <= room and nl <= room:
-                        nh, nl = emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob, nh, nl)
-                        ends[p, 2 * k] = nh
-                        ends[p, 2 * k + 1] = nl
-                        k += 1
-                        r += 1
-                    sum_rows(xf, T, C, hib, lob, ends[p], k, r0, lo, hi, yt, sh, sl)
-
-        return gemm
-
-    return gemv, {W: make_gemm(W) for W in WIDTHS}
+        _list_gemv(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, big)
+    return gemv
 
 
-_LIST_KERNELS = {False: _make_list_kernels(False), True: _make_list_kernels(True)}
+def _gemm_for(W: int, big: bool):
+    @numba.njit(cache=True)
+    def gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends):
+        _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends, W, big)
+    return gemm
+
+
+_GEMV = {big: _gemv_for(big) for big in (False, True)}  # numba compiles each at its first call, or loads it
+_GEMM = {(W, big): _gemm_for(W, big) for W in WIDTHS for big in (False, True)}
 
 
 @numba.njit(parallel=True, cache=True)
@@ -372,8 +391,7 @@ def gemm_tiles(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nda
         P = max(1, min(numba.get_num_threads(), R))
         lists = _scratch("lists", (P, 2, max(LIST_CAP, C + 2 * SLACK)), _U16)
         ends = _scratch("ends", (P, 2 * (R // P + 2)), _U64)
-        _LIST_KERNELS[L.big][1][W](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, xt3, yt,
-                                   lists, ends)
+        _GEMM[W, L.big](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, xt3, yt, lists, ends)
     return yt
 
 
@@ -387,7 +405,7 @@ def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndar
         return untile(gemm_tiles(codes, offsets, recs, lo, hi, tiles(x)), B)
     L = recs.lists
     y = np.empty((1, len(offsets) - 1), dtype=np.float32)
-    _LIST_KERNELS[L.big][0](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, x[0], y[0])
+    _GEMV[L.big](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, x[0], y[0])
     return y
 
 

@@ -1,5 +1,7 @@
 """Fused decode-GEMM kernels against the plain torch reference (decode W densely, then x @ W^T)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -449,3 +451,32 @@ def test_chained_matrices_keep_the_tiles(batch):
         assert wo.last_path == cpu.path(batch, Fh)
     assert wo.chain(x, (torch.nn.Linear(D, Fh),), F.relu_) is None
     assert wo.chain(x.to("meta"), (wi,), F.relu_) is None
+
+
+def test_list_kernels_load_from_numba_cache_in_a_new_process(tmp_path):
+    """The list kernels are compiled once and then found in numba's cache by every later process: a second process
+    running them adds no cache entry (closures over dispatchers missed the cache in every process, compiling each
+    kernel again, 1-2 s, and adding an entry a process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numpy as np
+        from qmoe.codec.dictionary import normalize_probs, tunstall
+        from qmoe.codec.ternary import bf16_bits_to_f32, encode, f32_to_bf16_bits
+        from qmoe.kernels.cpu import list_gemm
+        from qmoe.kernels.records import records
+        p = np.array((0.85, 0.09, 0.06))
+        sym = np.random.default_rng(0).choice(3, size=(9, 40), p=p).astype(np.uint8)
+        m = encode(sym, f32_to_bf16_bits(np.ones((2, 9), np.float32)), tunstall(normalize_probs(p)))
+        lo, hi = bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1])
+        for b in (1, 3):
+            list_gemm(m.codes, m.row_offsets, records(m.dictionary), lo, hi, np.ones((b, 40), np.float32))
+        """)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    counts = []
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+        counts.append(sorted(p.name for p in (tmp_path / "cache").rglob("*list_g*.nbc")))
+    assert counts[0] and counts[1] == counts[0]
