@@ -215,7 +215,7 @@ def test_records_layout():
         assert got == [int(p) | (int(s) - 1) << 7 for p, s in zip(d.nz_pos[lo:hi], d.nz_sym[lo:hi])]
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 4, 33, 130])
 def test_dense_matrices_with_overflow_words(batch):
     """Few zeros: dictionary words of 7+ non-zeros, stored outside their records."""
     m = random_matrix((9, 50), p=(0.34, 0.33, 0.33))
