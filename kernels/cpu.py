@@ -27,7 +27,7 @@ import threading
 import numba
 import numpy as np
 
-from qmoe.kernels._llvm import prefetch, rowsum, store_lanes
+from qmoe.kernels._llvm import prefetch, rowsum, rowsum_bf16, store_lanes
 from qmoe.kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records
 
 # Record kernels: up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at
@@ -36,6 +36,7 @@ GEMV_UP_TO = 4
 MAX_LIST_WIDTH = (1 << 16) - 128  # list entries are uint16 positions; a word may start at C - 1 and span 127
 WIDTHS = (4, 8, 16, 32)  # tile widths of the list gemm (B is padded up to one; above 32, tiles of 32)
 ROWS_PER_TASK = 16  # rows a prange task of the list gemv takes (one pair of list buffers each)
+BF16_FROM = 16  # with x in bf16 asked for, batches from this size take it (below, x stays float32)
 LIST_CAP = 1 << 17  # list entries of each level the list gemm emits before summing them (256 KB a level)
 PREFETCH = 32  # emit asks for word t + PREFETCH's table lines while it stores word t's lists
 SLACK = LANES  # list buffer entries past C: a word writes all its lanes
@@ -257,13 +258,34 @@ def _sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl, W):
             l0 = l1
 
 
+@numba.njit(fastmath=True, cache=True)
+def _sum_rows_bf16(xu, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl):
+    """_sum_rows for x as bf16 pairs: xu uint32, tiles [C, 16] of 32 columns (see tiles_bf16); yt [T, R, 32]."""
+    for t in range(T):
+        tile = xu[t * C * 16:(t + 1) * C * 16]
+        h0 = _U0
+        l0 = _U0
+        for i in range(k):
+            h1 = ends[2 * i]
+            l1 = ends[2 * i + 1]
+            rowsum_bf16(tile, hib[h0:h1], h1 - h0, sh)
+            rowsum_bf16(tile, lob[l0:l1], l1 - l0, sl)
+            r = r0 + i
+            for q in range(32):
+                yt[t, r, q] = hi[r] * sh[q] + lo[r] * sl[q]
+            h0 = h1
+            l0 = l1
+
+
 @numba.njit(parallel=True, cache=True)
-def _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends, W, big):
+def _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends, W, big, bf16):
     """Batch B > 1: xt3 [T, C, W] float32 (x transposed in tiles of W columns, zero-padded, 64-byte aligned), yt
     [T, R, W] float32 (y transposed in the same tiles); lists [P, 2, cap] uint16 and ends [P, 2 * (rows of a
-    part + 1)] uint64 scratch, one per part of the rows (P parts run in parallel)."""
+    part + 1)] uint64 scratch, one per part of the rows (P parts run in parallel). bf16: xt3 is [T, C, 16] uint32
+    instead (tiles_bf16: 32 columns as bf16 pairs) and W is 32."""
     numba.literally(W)
     numba.literally(big)
+    numba.literally(bf16)
     R = len(offsets) - 1
     T, C, _ = xt3.shape
     P, _, cap = lists.shape
@@ -287,7 +309,10 @@ def _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists
                 ends[p, 2 * k + 1] = nl
                 k += 1
                 r += 1
-            _sum_rows(xf, T, C, hib, lob, ends[p], k, r0, lo, hi, yt, sh, sl, W)
+            if bf16:
+                _sum_rows_bf16(xf, T, C, hib, lob, ends[p], k, r0, lo, hi, yt, sh, sl)
+            else:
+                _sum_rows(xf, T, C, hib, lob, ends[p], k, r0, lo, hi, yt, sh, sl, W)
 
 
 def _gemv_for(big: bool):
@@ -297,15 +322,16 @@ def _gemv_for(big: bool):
     return gemv
 
 
-def _gemm_for(W: int, big: bool):
+def _gemm_for(W: int, big: bool, bf16: bool):
     @numba.njit(cache=True)
     def gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends):
-        _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends, W, big)
+        _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends, W, big, bf16)
     return gemm
 
 
 _GEMV = {big: _gemv_for(big) for big in (False, True)}  # numba compiles each at its first call, or loads it
-_GEMM = {(W, big): _gemm_for(W, big) for W in WIDTHS for big in (False, True)}
+_GEMM = {(W, big, False): _gemm_for(W, big, False) for W in WIDTHS for big in (False, True)}
+_GEMM.update({(32, big, True): _gemm_for(32, big, True) for big in (False, True)})
 
 
 @numba.njit(parallel=True, cache=True)
@@ -342,6 +368,44 @@ def _untile(yt, y):
                 y[b, r] = yt[t, r, q]
 
 
+@numba.njit(inline="always")
+def _bf16_bits(v):
+    """A float32's bits (uint32) -> its bf16 bits (< 2^16), rounded to nearest even as torch rounds; NaN stays NaN."""
+    b = v
+    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return (b >> np.uint32(16)) | np.uint32(0x40)
+    return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+@numba.njit(parallel=True, cache=True)
+def _pack_bf16(xbits, xu3):
+    """xu3[t, c, q] = bf16(x[32t + q, c]) | bf16(x[32t + 16 + q, c]) << 16, zero past x's rows; xbits [B, C] is x's
+    float32 bits (uint32). In blocks of 64 of x's columns."""
+    B, C = xbits.shape
+    T = xu3.shape[0]
+    for block in numba.prange((C + 63) // 64):
+        c0 = block * 64
+        c1 = min(C, c0 + 64)
+        for t in range(T):
+            for q in range(16):
+                b0 = 32 * t + q
+                b1 = b0 + 16
+                for c in range(c0, c1):
+                    low = _bf16_bits(xbits[b0, c]) if b0 < B else np.uint32(0)
+                    high = _bf16_bits(xbits[b1, c]) if b1 < B else np.uint32(0)
+                    xu3[t, c, q] = low | (high << np.uint32(16))
+
+
+@numba.njit(parallel=True, cache=True)
+def _repack_bf16(ybits, xu3):
+    """xu3 [T, R, 16] uint32 bf16 pairs from y's tiles ybits [T, R, 32] (float32 bits): the next matrix's input."""
+    T, R, _ = ybits.shape
+    for r in numba.prange(R):
+        for t in range(T):
+            for q in range(16):
+                xu3[t, r, q] = _bf16_bits(ybits[t, r, q]) | (_bf16_bits(ybits[t, r, q + 16]) << np.uint32(16))
+
+
 _SCRATCH = threading.local()  # each thread's buffers, kept between calls (fresh ones page-fault on every call)
 
 
@@ -357,7 +421,7 @@ def _scratch(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
     return buf[:n].view(dtype).reshape(shape)
 
 
-_F32, _U16, _U64 = np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.uint64)
+_F32, _U16, _U32, _U64 = (np.dtype(t) for t in (np.float32, np.uint16, np.uint32, np.uint64))
 
 
 def tiles(x: np.ndarray, name: str = "xt") -> np.ndarray:
@@ -370,6 +434,24 @@ def tiles(x: np.ndarray, name: str = "xt") -> np.ndarray:
     return xt3
 
 
+def tiles_bf16(x: np.ndarray, name: str = "xt") -> np.ndarray:
+    """x [B, C] float32 rounded to bf16 and packed in tiles of 32 columns as pairs: [T, C, 16] uint32, lane q of
+    position c holding column 32t + q in its low half and 32t + 16 + q in its high half (rowsum_bf16's layout);
+    the calling thread's scratch `name`."""
+    B, C = x.shape
+    xu3 = _scratch(name, (-(-B // 32), C, 16), _U32)
+    _pack_bf16(np.ascontiguousarray(x, dtype=np.float32).view(np.uint32), xu3)
+    return xu3
+
+
+def repack_bf16(yt: np.ndarray, name: str) -> np.ndarray:
+    """Output tiles yt [T, R, 32] float32 as the next matrix's bf16 input tiles [T, R, 16] uint32."""
+    T, R, _ = yt.shape
+    xu3 = _scratch(name, (T, R, 16), _U32)
+    _repack_bf16(yt.view(np.uint32), xu3)
+    return xu3
+
+
 def untile(yt: np.ndarray, batch: int) -> np.ndarray:
     """A new y [batch, R] float32 from tiles yt [T, R, W]."""
     y = np.empty((batch, yt.shape[1]), dtype=np.float32)
@@ -380,8 +462,11 @@ def untile(yt: np.ndarray, batch: int) -> np.ndarray:
 def gemm_tiles(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
                xt3: np.ndarray, name: str = "yt") -> np.ndarray:
     """The list gemm on tiles: xt3 [T, C, W] (tiles(x)) -> yt [T, R, W], the calling thread's scratch `name`.
-    Tiles out are tiles in: a matrix's output feeds the next matrix (after elementwise work) as it is."""
+    Tiles out are tiles in: a matrix's output feeds the next matrix (after elementwise work) as it is. xt3 of
+    uint32 (tiles_bf16, repack_bf16: x in bf16) gives yt [T, R, 32]."""
     T, C, W = xt3.shape
+    bf16 = xt3.dtype == _U32
+    W = 32 if bf16 else W
     if C > MAX_LIST_WIDTH:
         raise ValueError(f"the list kernels take up to {MAX_LIST_WIDTH} columns, not {C}")
     L = recs.lists
@@ -391,18 +476,20 @@ def gemm_tiles(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nda
         P = max(1, min(numba.get_num_threads(), R))
         lists = _scratch("lists", (P, 2, max(LIST_CAP, C + 2 * SLACK)), _U16)
         ends = _scratch("ends", (P, 2 * (R // P + 2)), _U64)
-        _GEMM[W, L.big](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, xt3, yt, lists, ends)
+        _GEMM[W, L.big, bf16](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, xt3, yt, lists,
+                              ends)
     return yt
 
 
 def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
-              x: np.ndarray) -> np.ndarray:
+              x: np.ndarray, bf16: bool = False) -> np.ndarray:
     """decode_gemm with the list kernels (x [B, C] float32 C-contiguous, C <= MAX_LIST_WIDTH)."""
     B, C = x.shape
     if C > MAX_LIST_WIDTH:
         raise ValueError(f"the list kernels take up to {MAX_LIST_WIDTH} columns, not {C}")
     if B != 1:
-        return untile(gemm_tiles(codes, offsets, recs, lo, hi, tiles(x)), B)
+        xt3 = tiles_bf16(x) if bf16 and B >= BF16_FROM else tiles(x)
+        return untile(gemm_tiles(codes, offsets, recs, lo, hi, xt3), B)
     L = recs.lists
     y = np.empty((1, len(offsets) - 1), dtype=np.float32)
     _GEMV[L.big](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, x[0], y[0])
@@ -424,13 +511,16 @@ def record_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nd
     return np.ascontiguousarray(y.T)
 
 
-def path(batch: int, width: int) -> str:
+def path(batch: int, width: int, bf16: bool = False) -> str:
     """The kernel decode_gemm runs for a batch of rows of this width: "list-gemv" (batch 1), "list-gemm<W>" (W the
-    padded batch width, tiles of 32 past it), or "record" (wider than MAX_LIST_WIDTH)."""
+    padded batch width, tiles of 32 past it), "list-gemm32-bf16" (x in bf16, asked for and batch >= BF16_FROM), or
+    "record" (wider than MAX_LIST_WIDTH)."""
     if width > MAX_LIST_WIDTH:
         return "record"
     if batch == 1:
         return "list-gemv"
+    if bf16 and batch >= BF16_FROM:
+        return "list-gemm32-bf16"
     return f"list-gemm{tile_width(batch)}"
 
 
@@ -440,19 +530,22 @@ def tile_width(batch: int) -> int:
 
 
 def decode_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndarray, hi: np.ndarray,
-                x: np.ndarray) -> np.ndarray:
+                x: np.ndarray, bf16: bool = False) -> np.ndarray:
     """y [B, R] float32 = x [B, C] @ W^T for the encoded W.
 
     codes [n] uint16 (codewords of all rows, row after row); offsets [R + 1] int64 (row r's codewords start at
     offsets[r]); recs: records.records(the dictionary); lo, hi [R] float32 (each row's two levels);
     x [B, C] float32, any B >= 0. C is W's width; the caller guarantees it matches (CompressedLinear checks).
-    List kernels up to MAX_LIST_WIDTH columns, record kernels above.
+    List kernels up to MAX_LIST_WIDTH columns, record kernels above. bf16: from BF16_FROM rows on, the list
+    kernels sum x rounded to bf16 (in float32: half the bytes a position, the products those of x in bf16, as a
+    bf16 F.linear's inputs are); otherwise x is summed as it is.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"x must be [B, C], got shape {x.shape}")
-    kernel = list_gemm if x.shape[1] <= MAX_LIST_WIDTH else record_gemm
-    return kernel(codes, offsets, recs, lo, hi, x)
+    if x.shape[1] > MAX_LIST_WIDTH:
+        return record_gemm(codes, offsets, recs, lo, hi, x)
+    return list_gemm(codes, offsets, recs, lo, hi, x, bf16)
 
 
 @numba.njit(parallel=True, cache=True)

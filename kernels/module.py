@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +18,15 @@ from qmoe.kernels.records import check_rows, records, window_starts
 
 # (dictionary sha256, buffer name, device) -> the one copy of a dictionary's records there
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def use_bf16_activations(model: nn.Module, on: bool = True) -> int:
+    """Set every CompressedLinear of the model to sum x in bf16 on the CPU from cpu.BF16_FROM rows on (or back to
+    float32); returns how many modules it set."""
+    mods = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    for m in mods:
+        m.bf16_activations = on
+    return len(mods)
 
 
 class CompressedLinear(nn.Module):
@@ -53,6 +63,9 @@ class CompressedLinear(nn.Module):
         self._device_args: tuple | None = None  # (codes' address, qmoe.kernels.cuda.prepare(...), dummy windows)
         # On a GPU, batches of at least this many rows take decode + cuBLAS instead of the fused kernel.
         self.decode_from_batch = DECODE_FROM_BATCH
+        # On the CPU, batches of at least cpu.BF16_FROM rows sum x rounded to bf16 (half the bytes a non-zero
+        # reads; the numbers of a bf16 F.linear's inputs) when this is set; off, x is summed in float32 as it is.
+        self.bf16_activations = False
         self.last_path = ""  # the path the last call took: "cpu", "fused", "decode+bf16" or "reference"
         self.path_calls: dict[str, int] = {}  # calls per path since the module was made
 
@@ -95,8 +108,8 @@ class CompressedLinear(nn.Module):
             path = "reference"
             y = F.linear(x2, self.dense(x.device))
         elif x.device.type == "cpu":  # the common case at batch 1 takes tens of microseconds: keep the glue thin
-            path = cpu.path(x2.shape[0], self.in_features)
-            y = torch.from_numpy(cpu.decode_gemm(*self._host_arrays(), x2.detach().numpy()))
+            path = cpu.path(x2.shape[0], self.in_features, self.bf16_activations)
+            y = torch.from_numpy(cpu.decode_gemm(*self._host_arrays(), x2.detach().numpy(), self.bf16_activations))
         elif x.device.type == "cuda" and x2.shape[0] >= self.decode_from_batch:
             # Wide batches: the fused kernel reads x at every non-zero per batch column; decoding the matrix once
             # (each element written once) and one cuBLAS bf16 product is faster from the crossover on.
@@ -132,14 +145,15 @@ class CompressedLinear(nn.Module):
             return None
         if any(m.in_features != x.shape[-1] for m in first) or self.in_features != first[0].out_features:
             return None
-        xt3 = cpu.tiles(x2.float().numpy())
+        bf16 = x2.shape[0] >= cpu.BF16_FROM and all(m.bf16_activations for m in mods)
+        xt3 = (cpu.tiles_bf16 if bf16 else cpu.tiles)(x2.float().numpy())
         hs = [torch.from_numpy(m._gemm_tiles(xt3, f"chain{i}")) for i, m in enumerate(first)]
-        h = combine(*hs).contiguous()
-        y = cpu.untile(self._gemm_tiles(h.numpy(), "yt"), x2.shape[0])
+        h = combine(*hs).contiguous().numpy()
+        y = cpu.untile(self._gemm_tiles(cpu.repack_bf16(h, "chainx") if bf16 else h, "yt"), x2.shape[0])
         return torch.from_numpy(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _gemm_tiles(self, xt3, name: str):
-        self._count(f"list-gemm{xt3.shape[2]}")
+        self._count("list-gemm32-bf16" if xt3.dtype == np.uint32 else f"list-gemm{xt3.shape[2]}")
         return cpu.gemm_tiles(*self._host_arrays(), xt3, name)
 
     def _host_arrays(self) -> tuple:

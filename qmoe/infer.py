@@ -32,6 +32,7 @@ class InferConfig:
     batch: int = 32  # samples per forward pass
     simulate_uncompressed: bool = False
     reference: bool = False  # decode experts to dense float32 instead of the fused kernels
+    bf16_activations: bool = False  # the CPU kernels sum x in bf16 from kernels.cpu.BF16_FROM rows on
 
 
 def load_for_inference(model_dir: Path, cfg: InferConfig):
@@ -55,6 +56,12 @@ def load_for_inference(model_dir: Path, cfg: InferConfig):
     if cfg.simulate_uncompressed:
         simulate_uncompressed(model)
         kind += "; simulated uncompressed (one shared dense bf16 expert a block)"
+    if cfg.bf16_activations:
+        from qmoe.kernels.cpu import BF16_FROM
+        from qmoe.kernels.module import use_bf16_activations
+
+        if use_bf16_activations(model):
+            kind += f"; x in bf16 on the CPU kernels from batch {BF16_FROM}"
     return model, hf, kind
 
 
@@ -126,7 +133,7 @@ def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:
         if not prompt:
             raise ValueError(f"--prompt-file {a.prompt_file}: no prompt in it (one a line)")
     r = run_family(model_dir, list(cfg.devices), cfg.eval, cfg.generate, cfg.batch, a.val_samples, a.seed, a.calib,
-                   seq_len, prompt, cfg.reference, cfg.simulate_uncompressed)
+                   seq_len, prompt, cfg.reference, cfg.simulate_uncompressed, cfg.bf16_activations)
     print(f"{r['model']} ({r['kind']})")
     _print_devices(r["devices"])
     if "val_loss" in r:
@@ -167,6 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--simulate-uncompressed", action="store_true",
                    help="every expert of a block points at one shared dense bf16 expert (QMoE's ideal baseline)")
     p.add_argument("--reference", action="store_true", help="decode experts to float32 instead of fused kernels")
+    p.add_argument("--bf16-activations", action="store_true",
+                   help="CPU kernels: from 16 rows a call, sum the inputs rounded to bf16 (half the bytes; the "
+                        "numbers of a bf16 model's inputs) instead of float32")
     p.add_argument("--val-samples", type=int, default=s.val_samples)
     p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--calib", type=Path, help="the text the validation samples come from (as for compress)")
@@ -183,7 +193,7 @@ def main(argv=None) -> int:
         p.error("--batch must be >= 1 and --generate >= 0")
     cfg = InferConfig(devices=tuple(d.strip() for d in a.devices.split(",") if d.strip()), eval=a.eval,
                       generate=a.generate, batch=a.batch, simulate_uncompressed=a.simulate_uncompressed,
-                      reference=a.reference)
+                      reference=a.reference, bf16_activations=a.bf16_activations)
     try:
         model_dir = resolve_model(a.model)
         if _family(model_dir):

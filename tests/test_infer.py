@@ -118,6 +118,18 @@ def test_infer_cli_eval_generate_json(compressed, tmp_path, capsys):
     assert rc == 0 and "simulated uncompressed" in json.loads((tmp_path / "s.json").read_text())["kind"]
 
 
+def test_infer_cli_bf16_activations(compressed, tmp_path):
+    """--bf16-activations: the CPU kernels sum x in bf16 from BF16_FROM rows a call; the loss stays within bf16's
+    rounding of compress's (float32) one, not equal to it, and the run says so."""
+    out, summary = compressed
+    rc = infer_cli.main(["--model", str(out), "--eval", "--batch", "8", "--val-samples", "8", "--bf16-activations",
+                         "--json", str(tmp_path / "b.json")])
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert rc == 0 and "x in bf16" in r["kind"]
+    assert r["val_loss"] == pytest.approx(summary["val_loss_after"], rel=3e-3)
+    assert r["val_loss"] != summary["val_loss_after"]
+
+
 def test_infer_cli_errors(compressed, capsys):
     out, _ = compressed
     assert infer_cli.main(["--model", str(out), "--eval", "--devices", "cuda:7"]) == 2

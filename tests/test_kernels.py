@@ -480,3 +480,46 @@ def test_list_kernels_load_from_numba_cache_in_a_new_process(tmp_path):
         subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
         counts.append(sorted(p.name for p in (tmp_path / "cache").rglob("*list_g*.nbc")))
     assert counts[0] and counts[1] == counts[0]
+
+
+@pytest.mark.parametrize("p", [(0.885, 0.0575, 0.0575), (0.6, 0.2, 0.2), (0.34, 0.33, 0.33)])
+def test_bf16_activations_match_the_reference_of_x_in_bf16(p):
+    """With x in bf16 asked for, batches from BF16_FROM rows on give the float64 reference of x rounded to bf16
+    (as torch rounds), over odd shapes, partial and several tiles of 32, big and overflow words; smaller batches
+    stay float32 (the reference of x itself)."""
+    for shape in ((37, 211), (1, 5), (130, 33)):
+        m = random_matrix(shape, p=p, seed=shape[0])
+        recs = records(m.dictionary)
+        lo, hi = bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1])
+        for batch in (2, 15, 16, 17, 32, 33, 70, 130):
+            x = np.random.default_rng(batch).standard_normal((batch, shape[1])).astype(np.float32) * 3
+            x[0, 0] = 1 + 2 ** -8  # a tie: rounds to even (1.0)
+            x[-1, -1] = 1 + 3 * 2 ** -8  # a tie: rounds to even (1 + 2^-6)
+            y = decode_gemm(m.codes, m.row_offsets, recs, lo, hi, x, bf16=True)
+            xr = torch.from_numpy(x).bfloat16().double().numpy() if batch >= cpu.BF16_FROM else x
+            assert_close(y, reference(m, xr))
+            assert cpu.path(batch, shape[1], bf16=True) == (
+                "list-gemm32-bf16" if batch >= cpu.BF16_FROM else cpu.path(batch, shape[1]))
+
+
+def test_bf16_activations_in_the_module_and_the_chain():
+    """use_bf16_activations sets a model's CompressedLinear modules; a chained expert then sums x and its hidden
+    state in bf16 (the hidden state rounded again before the second matrix, as a bf16 model's would be), and gives
+    the modules' one-by-one result; the module says which path it took."""
+    import torch.nn.functional as F
+
+    from qmoe.kernels.module import use_bf16_activations
+
+    D, Fh = 37, 53
+    wi, wo = CompressedLinear(random_matrix((Fh, D), seed=1)), CompressedLinear(random_matrix((D, Fh), seed=4))
+    assert use_bf16_activations(torch.nn.ModuleList([wi, wo])) == 2
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((40, D)).astype(np.float32))
+    y = wo.chain(x, (wi,), F.relu_)
+    assert wo.last_path == wi.last_path == "list-gemm32-bf16"
+    torch.testing.assert_close(y, wo(F.relu(wi(x))), rtol=0, atol=1e-5)
+    dense = {m: torch.from_numpy(decode(m.encoded)).double() for m in (wi, wo)}
+    h = F.relu(x.bfloat16().double() @ dense[wi].T)
+    want = (h.float().bfloat16().double() @ dense[wo].T).float()
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    assert use_bf16_activations(torch.nn.ModuleList([wi, wo]), on=False) == 2
+    assert wi(x[:3]) is not None and wi.last_path == "list-gemm4"

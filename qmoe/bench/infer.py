@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from qmoe.bench.kernels import cpu_description
+from qmoe.inference.overhead import BF16_COPY
 from qmoe.store import atomic_write_json
 
 GEN_BATCHES = (1, 8, 32)
@@ -99,6 +100,7 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
     """The result (see format_table); `partial`: a JSON file rewritten after every row, marked "partial", so that
     a run stopped by a time limit leaves what it measured."""
     from qmoe.compressed import load_compressed
+    from qmoe.kernels.module import use_bf16_activations
     from qmoe.data import DataSpec, load_samples
     from qmoe.inference.evaluate import validation_loss
     from qmoe.inference.runner import Runner, simulate_uncompressed, tensor_bytes
@@ -111,9 +113,11 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
     hf = json.loads((path / "config.json").read_text())
     summary = json.loads((path / "summary.json").read_text())
     _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))
-    names = ("fused", "simulated uncompressed", "decoded bf16")
+    names = ("fused", "simulated uncompressed", "decoded bf16") + ((BF16_COPY,) if device == "cpu" else ())
     models = {k: load_compressed(path, fused=True)[0] for k in names}
     simulate_uncompressed(models["simulated uncompressed"])
+    if BF16_COPY in models:  # the CPU kernels summing x in bf16 (CompressedLinear.bf16_activations)
+        use_bf16_activations(models[BF16_COPY])
     runners = {k: Runner(m, [dev]) for k, m in models.items()}
     _decode_to_bf16(models["decoded bf16"])
     held = {k: tensor_bytes(m) for k, m in models.items()}
@@ -147,6 +151,8 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
                **{f"{k} tokens/s": round(ntok / v, 1) for k, v in secs.items()},
                "fused / simulated": secs["simulated uncompressed"] / secs["fused"],
                "fused / decoded bf16": secs["decoded bf16"] / secs["fused"],
+               **({f"{BF16_COPY} / simulated": secs["simulated uncompressed"] / secs[BF16_COPY]}
+                  if BF16_COPY in secs else {}),
                "fused kernel calls by path": {k: (after.get(k, 0) - before.get(k, 0)) // (repeats + 1)
                                               for k in after if after.get(k, 0) != before.get(k, 0)}}
         rows.append(row)
@@ -176,6 +182,8 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['task']} | {r['fused tokens/s']:.0f} | {r['simulated uncompressed tokens/s']:.0f} | "
                      f"{r['decoded bf16 tokens/s']:.0f} | {r['fused / simulated']:.2f}x | "
                      f"{r['fused / decoded bf16']:.2f}x | {r['fused kernel calls by path']} |")
+        if f"{BF16_COPY} / simulated" in r:
+            lines[-1] += f" {BF16_COPY}: {r[f'{BF16_COPY} tokens/s']:.0f} tokens/s, {r[f'{BF16_COPY} / simulated']:.2f}x |"
     b = result["bytes_held"]
     lines.append("")
     lines.append("bytes held: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in b.items()))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from qmoe.codec.container import read_container
 from qmoe.codec.dictionary import normalize_probs, tunstall
 from qmoe.codec.ternary import bf16_bits_to_f32, decode, encode
-from qmoe.kernels.cpu import decode_gemm, record_gemm
+from qmoe.kernels.cpu import BF16_FROM, decode_gemm, record_gemm
 from qmoe.kernels.module import CompressedLinear
 from qmoe.kernels.records import records
 from qmoe.bench.codec import C2048_SHAPES, iid_matrices, ternary_model
@@ -103,6 +103,11 @@ def kernel_rows(experts_dir: Path | None, repeats: int) -> list[dict]:
                    "bf16": lambda: F.linear(xb, wb), "fp32": lambda: F.linear(xf, wf),
                    # decode the matrix to bf16 (cpu.decode_bf16, each call) and one bf16 product: the wide-batch path
                    "decode_bf16": lambda: F.linear(xb, lin.dense_bf16())}
+            if B >= BF16_FROM:  # the list kernel summing x in bf16 (CompressedLinear.bf16_activations)
+                yb = decode_gemm(m.codes, m.row_offsets, recs, lo, hi, x, bf16=True)
+                refb = xb.double().numpy() @ W.astype(np.float64).T
+                assert np.abs(yb - refb).max() <= 1e-4 * max(1.0, np.abs(refb).max()), f"{label}: bf16 x disagrees"
+                fns["fused_bf16x"] = lambda: decode_gemm(m.codes, m.row_offsets, recs, lo, hi, x, bf16=True)
             if B == 1:
                 out_i, out_f = np.empty(m.shape[0], np.int64), np.empty(m.shape[0], np.float32)
                 fns["floor_walk"] = lambda: _walk(m.codes, m.row_offsets, recs.table, out_i)
@@ -121,6 +126,8 @@ def kernel_rows(experts_dir: Path | None, repeats: int) -> list[dict]:
                    "speedup_vs_bf16": ms["bf16"] / ms["fused"], "speedup_vs_fp32": ms["fp32"] / ms["fused"],
                    "speedup_vs_record": ms["record"] / ms["fused"],
                    "speedup_vs_decode_bf16": ms["decode_bf16"] / ms["fused"]}
+            if "fused_bf16x" in ms:
+                row["speedup_bf16x_vs_bf16"] = ms["bf16"] / ms["fused_bf16x"]
             rows.append(row)
             print(_kernel_line(row), flush=True)
     return rows
@@ -156,7 +163,7 @@ def _end_to_end(path: Path, repeats: int, device: str = "cpu") -> list[dict]:
     """The end-to-end rows of a Switch directory, or of a decoder-only family's (its config's model_type)."""
     kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
     rows = end_to_end_rows if kind in (None, "switch_transformers") else family_end_to_end_rows
-    return rows(path, repeats, device=device)
+    return rows(path, repeats, device=device, bf16=device == "cpu")
 
 
 def _kernel_line(r: dict) -> str:
@@ -165,7 +172,8 @@ def _kernel_line(r: dict) -> str:
             if "held_bits_per_weight" in r else "")
     return (f"| {r['matrix']} | {r['batch']} | {r['fused_ms']:.3f} | {r['bf16_ms']:.3f} | {r['fp32_ms']:.3f} | "
             f"{r['speedup_vs_bf16']:.2f}x | {r['speedup_vs_fp32']:.2f}x | {r['record_ms']:.3f} | "
-            f"{r['decode_bf16_ms']:.3f} | {r['speedup_vs_decode_bf16']:.2f}x | {floors} | {held} |")
+            f"{r['decode_bf16_ms']:.3f} | {r['speedup_vs_decode_bf16']:.2f}x | {floors} | {held} | "
+            + (f"{r['fused_bf16x_ms']:.3f} | {r['speedup_bf16x_vs_bf16']:.2f}x |" if "fused_bf16x_ms" in r else " | |"))
 
 
 def format_table(result: dict) -> str:
@@ -174,18 +182,19 @@ def format_table(result: dict) -> str:
     else:
         lines = ["| matrix | batch | fused ms | bf16 F.linear ms | fp32 F.linear ms | fused vs bf16 | fused vs fp32 "
                  "| record kernels ms | decode + bf16 ms | fused vs decode + bf16 | floors: walk / csr ms "
-                 "| fused path's bits a weight held: own tables / tables shared by 16 (bf16: 16, fp32: 32) |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "| fused path's bits a weight held: own tables / tables shared by 16 (bf16: 16, fp32: 32) "
+                 "| fused, x in bf16 ms | fused, x in bf16 vs bf16 |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_kernel_line(r) for r in result["kernels"]]
     e2e = [r for r in result["end_to_end"] if "tokens" in r]
     if not e2e:
         return "\n".join(lines)
     keys = [k for k in e2e[0] if k.endswith("tokens/s")]
-    lines += ["", "| task | " + " | ".join(keys) + " | fused / simulated | fused / decoded fp32 |",
-              "|---|" + "---|" * (len(keys) + 2)]
+    ratios = [k for k in ("fused / simulated", "fused / decoded fp32", "fused, x in bf16 / simulated") if k in e2e[0]]
+    lines += ["", "| task | " + " | ".join(keys + ratios) + " |", "|---|" + "---|" * (len(keys) + len(ratios))]
     for r in e2e:
-        lines.append(f"| {r['task']} | " + " | ".join(f"{r[k]:.0f}" for k in keys)
-                     + f" | {r['fused / simulated']:.2f}x | {r['fused / decoded fp32']:.2f}x |")
+        lines.append(f"| {r['task']} | " + " | ".join([f"{r[k]:.0f}" for k in keys] + [f"{r[k]:.2f}x" for k in ratios])
+                     + " |")
     return "\n".join(lines)
 
 

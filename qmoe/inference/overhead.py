@@ -31,9 +31,24 @@ def _rows(work: dict, models: dict, repeats: int) -> list[dict]:
         row = {"task": task, "tokens": tokens, **{f"{k} tokens/s": tokens / (v / 1e3) for k, v in ms.items()}}
         row["fused / simulated"] = ms["simulated uncompressed (bf16)"] / ms["fused"]
         row["fused / decoded fp32"] = ms["decoded fp32"] / ms["fused"]
+        if BF16_COPY in ms:
+            row["fused, x in bf16 / simulated"] = ms["simulated uncompressed (bf16)"] / ms[BF16_COPY]
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+BF16_COPY = "fused, x in bf16"  # the fused model with CompressedLinear.bf16_activations (CPU only)
+
+
+def _bf16_copy(models: dict, load, device: str) -> None:
+    """Adds the fused model again with its CPU kernels summing x in bf16 (`bf16` of the benchmark's end to end)."""
+    from qmoe.kernels.module import use_bf16_activations
+
+    if str(device).startswith("cpu"):
+        m = load()
+        use_bf16_activations(m)
+        models[BF16_COPY] = m
 
 
 def _held(models: dict) -> dict:
@@ -43,7 +58,7 @@ def _held(models: dict) -> dict:
 
 
 def family_end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
-                           device: str = "cpu") -> list[dict]:
+                           device: str = "cpu", bf16: bool = False) -> list[dict]:
     """The same three models of a decoder-only family's compressed directory: next-token evaluation of validation
     windows (the calibration length, batch 32) and greedy generation at batch 1 and 8."""
     from qmoe.compressed import load_compressed
@@ -57,6 +72,8 @@ def family_end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_
     models = {"fused": load_compressed(path, fused=True)[0].to(device),
               "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]).to(device),
               "decoded fp32": load_compressed(path)[0].to(device)}
+    if bf16:
+        _bf16_copy(models, lambda: load_compressed(path, fused=True)[0], device)
     seq = hf["qmoe"]["settings"].get("data_raw_length", 256)
     ids = validation_windows(load_causal_tokenizer(path, hf), load_default_corpus(), val_samples, seq, 0)
     work = {"eval (teacher-forced, batch 32)": (ids[:, 1:].numel(), lambda m: next_token_loss(m, ids, 32, device))}
@@ -68,7 +85,7 @@ def family_end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_
 
 
 def end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
-                    device: str = "cpu") -> list[dict]:
+                    device: str = "cpu", bf16: bool = False) -> list[dict]:
     from qmoe.compressed import load_compressed
     from qmoe.data import DataSpec, load_samples
     from qmoe.inference.evaluate import validation_loss
@@ -78,6 +95,8 @@ def end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens:
     models = {"fused": load_compressed(path, fused=True)[0],
               "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]),
               "decoded fp32": load_compressed(path)[0]}
+    if bf16:
+        _bf16_copy(models, lambda: load_compressed(path, fused=True)[0], device)
     hf = json.loads((path / "config.json").read_text())
     _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))  # validation only
     runners = {k: Runner(m, [device]) for k, m in models.items()}

@@ -93,10 +93,16 @@ def simulate_uncompressed(model: MoECausalLM) -> MoECausalLM:
 
 def run(model_dir: Path, devices: list[str], eval_: bool, steps: int, batch: int, val_samples: int, seed: int,
         calib: Path | None, seq_len: int, prompt: str | list[str] | None, reference: bool = False,
-        simulate: bool = False) -> dict:
+        simulate: bool = False, bf16_activations: bool = False) -> dict:
     t0 = time.perf_counter()
     hf, _ = read_hf_config(model_dir)
     model, kind = load_any(model_dir, reference)
+    if bf16_activations:
+        from qmoe.kernels.cpu import BF16_FROM
+        from qmoe.kernels.module import use_bf16_activations
+
+        if use_bf16_activations(model):
+            kind += f"; x in bf16 on the CPU kernels from batch {BF16_FROM}"
     if simulate:
         simulate_uncompressed(model)
         kind += "; simulated uncompressed (one shared dense bf16 expert a layer)"
