@@ -73,6 +73,17 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+_INTERRUPTED = threading.Event()
+
+
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C, remembered: torch code that calls back into Python can turn the KeyboardInterrupt raised there into
+    another error (seen: "could not determine the shape of object type 'torch.storage.UntypedStorage'"), which
+    must still end the run as an interruption, not as a bad input."""
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
 def saved(out: Path) -> str:
     """What an interrupted run left in `out` and how to go on, in one line."""
     from qmoe.compressed import Manifest
@@ -106,8 +117,12 @@ def _scheme(scheme: str | None, export_format: str | None) -> Scheme:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    previous = None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+            previous = signal.signal(signal.SIGINT, _interrupt)
+    _INTERRUPTED.clear()
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         cfg = CompressConfig(scheme=_scheme(a.scheme, a.export_format), method=Method(a.method),
@@ -140,12 +155,20 @@ def main(argv=None) -> int:
     except SystemExit as e:  # SIGTERM, through _exit_on_sigterm
         print(f"stopped (signal {e.code - 128}): {saved(a.out)}", file=sys.stderr)
         raise
-    except (CheckpointError, OSError, ValueError, MemoryError_) as e:
+    except Exception as e:
+        if _INTERRUPTED.is_set():  # a Ctrl-C that torch turned into another error
+            print(f"interrupted: {saved(a.out)}", file=sys.stderr)
+            return 130
+        if not isinstance(e, (CheckpointError, OSError, ValueError, MemoryError_)):
+            raise
         # One line naming the file: a bad checkpoint, a bad argument, an output directory that cannot be written
         # (read-only, a file, disk full: atomic writes name the path).
         msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     loss = (f", val loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}"
             if summary["val_loss_before"] is not None else ", no validation (--val-samples 0)")
     print(f"wrote {a.out}: {summary['bytes_compressed'] / 1e6:.2f} MB "
