@@ -16,7 +16,9 @@ Two kinds of kernel:
   (qmoe.kernels._llvm.rowsum); each of P parallel parts of the rows first emits the lists of as many rows as
   fit a LIST_CAP-entry buffer, then sums them over one tile after the other, so that the dictionary tables (while
   emitting) and one tile of x (while summing) each have the L2 to themselves; y comes out in the same tiles
-  ([T, R, W], one vector store a row) and is transposed back. Measurements: docs/kernels.md.
+  ([T, R, W], one vector store a row) and is transposed back. Asked for (bf16=True), batches from BF16_FROM rows
+  hold x in bf16 instead, 32 columns as pairs in 16 uint32 lanes (tiles_bf16): half the bytes a position reads,
+  the sums still float32. Measurements: docs/kernels.md.
 - record kernels (any width): walk each codeword's record and gather-add its non-zeros in place.
 """
 from __future__ import annotations
