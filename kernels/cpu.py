@@ -39,6 +39,9 @@ MAX_LIST_WIDTH = (1 << 16) - 128  # list entries are uint16 positions; a word ma
 WIDTHS = (4, 8, 16, 32)  # tile widths of the list gemm (B is padded up to one; above 32, tiles of 32)
 ROWS_PER_TASK = 16  # rows a prange task of the list gemv takes (one pair of list buffers each)
 BF16_FROM = 16  # with x in bf16 asked for, batches from this size take it (below, x stays float32)
+# Matrices of at most this many weights run the list gemm in the calling thread (_SERIAL): on 256x128 and 128x256
+# at batch 2-32, 8-16 us against 13-20 us in parallel; on 1024x256 the parallel kernels are faster.
+SERIAL_UP_TO = 1 << 16
 LIST_CAP = 1 << 17  # list entries of each level the list gemm emits before summing them (256 KB a level)
 PREFETCH = 32  # emit asks for word t + PREFETCH's table lines while it stores word t's lists
 SLACK = LANES  # list buffer entries past C: a word writes all its lanes
@@ -279,6 +282,32 @@ def _sum_rows_bf16(xu, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl):
             l0 = l1
 
 
+@numba.njit(cache=True)
+def _gemm_part(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, hib, lob, ends, r, r1, W, big, bf16):
+    """Rows r..r1 of the list gemm (see _list_gemm): their lists into hib and lob while they fit, then their sums
+    over every tile; again until r1."""
+    T, C, _ = xt3.shape
+    xf = xt3.reshape(-1)
+    room = np.uint64(len(hib) - C - SLACK)  # a row fits if the lists hold at most this many entries
+    sh = np.empty(W, np.float32)
+    sl = np.empty(W, np.float32)
+    while r < r1:
+        r0 = r
+        nh = _U0
+        nl = _U0
+        k = 0
+        while r < r1 and nh <= room and nl <= room:
+            nh, nl = _emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob, nh, nl, big)
+            ends[2 * k] = nh
+            ends[2 * k + 1] = nl
+            k += 1
+            r += 1
+        if bf16:
+            _sum_rows_bf16(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl)
+        else:
+            _sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl, W)
+
+
 @numba.njit(parallel=True, cache=True)
 def _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends, W, big, bf16):
     """Batch B > 1: xt3 [T, C, W] float32 (x transposed in tiles of W columns, zero-padded, 64-byte aligned), yt
@@ -289,32 +318,10 @@ def _list_gemm(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists
     numba.literally(big)
     numba.literally(bf16)
     R = len(offsets) - 1
-    T, C, _ = xt3.shape
-    P, _, cap = lists.shape
-    xf = xt3.reshape(-1)
-    room = np.uint64(cap - C - SLACK)  # a row fits if the lists hold at most this many entries
+    P = lists.shape[0]
     for p in numba.prange(P):
-        hib = lists[p, 0]
-        lob = lists[p, 1]
-        sh = np.empty(W, np.float32)
-        sl = np.empty(W, np.float32)
-        r = p * R // P
-        r1 = (p + 1) * R // P
-        while r < r1:  # rows' lists into the buffers while they fit, then their sums over every tile
-            r0 = r
-            nh = _U0
-            nl = _U0
-            k = 0
-            while r < r1 and nh <= room and nl <= room:
-                nh, nl = _emit(codes, offsets[r], offsets[r + 1], meta, lanes, table, extra, hib, lob, nh, nl, big)
-                ends[p, 2 * k] = nh
-                ends[p, 2 * k + 1] = nl
-                k += 1
-                r += 1
-            if bf16:
-                _sum_rows_bf16(xf, T, C, hib, lob, ends[p], k, r0, lo, hi, yt, sh, sl)
-            else:
-                _sum_rows(xf, T, C, hib, lob, ends[p], k, r0, lo, hi, yt, sh, sl, W)
+        _gemm_part(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists[p, 0], lists[p, 1], ends[p],
+                   p * R // P, (p + 1) * R // P, W, big, bf16)
 
 
 def _gemv_for(big: bool):
@@ -336,38 +343,61 @@ _GEMM = {(W, big, False): _gemm_for(W, big, False) for W in WIDTHS for big in (F
 _GEMM.update({(32, big, True): _gemm_for(32, big, True) for big in (False, True)})
 
 
+@numba.njit(cache=True)
+def _transpose_block(x, xt3, c0, c1):
+    """xt3[t, c, q] = x[t * W + q, c] (W = xt3.shape[2]) for c0 <= c < c1, zero past x's rows."""
+    B = x.shape[0]
+    T, _, W = xt3.shape
+    for t in range(T):
+        for q in range(W):
+            b = t * W + q
+            if b < B:
+                for c in range(c0, c1):
+                    xt3[t, c, q] = x[b, c]
+            else:
+                for c in range(c0, c1):
+                    xt3[t, c, q] = 0.0
+
+
+@numba.njit(cache=True)
+def _untile_block(yt, y, r0, r1):
+    """y[b, r] = yt[b // W, r, b % W] for r0 <= r < r1 and every b < y.shape[0]."""
+    W = yt.shape[2]
+    for b in range(y.shape[0]):
+        t = b // W
+        q = b % W
+        for r in range(r0, r1):
+            y[b, r] = yt[t, r, q]
+
+
 @numba.njit(parallel=True, cache=True)
 def _tile_transpose(x, xt3):
-    """xt3[t, :, q] = x[t * W + q] (W = xt3.shape[2]), zero past x's rows; in blocks of 64 of x's columns."""
-    B, C = x.shape
-    T, _, W = xt3.shape
+    """_transpose_block over all of x's columns, in parallel blocks of 64."""
+    C = x.shape[1]
     for block in numba.prange((C + 63) // 64):
-        c0 = block * 64
-        c1 = min(C, c0 + 64)
-        for t in range(T):
-            for q in range(W):
-                b = t * W + q
-                if b < B:
-                    for c in range(c0, c1):
-                        xt3[t, c, q] = x[b, c]
-                else:
-                    for c in range(c0, c1):
-                        xt3[t, c, q] = 0.0
+        _transpose_block(x, xt3, block * 64, min(C, block * 64 + 64))
 
 
 @numba.njit(parallel=True, cache=True)
 def _untile(yt, y):
-    """y[b] = yt[b // W, :, b % W] for b < y.shape[0]; in blocks of 64 of y's columns."""
-    B, R = y.shape
-    W = yt.shape[2]
+    """_untile_block over all of y's columns, in parallel blocks of 64."""
+    R = y.shape[1]
     for block in numba.prange((R + 63) // 64):
-        r0 = block * 64
-        r1 = min(R, r0 + 64)
-        for b in range(B):
-            t = b // W
-            q = b % W
-            for r in range(r0, r1):
-                y[b, r] = yt[t, r, q]
+        _untile_block(yt, y, block * 64, min(R, block * 64 + 64))
+
+
+def _serial_for(W: int, big: bool):
+    @numba.njit(cache=True)
+    def serial(codes, offsets, meta, lanes, table, extra, lo, hi, x, xt3, yt, lists, ends, y):
+        """The whole list gemm in the calling thread: transpose, lists and sums, untile."""
+        _transpose_block(x, xt3, 0, x.shape[1])
+        _gemm_part(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists[0, 0], lists[0, 1], ends[0],
+                   0, len(offsets) - 1, W, big, False)
+        _untile_block(yt, y, 0, y.shape[1])
+    return serial
+
+
+_SERIAL = {(W, big): _serial_for(W, big) for W in WIDTHS for big in (False, True)}
 
 
 @numba.njit(inline="always")
@@ -489,6 +519,17 @@ def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndar
     B, C = x.shape
     if C > MAX_LIST_WIDTH:
         raise ValueError(f"the list kernels take up to {MAX_LIST_WIDTH} columns, not {C}")
+    R = len(offsets) - 1
+    if B > 1 and R * C <= SERIAL_UP_TO and not (bf16 and B >= BF16_FROM):
+        # A tiny matrix: three parallel launches (transpose, gemm, untile) cost more than the work
+        W = tile_width(B)
+        T = -(-B // W)
+        y = np.empty((B, R), dtype=np.float32)
+        _SERIAL[W, recs.lists.big](codes, offsets, recs.lists.meta, recs.lists.lanes, recs.table, recs.extra, lo, hi,
+                                   x, _scratch("xt", (T, C, W), _F32), _scratch("yt", (T, R, W), _F32),
+                                   _scratch("lists", (1, 2, max(LIST_CAP, C + 2 * SLACK)), _U16),
+                                   _scratch("ends", (1, 2 * (R + 1)), _U64), y)
+        return y
     if B != 1:
         xt3 = tiles_bf16(x) if bf16 and B >= BF16_FROM else tiles(x)
         return untile(gemm_tiles(codes, offsets, recs, lo, hi, xt3), B)

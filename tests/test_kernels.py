@@ -42,9 +42,17 @@ def assert_close(y, ref):
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * scale)
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def serial_or_parallel(request, monkeypatch):
+    """Matrices up to SERIAL_UP_TO weights take the list gemm in the calling thread: each test of the list kernels
+    runs both ways (every matrix serial, or every one parallel)."""
+    monkeypatch.setattr(cpu, "SERIAL_UP_TO", 1 << 40 if request.param == "serial" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_cpu_kernel_matches_reference(shape, batch):
+def test_cpu_kernel_matches_reference(shape, batch, serial_or_parallel):
     m = random_matrix(shape, seed=shape[0] * 1000 + shape[1])
     recs = records(m.dictionary)
     assert check_rows(m.codes, m.row_offsets, recs, shape[1]) == -1
@@ -55,7 +63,7 @@ def test_cpu_kernel_matches_reference(shape, batch):
 
 @pytest.mark.parametrize("p", [(0.885, 0.0575, 0.0575), (0.6, 0.2, 0.2)])
 @pytest.mark.parametrize("kernel", [list_gemm, record_gemm])
-def test_cpu_kernels_every_batch_width(kernel, p):
+def test_cpu_kernels_every_batch_width(kernel, p, serial_or_parallel):
     """Both CPU kernels over batch widths 1 .. 130 (the list kernel's padded widths, partial and several tiles)
     on a dictionary without and one with big words (more than LANES non-zeros of one level: the list kernels'
     per-position branch)."""
@@ -70,7 +78,7 @@ def test_cpu_kernels_every_batch_width(kernel, p):
 
 @pytest.mark.parametrize("cap", [1, 700])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_list_gemm_in_chunks_and_parts(monkeypatch, cap, threads):
+def test_list_gemm_in_chunks_and_parts(monkeypatch, cap, threads, serial_or_parallel):
     """The list gemm emits a part's rows into a buffer of LIST_CAP entries (at least a row's worth) and sums them
     whenever the next row might not fit: with the buffer lowered to one row (cap 1) or a few, and the rows split
     over 1 or 2 parts, every batch width gives the reference; so does a matrix with fewer rows than parts."""
@@ -216,7 +224,7 @@ def test_records_layout():
 
 
 @pytest.mark.parametrize("batch", [1, 4, 33, 130])
-def test_dense_matrices_with_overflow_words(batch):
+def test_dense_matrices_with_overflow_words(batch, serial_or_parallel):
     """Few zeros: dictionary words of 7+ non-zeros, stored outside their records."""
     m = random_matrix((9, 50), p=(0.34, 0.33, 0.33))
     recs = records(m.dictionary)
@@ -454,8 +462,8 @@ def test_chained_matrices_keep_the_tiles(batch):
 
 
 def test_list_kernels_load_from_numba_cache_in_a_new_process(tmp_path):
-    """The list kernels are compiled once and then found in numba's cache by every later process: a second process
-    running them adds no cache entry (closures over dispatchers missed the cache in every process, compiling each
+    """The list kernels (batch 1, the serial gemm of a small matrix, the parallel one of a larger) are compiled once
+    and then found in numba's cache by every later process: a second process running them adds no cache entry (closures over dispatchers missed the cache in every process, compiling each
     kernel again, 1-2 s, and adding an entry a process)."""
     import subprocess
     import sys
@@ -465,6 +473,7 @@ def test_list_kernels_load_from_numba_cache_in_a_new_process(tmp_path):
         import numpy as np
         from qmoe.codec.dictionary import normalize_probs, tunstall
         from qmoe.codec.ternary import bf16_bits_to_f32, encode, f32_to_bf16_bits
+        from qmoe.kernels import cpu
         from qmoe.kernels.cpu import list_gemm
         from qmoe.kernels.records import records
         p = np.array((0.85, 0.09, 0.06))
@@ -473,12 +482,14 @@ def test_list_kernels_load_from_numba_cache_in_a_new_process(tmp_path):
         lo, hi = bf16_bits_to_f32(m.levels[0]), bf16_bits_to_f32(m.levels[1])
         for b in (1, 3):
             list_gemm(m.codes, m.row_offsets, records(m.dictionary), lo, hi, np.ones((b, 40), np.float32))
+        cpu.SERIAL_UP_TO = 0
+        list_gemm(m.codes, m.row_offsets, records(m.dictionary), lo, hi, np.ones((3, 40), np.float32))
         """)
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     counts = []
     for _ in range(2):
         subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
-        counts.append(sorted(p.name for p in (tmp_path / "cache").rglob("*list_g*.nbc")))
+        counts.append(sorted(p.name for p in (tmp_path / "cache").rglob("cpu.*.nbc")))
     assert counts[0] and counts[1] == counts[0]
 
 
