@@ -39,8 +39,9 @@ MAX_LIST_WIDTH = (1 << 16) - 128  # list entries are uint16 positions; a word ma
 WIDTHS = (4, 8, 16, 32)  # tile widths of the list gemm (B is padded up to one; above 32, tiles of 32)
 ROWS_PER_TASK = 16  # rows a prange task of the list gemv takes (one pair of list buffers each)
 BF16_FROM = 16  # with x in bf16 asked for, batches from this size take it (below, x stays float32)
-# Matrices of at most this many weights run the list gemm in the calling thread (_SERIAL): on 256x128 and 128x256
-# at batch 2-32, 8-16 us against 13-20 us in parallel; on 1024x256 the parallel kernels are faster.
+# Matrices of at most this many weights run the list gemm in the calling thread (_WHOLE, or _PART in a chain), and
+# tiles of at most this many elements are transposed there: on 256x128 and 128x256 at batch 2-32, 8-16 us a call against 13-20 us
+# through three parallel launches; on 1024x256 the parallel kernels are faster.
 SERIAL_UP_TO = 1 << 16
 LIST_CAP = 1 << 17  # list entries of each level the list gemm emits before summing them (256 KB a level)
 PREFETCH = 32  # emit asks for word t + PREFETCH's table lines while it stores word t's lists
@@ -338,9 +339,32 @@ def _gemm_for(W: int, big: bool, bf16: bool):
     return gemm
 
 
+def _part_for(W: int, big: bool, bf16: bool):
+    @numba.njit(cache=True)
+    def part(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists, ends):
+        """The list gemm in the calling thread, all rows one part (a small matrix: see SERIAL_UP_TO)."""
+        _gemm_part(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists[0, 0], lists[0, 1], ends[0], 0,
+                   len(offsets) - 1, W, big, bf16)
+    return part
+
+
+def _whole_for(W: int, big: bool):
+    @numba.njit(cache=True)
+    def whole(codes, offsets, meta, lanes, table, extra, lo, hi, x, xt3, yt, lists, ends, y):
+        """A small matrix's whole list gemm in one call from Python (transpose, lists and sums, untile): each call
+        from Python costs a few microseconds, a third of such a matrix's."""
+        _transpose_block(x, xt3, 0, x.shape[1])
+        _gemm_part(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists[0, 0], lists[0, 1], ends[0], 0,
+                   len(offsets) - 1, W, big, False)
+        _untile_block(yt, y, 0, y.shape[1])
+    return whole
+
+
+_KEYS = [(W, big, False) for W in WIDTHS for big in (False, True)] + [(32, big, True) for big in (False, True)]
 _GEMV = {big: _gemv_for(big) for big in (False, True)}  # numba compiles each at its first call, or loads it
-_GEMM = {(W, big, False): _gemm_for(W, big, False) for W in WIDTHS for big in (False, True)}
-_GEMM.update({(32, big, True): _gemm_for(32, big, True) for big in (False, True)})
+_GEMM = {k: _gemm_for(*k) for k in _KEYS}
+_PART = {k: _part_for(*k) for k in _KEYS}
+_WHOLE = {(W, big): _whole_for(W, big) for W in WIDTHS for big in (False, True)}
 
 
 @numba.njit(cache=True)
@@ -384,20 +408,6 @@ def _untile(yt, y):
     R = y.shape[1]
     for block in numba.prange((R + 63) // 64):
         _untile_block(yt, y, block * 64, min(R, block * 64 + 64))
-
-
-def _serial_for(W: int, big: bool):
-    @numba.njit(cache=True)
-    def serial(codes, offsets, meta, lanes, table, extra, lo, hi, x, xt3, yt, lists, ends, y):
-        """The whole list gemm in the calling thread: transpose, lists and sums, untile."""
-        _transpose_block(x, xt3, 0, x.shape[1])
-        _gemm_part(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, lists[0, 0], lists[0, 1], ends[0],
-                   0, len(offsets) - 1, W, big, False)
-        _untile_block(yt, y, 0, y.shape[1])
-    return serial
-
-
-_SERIAL = {(W, big): _serial_for(W, big) for W in WIDTHS for big in (False, True)}
 
 
 @numba.njit(inline="always")
@@ -462,7 +472,11 @@ def tiles(x: np.ndarray, name: str = "xt") -> np.ndarray:
     B, C = x.shape
     W = tile_width(B)
     xt3 = _scratch(name, (-(-B // W), C, W), _F32)
-    _tile_transpose(np.ascontiguousarray(x, dtype=np.float32), xt3)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if xt3.size <= SERIAL_UP_TO:
+        _transpose_block(x, xt3, 0, C)
+    else:
+        _tile_transpose(x, xt3)
     return xt3
 
 
@@ -487,7 +501,10 @@ def repack_bf16(yt: np.ndarray, name: str) -> np.ndarray:
 def untile(yt: np.ndarray, batch: int) -> np.ndarray:
     """A new y [batch, R] float32 from tiles yt [T, R, W]."""
     y = np.empty((batch, yt.shape[1]), dtype=np.float32)
-    _untile(yt, y)
+    if yt.size <= SERIAL_UP_TO:
+        _untile_block(yt, y, 0, yt.shape[1])
+    else:
+        _untile(yt, y)
     return y
 
 
@@ -505,11 +522,12 @@ def gemm_tiles(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nda
     R = len(offsets) - 1
     yt = _scratch(name, (T, R, W), _F32)
     if R > 0:
-        P = max(1, min(numba.get_num_threads(), R))
+        serial = R * C <= SERIAL_UP_TO
+        P = 1 if serial else max(1, min(numba.get_num_threads(), R))
         lists = _scratch("lists", (P, 2, max(LIST_CAP, C + 2 * SLACK)), _U16)
         ends = _scratch("ends", (P, 2 * (R // P + 2)), _U64)
-        _GEMM[W, L.big, bf16](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, xt3, yt, lists,
-                              ends)
+        (_PART if serial else _GEMM)[W, L.big, bf16](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi,
+                                                     xt3, yt, lists, ends)
     return yt
 
 
@@ -521,14 +539,14 @@ def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndar
         raise ValueError(f"the list kernels take up to {MAX_LIST_WIDTH} columns, not {C}")
     R = len(offsets) - 1
     if B > 1 and R * C <= SERIAL_UP_TO and not (bf16 and B >= BF16_FROM):
-        # A tiny matrix: three parallel launches (transpose, gemm, untile) cost more than the work
         W = tile_width(B)
         T = -(-B // W)
+        L = recs.lists
         y = np.empty((B, R), dtype=np.float32)
-        _SERIAL[W, recs.lists.big](codes, offsets, recs.lists.meta, recs.lists.lanes, recs.table, recs.extra, lo, hi,
-                                   x, _scratch("xt", (T, C, W), _F32), _scratch("yt", (T, R, W), _F32),
-                                   _scratch("lists", (1, 2, max(LIST_CAP, C + 2 * SLACK)), _U16),
-                                   _scratch("ends", (1, 2 * (R + 1)), _U64), y)
+        _WHOLE[W, L.big](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, x,
+                         _scratch("xt", (T, C, W), _F32), _scratch("yt", (T, R, W), _F32),
+                         _scratch("lists", (1, 2, max(LIST_CAP, C + 2 * SLACK)), _U16),
+                         _scratch("ends", (1, 2 * (R + 1)), _U64), y)
         return y
     if B != 1:
         xt3 = tiles_bf16(x) if bf16 and B >= BF16_FROM else tiles(x)
