@@ -40,8 +40,8 @@ WIDTHS = (4, 8, 16, 32)  # tile widths of the list gemm (B is padded up to one; 
 ROWS_PER_TASK = 16  # rows a prange task of the list gemv takes (one pair of list buffers each)
 BF16_FROM = 16  # with x in bf16 asked for, batches from this size take it (below, x stays float32)
 # Matrices of at most this many weights run the list gemm in the calling thread (_WHOLE, or _PART in a chain), and
-# tiles of at most this many elements are transposed there: on 256x128 and 128x256 at batch 2-32, 8-16 us a call against 13-20 us
-# through three parallel launches; on 1024x256 the parallel kernels are faster.
+# tiles of at most this many elements are transposed there: on 256x128 and 128x256 at batch 2-32, 8-16 us a call
+# against 13-20 us through three parallel launches; on 1024x256 the parallel kernels are faster.
 SERIAL_UP_TO = 1 << 16
 LIST_CAP = 1 << 17  # list entries of each level the list gemm emits before summing them (256 KB a level)
 PREFETCH = 32  # emit asks for word t + PREFETCH's table lines while it stores word t's lists
@@ -185,12 +185,13 @@ def _emit_big(table, extra, c, pos, hib, lob, nh, nl):
     return nh, nl
 
 
-# The list kernels take `big` (whether the dictionary has words of more than LANES hi or lo non-zeros) and the tile
-# width W as compile-time literals: each (big, W) is its own specialization (a never-taken branch in the emit loop
-# still costs, and rowsum's vectors are W wide), called through _GEMV / _GEMM, jitted closures over the two
-# constants. Those cells pickle the same in every process, so numba's cache finds them; a closure over dispatchers
-# (which pickle with a per-process id) was compiled again in every process, 1-2 s a kernel, and its cache grew
-# with each. Called from Python directly, a numba.literally function retypes on every call (milliseconds).
+# The list kernels take `big` (whether the dictionary has words of more than LANES hi or lo non-zeros), the tile
+# width W and `bf16` (x as bf16 pairs) as compile-time literals: each combination is its own specialization (a
+# never-taken branch in the emit loop still costs, and rowsum's vectors are W wide), called through _GEMV, _GEMM,
+# _PART and _WHOLE, jitted closures over those constants. Such cells pickle the same in every process, so numba's
+# cache finds them; a closure over dispatchers (which pickle with a per-process id) would be compiled again in every
+# process, 1-2 s a kernel, its cache growing with each. Called from Python directly, a numba.literally function
+# retypes on every call (milliseconds).
 
 
 @numba.njit(inline="always")
@@ -245,39 +246,25 @@ def _list_gemv(codes, offsets, meta, lanes, table, extra, lo, hi, x, y, big):
 
 
 @numba.njit(fastmath=True, cache=True)
-def _sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl, W):
+def _sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl, W, bf16):
     """yt[:, r0:r0 + k] from the k rows' lists (row i's end in hib and lob: ends[2i], ends[2i + 1]), one tile of
-    x's columns after the other."""
+    x's columns after the other. bf16: xf is uint32, tiles [C, 16] of 32 columns as pairs (see tiles_bf16)."""
+    per_position = 16 if bf16 else W  # elements of a tile a list position reads
     for t in range(T):
-        tile = xf[t * C * W:(t + 1) * C * W]
+        tile = xf[t * C * per_position:(t + 1) * C * per_position]
         h0 = _U0
         l0 = _U0
         for i in range(k):
             h1 = ends[2 * i]
             l1 = ends[2 * i + 1]
-            rowsum(tile, hib[h0:h1], h1 - h0, np.uint64(W), _U0, sh, W)
-            rowsum(tile, lob[l0:l1], l1 - l0, np.uint64(W), _U0, sl, W)
+            if bf16:
+                rowsum_bf16(tile, hib[h0:h1], h1 - h0, sh)
+                rowsum_bf16(tile, lob[l0:l1], l1 - l0, sl)
+            else:
+                rowsum(tile, hib[h0:h1], h1 - h0, np.uint64(W), _U0, sh, W)
+                rowsum(tile, lob[l0:l1], l1 - l0, np.uint64(W), _U0, sl, W)
             r = r0 + i
             for q in range(W):
-                yt[t, r, q] = hi[r] * sh[q] + lo[r] * sl[q]
-            h0 = h1
-            l0 = l1
-
-
-@numba.njit(fastmath=True, cache=True)
-def _sum_rows_bf16(xu, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl):
-    """_sum_rows for x as bf16 pairs: xu uint32, tiles [C, 16] of 32 columns (see tiles_bf16); yt [T, R, 32]."""
-    for t in range(T):
-        tile = xu[t * C * 16:(t + 1) * C * 16]
-        h0 = _U0
-        l0 = _U0
-        for i in range(k):
-            h1 = ends[2 * i]
-            l1 = ends[2 * i + 1]
-            rowsum_bf16(tile, hib[h0:h1], h1 - h0, sh)
-            rowsum_bf16(tile, lob[l0:l1], l1 - l0, sl)
-            r = r0 + i
-            for q in range(32):
                 yt[t, r, q] = hi[r] * sh[q] + lo[r] * sl[q]
             h0 = h1
             l0 = l1
@@ -303,10 +290,7 @@ def _gemm_part(codes, offsets, meta, lanes, table, extra, lo, hi, xt3, yt, hib, 
             ends[2 * k + 1] = nl
             k += 1
             r += 1
-        if bf16:
-            _sum_rows_bf16(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl)
-        else:
-            _sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl, W)
+        _sum_rows(xf, T, C, hib, lob, ends, k, r0, lo, hi, yt, sh, sl, W, bf16)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -411,9 +395,8 @@ def _untile(yt, y):
 
 
 @numba.njit(inline="always")
-def _bf16_bits(v):
+def _bf16_bits(b):
     """A float32's bits (uint32) -> its bf16 bits (< 2^16), rounded to nearest even as torch rounds; NaN stays NaN."""
-    b = v
     if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
         return (b >> np.uint32(16)) | np.uint32(0x40)
     return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
@@ -464,6 +447,12 @@ def _scratch(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
 
 
 _F32, _U16, _U32, _U64 = (np.dtype(t) for t in (np.float32, np.uint16, np.uint32, np.uint64))
+
+
+def _list_buffers(P: int, C: int, R: int) -> tuple[np.ndarray, np.ndarray]:
+    """The list gemm's scratch for P parts of R rows of C columns: lists [P, 2, cap] uint16, ends [P, ...] uint64."""
+    return (_scratch("lists", (P, 2, max(LIST_CAP, C + 2 * SLACK)), _U16),
+            _scratch("ends", (P, 2 * (R // P + 2)), _U64))
 
 
 def tiles(x: np.ndarray, name: str = "xt") -> np.ndarray:
@@ -523,9 +512,7 @@ def gemm_tiles(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.nda
     yt = _scratch(name, (T, R, W), _F32)
     if R > 0:
         serial = R * C <= SERIAL_UP_TO
-        P = 1 if serial else max(1, min(numba.get_num_threads(), R))
-        lists = _scratch("lists", (P, 2, max(LIST_CAP, C + 2 * SLACK)), _U16)
-        ends = _scratch("ends", (P, 2 * (R // P + 2)), _U64)
+        lists, ends = _list_buffers(1 if serial else max(1, min(numba.get_num_threads(), R)), C, R)
         (_PART if serial else _GEMM)[W, L.big, bf16](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi,
                                                      xt3, yt, lists, ends)
     return yt
@@ -544,9 +531,7 @@ def list_gemm(codes: np.ndarray, offsets: np.ndarray, recs: Records, lo: np.ndar
         L = recs.lists
         y = np.empty((B, R), dtype=np.float32)
         _WHOLE[W, L.big](codes, offsets, L.meta, L.lanes, recs.table, recs.extra, lo, hi, x,
-                         _scratch("xt", (T, C, W), _F32), _scratch("yt", (T, R, W), _F32),
-                         _scratch("lists", (1, 2, max(LIST_CAP, C + 2 * SLACK)), _U16),
-                         _scratch("ends", (1, 2 * (R + 1)), _U64), y)
+                         _scratch("xt", (T, C, W), _F32), _scratch("yt", (T, R, W), _F32), *_list_buffers(1, C, R), y)
         return y
     if B != 1:
         xt3 = tiles_bf16(x) if bf16 and B >= BF16_FROM else tiles(x)

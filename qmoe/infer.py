@@ -57,11 +57,9 @@ def load_for_inference(model_dir: Path, cfg: InferConfig):
         simulate_uncompressed(model)
         kind += "; simulated uncompressed (one shared dense bf16 expert a block)"
     if cfg.bf16_activations:
-        from qmoe.kernels.cpu import BF16_FROM
-        from qmoe.kernels.module import use_bf16_activations
+        from qmoe.models.run import with_bf16_activations
 
-        if use_bf16_activations(model):
-            kind += f"; x in bf16 on the CPU kernels from batch {BF16_FROM}"
+        kind += with_bf16_activations(model)
     return model, hf, kind
 
 

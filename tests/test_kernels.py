@@ -463,8 +463,9 @@ def test_chained_matrices_keep_the_tiles(batch):
 
 def test_list_kernels_load_from_numba_cache_in_a_new_process(tmp_path):
     """The list kernels (batch 1, the serial gemm of a small matrix, the parallel one of a larger) are compiled once
-    and then found in numba's cache by every later process: a second process running them adds no cache entry (closures over dispatchers missed the cache in every process, compiling each
-    kernel again, 1-2 s, and adding an entry a process)."""
+    and then found in numba's cache by every later process: a second process running them adds no cache entry
+    (closures over dispatchers miss the cache in every process, compiling each kernel again, 1-2 s, and adding an
+    entry a process)."""
     import subprocess
     import sys
     import textwrap

@@ -183,7 +183,8 @@ def format_table(result: dict) -> str:
                      f"{r['decoded bf16 tokens/s']:.0f} | {r['fused / simulated']:.2f}x | "
                      f"{r['fused / decoded bf16']:.2f}x | {r['fused kernel calls by path']} |")
         if f"{BF16_COPY} / simulated" in r:
-            lines[-1] += f" {BF16_COPY}: {r[f'{BF16_COPY} tokens/s']:.0f} tokens/s, {r[f'{BF16_COPY} / simulated']:.2f}x |"
+            lines[-1] += (f" {BF16_COPY}: {r[f'{BF16_COPY} tokens/s']:.0f} tokens/s, "
+                          f"{r[f'{BF16_COPY} / simulated']:.2f}x |")
     b = result["bytes_held"]
     lines.append("")
     lines.append("bytes held: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in b.items()))

@@ -91,21 +91,26 @@ def simulate_uncompressed(model: MoECausalLM) -> MoECausalLM:
     return model
 
 
+def with_bf16_activations(model: nn.Module) -> str:
+    """Sets the model's compressed experts to sum x in bf16 on the CPU (qmoe.infer --bf16-activations); returns what
+    the run's description adds ("" when the model has none left to set)."""
+    from qmoe.kernels.cpu import BF16_FROM
+    from qmoe.kernels.module import use_bf16_activations
+
+    return f"; x in bf16 on the CPU kernels from batch {BF16_FROM}" if use_bf16_activations(model) else ""
+
+
 def run(model_dir: Path, devices: list[str], eval_: bool, steps: int, batch: int, val_samples: int, seed: int,
         calib: Path | None, seq_len: int, prompt: str | list[str] | None, reference: bool = False,
         simulate: bool = False, bf16_activations: bool = False) -> dict:
     t0 = time.perf_counter()
     hf, _ = read_hf_config(model_dir)
     model, kind = load_any(model_dir, reference)
-    if bf16_activations:
-        from qmoe.kernels.cpu import BF16_FROM
-        from qmoe.kernels.module import use_bf16_activations
-
-        if use_bf16_activations(model):
-            kind += f"; x in bf16 on the CPU kernels from batch {BF16_FROM}"
     if simulate:
         simulate_uncompressed(model)
         kind += "; simulated uncompressed (one shared dense bf16 expert a layer)"
+    if bf16_activations:
+        kind += with_bf16_activations(model)
     p = place(model, devices)
     device = str(p.device("model.embed_tokens"))  # where the ids go in
     tok = load_causal_tokenizer(model_dir, hf)
