@@ -255,3 +255,21 @@ def test_sigterm_stops_the_local_ray_it_started(tiny_ckpt, tmp_path):
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [c.cmdline()[:3] for c in alive]
     assert not json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_a_local_ray_declares_the_gpus_torch_sees(tiny_ckpt, reference, tmp_path):
+    """`--workers 2 --gpus-per-worker 0.5` with no cluster: the local Ray it starts declares the GPUs torch sees
+    (here one, torch's count faked; the work stays on the CPU), both half-GPU workers fit, and the bytes are the
+    single process's. Where torch sees none, the run is refused in one line before any work."""
+    args = [*CMD, "--model", str(tiny_ckpt), "--workers", "2", "--gpus-per-worker", "0.5"]
+    fake = ("import sys, torch; torch.cuda.device_count = lambda: 1; from qmoe.compress import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", fake, *args, "--out", str(tmp_path / "o")], env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["executor"]["gpus_per_worker"] == 0.5
+    assert _expert_bytes(tmp_path / "o") == _expert_bytes(reference)
+    r = subprocess.run([sys.executable, "-m", "qmoe.compress", *args, "--out", str(tmp_path / "n")], env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "needs 1 GPU slots; the Ray cluster has 0" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "n" / "experts").exists()

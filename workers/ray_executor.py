@@ -39,8 +39,8 @@ class RayExecutor:
         self._local = None  # the LocalRay this executor started, if it started one
 
     def start(self, job: Job, out_dir: str) -> None:
-        self._connect()
         gpus = self.gpus if self.gpus is not None else (1.0 if job.cfg.device == "cuda" else None)
+        self._connect(gpus is not None)
         opts = {"num_gpus": gpus, "num_cpus": 0} if gpus is not None else {"num_cpus": 1}
         kind, need = ("GPU", self.n * gpus) if gpus is not None else ("CPU", self.n)
         have = ray.cluster_resources().get(kind, 0)
@@ -50,9 +50,10 @@ class RayExecutor:
         actor = ray.remote(max_restarts=-1, max_task_retries=-1, **opts)(worker_class(job))
         self.actors = [actor.remote(job) for _ in range(self.n)]
 
-    def _connect(self) -> None:
+    def _connect(self, gpus: bool) -> None:
         """Join the running Ray (this process's, or RAY_ADDRESS's, as under `ray job submit`), else start a local
-        one: loopback only, token authentication, its own temp dir and ports (workers/local_ray.py)."""
+        one: loopback only, token authentication, its own temp dir and ports (workers/local_ray.py), declaring the
+        GPUs torch sees here (CUDA_VISIBLE_DEVICES applied) when the workers ask for GPUs, else none."""
         if ray.is_initialized():
             return
         # Ray's core worker installs a SIGTERM handler of its own that exits at once; keep this process's, so a
@@ -64,7 +65,7 @@ class RayExecutor:
         else:
             from qmoe.workers.local_ray import start_local_ray
 
-            self._local = start_local_ray(num_cpus=self.n)
+            self._local = start_local_ray(num_cpus=self.n, num_gpus=_visible_gpus() if gpus else 0)
         if main and callable(handler):
             signal.signal(signal.SIGTERM, handler)
 
@@ -96,6 +97,12 @@ class RayExecutor:
             self._local.shutdown()
             self._local = None
         return info
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 @ray.remote(num_cpus=0)
