@@ -273,3 +273,21 @@ def test_a_local_ray_declares_the_gpus_torch_sees(tiny_ckpt, reference, tmp_path
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "needs 1 GPU slots; the Ray cluster has 0" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "n" / "experts").exists()
+
+
+def test_bench_throughput_runs_in_process_and_on_ray():
+    """`qmoe.bench throughput` on small shapes: the in-process and 2-worker runs, their split, the same bytes."""
+    from qmoe.bench import throughput
+
+    r = throughput.run(3, "rtn", "cpu", "0,2", train_samples=8, val_samples=4,
+                       shapes=dict(d_model=32, d_ff=64, num_heads=2, d_kv=16), progress=lambda *a: None)
+    assert [(x["workers"], x["experts"]) for x in r["rows"]] == [(0, 6), (2, 6)]
+    assert all(x["expert_files_identical_to_first_run"] for x in r["rows"])
+    assert r["rows"][0]["val_loss_after"] == r["rows"][1]["val_loss_after"]
+    for x in r["rows"]:
+        assert 0 < x["split_seconds_an_expert"]["worker_encode_write"] and x["gpu_busy_percent"] is None
+    assert len(r["rows"][1]["peak_anon_bytes"]["workers"]) == 2
+    assert "| 2 Ray workers |" in throughput.format_table(r)
+    with pytest.raises(ValueError, match="a share of a GPU needs Ray workers"):
+        throughput.parse_runs("0x0.5")
+    assert throughput.parse_runs("0,2,2x0.5") == [(0, None), (2, None), (2, 0.5)]

@@ -74,11 +74,25 @@ def main(argv=None) -> int:
     o.add_argument("--train-samples", type=int, default=32)
     o.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the steps run (default: cpu)")
     o.add_argument("--json", type=Path)
+    th = sub.add_parser("throughput", help="seconds an expert and their split, in process and on Ray (GPU shares)")
+    th.add_argument("--experts", type=int, default=64, help="experts per sparse block (default: 64)")
+    th.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    th.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the steps run (default: cpu)")
+    th.add_argument("--runs", default="0,2x0.5", help="comma-separated: 0 (in process), N (Ray workers), NxG (N "
+                                                    "workers of G GPUs each); default 0,2x0.5")
+    th.add_argument("--train-samples", type=int, default=128)
+    th.add_argument("--val-samples", type=int, default=16)
+    th.add_argument("--threads", type=int, default=2, help="torch threads a process (a byte-changing setting)")
+    th.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if a.what == "overlap":
         from qmoe.bench import overlap as b
 
         result = b.run(a.experts, a.method, a.repeats, a.train_samples, a.device)
+    elif a.what == "throughput":
+        from qmoe.bench import throughput as b
+
+        result = b.run(a.experts, a.method, a.device, a.runs, a.train_samples, a.val_samples, a.threads)
     elif a.what == "tunstall":
         from qmoe.bench import tunstall as b
 
