@@ -291,3 +291,18 @@ def test_bench_throughput_runs_in_process_and_on_ray():
     with pytest.raises(ValueError, match="a share of a GPU needs Ray workers"):
         throughput.parse_runs("0x0.5")
     assert throughput.parse_runs("0,2,2x0.5") == [(0, None), (2, None), (2, 0.5)]
+
+
+def test_bench_stopped_by_sigterm_removes_its_checkpoint(tmp_path):
+    """`timeout` ends a benchmark with SIGTERM: it exits 143 and leaves no temporary checkpoint behind."""
+    env = dict(_env(), TMPDIR=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-m", "qmoe.bench", "throughput", "--experts", "1", "--runs", "0",
+                          "--method", "rtn", "--train-samples", "8", "--val-samples", "4"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not list(tmp_path.glob("bench-throughput-*/synth/*")):
+        time.sleep(0.05)
+    assert p.poll() is None, p.stderr.read()[-2000:]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not list(tmp_path.glob("bench-throughput-*"))

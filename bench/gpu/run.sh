@@ -1,69 +1,95 @@
 #!/usr/bin/env bash
-# The GPU checks of a session with a lent GPU, in one call of under 10 minutes, from the repository root:
-#   bash bench/gpu/run.sh WHEELS OUT [DEVICE]
-# WHEELS: a folder of wheels the GPU machine's image lacks (for its Python): zstandard, and numpy 2.4 (numba-cuda
-# 0.30 does not import with numpy 2.5). They and qmoe itself (built from this tree, no dependencies) go to a
-# folder of their own on PYTHONPATH: nothing of the image is changed. OUT: where the logs and JSON go.
-# DEVICE: cuda (default), or cpu to rehearse the same steps on a machine without a GPU (no kernel table; the wheels
-# are not installed: the machine's own environment is used).
-# Steps: the c2048-shaped model for the end-to-end table is made in the background (synth + RTN compress) while the
-# GPU tests run (correctness only, nothing timed), then, with the GPU otherwise idle, the kernel table and the
-# end-to-end table. Each step has its own time limit; one that fails does not stop the next.
+# A GPU session's checks, from the repository root, in two calls of the device tool on one warm machine (what the
+# GPU image lacks, Ray above all, does not fit beside the working tree in one call: see bench/gpu/pack.py):
+#   bash bench/gpu/run.sh OUT infer .gpu/1      GPU tests, the kernel table, the c2048-shaped end-to-end table
+#   bash bench/gpu/run.sh OUT compress .gpu/2   seconds an expert in process and on Ray workers sharing the GPU
+# OUT: where the logs and JSON go. Each call copies the pack folders it names into .gpu-stage (git-ignored: a warm
+# machine keeps it for the next call) and installs from there, with qmoe built from this tree, into a folder of
+# its own on PYTHONPATH: nothing of the image is changed. The second call needs the first's parts still there;
+# where the machine went back in between, it says which parts are missing and stops.
+# QMOE_GPU_DEVICE=cpu rehearses the same steps on a machine without a GPU (no GPU tests, no kernel table; Ray
+# workers without GPU shares) from a pack made for its Python (pack.py --python 3.11). QMOE_GPU_EXPERTS sets the
+# experts per block of both c2048-shaped models (default 64; fewer only to rehearse).
+# Each step has its own time limit; one that fails does not stop the next.
 set -uo pipefail
-wheels=${1:?usage: run.sh WHEELS OUT [DEVICE]}
-out=${2:?usage: run.sh WHEELS OUT [DEVICE]}
-device=${3:-cuda}
-mkdir -p "$out"
+out=${1:?usage: run.sh OUT infer|compress [PACK_DIR...]}
+part=${2:?usage: run.sh OUT infer|compress [PACK_DIR...]}
+shift 2
+device=${QMOE_GPU_DEVICE:-cuda}
+experts=${QMOE_GPU_EXPERTS:-64}
+out=$(realpath -m "$out")
+mkdir -p "$out" .gpu-stage
 work=$(mktemp -d -t qmoe-gpu.XXXXXX)
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
+for d in "$@"; do cp "$d"/* .gpu-stage/ || exit 1; done
+case $part in
+    infer) need=base ;;
+    compress) need="base ray" ;;
+    *) echo "run.sh: PART must be infer or compress, got $part" >&2; exit 2 ;;
+esac
+python3 bench/gpu/unpack.py .gpu-stage "$work/site" $need || exit 3
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$work/site" . || exit 1
+export PYTHONPATH="$work/site"
+# Python runs from $work: from the repository root, its qmoe/ folder (the package without the codec/, kernels/ and
+# workers/ it is installed with) would stand in for the installed qmoe, here and in Ray's workers.
+repo=$(pwd)
+cd "$work" || exit 1
 if [ "$device" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
     card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -d ' ' | tr 'A-Z' 'a-z' | sed 's/nvidia//')
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" "$wheels"/*.whl || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$work/site" . \
-        || exit 1
-    export PYTHONPATH="$work/site"
 else
     card=cpu
 fi
-stamp "qmoe from $(python3 -c 'import qmoe, os; print(os.path.dirname(qmoe.__file__))')"
+stamp "qmoe from $(python3 -c 'import qmoe, os; print(os.path.dirname(qmoe.__file__))'), part $part on $device"
 
-experts=${QMOE_GPU_EXPERTS:-64}  # experts per block of the end-to-end model (fewer only to rehearse)
-model="$work/c2048-shaped-1x$experts"
-( timeout 300 python3 -m qmoe.synth --out "$work/synth" --blocks 1 --experts "$experts" \
-  && timeout 300 python3 -m qmoe.compress --model "$work/synth" --out "$model" --method rtn --device "$device" \
-       --train-samples 16 --val-samples 64 --threads 8 \
-  && rm -rf "$work/synth" && cp "$model/summary.json" "$out/compress-rtn-$device-summary.json" ) \
-    > "$out/build.log" 2>&1 &
-build=$!
-
-if [ "$device" = cuda ]; then
-    stamp "GPU tests"
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_infer.py \
-        -k "cuda and not simulator and not ptx" 2>&1 | tail -40 > "$out/tests.log"
-    tail -3 "$out/tests.log"
+if [ "$part" = infer ]; then
+    # The c2048-shaped model for the end-to-end table is made in the background (synth + RTN compress) while the
+    # GPU tests run (correctness only, nothing timed); then, with the GPU otherwise idle, the two tables.
+    model="$work/c2048-shaped-1x$experts"
+    ( timeout 240 python3 -m qmoe.synth --out "$work/synth" --blocks 1 --experts "$experts" \
+      && timeout 240 python3 -m qmoe.compress --model "$work/synth" --out "$model" --method rtn --device "$device" \
+           --train-samples 16 --val-samples 64 --threads 8 \
+      && rm -rf "$work/synth" && cp "$model/summary.json" "$out/compress-rtn-$device-summary.json" ) \
+        > "$out/build.log" 2>&1 &
+    build=$!
+    if [ "$device" = cuda ]; then
+        stamp "GPU tests"
+        timeout 120 python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_kernels.py" "$repo/tests/test_infer.py" \
+            -k "cuda and not simulator and not ptx" 2>&1 | tail -40 > "$out/tests.log"
+        tail -3 "$out/tests.log"
+    fi
+    stamp "waiting for the model"
+    wait $build; rc=$?
+    tail -3 "$out/build.log"
+    stamp "model built: rc $rc"
+    if [ "$device" = cuda ]; then
+        stamp "kernel table"
+        timeout 110 python3 -m qmoe.bench kernels --device cuda --no-end-to-end --repeats 15 \
+            --json "$out/kernels-cuda-$card.json" > "$out/kernels.log" 2>&1
+        stamp "kernel table: rc $?"
+        tail -25 "$out/kernels.log"
+    fi
+    if [ "$rc" = 0 ]; then
+        stamp "end-to-end table"
+        timeout 110 python3 -m qmoe.bench infer --device "$device" --compressed "$model" --repeats 3 \
+            --json "$out/infer-$device-$card.json" > "$out/infer.log" 2>&1
+        stamp "end-to-end table: rc $?"
+        tail -12 "$out/infer.log"
+    fi
+else
+    # Seconds an expert (GPTQ ternary, 128 calibration samples): in this process, then two Ray workers sharing
+    # the GPU (one encodes on the host while the other quantizes), their bytes compared; Ray local to this run,
+    # on 127.0.0.1 with token authentication. 8 torch threads a process (16 cores).
+    runs=0,2x0.5
+    [ "$device" = cuda ] || runs=0,2
+    stamp "throughput: runs $runs"
+    timeout 330 python3 -m qmoe.bench throughput --device "$device" --experts "$experts" --runs "$runs" \
+        --threads 8 --train-samples 128 --json "$out/throughput-$device-$card.json" > "$out/throughput.log" 2>&1
+    stamp "throughput: rc $?"
+    tail -12 "$out/throughput.log"
 fi
-stamp "waiting for the model"
-wait $build; rc=$?
-tail -3 "$out/build.log"
-stamp "model built: rc $rc"
-
-if [ "$device" = cuda ]; then
-    stamp "kernel table"
-    timeout 130 python3 -m qmoe.bench kernels --device cuda --no-end-to-end --repeats 15 \
-        --json "$out/kernels-cuda-$card.json" > "$out/kernels.log" 2>&1
-    stamp "kernel table: rc $?"
-    tail -25 "$out/kernels.log"
-fi
-if [ "$rc" = 0 ]; then
-    stamp "end-to-end table"
-    timeout 150 python3 -m qmoe.bench infer --device "$device" --compressed "$model" --repeats 3 \
-        --json "$out/infer-$device-$card.json" > "$out/infer.log" 2>&1
-    stamp "end-to-end table: rc $?"
-    tail -12 "$out/infer.log"
-fi
-rm -rf "$work"
+cd "$repo" && rm -rf "$work"
 stamp done

@@ -1,8 +1,9 @@
-"""python -m qmoe.bench {codec,kernels,infer,scale,gptq,tunstall,llamacpp,overlap} [--json FILE]: benchmarks, each run side by side
+"""python -m qmoe.bench {codec,kernels,infer,scale,gptq,tunstall,llamacpp,overlap,throughput} [--json FILE]: benchmarks, each run side by side
 with its baselines, one module each in qmoe/bench/."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
     elif a.what == "throughput":
         from qmoe.bench import throughput as b
 
-        result = b.run(a.experts, a.method, a.device, a.runs, a.train_samples, a.val_samples, a.threads)
+        result = b.run(a.experts, a.method, a.device, a.runs, a.train_samples, a.val_samples, a.threads,
+                       partial=a.json)
     elif a.what == "tunstall":
         from qmoe.bench import tunstall as b
 
@@ -137,5 +139,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _terminated(signum, frame):
+    # A time limit's SIGTERM unwinds like an exception: temporary checkpoints are removed and a Ray the run
+    # started is stopped, as on Ctrl-C.
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())

@@ -143,6 +143,8 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
                            "decode_from_batch": _decode_from_batch()},
               "bytes_held": held, "rows": []}
     rows = result["rows"]
+    if partial:  # the setup (bytes held) before any row: a run cut short before the first still says it
+        atomic_write_json(partial, result | {"partial": True})
     for task, (ntok, fn) in work_items.items():
         before = _path_calls(models["fused"])
         secs = _timed({k: (lambda r=r: fn(r)) for k, r in runners.items()}, repeats, sync)

@@ -62,7 +62,8 @@ def _row(s: dict, workers: int, gpus: float | None, wall: float) -> dict:
 
 def run(experts: int = 64, method: str = "gptq", device: str = "cpu", runs: str = "0,2x0.5",
         train_samples: int = 128, val_samples: int = 16, threads: int = 2, shapes: dict | None = None,
-        progress=print) -> dict:
+        progress=print, partial: Path | None = None) -> dict:
+    """partial: a JSON file rewritten after each run, so a run cut short by a time limit keeps the runs done."""
     from qmoe.compression.compressor import compress_model
     from qmoe.compression.pipeline import CompressConfig
     from qmoe.data import DataSpec
@@ -95,10 +96,19 @@ def run(experts: int = 64, method: str = "gptq", device: str = "cpu", runs: str 
             row["expert_files_identical_to_first_run"] = hashes == first
             rows.append(row)
             progress({k: v for k, v in row.items() if not isinstance(v, dict)})
+            if partial:
+                from qmoe.store import atomic_write_json
+
+                atomic_write_json(partial, _result(rows, experts, method, device, train_samples, val_samples,
+                                                   threads, shapes))
             shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    best = min(r["seconds_an_expert"] for r in rows)
+    return _result(rows, experts, method, device, train_samples, val_samples, threads, shapes)
+
+
+def _result(rows, experts, method, device, train_samples, val_samples, threads, shapes) -> dict:
+    best = min((r["seconds_an_expert"] for r in rows), default=float("nan"))
     return dict(
         model=f"c2048-shaped (d_model {shapes['d_model']}, d_ff {shapes['d_ff']}): 1 + 1 sparse blocks of "
               f"{experts} experts", method=method, device=device, train_samples=train_samples,
