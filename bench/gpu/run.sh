@@ -3,6 +3,7 @@
 # GPU image lacks, Ray above all, does not fit beside the working tree in one call: see bench/gpu/pack.py):
 #   bash bench/gpu/run.sh OUT infer .gpu/1      GPU tests, the kernel table, the c2048-shaped end-to-end table
 #   bash bench/gpu/run.sh OUT compress .gpu/2   seconds an expert in process and on Ray workers sharing the GPU
+#   (bash bench/gpu/run.sh OUT stage .gpu/1     only copies the parts: for compress on a machine that lacks them)
 # OUT: where the logs and JSON go. Each call copies the pack folders it names into .gpu-stage (git-ignored: a warm
 # machine keeps it for the next call) and installs from there, with qmoe built from this tree, into a folder of
 # its own on PYTHONPATH: nothing of the image is changed. The second call needs the first's parts still there;
@@ -12,24 +13,30 @@
 # experts per block of both c2048-shaped models (default 64; fewer only to rehearse).
 # Each step has its own time limit; one that fails does not stop the next.
 set -uo pipefail
-out=${1:?usage: run.sh OUT infer|compress [PACK_DIR...]}
-part=${2:?usage: run.sh OUT infer|compress [PACK_DIR...]}
+out=${1:?usage: run.sh OUT infer|compress|stage [PACK_DIR...]}
+part=${2:?usage: run.sh OUT infer|compress|stage [PACK_DIR...]}
 shift 2
 device=${QMOE_GPU_DEVICE:-cuda}
 experts=${QMOE_GPU_EXPERTS:-64}
 out=$(realpath -m "$out")
 mkdir -p "$out" .gpu-stage
-work=$(mktemp -d -t qmoe-gpu.XXXXXX)
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+# Every step ends by the call's deadline, QMOE_GPU_SECONDS after the start (default 340 for infer and 300 for
+# compress: the calls' timeout_s, 360 and 320, less 20 s): cap N says min(N, the seconds left), at least 1.
+[ "$part" = infer ] && secs=340 || secs=300
+deadline=$(( t0 + ${QMOE_GPU_SECONDS:-$secs} ))
+cap() { local left=$(( deadline - $(date +%s) )); [ "$left" -lt 1 ] && left=1; [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
 
 for d in "$@"; do cp "$d"/* .gpu-stage/ || exit 1; done
 case $part in
+    stage) echo "staged: $(ls .gpu-stage | tr '\n' ' ')"; exit 0 ;;
     infer) need=base ;;
     compress) need="base ray" ;;
-    *) echo "run.sh: PART must be infer or compress, got $part" >&2; exit 2 ;;
+    *) echo "run.sh: PART must be infer, compress or stage, got $part" >&2; exit 2 ;;
 esac
+work=$(mktemp -d -t qmoe-gpu.XXXXXX)
 python3 bench/gpu/unpack.py .gpu-stage "$work/site" $need || exit 3
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$work/site" . || exit 1
 export PYTHONPATH="$work/site"
@@ -57,24 +64,30 @@ if [ "$part" = infer ]; then
     build=$!
     if [ "$device" = cuda ]; then
         stamp "GPU tests"
-        timeout 120 python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_kernels.py" "$repo/tests/test_infer.py" \
-            -k "cuda and not simulator and not ptx" 2>&1 | tail -40 > "$out/tests.log"
+        # Compiling the kernels for each shape is most of their time: 8 processes (pytest-xdist, in the image).
+        par=""
+        python3 -c "import xdist" 2>/dev/null && par="-n 8"
+        timeout "$(cap 100)" python3 -m pytest -q -p no:cacheprovider $par "$repo/tests/test_kernels.py" \
+            "$repo/tests/test_infer.py" -k "cuda and not simulator and not ptx" 2>&1 | tail -40 > "$out/tests.log"
         tail -3 "$out/tests.log"
     fi
     stamp "waiting for the model"
+    # At most until 150 s before the deadline, so the two tables still have their time.
+    while kill -0 $build 2>/dev/null && [ $(( deadline - $(date +%s) )) -gt 150 ]; do sleep 1; done
+    kill -0 $build 2>/dev/null && { pkill -TERM -P $build; kill $build; echo "model not built in time" >> "$out/build.log"; }
     wait $build; rc=$?
     tail -3 "$out/build.log"
     stamp "model built: rc $rc"
     if [ "$device" = cuda ]; then
         stamp "kernel table"
-        timeout 110 python3 -m qmoe.bench kernels --device cuda --no-end-to-end --repeats 15 \
+        timeout "$(cap 110)" python3 -m qmoe.bench kernels --device cuda --no-end-to-end --repeats 15 \
             --json "$out/kernels-cuda-$card.json" > "$out/kernels.log" 2>&1
         stamp "kernel table: rc $?"
         tail -25 "$out/kernels.log"
     fi
     if [ "$rc" = 0 ]; then
         stamp "end-to-end table"
-        timeout 110 python3 -m qmoe.bench infer --device "$device" --compressed "$model" --repeats 3 \
+        timeout "$(cap 120)" python3 -m qmoe.bench infer --device "$device" --compressed "$model" --repeats 3 \
             --json "$out/infer-$device-$card.json" > "$out/infer.log" 2>&1
         stamp "end-to-end table: rc $?"
         tail -12 "$out/infer.log"
@@ -86,7 +99,7 @@ else
     runs=0,2x0.5
     [ "$device" = cuda ] || runs=0,2
     stamp "throughput: runs $runs"
-    timeout 330 python3 -m qmoe.bench throughput --device "$device" --experts "$experts" --runs "$runs" \
+    timeout "$(cap 300)" python3 -m qmoe.bench throughput --device "$device" --experts "$experts" --runs "$runs" \
         --threads 8 --train-samples 128 --json "$out/throughput-$device-$card.json" > "$out/throughput.log" 2>&1
     stamp "throughput: rc $?"
     tail -12 "$out/throughput.log"
