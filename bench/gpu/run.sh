@@ -23,9 +23,10 @@ mkdir -p "$out" .gpu-stage
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-# Every step ends by the call's deadline, QMOE_GPU_SECONDS after the start (default 340 for infer and 300 for
-# compress: the calls' timeout_s, 360 and 320, less 20 s): cap N says min(N, the seconds left), at least 1.
-[ "$part" = infer ] && secs=340 || secs=300
+# Every step ends by the call's deadline, QMOE_GPU_SECONDS after the start (default 330 for infer and 290 for
+# compress: the calls' timeout_s, 360 and 320, less 30 s for a stopped step to unwind: a benchmark stopping its
+# Ray took 18 s in the rehearsal): cap N says min(N, the seconds left), at least 1.
+[ "$part" = infer ] && secs=330 || secs=290
 deadline=$(( t0 + ${QMOE_GPU_SECONDS:-$secs} ))
 cap() { local left=$(( deadline - $(date +%s) )); [ "$left" -lt 1 ] && left=1; [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
 
@@ -37,6 +38,7 @@ case $part in
     *) echo "run.sh: PART must be infer, compress or stage, got $part" >&2; exit 2 ;;
 esac
 work=$(mktemp -d -t qmoe-gpu.XXXXXX)
+trap 'rm -rf "$work"' EXIT
 python3 bench/gpu/unpack.py .gpu-stage "$work/site" $need || exit 3
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$work/site" . || exit 1
 export PYTHONPATH="$work/site"
@@ -104,5 +106,4 @@ else
     stamp "throughput: rc $?"
     tail -12 "$out/throughput.log"
 fi
-cd "$repo" && rm -rf "$work"
 stamp done
