@@ -48,9 +48,16 @@ def test_pack_split_and_unpack_round_trip(tmp_path):
     unpack = [sys.executable, str(ROOT / "bench" / "gpu" / "unpack.py"), str(stage), str(tmp_path / "t")]
     r = subprocess.run(unpack + ["ray"], capture_output=True, text=True)
     assert r.returncode == 3 and "incomplete" in r.stderr and "ray (" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "bytes here" in r.stderr
     for p in calls[-1]:
         (stage / f"{p['archive']}.tar.xz.{p['offset']}").write_bytes(
             blobs[p["archive"]][p["offset"]:p["offset"] + p["size"]])
+    first_ray = min(stage.glob("ray.tar.xz.*"), key=lambda p: int(p.suffix[1:]))
+    kept = first_ray.read_bytes()
+    first_ray.unlink()  # the rest is all there, but not from offset 0
+    r = subprocess.run(unpack + ["ray"], capture_output=True, text=True)
+    assert r.returncode == 3 and "where 0 was expected" in r.stderr, r.stderr
+    first_ray.write_bytes(kept)
     r = subprocess.run(unpack + ["base", "ray"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     t = tmp_path / "t"

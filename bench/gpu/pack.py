@@ -143,6 +143,9 @@ def main(argv=None) -> int:
                    help="bytes a call folder may hold (default: 64 MiB less the working tree, less 1.5 MiB)")
     a = p.parse_args(argv)
     budget = a.budget or CARRY_LIMIT - tree_bytes() - MARGIN
+    if budget < MIB:
+        raise SystemExit(f"pack: the working tree leaves {budget / MIB:.2f} MiB a call (64 MiB less the tree, less "
+                         f"{MARGIN / MIB:g} MiB): too little to carry anything")
     with tempfile.TemporaryDirectory(prefix="qmoe-pack-") as tmp:
         wheels = a.wheels or download([n for ns in ARCHIVES.values() for n in ns], a.python, Path(tmp) / "w")
         if a.wheels:
@@ -163,6 +166,9 @@ def main(argv=None) -> int:
             contents[name] = [w.name for w in mine]
             print(f"{name}: {len(blobs[name]) / MIB:.1f} MiB ({', '.join(contents[name])})")
     calls = split(blobs, budget)
+    if any(p["archive"] == "base" for c in calls[1:] for p in c):
+        raise SystemExit(f"pack: the base archive ({len(blobs['base']) / MIB:.2f} MiB) does not fit the first call's "
+                         f"{budget / MIB:.2f} MiB, and the infer call carries only that one")
     shutil.rmtree(a.out, ignore_errors=True)
     manifest = {"python": a.python, "archives": {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b),
                                                      "wheels": contents[n]} for n, b in blobs.items()},

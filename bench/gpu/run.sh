@@ -30,7 +30,11 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 deadline=$(( t0 + ${QMOE_GPU_SECONDS:-$secs} ))
 cap() { local left=$(( deadline - $(date +%s) )); [ "$left" -lt 1 ] && left=1; [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
 
-for d in "$@"; do cp "$d"/* .gpu-stage/ || exit 1; done
+for d in "$@"; do
+    # Parts of another pack (made again since the last call) are not mixed with these.
+    if [ -f .gpu-stage/pack.json ] && ! cmp -s "$d/pack.json" .gpu-stage/pack.json; then rm -f .gpu-stage/*; fi
+    cp "$d"/* .gpu-stage/ || exit 1
+done
 case $part in
     stage) echo "staged: $(ls .gpu-stage | tr '\n' ' ')"; exit 0 ;;
     infer) need=base ;;
@@ -58,10 +62,16 @@ if [ "$part" = infer ]; then
     # The c2048-shaped model for the end-to-end table is made in the background (synth + RTN compress) while the
     # GPU tests run (correctness only, nothing timed); then, with the GPU otherwise idle, the two tables.
     model="$work/c2048-shaped-1x$experts"
-    ( timeout 240 python3 -m qmoe.synth --out "$work/synth" --blocks 1 --experts "$experts" \
-      && timeout 240 python3 -m qmoe.compress --model "$work/synth" --out "$model" --method rtn --device "$device" \
-           --train-samples 16 --val-samples 64 --threads 8 \
-      && rm -rf "$work/synth" && cp "$model/summary.json" "$out/compress-rtn-$device-summary.json" ) \
+    # One `timeout` over the whole build, which ends its process group (every step) at 200 s before the deadline,
+    # so the two tables (90 + 110 s) still have their time.
+    export work experts device model out
+    until_tables=$(( deadline - 200 - $(date +%s) ))
+    [ "$until_tables" -lt 1 ] && until_tables=1
+    timeout "$until_tables" bash -c '
+        python3 -m qmoe.synth --out "$work/synth" --blocks 1 --experts "$experts" \
+        && python3 -m qmoe.compress --model "$work/synth" --out "$model" --method rtn --device "$device" \
+             --train-samples 16 --val-samples 64 --threads 8 \
+        && rm -rf "$work/synth" && cp "$model/summary.json" "$out/compress-rtn-$device-summary.json"' \
         > "$out/build.log" 2>&1 &
     build=$!
     if [ "$device" = cuda ]; then
@@ -74,25 +84,24 @@ if [ "$part" = infer ]; then
         tail -3 "$out/tests.log"
     fi
     stamp "waiting for the model"
-    # At most until 150 s before the deadline, so the two tables still have their time.
-    while kill -0 $build 2>/dev/null && [ $(( deadline - $(date +%s) )) -gt 150 ]; do sleep 1; done
-    kill -0 $build 2>/dev/null && { pkill -TERM -P $build; kill $build; echo "model not built in time" >> "$out/build.log"; }
     wait $build; rc=$?
+    # Stopped: its steps unwind on their own after `timeout` returns; the tables wait for them (at most 25 s).
+    for _ in $(seq 50); do kill -0 -- -$build 2>/dev/null || break; sleep 0.5; done
+    [ "$rc" = 124 ] && echo "model not built by 200 s before the deadline: stopped" >> "$out/build.log"
     tail -3 "$out/build.log"
     stamp "model built: rc $rc"
+    # The tables' output goes to run.log (the call's stdout): the files that come back stay under the tool's 8.
     if [ "$device" = cuda ]; then
         stamp "kernel table"
-        timeout "$(cap 110)" python3 -m qmoe.bench kernels --device cuda --no-end-to-end --repeats 15 \
-            --json "$out/kernels-cuda-$card.json" > "$out/kernels.log" 2>&1
+        timeout "$(cap 90)" python3 -m qmoe.bench kernels --device cuda --no-end-to-end --repeats 15 \
+            --json "$out/kernels-cuda-$card.json" 2>&1
         stamp "kernel table: rc $?"
-        tail -25 "$out/kernels.log"
     fi
     if [ "$rc" = 0 ]; then
         stamp "end-to-end table"
-        timeout "$(cap 120)" python3 -m qmoe.bench infer --device "$device" --compressed "$model" --repeats 3 \
-            --json "$out/infer-$device-$card.json" > "$out/infer.log" 2>&1
+        timeout "$(cap 110)" python3 -m qmoe.bench infer --device "$device" --compressed "$model" --repeats 3 \
+            --json "$out/infer-$device-$card.json" 2>&1
         stamp "end-to-end table: rc $?"
-        tail -12 "$out/infer.log"
     fi
 else
     # Seconds an expert (GPTQ ternary, 128 calibration samples): in this process, then two Ray workers sharing
@@ -102,8 +111,7 @@ else
     [ "$device" = cuda ] || runs=0,2
     stamp "throughput: runs $runs"
     timeout "$(cap 300)" python3 -m qmoe.bench throughput --device "$device" --experts "$experts" --runs "$runs" \
-        --threads 8 --train-samples 128 --json "$out/throughput-$device-$card.json" > "$out/throughput.log" 2>&1
+        --threads 8 --train-samples 128 --json "$out/throughput-$device-$card.json" 2>&1
     stamp "throughput: rc $?"
-    tail -12 "$out/throughput.log"
 fi
 stamp done

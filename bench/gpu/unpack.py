@@ -25,10 +25,17 @@ def main(argv: list[str]) -> int:
     for name in names:
         info = m["archives"][name]
         parts = sorted(stage.glob(f"{name}.tar.xz.*"), key=lambda p: int(p.suffix[1:]))
-        data = b"".join(p.read_bytes() for p in parts)
-        if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+        data, gap = b"", None
+        for p in parts:  # each part starts where the ones before it end
+            if int(p.suffix[1:]) != len(data):
+                gap = f"a part at offset {p.suffix[1:]} where {len(data)} was expected"
+                break
+            data += p.read_bytes()
+        if gap or len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
             have = ", ".join(p.suffix[1:] for p in parts) or "none"
-            missing.append(f"{name} ({len(data)} of {info['size']} bytes here; parts at offsets {have})")
+            why = gap or ("bytes differ from the manifest's" if len(data) == info["size"] else
+                          f"{len(data)} of {info['size']} bytes here")
+            missing.append(f"{name} ({why}; parts at offsets {have})")
             continue
         target.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as t:
