@@ -147,9 +147,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"pack: the working tree leaves {budget / MIB:.2f} MiB a call (64 MiB less the tree, less "
                          f"{MARGIN / MIB:g} MiB): too little to carry anything")
     with tempfile.TemporaryDirectory(prefix="qmoe-pack-") as tmp:
-        wheels = a.wheels or download([n for ns in ARCHIVES.values() for n in ns], a.python, Path(tmp) / "w")
-        if a.wheels:
-            wheels = sorted(a.wheels.glob("*.whl"))
+        wheels = sorted(a.wheels.glob("*.whl")) if a.wheels else \
+            download([n for ns in ARCHIVES.values() for n in ns], a.python, Path(tmp) / "w")
         tag = "cp" + a.python.replace(".", "")
         blobs, contents = {}, {}
         for name, pkgs in ARCHIVES.items():
