@@ -57,6 +57,17 @@ else
     card=cpu
 fi
 stamp "qmoe from $(python3 -c 'import qmoe, os; print(os.path.dirname(qmoe.__file__))'), part $part on $device"
+python3 - <<'VERSIONS'
+import platform
+from importlib.metadata import version, PackageNotFoundError
+def v(n):
+    try:
+        return version(n)
+    except PackageNotFoundError:
+        return "absent"
+print(f"python {platform.python_version()}", *(f"{n} {v(n)}" for n in ("torch", "numba", "numba-cuda", "llvmlite",
+      "numpy", "triton", "ray", "zstandard", "transformers", "pytest-xdist")), sep="; ")
+VERSIONS
 
 if [ "$part" = infer ]; then
     # The c2048-shaped model for the end-to-end table is made in the background (synth + RTN compress) while the
