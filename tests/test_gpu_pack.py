@@ -1,5 +1,6 @@
 """bench/gpu/pack.py and unpack.py: archives cut into call folders and put back together, byte for byte."""
-import json
+import random
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,7 @@ def _wheel(path: Path, files: dict[str, bytes]) -> Path:
 def test_pack_split_and_unpack_round_trip(tmp_path):
     """Two archives cut over three call folders of 300 bytes; the stage holding every part gives back the trees,
     pruned as pack prunes; one part short is refused in one line, naming the archive and the bytes there."""
-    rnd = __import__("random").Random(0)
+    rnd = random.Random(0)
     files = {"pkg/__init__.py": b"x = 1\n", "pkg/blob.bin": bytes(rnd.getrandbits(8) for _ in range(500)),
              "pkg/tests/test_a.py": b"", "pkg/a.pyi": b"", "pkg-1.0.data/purelib/extra.py": b"y = 2\n",
              "pkg-1.0.data/scripts/tool": b"#!/bin/sh\n"}
@@ -36,22 +37,16 @@ def test_pack_split_and_unpack_round_trip(tmp_path):
     assert pack.archive(site) == blobs["base"]  # the same tree, the same bytes
     calls = pack.split(blobs, 300)
     assert all(sum(p["size"] for p in c) <= 300 for c in calls) and len(calls) >= 3
+    pack.write_calls(tmp_path / "gpu", blobs, calls, {"python": "3", "budget": 300,
+                                                      "wheels": {n: [n] for n in blobs}})
     stage = tmp_path / "stage"
-    stage.mkdir()
-    manifest = {"archives": {n: {"sha256": __import__("hashlib").sha256(b).hexdigest(), "size": len(b),
-                                 "wheels": [n]} for n, b in blobs.items()}}
-    (stage / "pack.json").write_text(json.dumps(manifest))
-    for c in calls[:-1]:
-        for p in c:
-            (stage / f"{p['archive']}.tar.xz.{p['offset']}").write_bytes(
-                blobs[p["archive"]][p["offset"]:p["offset"] + p["size"]])
+    for d in sorted((tmp_path / "gpu").iterdir(), key=lambda d: int(d.name))[:-1]:  # all but the last call's
+        shutil.copytree(d, stage, dirs_exist_ok=True)
     unpack = [sys.executable, str(ROOT / "bench" / "gpu" / "unpack.py"), str(stage), str(tmp_path / "t")]
     r = subprocess.run(unpack + ["ray"], capture_output=True, text=True)
     assert r.returncode == 3 and "incomplete" in r.stderr and "ray (" in r.stderr and len(r.stderr.splitlines()) == 1
     assert "bytes here" in r.stderr
-    for p in calls[-1]:
-        (stage / f"{p['archive']}.tar.xz.{p['offset']}").write_bytes(
-            blobs[p["archive"]][p["offset"]:p["offset"] + p["size"]])
+    shutil.copytree(tmp_path / "gpu" / str(len(calls)), stage, dirs_exist_ok=True)
     first_ray = min(stage.glob("ray.tar.xz.*"), key=lambda p: int(p.suffix[1:]))
     kept = first_ray.read_bytes()
     first_ray.unlink()  # the rest is all there, but not from offset 0

@@ -134,6 +134,21 @@ def split(blobs: dict[str, bytes], budget: int) -> list[list[dict]]:
     return calls
 
 
+def write_calls(out: Path, blobs: dict[str, bytes], calls: list[list[dict]], info: dict) -> None:
+    """out/1, out/2, ...: each call's parts (NAME.tar.xz.OFFSET) and the same pack.json (each archive's size and
+    sha256, and `info`: the target Python, the budget, the wheels of each archive)."""
+    manifest = {"python": info["python"], "budget": info["budget"], "calls": len(calls),
+                "archives": {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b), "wheels": info["wheels"][n]}
+                             for n, b in blobs.items()}}
+    for k, parts in enumerate(calls, 1):
+        d = out / str(k)
+        d.mkdir(parents=True)
+        for part in parts:
+            o = part["offset"]
+            (d / f"{part['archive']}.tar.xz.{o}").write_bytes(blobs[part["archive"]][o:o + part["size"]])
+        (d / "pack.json").write_text(json.dumps(manifest, indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--python", default="3.12", help="the GPU image's Python (default 3.12)")
@@ -169,18 +184,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"pack: the base archive ({len(blobs['base']) / MIB:.2f} MiB) does not fit the first call's "
                          f"{budget / MIB:.2f} MiB, and the infer call carries only that one")
     shutil.rmtree(a.out, ignore_errors=True)
-    manifest = {"python": a.python, "archives": {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b),
-                                                     "wheels": contents[n]} for n, b in blobs.items()},
-                "calls": len(calls), "budget": budget}
+    write_calls(a.out, blobs, calls, {"python": a.python, "budget": budget, "wheels": contents})
     for k, parts in enumerate(calls, 1):
-        d = a.out / str(k)
-        d.mkdir(parents=True)
-        for part in parts:
-            o = part["offset"]
-            (d / f"{part['archive']}.tar.xz.{o}").write_bytes(blobs[part["archive"]][o:o + part["size"]])
-        (d / "pack.json").write_text(json.dumps(manifest, indent=1))
         where = ", ".join(f"{x['archive']}@{x['offset']}" for x in parts)
-        print(f"{d}: {sum(x['size'] for x in parts) / MIB:.2f} MiB of {budget / MIB:.2f} ({where})")
+        print(f"{a.out / str(k)}: {sum(x['size'] for x in parts) / MIB:.2f} MiB of {budget / MIB:.2f} ({where})")
     return 0
 
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     stage, target, names = Path(argv[0]), Path(argv[1]), argv[2:]
-    manifests = sorted(stage.glob("pack.json"))
-    if not manifests:
+    if not (stage / "pack.json").is_file():
         print(f"unpack: no pack.json in {stage}: carry a folder made by bench/gpu/pack.py", file=sys.stderr)
         return 3
-    m = json.loads(manifests[0].read_text())
+    m = json.loads((stage / "pack.json").read_text())
     missing = []
     for name in names:
         info = m["archives"][name]

@@ -9,7 +9,6 @@ byte for byte.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import statistics
 import tempfile
@@ -17,13 +16,14 @@ import time
 from pathlib import Path
 
 from qmoe.bench.kernels import cpu_description
+from qmoe.store import sha256_file
 
 KEYS = ("experts", "worker_quantize", "worker_outputs", "worker_encode_write", "worker_encode_write_wait")
 
 
-def _expert_hashes(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((out / "experts").rglob("*.safetensors"))}
+def expert_hashes(out: Path) -> dict[str, str]:
+    """sha256 of each expert file of a compressed directory, by its path there: what 'byte-identical' compares."""
+    return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted((out / "experts").rglob("*.safetensors"))}
 
 
 def run(experts: int = 8, method: str = "rtn", repeats: int = 3, train_samples: int = 32, device: str = "cpu",
@@ -52,7 +52,7 @@ def run(experts: int = 8, method: str = "rtn", repeats: int = 3, train_samples: 
                        **{k: sum(b["seconds"].get(k, 0.0) for b in s["blocks"]) for k in KEYS}}
                 rows.append(row)
                 progress(row)
-        identical = _expert_hashes(root / "out-False") == _expert_hashes(root / "out-True")
+        identical = expert_hashes(root / "out-False") == expert_hashes(root / "out-True")
     finally:
         steps.Worker.write_behind = True
         shutil.rmtree(root, ignore_errors=True)

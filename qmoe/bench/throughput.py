@@ -12,13 +12,13 @@ workers: one GPU shared by two of them is one GPU's rate) and for 8 of it, label
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from qmoe.bench.kernels import cpu_description
+from qmoe.bench.overlap import expert_hashes
 
 C2048_EXPERTS = 61_440  # 15 sparse blocks x 2 stacks x 2048 experts
 TARGET_SECONDS_AN_EXPERT = 0.30  # issue 20, one H100 / H200
@@ -38,11 +38,6 @@ def parse_runs(text: str) -> list[tuple[int, float | None]]:
             raise ValueError(f"--runs: {item!r}: a share of a GPU needs Ray workers")
         runs.append((int(n), float(g) if g else None))
     return runs
-
-
-def _expert_hashes(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((out / "experts").rglob("*.safetensors"))}
 
 
 def _row(s: dict, workers: int, gpus: float | None, wall: float) -> dict:
@@ -92,7 +87,7 @@ def run(experts: int = 64, method: str = "gptq", device: str = "cpu", runs: str 
             s = compress_model(ckpt, out, cfg, DataSpec(train_samples=train_samples, val_samples=val_samples),
                                progress=lambda *a: None, executor=executor)
             row = _row(s, workers, gpus, time.perf_counter() - t)
-            hashes = _expert_hashes(out)
+            hashes = expert_hashes(out)
             first = first or hashes
             row["expert_files_identical_to_first_run"] = hashes == first
             rows.append(row)
