@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qmoe.bench.kernels import cpu_description
-from qmoe.inference.overhead import BF16_COPY
+from qmoe.inference.overhead import BF16_COPY, add_bf16_copy
 from qmoe.store import atomic_write_json
 
 GEN_BATCHES = (1, 8, 32)
@@ -100,7 +100,6 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
     """The result (see format_table); `partial`: a JSON file rewritten after every row, marked "partial", so that
     a run stopped by a time limit leaves what it measured."""
     from qmoe.compressed import load_compressed
-    from qmoe.kernels.module import use_bf16_activations
     from qmoe.data import DataSpec, load_samples
     from qmoe.inference.evaluate import validation_loss
     from qmoe.inference.runner import Runner, simulate_uncompressed, tensor_bytes
@@ -113,11 +112,9 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
     hf = json.loads((path / "config.json").read_text())
     summary = json.loads((path / "summary.json").read_text())
     _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))
-    names = ("fused", "simulated uncompressed", "decoded bf16") + ((BF16_COPY,) if device == "cpu" else ())
-    models = {k: load_compressed(path, fused=True)[0] for k in names}
+    models = {k: load_compressed(path, fused=True)[0] for k in ("fused", "simulated uncompressed", "decoded bf16")}
     simulate_uncompressed(models["simulated uncompressed"])
-    if BF16_COPY in models:  # the CPU kernels summing x in bf16 (CompressedLinear.bf16_activations)
-        use_bf16_activations(models[BF16_COPY])
+    add_bf16_copy(models, path, device)  # on the CPU: the kernels summing x in bf16
     runners = {k: Runner(m, [dev]) for k, m in models.items()}
     _decode_to_bf16(models["decoded bf16"])
     held = {k: tensor_bytes(m) for k, m in models.items()}

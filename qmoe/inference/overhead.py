@@ -41,7 +41,7 @@ def _rows(work: dict, models: dict, repeats: int) -> list[dict]:
 BF16_COPY = "fused, x in bf16"  # the fused model with CompressedLinear.bf16_activations (CPU only)
 
 
-def _bf16_copy(models: dict, path: Path, device: str) -> None:
+def add_bf16_copy(models: dict, path: Path, device: str) -> None:
     """Adds the fused model again with its CPU kernels summing x in bf16 (`bf16` of the benchmark's end to end)."""
     from qmoe.compressed import load_compressed
     from qmoe.kernels.module import use_bf16_activations
@@ -74,7 +74,7 @@ def family_end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_
               "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]).to(device),
               "decoded fp32": load_compressed(path)[0].to(device)}
     if bf16:
-        _bf16_copy(models, path, device)
+        add_bf16_copy(models, path, device)
     seq = hf["qmoe"]["settings"].get("data_raw_length", 256)
     ids = validation_windows(load_causal_tokenizer(path, hf), load_default_corpus(), val_samples, seq, 0)
     work = {"eval (teacher-forced, batch 32)": (ids[:, 1:].numel(), lambda m: next_token_loss(m, ids, 32, device))}
@@ -97,7 +97,7 @@ def end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens:
               "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]),
               "decoded fp32": load_compressed(path)[0]}
     if bf16:
-        _bf16_copy(models, path, device)
+        add_bf16_copy(models, path, device)
     hf = json.loads((path / "config.json").read_text())
     _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))  # validation only
     runners = {k: Runner(m, [device]) for k, m in models.items()}
