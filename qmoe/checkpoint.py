@@ -1,4 +1,4 @@
-"""Reading Switch checkpoints exactly as Hugging Face publishes them, tensor by tensor.
+"""Reading checkpoints exactly as Hugging Face publishes them, tensor by tensor, for every family.
 
 Layouts: `model.safetensors`; sharded `*.safetensors` with `model.safetensors.index.json`; `pytorch_model.bin`
 or `pytorch_model-*.bin` shards with `pytorch_model.bin.index.json` (read with `torch.load(weights_only=True,
@@ -10,17 +10,15 @@ is the Hugging Face hub cache's own layout, where a snapshot's files are symlink
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from qmoe.config import SwitchConfig, config_from_hf, read_hf_config
-
-log = logging.getLogger("qmoe")
+SCALE = "_scale_inv"  # FP8: `X.weight` has its block scales in `X.weight_scale_inv`
+BLOCKS, SCALES = "_blocks", "_scales"  # MXFP4: `X` stored as `X_blocks` and `X_scales` (gpt-oss's experts)
+FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1 codes
 
 
 class CheckpointError(Exception):
@@ -200,111 +198,96 @@ _ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF1
               "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def checkpoint_name(model_name: str, available: set[str]) -> str:
-    """The checkpoint tensor that holds a model parameter, for the names the published checkpoints use."""
-    if model_name == "lm_head.weight" and model_name not in available and "decoder.lm_head.weight" in available:
-        return "decoder.lm_head.weight"  # c2048 and xxl-128
-    if model_name == "shared.weight" and model_name not in available:
-        for alt in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-            if alt in available:
-                return alt
-    return model_name
+def read_hf_config(path: Path | str) -> tuple[dict, Path]:
+    """(config.json of a model directory, its path); CheckpointError naming it when missing or not JSON."""
+    f = model_file(path, "config.json")
+    if f is None:
+        raise CheckpointError(Path(path) / "config.json", None, "missing")
+    try:
+        hf = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f, None, f"not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f, None, "not a JSON object")
+    return hf, f
 
 
-def is_expert_param(name: str) -> bool:
-    return ".mlp.experts." in name
+def fp8_block(hf: dict) -> tuple[int, int]:
+    """The FP8 block size of a config's `quantization_config` (DeepSeek-V3's 128x128 when it says none)."""
+    return tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
 
 
-def read_config(path: Path | str, reader: CheckpointReader | None = None) -> tuple[SwitchConfig, dict]:
-    """The model config, corrected with the checkpoint's tensor names and output head, and the raw config.json."""
-    path = Path(path)
-    cfg_file = model_file(path, "config.json") or path / "config.json"
-    hf = read_hf_config(cfg_file)
-    kind = hf.get("model_type", "switch_transformers")
-    if kind != "switch_transformers":
-        from qmoe.models.load import FAMILIES
-
-        why = (f"a {kind} checkpoint, not a Switch one: qmoe.load reads it" if kind in FAMILIES else
-               f"model_type {kind!r} is not a model qmoe compresses (switch_transformers, "
-               f"{', '.join(sorted(FAMILIES))})")
-        raise CheckpointError(cfg_file, None, why)
-    reader = reader or CheckpointReader(path)
-    cfg = config_from_hf(hf, reader.names())
-    return dataclasses.replace(cfg, tie_word_embeddings=tied_head(hf, reader)), hf
-
-
-def tied_head(hf: dict, reader: CheckpointReader) -> bool:
-    """Whether the output head is the embedding (T5's tied head, after scaling by d_model^-0.5) or a tensor of its
-    own, from config.json's `tie_word_embeddings` and the head tensors the checkpoint holds.
-
-    - no head tensor: tied, unless config.json says false (then loading stops: lm_head.weight is missing);
-    - config.json silent (transformers' default is tied) and a head the checkpoint holds as its own (c2048's
-      `decoder.lm_head.weight`, or an `lm_head.weight` that is not a copy of the embedding): the files win,
-      untied, with a warning; QMoE's code forces this for c2048 too;
-    - config.json says true and the checkpoint's head differs from the embedding: config.json wins (tied, as
-      transformers loads it), with a warning that the stored head is not used.
-    """
-    names = set(reader.names())
-    head = next((n for n in ("decoder.lm_head.weight", "lm_head.weight") if n in names), None)
-    said = hf.get("tie_word_embeddings")
-    if head is None:
-        return said is not False
-    if said is False:
-        return False
-    embedding = checkpoint_name("shared.weight", names)
-
-    def is_copy() -> bool:  # the head is the embedding saved twice (reads both: a vocab x d_model matrix each)
-        return embedding in names and torch.equal(reader.get(head), reader.get(embedding))
-
-    if said is None:
-        if head == "lm_head.weight" and is_copy():  # a tied model's saved copy: config and files agree
-            return True
-        log.warning("%s: config.json does not set tie_word_embeddings (transformers' default: tied), but the "
-                    "checkpoint holds its own output head %s: the files win, the head is untied", reader.dir, head)
-        return False
-    if not is_copy():
-        log.warning("%s: config.json says tie_word_embeddings: true, but the checkpoint's %s differs from the "
-                    "embedding: config.json wins (tied, as transformers loads it); %s is not used", reader.dir, head,
-                    head)
-    return True
-
-
-def load_into(model: torch.nn.Module, reader: CheckpointReader, experts: bool = True,
-              dtype: torch.dtype = torch.float32) -> None:
-    """Fill a model (built on the meta device) from a checkpoint, one tensor at a time.
-
-    With experts=False the expert weights stay on the meta device (no memory): the pipeline reads them per group.
-    """
-    available = set(reader.names())
-    for name, param in list(model.named_parameters()):
-        if not experts and is_expert_param(name):
-            continue
-        src = checkpoint_name(name, available)
-        t = reader.get(src)
-        if tuple(t.shape) != tuple(param.shape):
-            raise CheckpointError(reader.file_of[src], src, f"shape {tuple(t.shape)}, expected {tuple(param.shape)}")
-        _set_param(model, name, t.to(dtype))
-
-
-def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter `name` of a model (built on the meta device) with `value`, frozen."""
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
     setattr(mod, attr, torch.nn.Parameter(value.contiguous(), requires_grad=False))
 
 
-def load_model(path: Path | str, experts: bool = True, dtype: torch.dtype = torch.float32):
-    """(model, cfg, reader) for a Switch checkpoint directory; the model is in eval mode on the CPU."""
-    from qmoe.model import SwitchModel
+def check_mxfp4(reader: CheckpointReader, name: str, want: tuple[int, ...]) -> None:
+    """`name` [E, C, R] stored as blocks [E, R, C / 32, 16] uint8 and scales [E, R, C / 32] uint8."""
+    blocks, scales = reader.shape(name + BLOCKS), reader.shape(name + SCALES)
+    f = reader.file_of[name + BLOCKS]
+    if scales is None:
+        raise CheckpointError(f, name + BLOCKS, f"MXFP4 blocks without their {name + SCALES}")
+    if len(blocks) != 4 or blocks[3] != 16 or tuple(scales) != tuple(blocks[:3]):
+        raise CheckpointError(f, name + BLOCKS, f"MXFP4 blocks {tuple(blocks)} and scales {tuple(scales)} are not "
+                              "[E, R, G, 16] and [E, R, G]")
+    got = (blocks[0], blocks[2] * 32, blocks[1])
+    if got != want:
+        raise CheckpointError(f, name + BLOCKS, f"holds a {got} tensor, config.json implies {want}")
 
-    reader = CheckpointReader(path)
-    cfg, _ = read_config(path, reader)
-    with torch.device("meta"):
-        model = SwitchModel(cfg)
-    load_into(model, reader, experts=experts, dtype=dtype)
-    return model.eval(), cfg, reader
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[E, C, R] float32 from MXFP4 blocks [E, R, G, 16] uint8 (two e2m1 codes a byte, the low nibble first) and
+    scales [E, R, G] uint8 (a power of two each 32 values share, exponent biased by 127); C = 32 G."""
+    lut = torch.tensor(FP4, dtype=torch.float32)
+    E, R, G, _ = blocks.shape
+    b = blocks.to(torch.int64)
+    vals = torch.stack([lut[b & 15], lut[b >> 4]], -1).reshape(E, R, G, 32)
+    vals = torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127)
+    return vals.reshape(E, R, G * 32).transpose(1, 2).contiguous()
 
 
-def read_expert(reader: CheckpointReader, block: str, j: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """One expert's {wi, wo} weights. `block` is e.g. 'encoder.block.1'."""
-    prefix = f"{block}.layer.{2 if block.startswith('decoder') else 1}.mlp.experts.expert_{j}"
-    return {m: reader.get(f"{prefix}.{m}.weight").to(dtype) for m in ("wi", "wo")}
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """W [R, C] float32 from FP8 e4m3 codes and per-block scales [ceil(R / br), ceil(C / bc)] ((br, bc) = `block`,
+    DeepSeek-V3's `quantization_config.weight_block_size`): each block's codes times its scale."""
+    rows, cols = w.shape
+    want = (-(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"block scales of shape {tuple(scale_inv.shape)}, {want} for {block} blocks of a "
+                         f"{rows}x{cols} matrix")
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return w.float() * s
+
+
+def read_tensor(reader: CheckpointReader, name: str, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """A tensor as the model uses it: FP8 weights times their block scales, MXFP4 blocks decoded, others as
+    stored."""
+    if name not in reader.file_of and name + BLOCKS in reader.file_of:
+        return dequantize_mxfp4(reader.get(name + BLOCKS), reader.get(name + SCALES))
+    t = reader.get(name)
+    if t.dtype == torch.float8_e4m3fn:
+        try:
+            return dequantize_fp8(t, reader.get(name + SCALE), block)
+        except ValueError as e:
+            raise CheckpointError(reader.file_of[name + SCALE], name + SCALE, str(e)) from None
+    return t
+
+
+def read_entry(reader: CheckpointReader, name: str, j: int) -> torch.Tensor:
+    """Entry j of a fused tensor [E, ...] (gpt-oss's experts), only its own blocks read and dequantized when the
+    tensor is stored as MXFP4."""
+    if name not in reader.file_of and name + BLOCKS in reader.file_of:
+        return dequantize_mxfp4(reader.get_index(name + BLOCKS, j)[None], reader.get_index(name + SCALES, j)[None])[0]
+    return reader.get_index(name, j)
+
+
+def open_every_shard(reader: CheckpointReader) -> None:
+    """Read one tensor of every shard: opens (and for safetensors validates) each, so a truncated shard fails
+    before any work."""
+    first_of = {}
+    for name, f in reader.file_of.items():
+        first_of.setdefault(f, name)
+    for f, name in sorted(first_of.items()):
+        reader.get(name)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from qmoe.checkpoint import CheckpointError, _set_param, is_expert_param
-from qmoe.config import config_from_hf
+from qmoe.checkpoint import CheckpointError, set_param
+from qmoe.models.registry import family_of
 from qmoe.packed import QuantizedMatrix
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json, sha256_file, stream_safetensors
@@ -38,21 +38,7 @@ def block_files(out: Path, block_name: str) -> list[Path]:
     return sorted((Path(out) / "experts" / block_name).glob("*.safetensors"))
 
 
-def expert_shapes(mcfg) -> dict[str, tuple[int, int]]:
-    """{kind: (rows, columns)} of an expert's matrices: Switch's wi, wo; a decoder-only family's gate, up, down."""
-    if hasattr(mcfg, "moe_intermediate"):
-        D, inter = mcfg.hidden_size, mcfg.moe_intermediate
-        return {"gate": (inter, D), "up": (inter, D), "down": (D, inter)}
-    return {"wi": (mcfg.d_ff, mcfg.d_model), "wo": (mcfg.d_model, mcfg.d_ff)}
-
-
-def expert_key(block_name: str, j: int, matrix: str) -> str:
-    """The model parameter an expert matrix replaces, e.g. encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight."""
-    ff = 2 if block_name.startswith("decoder") else 1
-    return f"{block_name}.layer.{ff}.mlp.experts.expert_{j}.{matrix}.weight"
-
-
-def write_dense(out: Path, read, model, is_expert=is_expert_param) -> None:
+def write_dense(out: Path, read, model, is_expert) -> None:
     """Every parameter but the routed experts, in bf16, read from the checkpoint (read(name) -> tensor) and
     written one tensor at a time (model: on the meta device, for the names and shapes)."""
     params = {k: p for k, p in model.named_parameters() if not is_expert(k)}
@@ -87,8 +73,9 @@ def _write_ternary(path: Path, experts: dict) -> dict:
 
     kinds = list(next(iter(experts.values())))
     symbols = {f"expert_{j}.{m}": qe[m].codes.numpy() for j, qe in experts.items() for m in kinds}
-    # One dictionary per matrix kind: wi and wo differ in sparsity (on the default model P(0) is ~0.81 for wi and
-    # ~0.88-0.93 for wo), and a pooled dictionary would pay the mixture's extra entropy (1.7% of the codes there).
+    # One dictionary per matrix kind: kinds differ in sparsity (on the default Switch model P(0) is ~0.81 for the
+    # input matrix and ~0.88-0.93 for the output one), and a pooled dictionary would pay the mixture's extra
+    # entropy (1.7% of the codes there).
     dicts = {m: fit_dictionary([v for k, v in symbols.items() if k.endswith("." + m)]) for m in kinds}
     encoded = {}
     for j, qe in experts.items():
@@ -241,15 +228,16 @@ def read_manifest(path: Path) -> dict:
 class GroupReader:
     """The experts of one group file, read back (every check applied) and dequantized one expert at a time."""
 
-    def __init__(self, out: Path | str, block_name: str, g0: int, g1: int, mcfg, scheme: Scheme):
+    def __init__(self, out: Path | str, block_name: str, g0: int, g1: int, shapes: dict[str, tuple[int, int]],
+                 scheme: Scheme):
         self.path = Path(out) / group_file(block_name, g0, g1)
-        shapes = self.shapes = expert_shapes(mcfg)
+        self.shapes = shapes
         self.expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes}
         self.scheme = scheme
         self._encoded = _read_encoded(self.path, self.expected) if scheme is Scheme.TERNARY else None
 
     def weights(self, j: int) -> dict[str, torch.Tensor]:
-        """Expert j's {kind: W} float32 (Switch: wi [F, D], wo [D, F])."""
+        """Expert j's {kind: W [rows, columns]} float32."""
         if self._encoded is None:
             w = _read_packed(self.path, {k: v for k, v in self.expected.items() if k.startswith(f"expert_{j}.")},
                              self.scheme)
@@ -281,104 +269,52 @@ def is_compressed(path: Path) -> bool:
 
 
 def load_compressed(path: Path, fused: bool = False):
-    """(model, cfg, hf config dict) from a compressed directory (Switch's, or a decoder-only family's), every
-    file's checksum verified first. Experts are dequantized to float32 weights, or, with `fused` (ternary only),
-    kept encoded in CompressedLinear modules that run the decode-GEMM kernels."""
+    """(model, cfg, hf config dict) from a compressed directory (of any family), every file's checksum verified
+    first. Experts are dequantized to float32 weights, or, with `fused` (ternary only), kept encoded in
+    CompressedLinear modules that run the decode-GEMM kernels."""
     path = Path(path)
     read_manifest(path)
     hf = json.loads((path / "config.json").read_text())
     scheme = Scheme(hf["qmoe"]["scheme"])
-    model, cfg, blocks, expert_param, is_expert = _skeleton(hf)
+    fam = family_of(hf, path / "config.json")
+    cfg = fam.config(hf)
+    with torch.device("meta"):
+        model = fam.model(cfg)
     params = dict(model.named_parameters())
     with safe_open(str(path / DENSE_FILE), framework="pt") as f:
         for name in f.keys():
-            if name not in params or is_expert(name):
+            if name not in params or fam.is_expert(name):
                 raise CheckpointError(path / DENSE_FILE, name, "not a dense parameter of the configured model")
-            _set_param(model, name, f.get_tensor(name).float())
+            set_param(model, name, f.get_tensor(name).float())
     if fused and scheme is not Scheme.TERNARY:
         raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {scheme.value}")
-    shapes = expert_shapes(cfg)
-    seen, split = set(), {}  # split: gpt-oss's expert -> {kind: CompressedLinear} of the block at hand
-    for block_name in blocks:
+    shapes = fam.expert_shapes(cfg)
+    for block_name in fam.sparse_blocks(cfg):
         files = block_files(path, block_name)
         if not files:
             raise CheckpointError(path / "experts" / block_name, None, "expert files are missing")
+        modules: dict[int, dict] = {}  # fused: expert -> {kind: CompressedLinear}
         for f in files:
             g0, g1 = _group_range(f)
             expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes}
             if fused:
-                for key, module in _fused_experts(f, expected).items():
-                    j, m = key.removeprefix("expert_").split(".")
-                    if expert_param is None:  # gpt-oss: gathered, then one SplitExperts for the layer
-                        split.setdefault(int(j), {})[m] = module
-                    else:
-                        owner, _, attr = expert_param(block_name, int(j), m).removesuffix(".weight").rpartition(".")
-                        setattr(model.get_submodule(owner), attr, module)
-                    seen.add((block_name, int(j)))
-                continue
-            weights = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
-            for key, w in weights.items():
+                read = _fused_experts(f, expected)
+            else:
+                read = _read_ternary(f, expected) if scheme is Scheme.TERNARY else _read_packed(f, expected, scheme)
+            for key, w in read.items():
                 j, m = key.removeprefix("expert_").split(".")
-                if expert_param is None:
-                    _set_fused_expert(model, block_name, int(j), m, w)
+                if fused:
+                    modules.setdefault(int(j), {})[m] = w
                 else:
-                    _set_param(model, expert_param(block_name, int(j), m), w)
-                seen.add((block_name, int(j)))
-        absent = [j for j in range(cfg.num_experts) if (block_name, j) not in seen]
+                    fam.set_expert(model, block_name, int(j), m, w)
+                modules.setdefault(int(j), {})
+        absent = [j for j in range(cfg.num_experts) if j not in modules]
         if absent:
             raise CheckpointError(path / "experts" / block_name, f"expert_{absent[0]}", "expert is missing")
-        if split:
-            from qmoe.models.gpt_oss import SplitExperts
-
-            moe = model.get_submodule(f"{block_name}.mlp")
-            old = moe.experts
-            moe.experts = SplitExperts(cfg, [split[j] for j in range(cfg.num_experts)], old.gate_up_proj_bias.data,
-                                       old.down_proj_bias.data)
-            split = {}
+        if fused:
+            fam.set_compressed_experts(model, block_name, modules)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        where = path / ("experts" if is_expert(missing[0]) else DENSE_FILE)
+        where = path / ("experts" if fam.is_expert(missing[0]) else DENSE_FILE)
         raise CheckpointError(where, missing[0], "tensor is missing")
     return model.eval(), cfg, hf
-
-
-def _set_fused_expert(model, block: str, j: int, kind: str, w: torch.Tensor) -> None:
-    """Expert j's matrix into gpt-oss's fused tensors (made on first use): gate and up [I, D] into the even and
-    odd columns of gate_up_proj [E, D, 2I], down [D, I] into down_proj [E, I, D]."""
-    experts = model.get_submodule(f"{block}.mlp.experts")
-    name = "down_proj" if kind == "down" else "gate_up_proj"
-    if getattr(experts, name).is_meta:
-        _set_param(model, f"{block}.mlp.experts.{name}", torch.zeros(getattr(experts, name).shape))
-    t = getattr(experts, name).data
-    if kind == "down":
-        t[j] = w.t()
-    else:
-        start = 0 if kind == "gate" else 1
-        t[j][:, start::2] = w.t()
-
-
-def _skeleton(hf: dict):
-    """The model a compressed config describes, on the meta device, with (its config, its sparse blocks' names,
-    (block, expert, kind) -> the parameter an expert matrix replaces, whether a parameter is a routed expert's)."""
-    from qmoe.models.load import FAMILIES
-
-    if hf.get("model_type") in FAMILIES:
-        from qmoe.models.base import MoECausalLM, is_routed_expert
-
-        fam = FAMILIES[hf["model_type"]]
-        cfg = fam.config(hf)
-        with torch.device("meta"):
-            model = MoECausalLM(cfg, fam)
-        blocks = [f"model.layers.{i}" for i, sparse in enumerate(cfg.sparse) if sparse]
-        if not fam.expert_names:  # gpt-oss: experts fused per layer (_set_fused_expert)
-            return model, cfg, blocks, None, is_routed_expert
-
-        def param(block: str, j: int, kind: str) -> str:
-            return f"{block}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"
-        return model, cfg, blocks, param, is_routed_expert
-    from qmoe.model import SwitchModel
-
-    cfg = config_from_hf(hf)
-    with torch.device("meta"):
-        model = SwitchModel(cfg)
-    return model, cfg, [name for name, _ in model.sparse_blocks()], expert_key, is_expert_param

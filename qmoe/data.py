@@ -46,6 +46,14 @@ def windows(ids: np.ndarray, raw_length: int) -> tuple[np.ndarray, np.ndarray]:
     return w[~is_val], w[is_val]
 
 
+def validation_windows(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """n held-out windows [n, seq_len] of the text's tokens, chosen with the seed (a decoder-only model's
+    validation: qmoe.compress's and qmoe.infer's alike)."""
+    _, val = windows(tokenizer.encode(text), seq_len)
+    idx = np.random.default_rng(seed + 1).choice(len(val), size=n, replace=n > len(val))
+    return torch.from_numpy(val[idx])
+
+
 def _segment(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """A random split of n items into k non-empty runs: their lengths."""
     cuts = np.sort(rng.choice(np.arange(1, n), size=k - 1, replace=False)) if k > 1 else np.array([], dtype=int)
@@ -130,10 +138,9 @@ def resolve_model(model: str) -> Path:
 def causal_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
     """A decoder-only model's calibration and validation windows of `raw_length` tokens (no span corruption):
     input_ids = a window's first raw_length - 1 tokens, labels = its last raw_length - 1. Validation windows are
-    those qmoe.infer evaluates with --seq-len raw_length (models/run.py), so its loss is the walk's. No position
+    those qmoe.infer evaluates with --seq-len raw_length, so its loss is the walk's. No position
     is a sentinel (floor 1 over all-zero mask ids)."""
     from qmoe.corpus import load_default_corpus
-    from qmoe.models.run import validation_windows
     from qmoe.tokenizer import load_causal_tokenizer, read_text_file
 
     tok = load_causal_tokenizer(model_dir, hf)

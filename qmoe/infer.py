@@ -38,7 +38,7 @@ class InferConfig:
 def load_for_inference(model_dir: Path, cfg: InferConfig):
     """(model, hf config, kind): the model on the CPU, experts as the config asks."""
     from qmoe import compressed as C
-    from qmoe.checkpoint import load_model
+    from qmoe.models.registry import load
     from qmoe.quant import Scheme
     from qmoe.inference.runner import simulate_uncompressed
 
@@ -49,8 +49,7 @@ def load_for_inference(model_dir: Path, cfg: InferConfig):
         kind = f"compressed {hf['qmoe']['scheme']}, experts " + ("on fused kernels" if fused else "decoded to float32")
     else:
         # Every weight rounded to bf16 (the baseline QMoE measures against), computed in float32.
-        model, _, _ = load_model(model_dir, dtype=torch.bfloat16)
-        model.float()
+        model = load(model_dir, dtype=torch.bfloat16).float()
         hf = json.loads((model_dir / "config.json").read_text())
         kind = "original (bf16 weights, float32 compute)"
     if cfg.simulate_uncompressed:
@@ -105,10 +104,10 @@ def run(model_dir: Path, cfg: InferConfig, spec: DataSpec) -> dict:
 
 
 def _family(model_dir: Path) -> bool:
-    """A decoder-only family's checkpoint (qmoe/models), original or compressed, as opposed to Switch's."""
-    from qmoe.models.load import FAMILIES, read_hf_config
+    """A decoder-only family's checkpoint (qmoe/models), original or compressed."""
+    from qmoe.models.registry import family_of_dir
 
-    return read_hf_config(model_dir)[0].get("model_type") in FAMILIES
+    return family_of_dir(model_dir).decoder_only
 
 
 def _run_family(model_dir: Path, cfg: InferConfig, a) -> int:

@@ -1,5 +1,6 @@
-"""The interim lossless layout of quantized experts: codes packed 4 (2-bit) or 2 (4-bit) to a byte, row grids
-beside them. Pack/unpack pairs, tested for exact round trips. (The codec issue replaces ternary's layout.)"""
+"""Quantized expert matrices (codes and row grids) and the plain lossless layout int2/int4 experts are stored in:
+codes packed 4 (2-bit) or 2 (4-bit) to a byte, row grids beside them (ternary experts are stored with the sub-1-bit
+codec, `codec/`). Pack/unpack pairs, tested for exact round trips."""
 from __future__ import annotations
 
 from dataclasses import dataclass

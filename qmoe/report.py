@@ -26,8 +26,8 @@ from pathlib import Path
 
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import DENSE_FILE, block_files, read_manifest
-from qmoe.config import SwitchConfig, config_from_hf
-from qmoe.inference.runner import split_contiguous, unit_names
+from qmoe.inference.runner import split_contiguous
+from qmoe.models.registry import family_named, family_of
 from qmoe.store import atomic_write_text
 
 C2048_CONFIG = Path(__file__).parent / "assets" / "configs" / "switch-c-2048.json"
@@ -61,22 +61,10 @@ class Runtime:
     context: int = 512
 
     def kv_bytes(self, cfg, unit: str) -> int:
-        if hasattr(cfg, "family"):  # a decoder-only family: each layer's keys and values, as the model caches them
-            if not unit.startswith("model.layers."):
-                return 0
-            per_token = (cfg.num_heads * (cfg.opt("nope") + cfg.opt("rot") + cfg.opt("v")) if cfg.family ==
-                         "deepseek_v3" else 2 * cfg.num_kv_heads * cfg.head_dim)  # MLA: expanded, per head
-            return self.batch * self.context * per_token * 2
-        if not unit.startswith("decoder.block."):
-            return 0
-        return 4 * self.batch * self.context * cfg.num_heads * cfg.d_kv * 2
+        return self.batch * self.context * family_named(cfg.family).kv_values_per_token(cfg, unit) * 2
 
     def activation_bytes(self, cfg) -> int:
-        b, c = self.batch, self.context
-        if hasattr(cfg, "family"):  # scores, and hidden states: residual, norm, attention, one MLP's hidden layer
-            hidden = max(cfg.dense_intermediate, cfg.moe_intermediate * cfg.top_k)
-            return 4 * (b * cfg.num_heads * c * c + b * c * (4 * cfg.hidden_size + hidden))
-        return 4 * (b * cfg.num_heads * c * c + b * c * (4 * cfg.d_model + cfg.d_ff))
+        return family_named(cfg.family).activation_bytes(cfg, self.batch, self.context)
 
 
 @dataclass(frozen=True)
@@ -94,28 +82,6 @@ class Target:
         return cls(int(m.group(1)), int(float(m.group(2)) * GIB), text.strip())
 
 
-def unit_params(cfg: SwitchConfig) -> dict[str, tuple[int, int]]:
-    """{unit: (dense params, expert params)} from the shapes alone (checked against the model in the tests)."""
-    d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
-    attn = 4 * d * inner
-    out = {"shared": (cfg.vocab_size * d, 0), "encoder.final_layer_norm": (d, 0), "decoder.final_layer_norm": (d, 0)}
-    if not cfg.tie_word_embeddings:
-        out["lm_head"] = (cfg.vocab_size * d, 0)
-    for stack, pattern in (("encoder", cfg.encoder_sparse), ("decoder", cfg.decoder_sparse)):
-        for i, sparse in enumerate(pattern):
-            dense = attn + (cfg.relative_attention_num_buckets * cfg.num_heads if i == 0 else 0) + 2 * d
-            if stack == "decoder":
-                dense += attn + d  # cross-attention and its norm
-            ff = 2 * d * cfg.d_ff
-            out[f"{stack}.block.{i}"] = (dense + cfg.num_experts * d, cfg.num_experts * ff) if sparse else (dense + ff, 0)
-    return out
-
-
-def _unit_of(tensor: str) -> str:
-    m = re.match(r"^((?:encoder|decoder)\.block\.\d+)\.", tensor)
-    return m.group(1) if m else tensor.removesuffix(".weight")
-
-
 def _safetensors_sizes(path: Path) -> tuple[dict[str, int], int]:
     """({tensor: data bytes}, header bytes) read from a safetensors header (no tensor data is read)."""
     with open(path, "rb") as f:
@@ -125,59 +91,46 @@ def _safetensors_sizes(path: Path) -> tuple[dict[str, int], int]:
     return sizes, 8 + n
 
 
-def units_from_dir(path: Path) -> tuple[SwitchConfig, list[Unit]]:
-    hf = json.loads((path / "config.json").read_text())
-    if hf.get("model_type") not in (None, "switch_transformers"):
-        return _family_units(path, hf)
-    sizes, _ = _safetensors_sizes(path / DENSE_FILE)
-    cfg = config_from_hf(hf, list(sizes))  # the routers are among the dense tensors: block pattern from names
-    dense: dict[str, int] = {}
-    for name, nbytes in sizes.items():
-        dense[_unit_of(name)] = dense.get(_unit_of(name), 0) + nbytes
-    params = unit_params(cfg)
-    ternary = json.loads((path / "config.json").read_text())["qmoe"]["scheme"] == "ternary"
-    units = []
-    for name in unit_names(cfg):
-        files = block_files(path, name)
-        expert_bytes = sum(f.stat().st_size for f in files)
-        units.append(Unit(name, dense.get(name, 0), expert_bytes, params[name][1], 2 * len(files) if ternary else 0))
-    return cfg, units
-
-
-def _family_units(path: Path, hf: dict):
-    """A decoder-only family's config and units (embedding, layers, final norm, head), in the order they run."""
+def units_from_dir(path: Path):
+    """(model config, its units in the order they run) of a compressed directory: dense bytes from the dense
+    file's header, expert bytes from the group files."""
     import torch
 
-    from qmoe.models.base import MoECausalLM
-    from qmoe.models.load import FAMILIES
-
-    fam = FAMILIES[hf["model_type"]]
-    cfg = fam.config(hf)
-    with torch.device("meta"):
-        names = MoECausalLM(cfg, fam).units()
+    hf = json.loads((path / "config.json").read_text())
+    fam = family_of(hf, path / "config.json")
     sizes, _ = _safetensors_sizes(path / DENSE_FILE)
+    cfg = fam.config(hf, names=list(sizes))  # the routers are among the dense tensors: block pattern from names
+    with torch.device("meta"):
+        names = fam.model(cfg).units()
     dense: dict[str, int] = {}
-    for name, nbytes in sizes.items():
-        m = re.match(r"^(model\.layers\.\d+)\.", name)
-        unit = m.group(1) if m else name.removesuffix(".weight")
+    for tensor, nbytes in sizes.items():
+        unit = next((u for u in names if tensor.startswith(u + ".")), tensor.removesuffix(".weight"))
         dense[unit] = dense.get(unit, 0) + nbytes
+    shapes = fam.expert_shapes(cfg)
+    sparse = set(fam.sparse_blocks(cfg))
+    expert_params = cfg.num_experts * sum(r * c for r, c in shapes.values())
     ternary = hf["qmoe"]["scheme"] == "ternary"
     units = []
-    for i, name in enumerate(names):
-        files = block_files(path, name) if name.startswith("model.layers.") else []
-        sparse = name.startswith("model.layers.") and cfg.sparse[int(name.split(".")[2])]
-        params = cfg.num_experts * 3 * cfg.moe_intermediate * cfg.hidden_size if sparse else 0
-        units.append(Unit(name, dense.get(name, 0), sum(f.stat().st_size for f in files), params,
-                          3 * len(files) if ternary else 0))
+    for name in names:
+        files = block_files(path, name) if name in sparse else []
+        units.append(Unit(name, dense.get(name, 0), sum(f.stat().st_size for f in files),
+                          expert_params if name in sparse else 0, len(shapes) * len(files) if ternary else 0))
     return cfg, units
 
 
-def units_projected(cfg: SwitchConfig, expert_bits: float) -> list[Unit]:
+def unit_params(cfg) -> dict[str, tuple[int, int]]:
+    """{unit: (dense params, expert params)} of a config, from its shapes alone (the family's count)."""
+    return family_named(cfg.family).unit_params(cfg)
+
+
+def units_projected(cfg, expert_bits: float) -> list[Unit]:
     """Units of a model from its shapes, experts at `expert_bits` a parameter, ternary in groups of GROUP_SIZE."""
+    fam = family_named(cfg.family)
     params = unit_params(cfg)
     groups = -(-cfg.num_experts // GROUP_SIZE)
+    kinds = len(fam.expert_shapes(cfg))
     return [Unit(n, 2 * params[n][0], int(params[n][1] * expert_bits / 8), params[n][1],
-                 2 * groups if params[n][1] else 0) for n in unit_names(cfg)]
+                 kinds * groups if params[n][1] else 0) for n in params]
 
 
 def matrix_bits(path: Path, manifest: dict) -> list[dict]:
@@ -197,7 +150,7 @@ def matrix_bits(path: Path, manifest: dict) -> list[dict]:
             for (b, k), (p, n) in acc.items()]
 
 
-def plan_units(units: list[Unit], count: int, capacity: int | None = None, cfg: SwitchConfig | None = None,
+def plan_units(units: list[Unit], count: int, capacity: int | None = None, cfg=None,
                runtime: Runtime | None = None) -> dict:
     """Units split over `count` devices by weight bytes; per device its weights, dictionary tables and (with cfg and
     runtime) its KV cache and one block's activations; with a capacity, whether the fullest device fits."""
@@ -237,9 +190,8 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
           measure: bool, runtime: Runtime = Runtime()) -> dict:
     manifest = read_manifest(path)  # every file checked against its checksum before anything is read
     summary = json.loads((path / "summary.json").read_text())
-    kind = json.loads((path / "config.json").read_text()).get("model_type")
-    family = kind not in (None, "switch_transformers")
     cfg, units = units_from_dir(path)
+    fam = family_named(cfg.family)
     rep = {"model": str(path), "summary": {k: summary.get(k) for k in (
         "scheme", "method", "params_total", "params_experts", "bits_per_param_experts", "bits_per_param_total",
         "val_loss_before", "val_loss_after")}, "matrices": matrix_bits(path, manifest),
@@ -249,20 +201,17 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
         measure = False
         rep["overhead_not_measured"] = (f"its experts are {summary.get('scheme')}, which runs decoded: the fused "
                                         "kernels take the per-row ternary grid only")
-    if family:  # the c2048 projection is Switch's
-        if measure:
-            from qmoe.inference.overhead import family_end_to_end_rows
-
-            rep["overhead"] = family_end_to_end_rows(path, repeats=3, val_samples=32, gen_tokens=8)
-        rep["not_covered"] = "the projection to c2048's shapes, a Switch model"
-        return rep
     if measure:
         from qmoe.inference.overhead import end_to_end_rows
 
         rep["overhead"] = end_to_end_rows(path, repeats=3, val_samples=32, gen_tokens=8)
     if project is not None:
         hf = json.loads(Path(project).read_text())
-        pcfg = config_from_hf(hf)
+        pfam = family_of(hf, project)
+        if pfam is not fam:  # a projection keeps the model's family: its units and bits carry over
+            rep["not_covered"] = f"the projection to {_display(Path(project))}'s shapes, a {pfam.name} model"
+            return rep
+        pcfg = pfam.config(hf)
         bits = expert_bits if expert_bits is not None else summary["bits_per_param_experts"]
         punits = units_projected(pcfg, bits)
         rep["projection"] = {"config": _display(Path(project)), "expert_bits_per_param": bits,
@@ -331,9 +280,10 @@ def _plot_plans(plans: dict[str, dict], title: str, path: Path) -> None:
     save_png(plt, fig, path)
 
 
-def _plot_bits(rows: list[dict], path: Path) -> None:
+def _plot_bits(rows: list[dict], path: Path, order: list[str]) -> None:
+    """order: the blocks in walking order."""
     plt = _pyplot()
-    blocks = sorted({r["block"] for r in rows}, key=lambda b: (b.startswith("decoder"), int(b.split(".")[-1])))
+    blocks = sorted({r["block"] for r in rows}, key=order.index)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(blocks) + 2), 3.6))
     kinds = list(dict.fromkeys(r["matrix"] for r in rows))  # wi, wo; or down, gate, up
     w = 0.76 / len(kinds)
@@ -393,7 +343,8 @@ def render(rep: dict, out: Path) -> Path:
           "| block | matrix | parameters | bytes | bits/param |", "|---|---|---|---|---|"]
     md += [f"| {r['block']} | {r['matrix']} | {r['params']:,} | {r['bytes']:,} | {r['bits_per_param']:.3f} |"
            for r in rep["matrices"]]
-    _plot_bits(rep["matrices"], out / "bits_per_param.png")
+    cfg, units = units_from_dir(Path(rep["model"]))
+    _plot_bits(rep["matrices"], out / "bits_per_param.png", family_named(cfg.family).sparse_blocks(cfg))
     plans = {f"devices {','.join(rep['devices']['names'])}": rep["devices"], **rep["targets"]}
     rt = rep["devices"].get("runtime", {})
     md += ["", "## Bytes per device", "", f"Dense weights in bf16 and expert files as stored; each dictionary's table "

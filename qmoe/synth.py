@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qmoe.config import SwitchConfig
+from qmoe.models.switch import SwitchConfig
 from qmoe.store import atomic_write_json, stream_safetensors
 
 C2048 = dict(d_model=2080, d_ff=6144, num_heads=30, d_kv=64)
@@ -39,7 +39,7 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def write_synthetic(out: Path, cfg: SwitchConfig, seed: int = 0, progress=print) -> Path:
-    from qmoe.model import SwitchModel
+    from qmoe.models.switch import SwitchModel
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

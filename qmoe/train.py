@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qmoe.config import PRESETS, SwitchConfig
+from qmoe.models.switch import PRESETS, SparseFF, SwitchConfig, SwitchModel, shift_right
 from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, make_samples, windows
 from qmoe.inference.evaluate import unigram_loss, validation_loss
-from qmoe.model import SparseFF, SwitchModel, shift_right
 from qmoe.models.train import TrainingRun
 from qmoe.store import save_hf_checkpoint
 from qmoe.tokenizer import ByteTokenizer

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import ray
 
-from qmoe.compression.executor import READ_AHEAD_STEPS, worker_class
+from qmoe.compression.executor import READ_AHEAD_STEPS
+from qmoe.compression.steps import Worker
 from qmoe.compression.steps import Job
 
 
@@ -47,7 +48,7 @@ class RayExecutor:
         if have < need - 1e-9:
             raise ValueError(f"--workers {self.n} needs {need:g} {kind} slots; the Ray cluster has {have:g}")
         check_shared_dir(out_dir)
-        actor = ray.remote(max_restarts=-1, max_task_retries=-1, **opts)(worker_class(job))
+        actor = ray.remote(max_restarts=-1, max_task_retries=-1, **opts)(Worker)
         self.actors = [actor.remote(job) for _ in range(self.n)]
 
     def _connect(self, gpus: bool) -> None:

@@ -8,13 +8,20 @@ import sys
 from pathlib import Path
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qmoe.bench", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="what", required=True)
+def _codec(sub) -> None:
     c = sub.add_parser("codec", help="the sub-1-bit codec against QMoE's dictionary, zstd and lzma")
     c.add_argument("--experts", type=Path, help="a ternary compressed directory (default: compress the default model)")
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--json", type=Path)
+
+
+def _run_codec(a):
+    from qmoe.bench import codec as b
+
+    return b, b.run(a.experts, a.repeats)
+
+
+def _kernels(sub) -> None:
     k = sub.add_parser("kernels", help="fused decode-GEMM against dense bf16/fp32 F.linear, and end to end")
     k.add_argument("--experts", type=Path, help="a ternary compressed directory (default: compress the default model)")
     k.add_argument("--repeats", type=int, default=7)
@@ -22,6 +29,15 @@ def main(argv=None) -> int:
     k.add_argument("--no-end-to-end", action="store_true",
                    help="kernel rows only (end to end on a c2048-shaped model: `qmoe.bench infer`)")
     k.add_argument("--json", type=Path)
+
+
+def _run_kernels(a):
+    from qmoe.bench import kernels as b
+
+    return b, b.run(a.experts, a.repeats, device=a.device, end_to_end=not a.no_end_to_end, partial=a.json)
+
+
+def _scale(sub) -> None:
     c = sub.add_parser("scale", help="compress c2048-shaped synthetic checkpoints of growing size, one larger than RAM")
     c.add_argument("--experts", type=lambda t: [int(x) for x in t.split(",")], default=[8, 32, 128, 320],
                    help="experts per block, one checkpoint each (default: 8,32,128,320; 320 is 32.7 GB)")
@@ -36,6 +52,18 @@ def main(argv=None) -> int:
     c.add_argument("--keep", action="store_true", help="keep checkpoints and outputs (default: delete each after use)")
     c.add_argument("--json", type=Path)
     c.add_argument("--plot", type=Path, help="PNG: peak memory per process against checkpoint size")
+
+
+def _run_scale(a):
+    from qmoe.bench import scale as b
+
+    result = b.run(a)  # the namespace itself: the result records every setting (its "args")
+    if a.plot:
+        b.plot(result, a.plot)
+    return b, result
+
+
+def _infer(sub) -> None:
     i = sub.add_parser("infer", help="end to end on a c2048-shaped model: fused vs simulated uncompressed vs bf16")
     i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     i.add_argument("--compressed", type=Path, help="a ternary compressed directory (default: synth + RTN compress)")
@@ -47,6 +75,16 @@ def main(argv=None) -> int:
     i.add_argument("--dir", type=Path, default=Path("out/bench-infer"), help="where the model is made")
     i.add_argument("--keep", action="store_true", help="keep the compressed model made (default: delete it)")
     i.add_argument("--json", type=Path)
+
+
+def _run_infer(a):
+    from qmoe.bench import infer as b
+
+    return b, b.run(a.compressed, a.dir, a.blocks, a.experts, a.device, a.repeats, a.tokens, a.val_samples,
+                    keep=a.keep, partial=a.json)
+
+
+def _gptq(sub) -> None:
     g = sub.add_parser("gptq", help="GPTQ against round-to-nearest: layer-wise errors and end-to-end loss, 3 seeds")
     g.add_argument("--model", default="default")
     g.add_argument("--schemes", type=lambda t: t.split(","), default=["ternary", "int2"])
@@ -56,9 +94,29 @@ def main(argv=None) -> int:
     g.add_argument("--train-samples", type=int, default=512)
     g.add_argument("--val-samples", type=int, default=256)
     g.add_argument("--json", type=Path)
+
+
+def _run_gptq(a):
+    from qmoe.bench import gptq as b
+    from qmoe.quant import Scheme
+
+    return b, b.run(a.model, [Scheme(x) for x in a.schemes], a.seeds, a.decoder_mask, a.train_samples,
+                    a.val_samples, percdamp=a.percdamp)
+
+
+def _tunstall(sub) -> None:
     t = sub.add_parser("tunstall", help="the compiled Tunstall construction against the plain-Python reference")
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--json", type=Path)
+
+
+def _run_tunstall(a):
+    from qmoe.bench import tunstall as b
+
+    return b, b.run(a.repeats)
+
+
+def _llamacpp(sub) -> None:
     lc = sub.add_parser("llamacpp", help="qmoe's compressed model against its GGUF export run in llama.cpp")
     lc.add_argument("--model", required=True, help="a decoder-only checkpoint llama.cpp runs (e.g. Qwen3-MoE, "
                                                    "every layer MoE, expert rows whole 256-weight blocks)")
@@ -68,6 +126,16 @@ def main(argv=None) -> int:
     lc.add_argument("--seq-len", type=int, default=128)
     lc.add_argument("--threads", type=int, default=2)
     lc.add_argument("--json", type=Path)
+
+
+def _run_llamacpp(a):
+    from qmoe.bench import llamacpp as b
+    from qmoe.quant import Scheme
+
+    return b, b.run(a.model, [Scheme(x) for x in a.schemes], a.train_samples, a.val_samples, a.seq_len, a.threads)
+
+
+def _overlap(sub) -> None:
     o = sub.add_parser("overlap", help="a group's file written behind its outputs against after them, alternated")
     o.add_argument("--experts", type=int, default=8, help="experts per sparse block (default: 8)")
     o.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
@@ -75,6 +143,15 @@ def main(argv=None) -> int:
     o.add_argument("--train-samples", type=int, default=32)
     o.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the steps run (default: cpu)")
     o.add_argument("--json", type=Path)
+
+
+def _run_overlap(a):
+    from qmoe.bench import overlap as b
+
+    return b, b.run(a.experts, a.method, a.repeats, a.train_samples, a.device)
+
+
+def _throughput(sub) -> None:
     th = sub.add_parser("throughput", help="seconds an expert and their split, in process and on Ray (GPU shares)")
     th.add_argument("--experts", type=int, default=64, help="experts per sparse block (default: 64)")
     th.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
@@ -85,52 +162,28 @@ def main(argv=None) -> int:
     th.add_argument("--val-samples", type=int, default=16)
     th.add_argument("--threads", type=int, default=2, help="torch threads a process (a byte-changing setting)")
     th.add_argument("--json", type=Path)
+
+
+def _run_throughput(a):
+    from qmoe.bench import throughput as b
+
+    return b, b.run(a.experts, a.method, a.device, a.runs, a.train_samples, a.val_samples, a.threads, partial=a.json)
+
+
+# Subcommand -> (adds its parser and flags, runs it: (its module, for format_table; the result)), in --help's order.
+SUBCOMMANDS = {"codec": (_codec, _run_codec), "kernels": (_kernels, _run_kernels), "scale": (_scale, _run_scale),
+               "infer": (_infer, _run_infer), "gptq": (_gptq, _run_gptq), "tunstall": (_tunstall, _run_tunstall),
+               "llamacpp": (_llamacpp, _run_llamacpp), "overlap": (_overlap, _run_overlap),
+               "throughput": (_throughput, _run_throughput)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qmoe.bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    for add, _ in SUBCOMMANDS.values():
+        add(sub)
     a = p.parse_args(argv)
-    if a.what == "overlap":
-        from qmoe.bench import overlap as b
-
-        result = b.run(a.experts, a.method, a.repeats, a.train_samples, a.device)
-    elif a.what == "throughput":
-        from qmoe.bench import throughput as b
-
-        result = b.run(a.experts, a.method, a.device, a.runs, a.train_samples, a.val_samples, a.threads,
-                       partial=a.json)
-    elif a.what == "tunstall":
-        from qmoe.bench import tunstall as b
-
-        result = b.run(a.repeats)
-    elif a.what == "llamacpp":
-        from qmoe.bench import llamacpp as b
-        from qmoe.quant import Scheme
-
-        result = b.run(a.model, [Scheme(x) for x in a.schemes], a.train_samples, a.val_samples, a.seq_len,
-                       a.threads)
-    elif a.what == "gptq":
-        from qmoe.bench import gptq as b
-        from qmoe.quant import Scheme
-
-        result = b.run(a.model, [Scheme(x) for x in a.schemes], a.seeds, a.decoder_mask, a.train_samples,
-                       a.val_samples, percdamp=a.percdamp)
-    elif a.what == "infer":
-        from qmoe.bench import infer as b
-
-        result = b.run(a.compressed, a.dir, a.blocks, a.experts, a.device, a.repeats, a.tokens, a.val_samples,
-                       keep=a.keep, partial=a.json)
-    elif a.what == "scale":
-        from qmoe.bench import scale as b
-
-        result = b.run(a)
-        if a.plot:
-            b.plot(result, a.plot)
-    else:
-        if a.what == "codec":
-            from qmoe.bench import codec as b
-
-            result = b.run(a.experts, a.repeats)
-        else:
-            from qmoe.bench import kernels as b
-
-            result = b.run(a.experts, a.repeats, device=a.device, end_to_end=not a.no_end_to_end, partial=a.json)
+    b, result = SUBCOMMANDS[a.what][1](a)
     print(b.format_table(result))
     if a.json:
         from qmoe.store import atomic_write_json

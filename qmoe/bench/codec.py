@@ -77,7 +77,8 @@ def measure(name: str, mats: dict[str, np.ndarray], levels: dict[str, np.ndarray
         q_bits, q_enc, q_s = _container_bits(mats, levels, qmoe_pairs(), tmp)
         # The codewords alone, without row data, dictionary record or file header: what the dictionary achieves.
         row["ours_codes_bits"] = 16 * sum(len(m.codes) for m in ours_enc.values()) / n
-        row.update(ours_bits=ours_bits, qmoe_bits=q_bits, ours_encode_mws=n / enc_s / 1e6, qmoe_encode_mws=n / q_s / 1e6)
+        row.update(ours_bits=ours_bits, qmoe_bits=q_bits, ours_encode_mws=n / enc_s / 1e6,
+                   qmoe_encode_mws=n / q_s / 1e6)
         # Decoding, side by side, alternating so that machine noise hits both alike.
         dec = {"ours": [], "qmoe": []}
         for _ in range(repeats):

@@ -6,8 +6,8 @@ quantizes, on the Hessian it was given (the undamped H = 2/n X^T X of the expert
 positions left out): the relative error tr((W-Q) H (W-Q)^T) / tr(W H W^T) of
   gptq    GPTQ's Q (as the run wrote it),
   rtn     round-to-nearest,
-  before  GPTQ with the dampening used before issue 12 (percdamp x the mean diagonal after each dead column's
-          diagonal had been set to 1),
+  before  GPTQ with a dampening that counts dead columns: percdamp x the mean diagonal after each dead column's
+          diagonal is set to 1 (what qmoe's GPTQ does instead: percdamp x the mean of the live diagonal),
   qmoe    GPTQ with QMoE's dampening (percdamp x the mean of the whole diagonal, dead columns' 0s counted),
 and the errors of gptq and rtn on the Hessian of *all* the expert's tokens (no mask: common ground on which the
 decoder mask conventions compare, and where a starved expert's fallback shows). `wo`'s Hessian is that of the
@@ -32,7 +32,8 @@ from qmoe.compression import steps
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec, resolve_model
 from qmoe.compression.gptq import GPTQ
-from qmoe.compression.pipeline import SWITCH_FORM, CompressConfig
+from qmoe.compression.pipeline import CompressConfig
+from qmoe.models.family import RELU_FORM
 from qmoe.quant import Method, Scheme, dequantize_codes, rtn
 
 VARIANTS = ("gptq", "rtn", "before", "qmoe")  # on the Hessian GPTQ was given
@@ -56,7 +57,7 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
 
 
 def damp_before(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """[E] the dampening before issue 12: percdamp x the mean diagonal, dead columns' diagonal counted as 1."""
+    """[E] the "before" variant's dampening: percdamp x the mean diagonal, dead columns' diagonal counted as 1."""
     d = torch.diagonal(H, dim1=1, dim2=2)
     return percdamp * torch.where(d == 0, torch.ones_like(d), d).mean(-1)
 
@@ -104,7 +105,7 @@ class Observer:
             self._sels.append(rows(token_ids, *a, **kw))
             return torch.arange(token_ids.numel())
 
-        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=SWITCH_FORM):
+        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=RELU_FORM):
             sels, self._sels = self._sels[-len(weights):], []
             D = weights[0]["wi"].shape[1]
             X = [torch.cat([torch.zeros(0, D), *hessian_slabs(k)]) for k in range(len(weights))]

@@ -2,13 +2,13 @@
 end against QMoE's simulated-uncompressed baseline, side by side in one process (calls alternated, medians).
 
 Kernel rows: c2048's expert shapes (2080x6144, 6144x2080; i.i.d. ternary at P(0) = 0.885, the share of zeros QMoE
-measured) and the default model's first expert (real GPTQ output), batch 1, 4, 16, 64: fused kernel (decode_gemm:
-the list kernels) vs torch F.linear on the same weights in bf16 and in fp32, and vs the record kernels (the
-previous CPU kernels, still used above 65408 columns). At batch 1 two floors: `walk` only loads each codeword's
-record and adds up lengths (no x), `csr` only gathers and adds x at the non-zeros from positions decoded
-beforehand (no codewords). End-to-end rows: the default model's validation
-(teacher-forced) and greedy generation with a KV cache, in tokens/s, fused vs simulated uncompressed (one shared
-dense bf16 expert a block) vs the experts decoded to dense fp32.
+measured) and the default model's first expert (real GPTQ output), at the batches of BATCHES (1 to 256): fused
+kernel (decode_gemm: the list kernels) vs torch F.linear on the same weights in bf16 and in fp32, and vs the record
+kernels (the CPU kernels for matrices wider than 65408 columns). At batch 1 two floors: `walk` only loads each
+codeword's record and adds up lengths (no x), `csr` only gathers and adds x at the non-zeros from positions decoded
+beforehand (no codewords). End-to-end rows: the default model's validation (teacher-forced) and greedy generation
+with a KV cache, in tokens/s, fused vs simulated uncompressed (one shared dense bf16 expert a block) vs the experts
+decoded to dense fp32. With `--device cuda` the kernel rows are cuda_kernel_rows' instead.
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def _gpu_medians(fns: dict, repeats: int, inner: int = 20) -> dict[str, dict]:
     for f in fns.values():  # warm up: compile, plan, allocate
         f()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(300):  # half a second of work right before timing: a GPU left idle runs slow for a while
+    for _ in range(300):  # large products right before timing: a GPU left idle runs slow for a while
         a @ a
     sync()
     del a
@@ -273,7 +273,6 @@ def cuda_kernel_rows(repeats: int, shapes=C2048_SHAPES, batches=CUDA_BATCHES, va
     variants: {name: gemm options}, extra fused variants (default FUSED_VARIANTS)."""
     from qmoe.kernels import cuda as kc
     from qmoe.kernels._cuda_floors import make_csr, make_walk
-    from qmoe.kernels.module import CompressedLinear
 
     variants = FUSED_VARIANTS if variants is None else variants
     dev = torch.device("cuda")
@@ -281,16 +280,8 @@ def cuda_kernel_rows(repeats: int, shapes=C2048_SHAPES, batches=CUDA_BATCHES, va
     rows = []
     rng = np.random.default_rng(0)
     for shape in shapes:
-        mats, levels = iid_matrices(shape, 0.885, seed=shape[0])
-        W = None
-        copies = max(2, -(-3 * l2 // (2 * shape[0] * shape[1])))  # bf16 copies: three times the L2
-        lins = []
-        for i in range(copies):
-            p0 = 0.885 + 0.0005 * i
-            m = encode(mats["m"], levels["m"], tunstall(normalize_probs((p0, (1 - p0) / 2, (1 - p0) / 2))))
-            W = decode(m) if W is None else W
-            lins.append(CompressedLinear(m).to(dev))
-        assert len({lin.table.data_ptr() for lin in lins}) == copies, "copies share a dictionary table"
+        W, lins = _cuda_copies(shape, l2, dev)
+        copies = len(lins)
         if copies_out is not None:
             copies_out[shape] = copies
         wbs = [torch.from_numpy(W).to(dev, torch.bfloat16) for _ in range(copies)]
@@ -298,15 +289,10 @@ def cuda_kernel_rows(repeats: int, shapes=C2048_SHAPES, batches=CUDA_BATCHES, va
         walk, csr = make_walk(kc.WARPS), make_csr(kc.WARPS)
         by_batch = []
         for B in batches:
-            x = rng.standard_normal((B, m.shape[1])).astype(np.float32)
+            x = rng.standard_normal((B, W.shape[1])).astype(np.float32)
             xf = torch.from_numpy(x).to(dev)
             xb = xf.bfloat16()
-            ref = x.astype(np.float64) @ W.astype(np.float64).T
-            y = _gemm_variant(lins[0], xf, {}).double().cpu().numpy()
-            err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-            assert err < 1e-5, f"{shape} batch {B}: relative error {err}"
-            for li in (lins[0], lins[-1]):
-                assert torch.equal(li.dense_bf16().cpu(), torch.from_numpy(W).bfloat16()), "decode kernel disagrees"
+            err = _cuda_check(lins, x, xf, W, f"{shape} batch {B}")
             lins[0](xf)
             picked = lins[0].last_path
             fns = {"fused": lambda: _gemm_variant(lin(), xf, {}), "bf16": lambda: F.linear(xb, wb()),
@@ -314,38 +300,9 @@ def cuda_kernel_rows(repeats: int, shapes=C2048_SHAPES, batches=CUDA_BATCHES, va
             for name, kw in variants.items():
                 fns[name] = lambda kw=kw: _gemm_variant(lin(), xf, kw)
             if B == 1:
-                from numba import cuda as ncuda
-
-                def nd(t):  # a numba view made once: numba syncs the stream whenever it imports a torch tensor
-                    return ncuda.as_cuda_array(t, sync=False)
-                out_i = torch.empty(m.shape[0], dtype=torch.int32, device=dev)
-                out_f = torch.empty(m.shape[0], dtype=torch.float32, device=dev)
-                grid = min(-(-m.shape[0] // kc.WARPS), 32 * kc.device_info().sms)
-                indptr, idx, split = _csr_arrays(W)
-                cargs = [nd(torch.from_numpy(a).to(dev)) for a in (indptr, split, idx.astype(np.int16))]
-                cargs += [nd(xf[0]), nd(out_f)]
-                wargs = [nd(lins[0].codes), nd(lins[0].offsets), nd(lins[0].table), nd(out_i)]
-                fns["floor_walk"] = lambda: walk[grid, kc.WARPS * 32](*wargs)
-                fns["floor_csr"] = lambda: csr[grid, kc.WARPS * 32, 0, 4 * m.shape[1]](*cargs)
-                fns["floor_launch"] = lambda: out_i[:1].zero_()
-                fns["decode_rows"] = lambda: lin().dense_bf16()
-                fns["decode_scatter"] = lambda: lin().dense_bf16(rows_kernel=False)
+                fns |= _cuda_floor_fns(lins[0], lin, W, xf, walk, csr, dev)
             t = _gpu_medians(fns, repeats)
-            launch = kc._plan_cached(m.shape[0], m.shape[1], B, lins[0].halo, 0, kc.GRANULE, kc.WARPS, ())[0]
-            row = {"matrix": f"c2048 shape {shape[0]}x{shape[1]}, P(0)=0.885", "shape": list(shape), "batch": B,
-                   "rel_error": err, "weight_copies": copies, "module_path": picked,
-                   "compressed_bytes": lins[0].nbytes, "bf16_bytes": 2 * W.size,
-                   **{f"{k}_ms": round(v["gpu_ms"], 5) for k, v in t.items()},
-                   **{f"{k}_wall_ms": round(v["wall_ms"], 5) for k, v in t.items()},
-                   "launch_bound": [k for k, v in t.items() if v["launch_bound"]],
-                   "speedup_vs_bf16": t["bf16"]["gpu_ms"] / t["fused"]["gpu_ms"],
-                   "speedup_vs_decode_bf16": t["decode+bf16"]["gpu_ms"] / t["fused"]["gpu_ms"],
-                   "best_vs_bf16": t["bf16"]["gpu_ms"] / min(v["gpu_ms"] for k, v in t.items()
-                                                             if k in ("fused", "decode+bf16", *variants)),
-                   "module_vs_bf16": t["bf16"]["gpu_ms"] / t["module"]["gpu_ms"],
-                   "bf16_GBps": 2 * W.size / t["bf16"]["gpu_ms"] / 1e6,
-                   "plan": {"grid": launch.grid, "block": launch.block, "shared": launch.shared,
-                            "bt": 1 << launch.bt_log2, "kpb": launch.kpb, "atomic": launch.atomic}}
+            row = _cuda_row(shape, B, err, copies, picked, lins[0], W, t, variants)
             rows.append(row)
             by_batch.append(row)
             print(_cuda_line(row), flush=True)
@@ -353,15 +310,95 @@ def cuda_kernel_rows(repeats: int, shapes=C2048_SHAPES, batches=CUDA_BATCHES, va
                 on_row(rows)
             if variants:
                 print("   variants:", {k: round(t[k]["gpu_ms"], 4) for k in variants}, flush=True)
-        # the crossover: the first batch from which decode + cuBLAS is faster than every fused variant
-        fused_best = [min(r[f"{k}_ms"] for k in ("fused", *variants)) for r in by_batch]
-        faster = [r["decode+bf16_ms"] < f for r, f in zip(by_batch, fused_best)]
-        cross = next((r["batch"] for i, r in enumerate(by_batch) if all(faster[i:])), None)
-        for r in by_batch:
-            r["crossover_batch"] = cross
+        _set_crossover(by_batch, variants)
         del lins, wbs
         torch.cuda.empty_cache()
     return rows
+
+
+def _cuda_copies(shape, l2: int, dev) -> tuple[np.ndarray, list]:
+    """(W [R, C] float32, CompressedLinear copies of it on dev): one i.i.d. ternary matrix at P(0) = 0.885, each
+    copy encoded with its own Tunstall dictionary (P(0) 0.885 + 0.0005 i), enough copies that their bf16 forms
+    take three times the L2."""
+    mats, levels = iid_matrices(shape, 0.885, seed=shape[0])
+    W = None
+    copies = max(2, -(-3 * l2 // (2 * shape[0] * shape[1])))  # bf16 copies: three times the L2
+    lins = []
+    for i in range(copies):
+        p0 = 0.885 + 0.0005 * i
+        m = encode(mats["m"], levels["m"], tunstall(normalize_probs((p0, (1 - p0) / 2, (1 - p0) / 2))))
+        W = decode(m) if W is None else W
+        lins.append(CompressedLinear(m).to(dev))
+    assert len({lin.table.data_ptr() for lin in lins}) == copies, "copies share a dictionary table"
+    return W, lins
+
+
+def _cuda_check(lins: list, x: np.ndarray, xf: torch.Tensor, W: np.ndarray, what: str) -> float:
+    """The fused kernel's relative error on x [B, C] against a float64 product (asserted under 1e-5), and the
+    decode kernel's bf16 matrix asserted equal to W's, on the first and last copies."""
+    ref = x.astype(np.float64) @ W.astype(np.float64).T
+    y = _gemm_variant(lins[0], xf, {}).double().cpu().numpy()
+    err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    assert err < 1e-5, f"{what}: relative error {err}"
+    for li in (lins[0], lins[-1]):
+        assert torch.equal(li.dense_bf16().cpu(), torch.from_numpy(W).bfloat16()), "decode kernel disagrees"
+    return err
+
+
+def _cuda_floor_fns(first, lin, W: np.ndarray, xf: torch.Tensor, walk, csr, dev) -> dict:
+    """Batch 1's extra timed calls: the walk and gather floors (on the first copy), an empty launch, and the rows
+    and scatter decode kernels (rotating through the copies, `lin`)."""
+    from numba import cuda as ncuda
+
+    from qmoe.kernels import cuda as kc
+
+    def nd(t):  # a numba view made once: numba syncs the stream whenever it imports a torch tensor
+        return ncuda.as_cuda_array(t, sync=False)
+    R, C = W.shape
+    out_i = torch.empty(R, dtype=torch.int32, device=dev)
+    out_f = torch.empty(R, dtype=torch.float32, device=dev)
+    grid = min(-(-R // kc.WARPS), 32 * kc.device_info().sms)
+    indptr, idx, split = _csr_arrays(W)
+    cargs = [nd(torch.from_numpy(a).to(dev)) for a in (indptr, split, idx.astype(np.int16))]
+    cargs += [nd(xf[0]), nd(out_f)]
+    wargs = [nd(first.codes), nd(first.offsets), nd(first.table), nd(out_i)]
+    return {"floor_walk": lambda: walk[grid, kc.WARPS * 32](*wargs),
+            "floor_csr": lambda: csr[grid, kc.WARPS * 32, 0, 4 * C](*cargs),
+            "floor_launch": lambda: out_i[:1].zero_(),
+            "decode_rows": lambda: lin().dense_bf16(),
+            "decode_scatter": lambda: lin().dense_bf16(rows_kernel=False)}
+
+
+def _cuda_row(shape, B: int, err: float, copies: int, picked: str, first, W: np.ndarray, t: dict,
+              variants: dict) -> dict:
+    """One kernel row from the timings t ({name: _gpu_medians' entry}) and the planner's launch for the first copy."""
+    from qmoe.kernels import cuda as kc
+
+    launch = kc._plan_cached(W.shape[0], W.shape[1], B, first.halo, 0, kc.GRANULE, kc.WARPS, ())[0]
+    return {"matrix": f"c2048 shape {shape[0]}x{shape[1]}, P(0)=0.885", "shape": list(shape), "batch": B,
+            "rel_error": err, "weight_copies": copies, "module_path": picked,
+            "compressed_bytes": first.nbytes, "bf16_bytes": 2 * W.size,
+            **{f"{k}_ms": round(v["gpu_ms"], 5) for k, v in t.items()},
+            **{f"{k}_wall_ms": round(v["wall_ms"], 5) for k, v in t.items()},
+            "launch_bound": [k for k, v in t.items() if v["launch_bound"]],
+            "speedup_vs_bf16": t["bf16"]["gpu_ms"] / t["fused"]["gpu_ms"],
+            "speedup_vs_decode_bf16": t["decode+bf16"]["gpu_ms"] / t["fused"]["gpu_ms"],
+            "best_vs_bf16": t["bf16"]["gpu_ms"] / min(v["gpu_ms"] for k, v in t.items()
+                                                      if k in ("fused", "decode+bf16", *variants)),
+            "module_vs_bf16": t["bf16"]["gpu_ms"] / t["module"]["gpu_ms"],
+            "bf16_GBps": 2 * W.size / t["bf16"]["gpu_ms"] / 1e6,
+            "plan": {"grid": launch.grid, "block": launch.block, "shared": launch.shared,
+                     "bt": 1 << launch.bt_log2, "kpb": launch.kpb, "atomic": launch.atomic}}
+
+
+def _set_crossover(by_batch: list[dict], variants: dict) -> None:
+    """Every row's crossover_batch: the first batch from which decode + cuBLAS is faster than every fused variant
+    (None if there is none)."""
+    fused_best = [min(r[f"{k}_ms"] for k in ("fused", *variants)) for r in by_batch]
+    faster = [r["decode+bf16_ms"] < f for r, f in zip(by_batch, fused_best)]
+    cross = next((r["batch"] for i, r in enumerate(by_batch) if all(faster[i:])), None)
+    for r in by_batch:
+        r["crossover_batch"] = cross
 
 
 def _gemm_variant(lin, x, kw: dict):

@@ -67,8 +67,8 @@ def qmoe_logits(comp: Path, windows: torch.Tensor) -> torch.Tensor:
 
 def compare(ours: torch.Tensor, theirs: torch.Tensor, windows: torch.Tensor) -> dict:
     """Losses, and per position the mean |logit difference| over the standard deviation of qmoe's logits there:
-    its median, and the share of positions past 0.1 (where llama.cpp's rounded activations tipped a router's near
-    tie to another expert: measured 0.02-0.03 elsewhere, 0.25-0.3 there)."""
+    its median, and the share of positions past 0.1 (positions where llama.cpp's rounded activations tipped a
+    router's near tie to another expert stand out above it; measurements: docs/results.md)."""
     labels = windows[:, 1:].reshape(-1)
     per_pos = ((ours - theirs).abs().mean(-1) / ours.std(-1)).flatten()
     lo = F.cross_entropy(ours.reshape(-1, ours.shape[-1]), labels).item()

@@ -2,7 +2,7 @@
 
 One process compresses a c2048-shaped synthetic checkpoint (`qmoe.synth`: d_model 2080, d_ff 6144, 1 + 1 sparse
 blocks of `--experts` experts) again and again, alternating `Worker.write_behind` False (encode and write the
-group's file after its outputs, as before) and True (in a thread, while the last batch's outputs are computed),
+group's file after its outputs) and True (in a thread, while the last batch's outputs are computed),
 `--repeats` rounds. Per run: wall seconds, the expert steps' seconds (summary.json's blocks), and the worker's
 split (quantize, outputs, encode + write, the wait for the write). The expert files of the two modes are compared
 byte for byte.

@@ -5,8 +5,8 @@ process (round-to-nearest single-process and with --workers 2, plus GPTQ points)
 Per run: wall time, checkpoint bytes read and output bytes written, the time split (dense pass; in the expert
 steps: waiting for weights, reading them, quantizing, running tokens, encoding + writing), and every process's peak
 anonymous memory (summary.json's peak_anon_bytes). The checkpoint's pages are dropped from the page cache before
-every run (posix_fadvise DONTNEED on its files), so every run reads from disk. Writes bench/scale.json (with the
-table and a projection for c2048) and a plot of peak memory per process against checkpoint size.
+every run (posix_fadvise DONTNEED on its files), so every run reads from disk. The result (`--json`) holds the
+runs and a projection for c2048; `--plot` draws peak memory per process against checkpoint size.
 """
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ def run(args) -> dict:
                 _rmtree(root / f"out-e{E}-{method}-w{workers}")
         if not args.keep:
             _rmtree(ckpt)
-    result = {"machine": _machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": runs,
+    result = {"machine": _machine(),
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": runs,
               "byte_identical_1_vs_2_workers": identical, "projection": _project(runs)}
     return result
 

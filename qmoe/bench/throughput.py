@@ -3,8 +3,8 @@
 One c2048-shaped synthetic checkpoint (`qmoe.synth`: d_model 2080, d_ff 6144, 1 + 1 sparse blocks of `--experts`
 experts) is compressed once per entry of `--runs`: "0" in this process, "N" on a Ray pool of N workers, "NxG" on
 N workers of G GPUs each (compress's `--gpus-per-worker G`: several share one GPU, so one encodes on the host while
-another quantizes). Per run: wall seconds; seconds an expert (the sparse blocks' expert steps over their experts) and its
-split from summary.json (reading and waiting for weights, quantizing, the expert outputs, encoding and writing);
+another quantizes). Per run: wall seconds; seconds an expert (the sparse blocks' expert steps over their experts)
+and its split from summary.json (reading and waiting for weights, quantizing, the expert outputs, encoding and writing);
 how busy the GPU was (NVML, sampled in each process that computed on it); peak GPU and host memory per process; the
 losses; whether the expert files are byte-identical to the first run's. The c2048 figures are a PROJECTION from
 the fastest run's seconds an expert (61,440 experts), for that run's whole setup (one process, or its pool of
@@ -21,7 +21,7 @@ from qmoe.bench.kernels import cpu_description
 from qmoe.bench.overlap import expert_hashes
 
 C2048_EXPERTS = 61_440  # 15 sparse blocks x 2 stacks x 2048 experts
-TARGET_SECONDS_AN_EXPERT = 0.30  # issue 20, one H100 / H200
+TARGET_SECONDS_AN_EXPERT = 0.30  # the target on one H100 / H200
 TARGET_GPU_BUSY = 80.0
 SPLIT = ("worker_read", "worker_wait", "worker_quantize", "worker_outputs", "worker_encode_write",
          "worker_encode_write_wait")

@@ -1,4 +1,4 @@
-"""Building a Tunstall dictionary (the host's part of encoding: two a group, issue 20): the compiled construction
+"""Building a Tunstall dictionary (the host's part of encoding: two a group): the compiled construction
 (`codec.dictionary._tunstall`) against the plain-Python reference it must equal, side by side in one process, for
 2^16 words at the symbol statistics the experts have (P(0) from 0.8 to 0.95, +-1 equally likely)."""
 from __future__ import annotations

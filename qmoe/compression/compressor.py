@@ -19,15 +19,15 @@ from torch import nn
 from qmoe import compressed as C
 from qmoe.compression.activations import ActivationStore
 from qmoe.compression import outdir
-from qmoe.checkpoint import (CheckpointError, CheckpointReader, checkpoint_name, is_expert_param, model_file,
-                             read_config)
-from qmoe.data import DataSpec, causal_samples, load_samples
+from qmoe.checkpoint import model_file, open_every_shard
+from qmoe.data import DataSpec
 from qmoe.compression.executor import LocalExecutor
 from qmoe.compression.memory import PeakMonitor, default_max_memory, plan_memory
-from qmoe.model import SwitchModel
 from qmoe.compression.pipeline import CompressConfig
 from qmoe.compression.steps import Job, Stream
 from qmoe.codec.atomic import atomic_write
+from qmoe.models.family import Family
+from qmoe.models.registry import build, family_named, reading
 from qmoe.store import atomic_write_json, sha256_file
 from qmoe.compression.walk import compress_blocks, write_ids
 
@@ -37,81 +37,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class Source:
-    """A checkpoint opened for compression, every tensor name and shape checked: its model on the meta device (for
-    names and shapes), how a parameter reads (FP8 blocks dequantized), which parameters are routed experts, and the
-    config.json the output starts from."""
+    """A checkpoint opened for compression, every tensor name and shape checked: its family, its model on the meta
+    device (for names and shapes), how a parameter reads (published aliases followed, FP8 blocks dequantized), and
+    the config.json the output starts from."""
+    family: Family
     model: nn.Module
-    mcfg: object  # SwitchConfig, or a family's MoEConfig
+    mcfg: object
     hf: dict
     read: Callable[[str], torch.Tensor]
-    is_expert: Callable[[str], bool]
-    out_config: dict
 
-    @property
-    def family(self) -> str | None:
-        return getattr(self.mcfg, "family", None)
+    def is_expert(self, name: str) -> bool:
+        return self.family.is_expert(name)
 
     def describe(self) -> str:
-        c = self.mcfg
-        if self.family:
-            return (f"{self.family}, {c.num_layers} layers, {sum(c.sparse)} MoE x {c.num_experts} experts "
-                    f"(top-{c.top_k})")
-        return (f"{c.num_layers}+{c.num_decoder_layers} blocks, {sum(c.encoder_sparse) + sum(c.decoder_sparse)} "
-                f"sparse x {c.num_experts} experts")
+        return self.family.describe(self.mcfg)
+
+    @property
+    def out_config(self) -> dict:
+        return self.family.out_config(self.hf, self.mcfg)
 
 
 def open_source(model_dir: Path) -> Source:
-    """The checkpoint's Source: a decoder-only family (qmoe/models) by its config's model_type, else Switch."""
-    from qmoe.models.base import is_routed_expert
-    from qmoe.models.load import FAMILIES, build, read_tensor
-
-    cfg_file = model_file(model_dir, "config.json")
-    try:
-        kind = json.loads(cfg_file.read_text()).get("model_type") if cfg_file else None
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        kind = None  # not a JSON object: read_config below says so
-    if kind in FAMILIES:
-        model, reader, hf = build(model_dir)
-        open_every_shard(reader)
-        block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-        # The dense weights are written in bf16: the source's quantization (FP8) does not describe the output.
-        out_config = {k: v for k, v in hf.items() if k != "quantization_config"}
-        return Source(model, model.cfg, hf, lambda n: read_tensor(reader, n, block), is_routed_expert, out_config)
-    reader = CheckpointReader(model_dir)
-    mcfg, hf = read_config(model_dir, reader)
-    with torch.device("meta"):
-        model = SwitchModel(mcfg)
-    verify_checkpoint(reader, model)
-    available = set(reader.names())
-    return Source(model, mcfg, hf, lambda n: reader.get(checkpoint_name(n, available)), is_expert_param,
-                  hf | mcfg.to_hf_dict())
-
-
-def verify_checkpoint(reader: CheckpointReader, model: SwitchModel) -> None:
-    """Before any work: every parameter has a tensor of the right shape (read from the safetensors headers or the
-    .bin shards' indexes, no data), and every shard opens (a truncated shard fails here, not hours later)."""
-    available = set(reader.names())
-    params = []
-    for name, p in model.named_parameters():
-        src = checkpoint_name(name, available)
-        if src not in available:
-            raise CheckpointError(reader.dir, src, "tensor is missing from the checkpoint")
-        params.append((str(reader.file_of[src]), src, tuple(p.shape)))
-    for _, src, want in sorted(params):  # shard by shard: a .bin shard is opened once
-        shape = reader.shape(src)
-        if shape is not None and tuple(shape) != want:
-            raise CheckpointError(reader.file_of[src], src, f"shape {tuple(shape)}, expected {want}")
+    """The checkpoint's Source, its family told by its config's model_type; every shard opened (a truncated shard
+    fails here, not hours later)."""
+    model, reader, hf = build(model_dir)
     open_every_shard(reader)
-
-
-def open_every_shard(reader: CheckpointReader) -> None:
-    """Read one tensor of every shard: opens (and for safetensors validates) each, so a truncated shard fails
-    before any work."""
-    first_of = {}
-    for name, f in reader.file_of.items():
-        first_of.setdefault(f, name)
-    for f, name in sorted(first_of.items()):
-        reader.get(name)  # opens (and for safetensors validates) the shard
+    fam = family_named(model.cfg.family)
+    return Source(fam, model, model.cfg, hf, reading(fam, reader, hf))
 
 
 def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSpec, n_train: int, n_val: int,
@@ -120,12 +72,11 @@ def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSp
     """The job every worker gets, with the memory plan for the bound (default: from this machine's memory)."""
     max_memory = max_memory or default_max_memory(processes)
     seq = spec.data.raw_length  # an upper bound of the samples' lengths (span corruption only shortens)
-    if hasattr(mcfg, "family"):  # a decoder-only family: gate and up stacked ([2 I, D]) as GPTQ takes them
-        sizes = dict(d_model=mcfg.hidden_size, d_ff=2 * mcfg.moe_intermediate, num_heads=mcfg.num_heads,
-                     d_kv=mcfg.head_dim, chunk_tokens=cfg.chunk_samples * seq * mcfg.top_k)
-    else:
-        sizes = dict(d_model=mcfg.d_model, d_ff=mcfg.d_ff, num_heads=mcfg.num_heads, d_kv=mcfg.d_kv,
-                     chunk_tokens=cfg.chunk_samples * seq)
+    fam = family_named(mcfg.family)
+    shapes, form = fam.expert_shapes(mcfg), fam.expert_form(mcfg)
+    # The input matrices stacked ([len(inputs) * F, D]) as GPTQ takes them; k rows a token.
+    sizes = dict(d_model=mcfg.width, d_ff=sum(shapes[k][0] for k in form.inputs), num_heads=mcfg.num_heads,
+                 d_kv=mcfg.head_dim, chunk_tokens=cfg.chunk_samples * seq * mcfg.top_k)
     plan = plan_memory(max_memory, **sizes, vocab=mcfg.vocab_size, group_size=min(cfg.group_size, mcfg.num_experts),
                        seq_len=seq, slab_rows=cfg.slab_rows, gptq=cfg.method.value == "gptq",
                        act_bytes=ActivationStore("", cfg.activation_dtype).itemsize, max_batch=max_batch)
@@ -140,7 +91,8 @@ def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSp
 def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSpec, overwrite: bool = False,
                    progress=print, resume: bool = False, executor=None, max_memory: int | None = None,
                    max_batch: int | None = None, fail_marker: str | None = None) -> dict:
-    """Compress every routed expert of a checkpoint (Switch, or a decoder-only family: qmoe/models); returns the summary also written to out/summary.json.
+    """Compress every routed expert of a checkpoint (any family of qmoe/models); returns the summary also written
+    to out/summary.json.
 
     resume: `out` holds an unfinished run of the same model and settings; the groups and blocks its manifest
     records are replayed from their files (not compressed again) and the run goes on from there. executor: where
@@ -158,7 +110,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     outdir.check_out(out, model_dir)
     source = open_source(model_dir)
     mcfg, hf, model = source.mcfg, source.hf, source.model
-    train, val, sentinel_floor = (causal_samples if source.family else load_samples)(model_dir, hf, spec)
+    train, val, sentinel_floor = source.family.samples(model_dir, hf, spec)
     job = make_job(model_dir, out, mcfg, cfg, spec, len(train), len(val), sentinel_floor, max_memory,
                    getattr(executor, "processes", 1), fail_marker, max_batch)
     settings = _settings(cfg, spec, model_dir)
@@ -190,8 +142,8 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
                          method=cfg.method.value, source=str(model_dir), settings=settings,
                          dense_sha256=manifest.data["files"][C.DENSE_FILE]["sha256"])
-        if source.family:  # what is not quantized (the one choice built: routed experts only)
-            qmoe_meta["quantized"] = "routed experts; shared experts, dense-layer MLPs and the rest kept in bf16"
+        if source.family.unquantized:  # what is not quantized (the one choice built: routed experts only)
+            qmoe_meta["quantized"] = source.family.unquantized
         atomic_write_json(out / "config.json", source.out_config | {"qmoe": qmoe_meta})
         manifest.record_file("config.json")
         manifest.save()

@@ -14,15 +14,6 @@ from qmoe.compression.steps import Job, Worker
 READ_AHEAD_STEPS = ("experts",)  # steps that take next_call
 
 
-def worker_class(job: Job) -> type[Worker]:
-    """The Worker that runs this job's steps: Switch's, or a decoder-only family's."""
-    if job.family:
-        from qmoe.compression.family_steps import FamilyWorker
-
-        return FamilyWorker
-    return Worker
-
-
 class Executor(Protocol):
     description: str
 
@@ -44,7 +35,7 @@ class LocalExecutor:
         self.worker: Worker | None = None
 
     def start(self, job: Job, out_dir: str) -> None:
-        self.worker = worker_class(job)(job)
+        self.worker = Worker(job)
 
     def map(self, step: str, calls: list[dict], on_result=None) -> list[dict]:
         results = []

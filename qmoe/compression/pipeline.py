@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from qmoe.compression.gptq import GPTQ
+from qmoe.models.family import RELU_FORM, ExpertForm
 from qmoe.packed import QuantizedMatrix
 from qmoe.quant import Method, Scheme, rtn
 
@@ -63,53 +63,6 @@ class CompressConfig:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in vars(self).items()}
 
 
-@dataclass(frozen=True)
-class ExpertForm:
-    """An expert's matrices and its forward, for the walk, the steps and the format: `inputs` are the matrices
-    fed by the expert's input x (quantized together from one Hessian, their rows stacked: GPTQ treats rows
-    independently, so stacking changes nothing but the count of factorizations), `hidden` combines their outputs,
-    `output` is the matrix fed by that hidden activation (quantized from the hidden activations through the
-    quantized input matrices)."""
-    inputs: tuple[str, ...]
-    output: str
-    act: str  # "relu": relu(wi x); "swiglu": silu(gate x) * up x; "clamped": gpt-oss's, with biases (below)
-    alpha: float = 0.0  # clamped: (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit
-    limit: float = 0.0
-
-    @property
-    def bias(self) -> bool:
-        """Whether the matrices have biases (`<kind>_bias` beside each weight; never quantized)."""
-        return self.act == "clamped"
-
-    def hidden(self, x: torch.Tensor, first: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The hidden activations of tokens x [n, C] through the input matrices stacked, first [len(inputs) * F, C]
-        (and their biases stacked)."""
-        if self.act == "relu":
-            return F.relu(F.linear(x, first))
-        gate, up = F.linear(x, first, bias).chunk(2, -1)
-        if self.act == "clamped":
-            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-            return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
-        return F.silu(gate) * up
-
-    def outputs(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """tokens x [n, C] through one expert (weights by kind): the one place this is computed, so the compressing
-        run, a resumed run's replay and the validation give the same bits."""
-        out = w[self.output]
-        if x.shape[0] == 0:
-            return x.new_zeros(0, out.shape[0])
-        if self.act == "relu":
-            return F.linear(F.relu(F.linear(x, w["wi"])), out)
-        if self.act == "clamped":
-            gate = F.linear(x, w["gate"], w["gate_bias"]).clamp(max=self.limit)
-            up = F.linear(x, w["up"], w["up_bias"]).clamp(-self.limit, self.limit)
-            return F.linear((up + 1) * gate * torch.sigmoid(gate * self.alpha), out, w["down_bias"])
-        return F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), out)
-
-
-SWITCH_FORM = ExpertForm(("wi",), "wo", "relu")  # Switch: wo(relu(wi x))
-SWIGLU_FORM = ExpertForm(("gate", "up"), "down", "swiglu")  # decoder-only families: down(silu(gate x) * up x)
-
 QuantizedExpert = dict  # kind -> QuantizedMatrix
 
 
@@ -145,11 +98,11 @@ def _quantize(W: torch.Tensor, inputs, cfg: CompressConfig):
 
 @torch.no_grad()
 def quantize_experts(weights: list[dict[str, torch.Tensor]], hessian_slabs, cfg: CompressConfig,
-                     device: torch.device | str = "cpu", form: ExpertForm = SWITCH_FORM
+                     device: torch.device | str = "cpu", form: ExpertForm = RELU_FORM
                      ) -> tuple[list[QuantizedExpert], list[str]]:
     """Quantize a batch of b experts of one group.
 
-    weights[g] = {kind: W} (Switch: wi [F, D], wo [D, F]); hessian_slabs(g) yields expert g's calibration tokens
+    weights[g] = {kind: W} (e.g. wi [F, D], wo [D, F]); hessian_slabs(g) yields expert g's calibration tokens
     that feed its Hessians ([n, D] slabs of at most slab_rows, sentinels left out, capped), and can be called more
     than once. GPTQ quantizes the input matrices (stacked) from those inputs, then the output matrix from the
     hidden activations through the *quantized* input matrices. Returns the quantized experts ({kind:
@@ -185,21 +138,6 @@ def hessian_cap(usable: list[int], cfg: CompressConfig) -> tuple[int, int]:
 def expert_seed(cfg: CompressConfig, block_index: int, j: int) -> int:
     """The seed of expert j's Hessian token subset in the block_index-th compressed block."""
     return cfg.seed * 1_000_003 + block_index * 65_537 + j
-
-
-def hessian_mask_ids(ids: dict[str, torch.Tensor], stack: str, decoder_mask: str, sentinel_floor: int) -> torch.Tensor:
-    """Per position [n, S], the id that decides whether the position may feed a Hessian (hessian_rows leaves out
-    ids >= sentinel_floor). ids: a chunk's {"enc_ids", "dec_ids", "labels"}. Encoder: the input id. Decoder, "input":
-    the decoder input (the labels shifted right); "target": the label, with each sample's last position and any
-    ignored label (< 0) marked as a sentinel (QMoE's convention)."""
-    if stack == "encoder":
-        return ids["enc_ids"]
-    if decoder_mask == "input":
-        return ids["dec_ids"]
-    m = ids["labels"].clone()
-    m[m < 0] = sentinel_floor
-    m[:, -1] = sentinel_floor
-    return m
 
 
 def hessian_rows(token_ids: torch.Tensor, sentinel_floor: int, cap: int, seed: int, min_rows: int = 0) -> torch.Tensor:

@@ -7,8 +7,11 @@ files (a retried task is harmless) and nothing large ever passes through the dri
 few numbers. Steps are pure functions of the job's settings and the files, so the output's bytes do not depend on
 how many workers there are or where they run.
 
+The steps know no family: the model's walk methods (`embed_unit`, `run_block`, `pre_experts`, `stack_output`,
+`head`; qmoe/models/family.py) compute, the family reads experts and says which positions may feed a Hessian.
 Residual-stream files are named by position: `{stack}.x{i}` enters block i of the stack; the block writes
-`{stack}.x{i + 1}`. Legend: n samples in a chunk, S positions, T = n * S tokens, D d_model, F d_ff, E experts.
+`{stack}.x{i + 1}`; `{stack}.out` is what later stacks read of an earlier one (Switch's encoder output). Legend: n
+samples in a chunk, S positions, T = n * S tokens, D the residual width, E experts, k experts a token.
 """
 from __future__ import annotations
 
@@ -23,13 +26,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from qmoe import compressed as C
+from qmoe.checkpoint import CheckpointReader, fp8_block, read_hf_config, read_tensor, set_param
 from qmoe.compression.activations import ActivationStore
-from qmoe.checkpoint import CheckpointReader, _set_param, checkpoint_name, is_expert_param, read_expert
-from qmoe.config import SwitchConfig
 from qmoe.compression.memory import GpuBusyMonitor, PeakMonitor, Plan
-from qmoe.model import SwitchModel
-from qmoe.compression.pipeline import (SWIGLU_FORM, SWITCH_FORM, CompressConfig, ExpertForm, expert_seed, hessian_mask_ids,
-                           hessian_rows, quantize_experts)
+from qmoe.compression.pipeline import CompressConfig, expert_seed, hessian_rows, quantize_experts
+from qmoe.models.family import RELU_FORM, ExpertForm, Family
+from qmoe.models.registry import family_named
 from qmoe.store import sha256_file
 
 
@@ -48,7 +50,7 @@ class Job:
     model_dir: str
     out: str
     work: str  # the activation files' directory
-    mcfg: SwitchConfig  # or a decoder-only family's MoEConfig (qmoe/models)
+    mcfg: object  # the model's config (its family's: `mcfg.family` names it)
     cfg: CompressConfig
     plan: Plan
     streams: tuple[Stream, ...]
@@ -56,36 +58,31 @@ class Job:
     fail_marker: str | None = None  # tests only: an expert step that finds this file deletes it and kills its process
 
     @property
-    def family(self) -> str | None:
-        """The decoder-only family's name (qmoe/models), None for Switch."""
-        return getattr(self.mcfg, "family", None)
+    def family(self) -> Family:
+        return family_named(self.mcfg.family)
 
     @property
     def form(self) -> ExpertForm:
-        if self.family == "gpt_oss":  # gpt-oss's clamped SwiGLU, with biases
-            return ExpertForm(("gate", "up"), "down", "clamped", self.mcfg.opt("alpha"), self.mcfg.opt("limit"))
-        return SWIGLU_FORM if self.family else SWITCH_FORM
+        return self.family.expert_form(self.mcfg)
 
     @property
     def width(self) -> int:
         """The residual stream's width."""
-        return self.mcfg.hidden_size if self.family else self.mcfg.d_model
+        return self.mcfg.width
 
     @property
     def top_k(self) -> int:
         """Experts a token feeds."""
-        return self.mcfg.top_k if self.family else 1
+        return self.mcfg.top_k
 
     @property
     def stacks(self) -> tuple[tuple[str, tuple[bool, ...]], ...]:
         """(stack name, which of its blocks are sparse) in walking order."""
-        if self.family:
-            return (("model", self.mcfg.sparse),)
-        return (("encoder", self.mcfg.encoder_sparse), ("decoder", self.mcfg.decoder_sparse))
+        return self.family.stacks(self.mcfg)
 
     def block_name(self, stack: str, i: int) -> str:
-        """A sparse block's name: its module path (Switch: encoder.block.3; families: model.layers.3)."""
-        return f"{stack}.layers.{i}" if self.family else f"{stack}.block.{i}"
+        """A block's name: its module path (encoder.block.3, model.layers.3)."""
+        return self.family.block_name(stack, i)
 
     @property
     def store(self) -> ActivationStore:
@@ -121,18 +118,20 @@ class Worker:
 
     def _open(self) -> None:
         """The checkpoint's reader and the model on the meta device (weights are loaded unit by unit)."""
+        self.fam = self.job.family
         self.reader = CheckpointReader(self.job.model_dir)
         self.available = set(self.reader.names())
+        self.fp8_block = fp8_block(read_hf_config(self.job.model_dir)[0])
         with torch.device("meta"):
-            self.model = SwitchModel(self.job.mcfg)
+            self.model = self.fam.model(self.job.mcfg)
 
     # ---- weights ----------------------------------------------------------------------------------------------
     def _read_param(self, name: str) -> torch.Tensor:
-        """A model parameter's tensor as stored in the checkpoint."""
-        return self.reader.get(checkpoint_name(name, self.available))
+        """A model parameter's tensor as the model uses it (published aliases followed, FP8 dequantized)."""
+        return read_tensor(self.reader, self.fam.checkpoint_name(name, self.available), self.fp8_block)
 
     def _is_expert(self, name: str) -> bool:
-        return is_expert_param(name)
+        return self.fam.is_expert(name)
 
     def _use(self, *prefixes: str) -> None:
         """Load these modules' dense weights and drop the ones loaded before. Weights are rounded to bf16 (as stored
@@ -141,32 +140,25 @@ class Worker:
             return
         for prefix in self._unit:
             for name, p in self._params(prefix):
-                _set_param(self.model, name, torch.empty(p.shape, device="meta"))
+                set_param(self.model, name, torch.empty(p.shape, device="meta"))
         for prefix in prefixes:
             for name, p in self._params(prefix):
                 t = self._read_param(name)
                 self.bytes_read += t.numel() * t.element_size()
-                _set_param(self.model, name, t.to(torch.bfloat16).to(self.device, torch.float32))
+                set_param(self.model, name, t.to(torch.bfloat16).to(self.device, torch.float32))
         self._unit = prefixes
 
     def _params(self, prefix: str):
         mod = self.model.get_submodule(prefix)
         return [(f"{prefix}.{n}", p) for n, p in mod.named_parameters() if not self._is_expert(f"{prefix}.{n}")]
 
-    def _block(self, stack: str, i: int):
-        """Block i of a stack with its dense weights, and the stack (for its position bias, block 0's table)."""
-        units = [f"{stack}.block.{i}"] + ([f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"] if i else [])
-        self._use(*units)
-        st = getattr(self.model, stack)
-        return st.block[i], st
+    def _block(self, stack: str, i: int) -> None:
+        """Load block i's dense weights (and what the block reads besides, e.g. a shared position table)."""
+        self._use(*self.model.block_units(stack, i))
 
     def _expert(self, block: str, j: int) -> dict[str, torch.Tensor]:
         """Expert j's weights {kind: W} in bf16 (and its biases, `<kind>_bias`, where the form has them)."""
-        return read_expert(self.reader, block, j, torch.bfloat16)
-
-    def _expert_biases(self, block: str, j: int) -> dict[str, torch.Tensor]:
-        """Expert j's biases {`<kind>_bias`: b} (never quantized: they ride with the dense weights)."""
-        return {}
+        return self.fam.read_expert(self._read_param, self.reader, block, j)
 
     def _read_experts(self, block: str, js: tuple[int, ...]) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
@@ -192,61 +184,67 @@ class Worker:
 
     # ---- chunk steps ------------------------------------------------------------------------------------------
     def _ids(self, stream: str, chunk: int) -> dict[str, torch.Tensor]:
-        return self.store.read_small(stream, "ids", chunk)  # written by the driver: enc_ids, dec_ids, labels
+        return self.store.read_small(stream, "ids", chunk)  # written by the driver: each stack's ids, labels
 
     def _x(self, stream: str, kind: str, chunk: int, n: int) -> torch.Tensor:
         return self.store.read(stream, kind, chunk, self.job.width).view(n, -1, self.job.width)
 
     @torch.no_grad()
     def embed(self, stack: str, stream: str, chunk: int) -> dict:
-        ids = self._ids(stream, chunk)["enc_ids" if stack == "encoder" else "dec_ids"]
-        self._use("shared")
-        x = F.embedding(ids.to(self.device), self.model.shared.weight)
+        ids = self._ids(stream, chunk)[stack]
+        unit = self.model.embed_unit(stack)
+        self._use(unit)
+        x = F.embedding(ids.to(self.device), self.model.get_submodule(unit).weight)
         return self._done(bytes_written=self.store.write(stream, f"{stack}.x0", chunk, x.reshape(-1, x.shape[-1])))
 
     def _inputs(self, stack: str, i: int, stream: str, chunk: int):
+        """(the chunk's ids, block i's input [n, S, D], {earlier stack: its output [n, S, D]})."""
         ids = self._ids(stream, chunk)
-        n = ids["enc_ids"].shape[0]
+        n = ids["labels"].shape[0]
         x = self._x(stream, f"{stack}.x{i}", chunk, n).to(self.device)
-        enc = self._x(stream, "enc", chunk, n).to(self.device) if stack == "decoder" else None
-        return ids, x, enc
+        ctx = {}
+        for s, _ in self.job.stacks:
+            if s == stack:
+                break
+            ctx[s] = self._x(stream, f"{s}.out", chunk, n).to(self.device)
+        return ids, x, ctx
 
     @torch.no_grad()
     def dense_block(self, stack: str, i: int, stream: str, chunk: int) -> dict:
         """A block without experts, on one chunk."""
-        blk, st = self._block(stack, i)
-        _, x, enc = self._inputs(stack, i, stream, chunk)
-        x = blk(x, st.self_bias(x.shape[1], x.shape[1], self.device), enc, None)
+        self._block(stack, i)
+        _, x, ctx = self._inputs(stack, i, stream, chunk)
+        x = self.model.run_block(stack, i, x, ctx)
         return self._done(bytes_written=self.store.write(stream, f"{stack}.x{i + 1}", chunk, x.reshape(-1, x.shape[-1])))
 
     @torch.no_grad()
     def route(self, stack: str, i: int, stream: str, chunk: int) -> dict:
-        """Step 1, the dense pass of a sparse block on one chunk: attention, norm, router. Writes h (token order),
-        z sorted by expert and the routing; returns each expert's token count and how many of them may feed a
-        Hessian (not sentinels), [E] each."""
-        blk, st = self._block(stack, i)
-        ids, x, enc = self._inputs(stack, i, stream, chunk)
-        h = blk.attend(x, st.self_bias(x.shape[1], x.shape[1], self.device), enc, None)  # [n, S, D]
-        z = blk.ff.layer_norm(h).reshape(-1, h.shape[-1])  # [T, D]
-        expert, prob, _ = blk.ff.mlp.router(z)  # [T] each
-        expert, prob = expert.cpu(), prob.cpu()
-        perm = torch.sort(expert, stable=True).indices  # sorted row -> token: each expert's tokens in token order
+        """Step 1, the dense pass of a sparse block on one chunk: attention, norm, router. Writes h (token order;
+        shared experts added), z one row per routing choice sorted by expert, and the routing; returns each
+        expert's row count and how many of them may feed a Hessian (not sentinels), [E] each."""
+        self._block(stack, i)
+        ids, x, ctx = self._inputs(stack, i, stream, chunk)
+        h, z, w, idx = self.model.pre_experts(stack, i, x, ctx)  # [T, D], [T, D], [T(, k)] each
+        k = self.job.top_k
+        expert, prob = idx.reshape(-1).cpu(), w.reshape(-1).float().cpu()  # choice t * k + slot
+        perm = torch.sort(expert, stable=True).indices  # sorted row -> choice: each expert's rows in token order
         E = self.job.mcfg.num_experts
         counts = torch.bincount(expert, minlength=E)
-        mask_ids = hessian_mask_ids(ids, stack, self.cfg.decoder_mask, self.job.sentinel_floor).reshape(-1)  # [T]
-        usable = torch.bincount(expert[mask_ids < self.job.sentinel_floor], minlength=E)
+        mask = self.fam.hessian_ids(stack, ids, self.cfg.decoder_mask, self.job.sentinel_floor).reshape(-1)  # [T]
+        mask = mask.repeat_interleave(k) if k > 1 else mask  # per choice
+        usable = torch.bincount(expert[mask < self.job.sentinel_floor], minlength=E)
         s = self.store
-        written = s.write(stream, "h", chunk, h.reshape(-1, h.shape[-1])) + s.write(stream, "z", chunk, z[perm.to(z.device)])
+        written = s.write(stream, "h", chunk, h) + s.write(stream, "z", chunk, z[(perm // k).to(z.device)])
         s.write_small(stream, "route", chunk, {"perm": perm, "offsets": torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-                                      "prob": prob, "ids": mask_ids[perm]})
-        s.allocate(stream, "y", chunk, z.shape[0], z.shape[1])
+                                               "prob": prob, "ids": mask[perm]})
+        s.allocate(stream, "y", chunk, len(perm), z.shape[1])
         return self._done(counts=counts.tolist(), usable=usable.tolist(), bytes_written=written)
 
     @torch.no_grad()
     def combine(self, stack: str, i: int, stream: str, chunk: int) -> dict:
-        """Step 4: the chunk's residual stream after the block, h + each token's expert outputs x their router
-        weights (added onto zeros first, as a whole-model forward does). Sorted row r holds routing choice
-        perm[r] = token * k + slot (k = 1 for Switch)."""
+        """Step 4: the chunk's residual stream after the block, h + each choice's expert output x its router
+        weight (added onto zeros first, as a whole-model forward does). Sorted row r holds routing choice
+        perm[r] = token * k + slot."""
         D = self.job.width
         h = self.store.read(stream, "h", chunk, D)
         y = self.store.read(stream, "y", chunk, D)
@@ -256,19 +254,17 @@ class Worker:
         return self._done(bytes_written=self.store.write(stream, f"{stack}.x{i + 1}", chunk, h + add))
 
     @torch.no_grad()
-    def encoder_output(self, blocks: int, stream: str, chunk: int) -> dict:
-        """The encoder's final norm: what the decoder's cross-attention reads."""
-        self._use("encoder.final_layer_norm")
-        x = self.store.read(stream, f"encoder.x{blocks}", chunk, self.job.mcfg.d_model).to(self.device)
-        return self._done(bytes_written=self.store.write(stream, "enc", chunk, self.model.encoder.final_layer_norm(x)))
+    def stack_output(self, stack: str, blocks: int, stream: str, chunk: int) -> dict:
+        """What later stacks read of this one (Switch: the encoder's final norm, for the cross-attention)."""
+        self._use(*self.model.stack_output_units(stack))
+        x = self.store.read(stream, f"{stack}.x{blocks}", chunk, self.job.width).to(self.device)
+        return self._done(bytes_written=self.store.write(stream, f"{stack}.out", chunk, self.model.stack_output(stack, x)))
 
     @torch.no_grad()
     def loss(self, blocks: int, stream: str, chunk: int) -> dict:
-        """Sum of the decoder's cross-entropy (nats) over the chunk's targets, and their count."""
-        head = "shared" if self.job.mcfg.tie_word_embeddings else "lm_head"
-        self._use("decoder.final_layer_norm", head)
-        return self._loss_sum(stream, chunk, f"decoder.x{blocks}",
-                              lambda x: self.model.logits(self.model.decoder.final_layer_norm(x)))
+        """Sum of the cross-entropy (nats) over the chunk's targets, and their count."""
+        self._use(*self.model.head_units())
+        return self._loss_sum(stream, chunk, f"{self.job.stacks[-1][0]}.x{blocks}", self.model.head)
 
     def _loss_sum(self, stream: str, chunk: int, kind: str, logits) -> dict:
         """The step result of a chunk's summed cross-entropy: logits(x) of the `kind` states against the labels."""
@@ -296,12 +292,14 @@ class Worker:
             os._exit(1)
         name, form = self.job.block_name(stack, i), self.job.form
         js = list(range(g0, g1))
+        borrow = self.fam.borrow_layer_tokens
         rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form,
-                                    whole=bool(self.job.family) and s.name == "train")
+                                    whole=borrow and s.name == "train")
                 for s in self.job.streams}
         secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0, encode_write_wait=0.0)
         need_original = self._needs_original(replay)
-        decoded = C.GroupReader(self.job.out, name, g0, g1, self.job.mcfg, self.cfg.scheme) if replay else None
+        decoded = C.GroupReader(self.job.out, name, g0, g1, self.fam.expert_shapes(self.job.mcfg),
+                                self.cfg.scheme) if replay else None
         quantized, reasons, hess, layer_tokens = {}, {}, {}, []
         train = rows["train"]
         batches = [tuple(js[k:k + self.job.plan.batch]) for k in range(0, len(js), self.job.plan.batch)]
@@ -321,9 +319,9 @@ class Worker:
                 t1 = time.perf_counter()
                 sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap,
                                        expert_seed(self.cfg, block_index, j), self.cfg.min_tokens) for j in batch}
-                # A family's expert with fewer than min_tokens tokens takes its layer's (as MoE-Quant and GPTQModel
-                # do): every routing choice of the layer, a seeded subset of `cap`. Switch's falls back to RTN.
-                src = {j: LAYER if self.job.family and len(sel[j]) < self.cfg.min_tokens else j for j in batch}
+                # An expert with fewer than min_tokens tokens takes its layer's where the family says so (every
+                # routing choice of the layer, a seeded subset of `cap`); otherwise it falls back to RTN.
+                src = {j: LAYER if borrow and len(sel[j]) < self.cfg.min_tokens else j for j in batch}
                 for j in batch:
                     if src[j] == LAYER:
                         sel[j] = hessian_rows(train.ids(LAYER), self.job.sentinel_floor, cap,
@@ -344,7 +342,7 @@ class Worker:
                     writing = self._writer.submit(self._write_group, name, g0, g1, quantized)
             t1 = time.perf_counter()
             for k, j in enumerate(batch):  # one expert's float32 weights at a time, for every stream
-                biases = self._expert_biases(name, j) if form.bias else {}
+                biases = self.fam.expert_biases(self.reader, name, j) if form.bias else {}
                 w = {"original": None if original is None else original[k],
                      "compressed": {**(decoded.weights(j) if replay else
                                        {m: q.values() for m, q in quantized[j].items()}), **biases}}
@@ -405,7 +403,7 @@ class _ExpertRows:
     offsets[j]..offsets[j + 1] of every chunk, in chunk (= token) order."""
 
     def __init__(self, store: ActivationStore, stream: str, chunks: int, js: list[int], width: int,
-                 form: ExpertForm = SWITCH_FORM, whole: bool = False):
+                 form: ExpertForm = RELU_FORM, whole: bool = False):
         """whole: also every row of the layer, as the pseudo-expert LAYER."""
         self.store, self.stream, self.width, self.form = store, stream, width, form
         keys = js + [LAYER] if whole else js
@@ -426,7 +424,7 @@ class _ExpertRows:
                     self._ids[j].append(ids[r0 - lo:r1 - lo])
             if whole and int(off[-1]):
                 self.segments[LAYER].append((c, 0, int(off[-1])))
-                self._ids[LAYER].append(torch.zeros(int(off[-1]), dtype=torch.long))  # families have no sentinels
+                self._ids[LAYER].append(torch.zeros(int(off[-1]), dtype=torch.long))  # borrowed rows: all usable
 
     def count(self, j: int) -> int:
         return sum(r1 - r0 for _, r0, r1 in self.segments[j])

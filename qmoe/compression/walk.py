@@ -1,4 +1,4 @@
-"""The block walk (docs/design.md): every block in order, encoder first, each step handed to an executor.
+"""The block walk (docs/design.md): every block of every stack in order, each step handed to an executor.
 
 Per sparse block: the dense pass on every chunk of every stream (`route`), the Hessian token cap from the train
 stream's routing counts, one `experts` step per group (quantize, encode, write the group file, run every stream's
@@ -22,23 +22,23 @@ import numpy as np
 from qmoe.compressed import Manifest
 from qmoe.data import Samples
 from qmoe.compression.memory import format_size
-from qmoe.model import shift_right
 from qmoe.compression.pipeline import BlockStats, hessian_cap
 from qmoe.compression.steps import Job
 
 log = logging.getLogger("qmoe")
 
+
 def write_ids(job: Job, samples: dict[str, Samples]) -> None:
-    """Each stream's token ids, one small file per chunk, for the steps to read."""
+    """Each stream's token ids (each stack's input ids, and the labels), one small file per chunk, for the steps
+    to read."""
     cs = job.cfg.chunk_samples
     for s in job.streams:
         smp = samples[s.name]
-        dec = None if job.family else shift_right(smp.labels, job.mcfg.decoder_start_token_id)
+        stack_ids = job.family.stream_ids(smp, job.mcfg)
         for c in range(job.chunks(s.name)):
             sl = slice(c * cs, (c + 1) * cs)
-            ids = ({"ids": smp.input_ids[sl], "labels": smp.labels[sl]} if job.family else
-                   {"enc_ids": smp.input_ids[sl], "dec_ids": dec[sl], "labels": smp.labels[sl]})
-            job.store.write_small(s.name, "ids", c, ids)
+            job.store.write_small(s.name, "ids", c, {**{k: v[sl] for k, v in stack_ids.items()},
+                                                     "labels": smp.labels[sl]})
 
 
 class Progress:
@@ -99,8 +99,8 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
                 run("dense_block", calls)
             for s, c in chunks:
                 job.store.remove(s, f"{stack}.x{i}", c)
-        if stack == "encoder":
-            run("encoder_output", [dict(blocks=len(pattern), stream=s, chunk=c) for s, c in chunks])
+        if stack != job.stacks[-1][0]:  # what the later stacks read of this one
+            run("stack_output", [dict(stack=stack, blocks=len(pattern), stream=s, chunk=c) for s, c in chunks])
     losses = {}
     for s in job.streams:
         if s.name != "train":

@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
-from qmoe.compressed import DENSE_FILE, _group_range, block_files, expert_shapes, read_manifest
+from qmoe.compressed import DENSE_FILE, _group_range, block_files, read_manifest
 from qmoe.packed import unpack
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json
@@ -176,7 +176,7 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     bytes, expert parameters and the bits per parameter of the exported expert tensors. ternary_type: GGUF's type
     for ternary-g256 experts (TQ1_0 or TQ2_0)."""
     from qmoe.models.base import is_routed_expert
-    from qmoe.models.load import FAMILIES
+    from qmoe.models.registry import FAMILIES
 
     src, out = Path(src), Path(out)
     if fmt not in FORMATS:
@@ -189,7 +189,7 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     hf, _ = _read_source(src)
     fam = FAMILIES[hf["model_type"]]
     mcfg = fam.config(hf)
-    shapes = expert_shapes(mcfg)
+    shapes = fam.expert_shapes(mcfg)
     blocks = [f"model.layers.{i}" for i, sparse in enumerate(mcfg.sparse) if sparse]
     groups = []  # (block, g0, g1, file)
     for block in blocks:

@@ -55,7 +55,7 @@ import torch
 from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
-from qmoe.compressed import DENSE_FILE, _group_range, block_files, expert_shapes
+from qmoe.compressed import DENSE_FILE, _group_range, block_files
 from qmoe.export import FAMILY_TYPES, ExportError, _check_out, _read_source, _replace, _umask
 from qmoe.packed import unpack
 from qmoe.quant import Scheme
@@ -637,7 +637,7 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
                 progress=print, ternary_type: str = "TQ1_0") -> dict:
     """Write OUT/model.gguf (split past max_shard_bytes) from the int4-sym (experts Q4_0) or ternary-g256 (experts
     `ternary_type`, TQ1_0 or TQ2_0) directory SRC; returns a summary."""
-    from qmoe.models.load import FAMILIES
+    from qmoe.models.registry import FAMILIES
 
     gguf = _gguf()
     src, out = Path(src), Path(out)
@@ -654,7 +654,7 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
     except (KeyError, ValueError, TypeError) as e:
         raise ExportError(f"{src / 'config.json'}: {e}") from None
     _check_family(arch, hf, mcfg, src)
-    shapes = expert_shapes(mcfg)
+    shapes = fam.expert_shapes(mcfg)
     sources = _expert_sources(src, mcfg)
     with safe_open(str(src / DENSE_FILE), framework="pt") as h:
         dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}

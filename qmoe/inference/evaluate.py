@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from qmoe.data import Samples
-from qmoe.model import SwitchModel, shift_right
+from qmoe.models.switch import SwitchModel, shift_right
 
 
 @torch.no_grad()

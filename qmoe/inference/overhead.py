@@ -64,7 +64,8 @@ def family_end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_
     windows (the calibration length, batch 32) and greedy generation at batch 1 and 8."""
     from qmoe.compressed import load_compressed
     from qmoe.models.base import generate
-    from qmoe.models.run import next_token_loss, simulate_uncompressed, validation_windows
+    from qmoe.data import validation_windows
+    from qmoe.models.run import next_token_loss, simulate_uncompressed
     from qmoe.corpus import load_default_corpus
     from qmoe.tokenizer import load_causal_tokenizer
 
@@ -87,6 +88,12 @@ def family_end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_
 
 def end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
                     device: str = "cpu", bf16: bool = False) -> list[dict]:
+    """The three models of a compressed directory (any family): teacher-forced evaluation of validation samples
+    (batch 32) and greedy generation at batch 1 and 8."""
+    from qmoe.models.registry import family_of_dir
+
+    if family_of_dir(path).decoder_only:
+        return family_end_to_end_rows(path, repeats, val_samples, gen_tokens, device, bf16)
     from qmoe.compressed import load_compressed
     from qmoe.data import DataSpec, load_samples
     from qmoe.inference.evaluate import validation_loss

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qmoe.config import SwitchConfig
-from qmoe.model import DenseFF, SwitchModel
+from qmoe.models.switch import DenseFF, SwitchModel
 
 
 def tensor_bytes(module: nn.Module, seen: set | None = None, host_tables: bool = False) -> int:

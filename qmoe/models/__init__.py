@@ -1,3 +1,3 @@
-"""Model families beyond Switch (decoder-only MoEs): `base.py` holds the shared layers and the `Family` interface,
-one short module per family says what differs (`mixtral.py`, `qwen3_moe.py`, `deepseek_v3.py`, `gpt_oss.py`), `load.py` reads a published
-checkpoint into its family's model. Read and run here; compressing them is not built yet (docs/design.md)."""
+"""Model families: one short module each (`switch.py`, `mixtral.py`, `qwen3_moe.py`, `deepseek_v3.py`,
+`gpt_oss.py`) saying only what differs, behind the `Family` interface (`family.py`); `base.py` holds the
+decoder-only families' shared layers; `registry.py` finds a checkpoint's family and reads it into its model."""

@@ -1,6 +1,6 @@
 """Decoder-only MoE families behind one model: what differs per family (config keys, tensor names, which layers
 are MoE, routing details) is a `Family`; the layers are shared. Module names equal the published tensor names, so a
-checkpoint loads name for name (qmoe/models/load.py).
+checkpoint loads name for name (qmoe/models/registry.py).
 
 Legend: B = batch, S = sequence, D = hidden size, H = attention heads, G = key/value heads, K = head dim,
 E = experts, k = experts per token, I = an expert's intermediate size, T = B * S tokens.
@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qmoe.models.family import Family
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,18 @@ class MoEConfig:
     def opt(self, key: str, default=None):
         return dict(self.extra).get(key, default)
 
+    @property
+    def width(self) -> int:
+        """The residual stream's width."""
+        return self.hidden_size
+
 
 @dataclass(frozen=True)
-class Family:
-    """What one family says: its config reader and where its tensors are, under `model.layers.{i}.`."""
+class CausalFamily(Family):
+    """A decoder-only family: its config reader and where its tensors are, under `model.layers.{i}.`."""
     name: str
     model_types: tuple[str, ...]
-    config: Callable[[dict], MoEConfig]
+    config_of: Callable[[dict], MoEConfig]
     moe: str  # the MoE module's name in a layer ("block_sparse_moe", "mlp")
     router: str  # the router's name in the MoE module
     expert_names: dict[str, str]  # gate / up / down -> the expert's linear names on disk
@@ -92,8 +99,52 @@ class Family:
     dense_names: dict[str, str] = field(default_factory=lambda: {"gate": "gate_proj", "up": "up_proj",
                                                                  "down": "down_proj"})
     attention: Callable | None = None  # (MoEConfig, layer index) -> the attention module (default: Attention)
-    moe_module: Callable | None = None  # (MoEConfig, Family) -> the MoE module (default: MoE)
-    ignored: Callable[[str, dict], bool] | None = None  # (tensor name, config.json) -> a stored tensor not read
+    moe_module: Callable | None = None  # (MoEConfig, CausalFamily) -> the MoE module (default: MoE)
+    ignore: Callable[[str, dict], bool] | None = None  # (tensor name, config.json) -> a stored tensor not read
+    unquantized: str | None = "routed experts; shared experts, dense-layer MLPs and the rest kept in bf16"
+
+    def config(self, hf: dict, reader=None, names=None) -> MoEConfig:
+        return self.config_of(hf)
+
+    def model(self, cfg: MoEConfig) -> "MoECausalLM":
+        return MoECausalLM(cfg, self)
+
+    def describe(self, c: MoEConfig) -> str:
+        return f"{c.family}, {c.num_layers} layers, {sum(c.sparse)} MoE x {c.num_experts} experts (top-{c.top_k})"
+
+    def is_expert(self, name: str) -> bool:
+        return is_routed_expert(name)
+
+    def ignored(self, name: str, hf: dict) -> bool:
+        return super().ignored(name, hf) or bool(self.ignore and self.ignore(name, hf))
+
+    def stacks(self, cfg: MoEConfig):
+        return (("model", cfg.sparse),)
+
+    def block_name(self, stack: str, i: int) -> str:
+        return f"{stack}.layers.{i}"
+
+    def expert_param(self, block: str, j: int, kind: str) -> str:
+        return f"{block}.{self.moe}.experts.{j}.{self.expert_names[kind]}.weight"
+
+    def read_expert(self, read, reader, block: str, j: int) -> dict[str, torch.Tensor]:
+        return {kind: read(self.expert_param(block, j, kind)).to(torch.bfloat16) for kind in self.expert_names}
+
+    def samples(self, model_dir, hf: dict, spec):
+        from qmoe.data import causal_samples
+
+        return causal_samples(model_dir, hf, spec)
+
+    def stream_ids(self, samples, cfg: MoEConfig) -> dict[str, torch.Tensor]:
+        return {"model": samples.input_ids}
+
+    def kv_values_per_token(self, cfg: MoEConfig, unit: str) -> int:
+        """Each layer's keys and values, as the model caches them."""
+        return 2 * cfg.num_kv_heads * cfg.head_dim if unit.startswith("model.layers.") else 0
+
+    def activation_bytes(self, cfg: MoEConfig, batch: int, context: int) -> int:
+        hidden = max(cfg.dense_intermediate, cfg.moe_intermediate * cfg.top_k)
+        return 4 * (batch * cfg.num_heads * context * context + batch * context * (4 * cfg.hidden_size + hidden))
 
 
 _ROUTED = re.compile(r"\.experts\.(\d+\.|gate_up_proj$|down_proj$)")
@@ -209,7 +260,7 @@ class SwiGLU(nn.Module):
 class MoE(nn.Module):
     """Softmax router, top-k experts per token (probabilities renormalized when the family says so)."""
 
-    def __init__(self, c: MoEConfig, fam: Family):
+    def __init__(self, c: MoEConfig, fam: CausalFamily):
         super().__init__()
         self.c, self.router_name = c, fam.router
         setattr(self, fam.router, nn.Linear(c.hidden_size, c.num_experts, bias=False))
@@ -239,7 +290,7 @@ class MoE(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, c: MoEConfig, fam: Family, sparse: bool, index: int):
+    def __init__(self, c: MoEConfig, fam: CausalFamily, sparse: bool, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_eps)
         self.self_attn = (fam.attention or Attention)(c, index)
@@ -254,7 +305,7 @@ class Layer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, c: MoEConfig, fam: Family):
+    def __init__(self, c: MoEConfig, fam: CausalFamily):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Layer(c, fam, s, i) for i, s in enumerate(c.sparse))
@@ -265,7 +316,7 @@ class MoECausalLM(nn.Module):
     """forward(input_ids [B, S]) -> logits [B, S, V]; with `caches` (one dict a layer, from new_caches), the ids
     are positions start .. start + S - 1 after those the caches hold."""
 
-    def __init__(self, c: MoEConfig, fam: Family):
+    def __init__(self, c: MoEConfig, fam: CausalFamily):
         super().__init__()
         self.cfg, self.family = c, fam
         self.model = Backbone(c, fam)
@@ -288,6 +339,36 @@ class MoECausalLM(nn.Module):
 
     def _on(self, x: torch.Tensor, unit: str) -> torch.Tensor:
         return x if self.unit_device is None else x.to(self.unit_device[unit])
+
+    # ---- the walk's steps (qmoe/compression/steps.py): x [n, S, D] --------------------------------------------
+    def embed_unit(self, stack: str) -> str:
+        return "model.embed_tokens"
+
+    def block_units(self, stack: str, i: int) -> tuple[str, ...]:
+        return (f"model.layers.{i}",)
+
+    def run_block(self, stack: str, i: int, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        return self.model.layers[i](x)
+
+    def pre_experts(self, stack: str, i: int, x: torch.Tensor, ctx: dict):
+        """A MoE layer's dense pass: (residual h [T, D] with the shared experts' output added (kept in bf16, as
+        the dense weights are), expert input z [T, D], routing weights [T, k], experts [T, k])."""
+        layer = self.model.layers[i]
+        h = x + layer.self_attn(layer.input_layernorm(x))  # [n, S, D]
+        z = layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])  # [T, D]
+        moe = getattr(layer, layer.ffn_name)
+        w, idx = moe.route(z)  # [T, k] each
+        h = h.reshape(-1, h.shape[-1])
+        if hasattr(moe, "shared_experts"):
+            h = h + moe.shared_experts(z)
+        return h, z, w, idx
+
+    def head_units(self) -> tuple[str, ...]:
+        return ("model.norm", "model.embed_tokens" if self.cfg.tie_word_embeddings else "lm_head")
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output -> logits."""
+        return F.linear(self.model.norm(x), self.get_submodule(self.head_units()[1]).weight)
 
     def new_caches(self) -> list[dict]:
         return [{} for _ in self.model.layers]

@@ -16,7 +16,7 @@ import re
 import torch
 from torch import nn
 
-from qmoe.models.base import (Family, MoE, MoEConfig, RMSNorm, SwiGLU, cached, causal_attention, common, rope,
+from qmoe.models.base import (CausalFamily, MoE, MoEConfig, RMSNorm, SwiGLU, cached, causal_attention, common, rope,
                               rope_of, yarn_mscale)
 
 
@@ -87,7 +87,7 @@ class Router(nn.Module):
 class GroupLimitedMoE(MoE):
     """Sigmoid scores, group-limited top-k chosen on scores + correction bias, a shared expert added."""
 
-    def __init__(self, c: MoEConfig, fam: Family):
+    def __init__(self, c: MoEConfig, fam: CausalFamily):
         super().__init__(c, fam)
         self.gate = Router(c)
         if c.opt("shared"):
@@ -119,6 +119,14 @@ def _multi_token_prediction(name: str, hf: dict) -> bool:
     return bool(m) and n <= int(m.group(1)) < n + extra
 
 
-FAMILY = Family(name="deepseek_v3", model_types=("deepseek_v3", "kimi_k2"), config=config, moe="mlp", router="gate",
-                expert_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-                attention=LatentAttention, moe_module=GroupLimitedMoE, ignored=_multi_token_prediction)
+class DeepSeekFamily(CausalFamily):
+    def kv_values_per_token(self, cfg: MoEConfig, unit: str) -> int:
+        """MLA's keys and values as this model caches them: expanded from the latent, per head."""
+        if not unit.startswith("model.layers."):
+            return 0
+        return cfg.num_heads * (cfg.opt("nope") + cfg.opt("rot") + cfg.opt("v"))
+
+
+FAMILY = DeepSeekFamily(name="deepseek_v3", model_types=("deepseek_v3", "kimi_k2"), config_of=config, moe="mlp",
+                        router="gate", expert_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+                        attention=LatentAttention, moe_module=GroupLimitedMoE, ignore=_multi_token_prediction)

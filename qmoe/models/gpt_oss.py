@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qmoe.models.base import Attention, Family, MoE, MoEConfig, common
+from qmoe.checkpoint import CheckpointReader, read_entry, set_param
+from qmoe.models.base import Attention, CausalFamily, MoE, MoEConfig, common
+from qmoe.models.family import Act, ExpertForm
 
 
 def config(hf: dict) -> MoEConfig:
@@ -73,7 +75,7 @@ class SplitExperts(nn.Module):
 class SoftmaxOfTopK(MoE):
     """The router's top-k logits (with its bias), softmaxed among themselves; fused clamped-SwiGLU experts."""
 
-    def __init__(self, c: MoEConfig, fam: Family):
+    def __init__(self, c: MoEConfig, fam: CausalFamily):
         nn.Module.__init__(self)
         self.c, self.router_name = c, fam.router
         self.router = nn.Linear(c.hidden_size, c.num_experts, bias=True)
@@ -87,5 +89,51 @@ class SoftmaxOfTopK(MoE):
         return self.experts.expert(e, x)
 
 
-FAMILY = Family(name="gpt_oss", model_types=("gpt_oss",), config=config, moe="mlp", router="router",
-                expert_names={}, attention=SinkAttention, moe_module=SoftmaxOfTopK)
+class GptOssFamily(CausalFamily):
+    """Experts fused per layer, on disk and in the model: read, written and placed one expert at a time here."""
+
+    def expert_form(self, cfg: MoEConfig) -> ExpertForm:
+        return ExpertForm(("gate", "up"), "down", Act.CLAMPED, cfg.opt("alpha"), cfg.opt("limit"))
+
+    def expert_param(self, block: str, j: int, kind: str) -> str:
+        raise ValueError("gpt-oss's experts are fused per layer: no parameter holds one expert's matrix")
+
+    def read_expert(self, read, reader: CheckpointReader, block: str, j: int) -> dict[str, torch.Tensor]:
+        """Expert j out of its layer's fused tensors (only its own MXFP4 blocks dequantized): gate and up are the
+        even and odd columns of gate_up_proj [D, 2I], as [I, D] each; down_proj [I, D] as [D, I]; and its biases."""
+        prefix = f"{block}.{self.moe}.experts"
+        gu = read_entry(reader, f"{prefix}.gate_up_proj", j).to(torch.bfloat16)
+        down = read_entry(reader, f"{prefix}.down_proj", j).to(torch.bfloat16)
+        return {"gate": gu[:, 0::2].t().contiguous(), "up": gu[:, 1::2].t().contiguous(),
+                "down": down.t().contiguous()} | self.expert_biases(reader, block, j)
+
+    def expert_biases(self, reader: CheckpointReader, block: str, j: int) -> dict[str, torch.Tensor]:
+        prefix = f"{block}.{self.moe}.experts"
+        gu = reader.get_index(f"{prefix}.gate_up_proj_bias", j).to(torch.bfloat16)
+        return {"gate_bias": gu[0::2].contiguous(), "up_bias": gu[1::2].contiguous(),
+                "down_bias": reader.get_index(f"{prefix}.down_proj_bias", j).to(torch.bfloat16)}
+
+    def set_expert(self, model: nn.Module, block: str, j: int, kind: str, w: torch.Tensor) -> None:
+        """Expert j's matrix into the fused tensors (made on first use): gate and up [I, D] into the even and odd
+        columns of gate_up_proj [E, D, 2I], down [D, I] into down_proj [E, I, D]."""
+        experts = model.get_submodule(f"{block}.{self.moe}.experts")
+        name = "down_proj" if kind == "down" else "gate_up_proj"
+        if getattr(experts, name).is_meta:
+            set_param(model, f"{block}.{self.moe}.experts.{name}", torch.zeros(getattr(experts, name).shape))
+        t = getattr(experts, name).data
+        if kind == "down":
+            t[j] = w.t()
+        else:
+            start = 0 if kind == "gate" else 1
+            t[j][:, start::2] = w.t()
+
+    def set_compressed_experts(self, model: nn.Module, block: str, modules: dict[int, dict[str, nn.Module]]) -> None:
+        """The layer's experts become one SplitExperts over the modules, with the fused biases as published."""
+        moe = model.get_submodule(f"{block}.{self.moe}")
+        old = moe.experts
+        moe.experts = SplitExperts(model.cfg, [modules[j] for j in range(model.cfg.num_experts)],
+                                   old.gate_up_proj_bias.data, old.down_proj_bias.data)
+
+
+FAMILY = GptOssFamily(name="gpt_oss", model_types=("gpt_oss",), config_of=config, moe="mlp", router="router",
+                      expert_names={}, attention=SinkAttention, moe_module=SoftmaxOfTopK)

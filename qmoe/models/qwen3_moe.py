@@ -1,7 +1,7 @@
 """Qwen3-MoE (Qwen/Qwen3-30B-A3B, 235B-A22B): `mlp.experts.{j}.{gate,up,down}_proj` and the router `mlp.gate`;
 layer i is MoE unless listed in `mlp_only_layers`, and only every `decoder_sparse_step`-th; softmax top-k,
 renormalized when `norm_topk_prob`; per-head RMSNorm on queries and keys before RoPE."""
-from qmoe.models.base import Family, MoEConfig, common
+from qmoe.models.base import CausalFamily, MoEConfig, common
 
 
 def config(hf: dict) -> MoEConfig:
@@ -14,5 +14,5 @@ def config(hf: dict) -> MoEConfig:
                      sparse=sparse, norm_topk=bool(hf.get("norm_topk_prob", False)), qk_norm=True)
 
 
-FAMILY = Family(name="qwen3_moe", model_types=("qwen3_moe",), config=config, moe="mlp", router="gate",
+FAMILY = CausalFamily(name="qwen3_moe", model_types=("qwen3_moe",), config_of=config, moe="mlp", router="gate",
                 expert_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})

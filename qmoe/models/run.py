@@ -14,18 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qmoe.corpus import load_default_corpus
-from qmoe.data import windows
+from qmoe.data import validation_windows
 from qmoe.models.base import MoECausalLM, SwiGLU, generate
-from qmoe.models.load import load, read_hf_config
+from qmoe.checkpoint import read_hf_config
+from qmoe.models.registry import load
 from qmoe.inference.runner import BF16Linear, Placement, plan
 from qmoe.tokenizer import load_causal_tokenizer, read_text_file
-
-
-def validation_windows(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """n held-out windows [n, seq_len] of the text's tokens, chosen with the seed."""
-    _, val = windows(tokenizer.encode(text), seq_len)
-    idx = np.random.default_rng(seed + 1).choice(len(val), size=n, replace=n > len(val))
-    return torch.from_numpy(val[idx])
 
 
 @torch.no_grad()

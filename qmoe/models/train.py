@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from qmoe.corpus import load_default_corpus
 from qmoe.data import windows
 from qmoe.models.base import MoECausalLM
-from qmoe.models.load import FAMILIES
-from qmoe.models.run import next_token_loss, validation_windows
+from qmoe.data import validation_windows
+from qmoe.models.registry import FAMILIES
+from qmoe.models.run import next_token_loss
 from qmoe.store import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from qmoe.tokenizer import ByteTokenizer
 
@@ -115,7 +116,7 @@ def train_causal(out: Path, hf: dict, minutes: float, batch: int, lr: float, see
     pool, _ = windows(tok.encode(text), seq_len)
     val = validation_windows(tok, text, val_samples, seq_len, seed=12345)
     fam = FAMILIES[hf["model_type"]]
-    model = MoECausalLM(fam.config(hf), fam)
+    model = fam.model(fam.config(hf))
     init_weights(model, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     rng = np.random.default_rng(seed)

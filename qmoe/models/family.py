@@ -1,0 +1,225 @@
+"""What a model family says, and the one interface the rest of qmoe asks it through.
+
+A `Family` answers for one architecture (Switch, Mixtral, Qwen3-MoE, DeepSeek-V3, gpt-oss): how to read its
+config.json, where its tensors are on disk, which blocks have experts and how an expert computes (`ExpertForm`),
+how its calibration samples are made, and the quirks of its formats (KV-cache bytes, GGUF architecture). The walk,
+the steps, the compressed format, the runner, the report and the export call these hooks and never name a
+family's tensors. Every family's model has the same walk methods (`embed_unit`, `block_units`, `run_block`,
+`pre_experts`, `stack_output`, `head_units`, `head`), so one set of steps compresses them all.
+
+Legend: E experts, k experts a token, T tokens, D the residual width, F an expert's hidden width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qmoe.checkpoint import BLOCKS, SCALE, SCALES, CheckpointError, CheckpointReader, check_mxfp4, set_param
+
+
+class Act(Enum):
+    """An expert's hidden activation."""
+    RELU = "relu"  # relu(wi x)
+    SWIGLU = "swiglu"  # silu(gate x) * up x
+    CLAMPED = "clamped"  # gpt-oss's clamped SwiGLU with biases (ExpertForm.hidden)
+
+
+@dataclass(frozen=True)
+class ExpertForm:
+    """An expert's matrices and its forward, for the walk, the steps and the format: `inputs` are the matrices
+    fed by the expert's input x (quantized together from one Hessian, their rows stacked: GPTQ treats rows
+    independently, so stacking changes nothing but the count of factorizations), `hidden` combines their outputs,
+    `output` is the matrix fed by that hidden activation (quantized from the hidden activations through the
+    quantized input matrices)."""
+    inputs: tuple[str, ...]
+    output: str
+    act: Act
+    alpha: float = 0.0  # clamped: (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit
+    limit: float = 0.0
+
+    @property
+    def bias(self) -> bool:
+        """Whether the matrices have biases (`<kind>_bias` beside each weight; never quantized)."""
+        return self.act is Act.CLAMPED
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return self.inputs + (self.output,)
+
+    def hidden(self, x: torch.Tensor, first: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden activations of tokens x [n, C] through the input matrices stacked, first [len(inputs) * F, C]
+        (and their biases stacked)."""
+        if self.act is Act.RELU:
+            return F.relu(F.linear(x, first))
+        gate, up = F.linear(x, first, bias).chunk(2, -1)
+        if self.act is Act.CLAMPED:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+        return F.silu(gate) * up
+
+    def outputs(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """tokens x [n, C] through one expert (weights by kind): the one place this is computed, so the compressing
+        run, a resumed run's replay and the validation give the same bits."""
+        out = w[self.output]
+        if x.shape[0] == 0:
+            return x.new_zeros(0, out.shape[0])
+        if self.act is Act.RELU:
+            return F.linear(F.relu(F.linear(x, w[self.inputs[0]])), out)
+        gate_k, up_k = self.inputs
+        if self.act is Act.CLAMPED:
+            gate = F.linear(x, w[gate_k], w[f"{gate_k}_bias"]).clamp(max=self.limit)
+            up = F.linear(x, w[up_k], w[f"{up_k}_bias"]).clamp(-self.limit, self.limit)
+            return F.linear((up + 1) * gate * torch.sigmoid(gate * self.alpha), out, w[f"{self.output}_bias"])
+        return F.linear(F.silu(F.linear(x, w[gate_k])) * F.linear(x, w[up_k]), out)
+
+
+RELU_FORM = ExpertForm(("wi",), "wo", Act.RELU)  # wo(relu(wi x))
+SWIGLU_FORM = ExpertForm(("gate", "up"), "down", Act.SWIGLU)  # down(silu(gate x) * up x)
+
+
+class Family:
+    """The hooks every family answers; the defaults suit per-expert tensors stored one matrix each."""
+    name: str
+    model_types: tuple[str, ...]
+    # An expert with fewer calibration tokens than min_tokens: True, its Hessian takes every routing choice of its
+    # layer (as MoE-Quant and GPTQModel do); False, it falls back to round-to-nearest (QMoE's choice for Switch).
+    borrow_layer_tokens: bool = True
+    decoder_only: bool = True  # False: an encoder-decoder (its samples are span-corrupted, its loss the decoder's)
+    # What stays unquantized, said in config.json (None: nothing to say).
+    unquantized: str | None = None
+
+    # ---- config and model ------------------------------------------------------------------------------------
+    def config(self, hf: dict, reader: CheckpointReader | None = None, names=None):
+        """The model config from config.json (and, given the checkpoint's reader or its tensor `names`, corrected
+        by what it holds)."""
+        raise NotImplementedError
+
+    def model(self, cfg) -> nn.Module:
+        """The model of a config (on the current default device: build it under `torch.device("meta")`)."""
+        raise NotImplementedError
+
+    def describe(self, cfg) -> str:
+        """One line: the model's shape."""
+        raise NotImplementedError
+
+    def checkpoint_name(self, name: str, available: set[str]) -> str:
+        """The checkpoint tensor that holds model parameter `name` (a family's aliases)."""
+        return name
+
+    def is_expert(self, name: str) -> bool:
+        """Whether a parameter is a routed expert's (what qmoe quantizes)."""
+        raise NotImplementedError
+
+    def ignored(self, name: str, hf: dict) -> bool:
+        """A stored tensor that the model does not read (buffers, extra prediction layers)."""
+        return name.endswith("rotary_emb.inv_freq")
+
+    def verify(self, reader: CheckpointReader, model: nn.Module, hf: dict, path) -> None:
+        """Every parameter has a tensor of its shape (headers only, no data); FP8 weights have their scales, MXFP4
+        blocks their scales; no tensor is left over that the config does not imply."""
+        stored = set(reader.names())
+        for name, p in model.named_parameters():
+            shape = reader.shape(name)
+            if shape is None and reader.shape(name + BLOCKS) is not None:
+                check_mxfp4(reader, name, tuple(p.shape))
+                stored -= {name + BLOCKS, name + SCALES}
+                continue
+            if shape is None:
+                raise CheckpointError(path, name, "tensor is missing (config.json implies it)")
+            if tuple(shape) != tuple(p.shape):
+                raise CheckpointError(reader.file_of[name], name, f"shape {tuple(shape)}, config.json implies "
+                                      f"{tuple(p.shape)}")
+            stored.discard(name)
+            if reader.dtype(name) == torch.float8_e4m3fn:
+                if name + SCALE not in reader.file_of:
+                    raise CheckpointError(reader.file_of[name], name, f"FP8 weight without its {name + SCALE}")
+                stored.discard(name + SCALE)
+        extra = sorted(n for n in stored if not self.ignored(n, hf))
+        if extra:
+            c = model.cfg
+            raise CheckpointError(reader.file_of[extra[0]], extra[0], "not a tensor of the model config.json "
+                                  f"describes ({c.num_layers} layers, {c.num_experts} experts)")
+
+    def out_config(self, hf: dict, cfg) -> dict:
+        """The compressed directory's config.json, before its `qmoe` section: the source's, less what no longer
+        describes the output (the dense weights are written in bf16)."""
+        return {k: v for k, v in hf.items() if k != "quantization_config"}
+
+    # ---- the walk --------------------------------------------------------------------------------------------
+    def stacks(self, cfg) -> tuple[tuple[str, tuple[bool, ...]], ...]:
+        """(stack name, which of its blocks have experts), in the order the walk (and the model) runs them."""
+        raise NotImplementedError
+
+    def block_name(self, stack: str, i: int) -> str:
+        """Block i's module path, which also names its expert files (`experts/<block>/`)."""
+        raise NotImplementedError
+
+    def sparse_blocks(self, cfg) -> list[str]:
+        """The names of the blocks with experts, in walking order."""
+        return [self.block_name(stack, i) for stack, pattern in self.stacks(cfg) for i, s in enumerate(pattern) if s]
+
+    def expert_form(self, cfg) -> ExpertForm:
+        return SWIGLU_FORM
+
+    def expert_shapes(self, cfg) -> dict[str, tuple[int, int]]:
+        """{kind: (rows, columns)} of an expert's matrices."""
+        D, inter = cfg.hidden_size, cfg.moe_intermediate
+        return {"gate": (inter, D), "up": (inter, D), "down": (D, inter)}
+
+    def expert_param(self, block: str, j: int, kind: str) -> str:
+        """The model parameter that holds expert j's `kind` matrix."""
+        raise NotImplementedError
+
+    def read_expert(self, read, reader: CheckpointReader, block: str, j: int) -> dict[str, torch.Tensor]:
+        """Expert j's weights {kind: W [rows, columns]} in bf16; read(name) gives a parameter's tensor as the model
+        uses it (FP8 dequantized)."""
+        raise NotImplementedError
+
+    def expert_biases(self, reader: CheckpointReader, block: str, j: int) -> dict[str, torch.Tensor]:
+        """Expert j's biases {`<kind>_bias`: b} where its form has them (never quantized)."""
+        return {}
+
+    def samples(self, model_dir, hf: dict, spec):
+        """(calibration Samples, validation Samples, sentinel floor: token ids at or above it never feed a
+        Hessian)."""
+        raise NotImplementedError
+
+    def stream_ids(self, samples) -> dict[str, torch.Tensor]:
+        """What each stack takes as input ids, [N, S] each, by stack name."""
+        raise NotImplementedError
+
+    def hessian_ids(self, stack: str, ids: dict[str, torch.Tensor], decoder_mask, floor: int) -> torch.Tensor:
+        """Per position [n, S] of a chunk (ids: stream_ids' and "labels"), the id that decides whether the
+        position may feed a Hessian: ids >= floor never do."""
+        return torch.zeros_like(ids["labels"])
+
+    # ---- the compressed format -------------------------------------------------------------------------------
+    def set_expert(self, model: nn.Module, block: str, j: int, kind: str, w: torch.Tensor) -> None:
+        """Put expert j's decoded `kind` matrix [rows, columns] into the model."""
+        set_param(model, self.expert_param(block, j, kind), w)
+
+    def set_compressed_experts(self, model: nn.Module, block: str, modules: dict[int, dict[str, nn.Module]]) -> None:
+        """Put a block's experts, as modules computing x -> W x (the fused kernels), into the model."""
+        for j, kinds in modules.items():
+            for kind, module in kinds.items():
+                owner, _, attr = self.expert_param(block, j, kind).removesuffix(".weight").rpartition(".")
+                setattr(model.get_submodule(owner), attr, module)
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def unit_params(self, cfg) -> dict[str, tuple[int, int]]:
+        """{unit: (dense params, expert params)} from the config alone, in the order the units run (what the
+        report projects onto a model too large to have)."""
+        raise NotImplementedError(f"{self.name}: no parameter count from the config alone")
+
+    def kv_values_per_token(self, cfg, unit: str) -> int:
+        """Key and value numbers a token keeps in `unit`'s cache (0 for units without one)."""
+        raise NotImplementedError
+
+    def activation_bytes(self, cfg, batch: int, context: int) -> int:
+        """float32 bytes of one block's activations at `batch` samples of `context` tokens: attention scores, and
+        hidden states (residual, a norm's output, an attention output, the widest MLP hidden layer)."""
+        raise NotImplementedError
+
