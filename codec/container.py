@@ -5,14 +5,15 @@ bytes of the levels (bf16 bits of lo and hi, [2, R]), the codeword count of each
 the narrowest unsigned type that holds them; row offsets are their prefix sum), then the levels' low bytes. Split
 so, the sign-and-exponent bytes, nearly constant, compress to little; the levels cost about 9-10 bits instead of 16,
 which matters for narrow rows (a 256-wide row pays 32 bits of levels, 0.125 bits a weight, when stored plainly).
-The file's metadata, under one key, records the codec version, the dictionaries (kind, probabilities,
-size, sha256 of their words) and per matrix its shape, codec version, dictionary (its index in the file's list and
-the first 16 hex digits of the sha256 of the one it was encoded with), count base and a sha256 over its name, shape, count base, dictionary
-and bytes. Written atomically; read without pickle. Any mismatch raises ContainerError naming the file and the
-matrix: another codec version (the file's or a matrix's), a dictionary other than the one a matrix was encoded
-with (named as such, not as corruption), a checksum, a row whose words do not cover its width.
+The file's metadata, under one key, records the codec version, the dictionaries (kind, probabilities, size, sha256
+of their words) and per matrix its shape, codec version, dictionary (its index in the file's list and the first 16
+hex digits of the sha256 of the one it was encoded with), count base and a sha256 over its name, shape, count base,
+dictionary and bytes. Written atomically; read without pickle. Any mismatch raises ContainerError naming the file
+and the matrix: another codec version (the file's or a matrix's), a dictionary other than the one a matrix was
+encoded with (named as such, not as corruption), a checksum, a row whose words do not cover its width.
 
-Version 2 added each matrix's `dictionary_id` (version 1 files are refused: re-encode them).
+Codec version 2: every matrix entry carries its `dictionary_id`; version 1 files, which lack it, are refused
+(re-encode them).
 """
 from __future__ import annotations
 

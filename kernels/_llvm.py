@@ -2,13 +2,13 @@
 
 - `store_lanes(a, i, v)`: a[i : i + 4] = the four 16-bit lanes of v (uint64), one unaligned 8-byte store. The
   list kernels write a codeword's (up to) four positions at once, whatever its count, then advance by the count:
-  no branch on how many non-zeros a word has (the record kernel's decode, which branches on it, took 2.35 of its
-  3.1 ms at batch 1 on one core).
+  no branch on how many non-zeros a word has (the record kernel's decode branches on it, and at batch 1 that
+  decode is most of the record kernel's time: docs/kernels.md).
 - `rowsum(xf, idx, n, B, c0, out, W)`: out[0:W] = sum over i < n of xf[idx[i] * B + c0 : ... + W], the W-wide
   sums kept in vector registers (U = 4 of them, so the adds do not wait on each other). W must be a compile-time
   literal (the caller's `numba.literally`): kernels specialize on it and numba's cache keys them by it. numba's loop
   vectorizer, given the same loop in Python, vectorizes over i with gathers instead (16 gathers per 8 positions at
-  W = 16, measured 2x slower), and W scalar accumulators stay scalar.
+  W = 16, measured 2x slower on the 2-core Xeon), and W scalar accumulators stay scalar.
 - `rowsum_bf16(xu, idx, n, out)`: the same sums for 32 batch columns held as bf16 pairs: xu is uint32 [C * 16],
   lane k of a position holding column k's bf16 in its low half and column 16 + k's in its high half; out[0:32] float32
   (columns 0-15, then 16-31). A bf16 is the high half of a float32, so a shift and a mask give the two float32 vectors:

@@ -33,15 +33,15 @@ from qmoe.kernels._llvm import prefetch, rowsum, rowsum_bf16, store_lanes
 from qmoe.kernels.records import BIG, LANES, OVERFLOW, SLOT0, Records
 
 # Record kernels: up to this batch, one batch-1 pass per column beats the batched kernel (measured on 2080x6144 at
-# P(0) = 0.885: batch 2 4.0 vs 5.0 ms, batch 4 8 vs 12 ms).
+# P(0) = 0.885, batches 2 and 4).
 GEMV_UP_TO = 4
 MAX_LIST_WIDTH = (1 << 16) - 128  # list entries are uint16 positions; a word may start at C - 1 and span 127
 WIDTHS = (4, 8, 16, 32)  # tile widths of the list gemm (B is padded up to one; above 32, tiles of 32)
 ROWS_PER_TASK = 16  # rows a prange task of the list gemv takes (one pair of list buffers each)
 BF16_FROM = 16  # with x in bf16 asked for, batches from this size take it (below, x stays float32)
 # Matrices of at most this many weights run the list gemm in the calling thread (_WHOLE, or _PART in a chain), and
-# tiles of at most this many elements are transposed there: on 256x128 and 128x256 at batch 2-32, 8-16 us a call
-# against 13-20 us through three parallel launches; on 1024x256 the parallel kernels are faster.
+# tiles of at most this many elements are transposed there: on 256x128 and 128x256 at batch 2-32 on the 2-core AMD
+# EPYC, 8-16 us a call against 13-20 us through three parallel launches; on 1024x256 the parallel kernels are faster.
 SERIAL_UP_TO = 1 << 16
 LIST_CAP = 1 << 17  # list entries of each level the list gemm emits before summing them (256 KB a level)
 PREFETCH = 32  # emit asks for word t + PREFETCH's table lines while it stores word t's lists
@@ -77,7 +77,7 @@ def _overflow_rows(extra, e, pos, xt, is_lo, acc, acc_lo):
 
 def _make_kernels(overflow: bool):
     """(gemv, gemm) compiled with or without the overflow-word branch. Dictionaries for QMoE-like sparsity have
-    no overflow words, and even a never-taken branch in the inner loop measured 25-50% slower, so `overflow` is a
+    no overflow words, and even a never-taken branch in the inner loop measured markedly slower, so `overflow` is a
     compile-time constant (numba compiles each closure, and caches it, separately)."""
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -87,9 +87,9 @@ def _make_kernels(overflow: bool):
         A row's sum over all non-zeros and its sum over the lo ones (v * is_lo, no branch on the symbol: a sign
         branch mispredicts half the time), each in three accumulators, one per unrolled slot: almost every word has
         2-4 non-zeros (3 for 78% at P(0) = 0.885), so the slot guards predict well and the slots' loads and adds
-        do not wait for each other; hi's sum is their difference. Against the previous form (one loop over a word's
-        n non-zeros, two accumulators), alternated in one process on the 2-core Xeon while other jobs ran:
-        0.75-0.88x the time at batch 1 on c2048's shapes."""
+        do not wait for each other; hi's sum is their difference. Against one loop over a word's n non-zeros with
+        two accumulators, alternated in one process on the 2-core Xeon while other jobs ran: 0.75-0.88x the time at
+        batch 1 on c2048's shapes."""
         for r in numba.prange(len(offsets) - 1):
             pos = 0
             a0 = a1 = a2 = np.float32(0.0)
@@ -190,7 +190,7 @@ def _emit_big(table, extra, c, pos, hib, lob, nh, nl):
 # never-taken branch in the emit loop still costs, and rowsum's vectors are W wide), called through _GEMV, _GEMM,
 # _PART and _WHOLE, jitted closures over those constants. Such cells pickle the same in every process, so numba's
 # cache finds them; a closure over dispatchers (which pickle with a per-process id) would be compiled again in every
-# process, 1-2 s a kernel, its cache growing with each. Called from Python directly, a numba.literally function
+# process, its cache growing with each. Called from Python directly, a numba.literally function
 # retypes on every call (milliseconds).
 
 
