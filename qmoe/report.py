@@ -91,6 +91,11 @@ def _safetensors_sizes(path: Path) -> tuple[dict[str, int], int]:
     return sizes, 8 + n
 
 
+def unit_of(tensor: str, units: list[str]) -> str:
+    """The unit a tensor belongs to: the unit whose module holds it (else its own name, less `.weight`)."""
+    return next((u for u in units if tensor.startswith(u + ".")), tensor.removesuffix(".weight"))
+
+
 def units_from_dir(path: Path):
     """(model config, its units in the order they run) of a compressed directory: dense bytes from the dense
     file's header, expert bytes from the group files."""
@@ -104,7 +109,7 @@ def units_from_dir(path: Path):
         names = fam.model(cfg).units()
     dense: dict[str, int] = {}
     for tensor, nbytes in sizes.items():
-        unit = next((u for u in names if tensor.startswith(u + ".")), tensor.removesuffix(".weight"))
+        unit = unit_of(tensor, names)
         dense[unit] = dense.get(unit, 0) + nbytes
     shapes = fam.expert_shapes(cfg)
     sparse = set(fam.sparse_blocks(cfg))

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from qmoe.checkpoint import CheckpointError, CheckpointReader, load_model
+from qmoe.checkpoint import CheckpointError, CheckpointReader
+from qmoe.models.registry import load as load_model
 
 
 def test_bad_path(tmp_path):
@@ -153,7 +154,7 @@ def test_a_single_file_checkpoint_symlinked_from_outside_is_refused(tmp_path):
 
 def test_symlinks_inside_the_model_dir_and_the_hub_cache_layout_are_read(tiny_ckpt, tmp_path):
     """Links that stay inside are fine, and so is the Hugging Face hub cache: snapshots/<rev>/* -> ../../blobs/*."""
-    ref, _, _ = load_model(tiny_ckpt)
+    ref = load_model(tiny_ckpt)
     repo = tmp_path / "models--google--switch-tiny"
     snap = repo / "snapshots" / "0123abc"
     snap.mkdir(parents=True)
@@ -161,7 +162,7 @@ def test_symlinks_inside_the_model_dir_and_the_hub_cache_layout_are_read(tiny_ck
     for f in sorted(tiny_ckpt.iterdir()):
         shutil.copy(f, repo / "blobs" / f"sha-{f.name}")
         (snap / f.name).symlink_to(f"../../blobs/sha-{f.name}")
-    model, _, _ = load_model(snap)
+    model = load_model(snap)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
 
     d = _copy(tiny_ckpt, tmp_path / "c")
@@ -169,7 +170,7 @@ def test_symlinks_inside_the_model_dir_and_the_hub_cache_layout_are_read(tiny_ck
     (d / "real").mkdir()
     shard.rename(d / "real" / shard.name)
     shard.symlink_to(f"real/{shard.name}")
-    model, _, _ = load_model(d)
+    model = load_model(d)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
     # A directory beside snapshots/ that is not the repo's blobs stays outside.
     (snap / "config.json").unlink()

@@ -15,14 +15,14 @@ pytest.importorskip("compressed_tensors")
 
 import qmoe  # noqa: E402
 from qmoe import export as export_cli  # noqa: E402
-from qmoe.compressed import expert_shapes  # noqa: E402
 from qmoe.compression.compressor import compress_model  # noqa: E402
 from qmoe.data import DataSpec  # noqa: E402
 from qmoe.corpus import load_default_corpus  # noqa: E402
 from qmoe.data import DataConfig  # noqa: E402
 from qmoe.export import ExportError, export  # noqa: E402
-from qmoe.models.load import FAMILIES  # noqa: E402
-from qmoe.models.run import next_token_loss, validation_windows  # noqa: E402
+from qmoe.data import validation_windows  # noqa: E402
+from qmoe.models.registry import FAMILIES  # noqa: E402
+from qmoe.models.run import next_token_loss  # noqa: E402
 from qmoe.packed import unpack  # noqa: E402
 from qmoe.compression.pipeline import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
@@ -134,7 +134,7 @@ def test_compressed_tensors_decompresses_qmoes_weights_exactly(dirs, case):
 
     linear = torch.nn.Linear(1, 1)
     fam = FAMILIES[hf["model_type"]]
-    shapes = expert_shapes(fam.config(hf))
+    shapes = fam.expert_shapes(fam.config(hf))
     kinds = {v: k for k, v in fam.expert_names.items()}
     for m in experts:
         assert is_match(m, linear, scheme.targets, qc.ignore), m

@@ -16,13 +16,12 @@ gguf = pytest.importorskip("gguf")
 
 import qmoe  # noqa: E402
 from qmoe.export import gguf as eg  # noqa: E402
-from qmoe.compressed import expert_shapes  # noqa: E402
 from qmoe.compression.compressor import compress_model  # noqa: E402
 from qmoe.data import DataSpec  # noqa: E402
 from qmoe.data import DataConfig  # noqa: E402
 from qmoe.export import ExportError, export  # noqa: E402
 from qmoe.models.base import rope  # noqa: E402
-from qmoe.models.load import FAMILIES  # noqa: E402
+from qmoe.models.registry import FAMILIES  # noqa: E402
 from qmoe.compression.pipeline import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
 from qmoe.tokenizer import ByteTokenizer  # noqa: E402
@@ -428,7 +427,7 @@ def test_q4_0_costs_four_and_a_half_bits_an_expert_parameter(dirs, tmp_path):
     ct = export(comp, tmp_path / "ct", progress=_quiet)
     assert summary["params_experts"] == ct["params_experts"]
     assert summary["expert_bytes"] * 8 == 4.5 * summary["params_experts"]
-    shapes = expert_shapes(FAMILIES["mixtral"].config(_hf(comp)))
+    shapes = FAMILIES["mixtral"].expert_shapes(FAMILIES["mixtral"].config(_hf(comp)))
     per_expert = sum(R * C // 2 + R * 2 + 16 for R, C in shapes.values())
     assert ct["expert_bytes"] == per_expert * 5 * 2  # 5 experts, 2 layers
 
@@ -541,7 +540,7 @@ def test_what_llamacpp_computes_differently_is_refused(dirs):
     hf = _hf(dirs["mixtral"][1])
     cfg = FAMILIES["mixtral"].config(dict(hf, intermediate_size=24))
     with pytest.raises(ExportError, match="w2: 24 columns, not a multiple of Q4_0's 32-weight blocks"):
-        eg._expert_plan(FAMILIES["mixtral"], cfg, [eg.ExpertSource("model.layers.0", 0, [])], expert_shapes(cfg),
+        eg._expert_plan(FAMILIES["mixtral"], cfg, [eg.ExpertSource("model.layers.0", 0, [])], FAMILIES["mixtral"].expert_shapes(cfg),
                         Scheme.INT4_SYM, "Q4_0")
 
 

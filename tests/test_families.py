@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import qmoe
 from qmoe.checkpoint import CheckpointError
-from qmoe.models.load import dequantize_fp8
+from qmoe.checkpoint import dequantize_fp8
 
 
 def _mixtral(**over):
@@ -240,7 +240,7 @@ def test_deepseek_multi_token_prediction_layer_is_not_read(tmp_path):
 def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [E, C, R] as gpt-oss publishes it: blocks [E, R, C / 32, 16] (two e2m1 codes a byte, low nibble first)
     and scales [E, R, C / 32] (a shared power of two, biased by 127), each value rounded to the nearest code."""
-    from qmoe.models.load import FP4
+    from qmoe.checkpoint import FP4
 
     lut = torch.tensor(FP4)
     E, C, R = w.shape
@@ -279,7 +279,7 @@ def test_infer_cli_runs_a_family_checkpoint(tmp_path, capsys):
     """`python -m qmoe.infer --model PATH --eval --generate N --prompt TEXT` on a Qwen3-MoE checkpoint with no
     tokenizer.json (a byte vocabulary): the loss equals transformers' on the same windows, the text is printed."""
     from qmoe import infer as infer_cli
-    from qmoe.models.run import validation_windows
+    from qmoe.data import validation_windows
     from qmoe.corpus import load_default_corpus
     from qmoe.tokenizer import ByteTokenizer
 

@@ -17,8 +17,9 @@ from qmoe.compression.compressor import compress_model
 from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, DataSpec, resolve_model
 from qmoe.models.base import is_routed_expert
-from qmoe.models.load import load as load_original
-from qmoe.models.run import next_token_loss, validation_windows
+from qmoe.data import validation_windows
+from qmoe.models.registry import load as load_original
+from qmoe.models.run import next_token_loss
 from qmoe.compression.pipeline import CompressConfig
 from qmoe.quant import Method, Scheme
 from qmoe.tokenizer import ByteTokenizer
@@ -192,7 +193,7 @@ def test_the_command_lines_compress_and_evaluate_a_family(tmp_path, capsys):
 def test_gpt_oss_in_mxfp4_compresses_like_its_dequantized_weights(models, tmp_path):
     """gpt-oss's experts as published (MXFP4 blocks and scales, fused per layer): compressed to exactly the bytes
     of the same model saved with the dequantized experts (each expert's blocks read and dequantized alone)."""
-    from qmoe.models.load import dequantize_mxfp4
+    from qmoe.checkpoint import dequantize_mxfp4
     from test_families import _mxfp4
 
     src = models["gpt_oss"]
@@ -239,22 +240,22 @@ def test_a_compressed_family_refuses_a_dtype_and_has_a_report(models, tmp_path):
 def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_path, monkeypatch):
     """A crash after a Qwen3-MoE layer's first groups were written: --resume replays those groups from their
     files (not quantized again) and the output equals an uninterrupted run's, byte for byte."""
-    import qmoe.compression.family_steps as fs
+    import qmoe.compression.steps as fs
 
     cfg = CompressConfig(group_size=2)
-    real = fs.FamilyWorker._expert
+    real = fs.Worker._expert
 
     def flaky(self, block, j):
         if block == "model.layers.2" and j == 4:
             raise CheckpointError("x", block, "simulated read failure")
         return real(self, block, j)
 
-    monkeypatch.setattr(fs.FamilyWorker, "_expert", flaky)
+    monkeypatch.setattr(fs.Worker, "_expert", flaky)
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(models["qwen3_moe"], tmp_path / "o", cfg, SPEC, progress=_quiet)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["blocks_done"] == ["model.layers.0"] and sorted(manifest["groups"]["model.layers.2"]) == ["0", "2"]
-    monkeypatch.setattr(fs.FamilyWorker, "_expert", real)
+    monkeypatch.setattr(fs.Worker, "_expert", real)
     a = compress_model(models["qwen3_moe"], tmp_path / "o", cfg, SPEC, progress=_quiet, resume=True)
     b = compress_model(models["qwen3_moe"], tmp_path / "fresh", cfg, SPEC, progress=_quiet)
     for f in sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*.safetensors")):
@@ -264,10 +265,10 @@ def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_
 
 def test_the_training_loops_run_and_write_loadable_checkpoints(tmp_path):
     """Both training scripts (the Switch default's and the Qwen3-MoE default's), a few steps each on tiny shapes:
-    a curve with the best step, and a checkpoint that loads (Switch through load_model, Qwen3-MoE through qmoe.load
+    a curve with the best step, and a checkpoint that loads (both through qmoe.load
     with the recorded bf16 loss)."""
-    from qmoe.checkpoint import load_model
-    from qmoe.config import PRESETS
+    from qmoe.models.registry import load as load_model
+    from qmoe.models.switch import PRESETS
     from qmoe.models.train import QWEN3_MOE_DEFAULT, train_causal
     from qmoe.train import train
 

@@ -9,8 +9,8 @@ from qmoe import infer as infer_cli
 from qmoe.compressed import load_compressed
 from qmoe.compression.compressor import CompressConfig, compress_model
 from qmoe.data import DataSpec, load_samples
-from qmoe.model import shift_right
-from qmoe.inference.runner import Runner, plan, simulate_uncompressed, unit_names
+from qmoe.inference.runner import Runner, plan, simulate_uncompressed
+from qmoe.models.switch import shift_right, unit_names
 from qmoe.kernels.module import CompressedLinear
 
 SPEC = DataSpec(train_samples=16, val_samples=8, seed=0)

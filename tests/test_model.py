@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from hf_fixtures import VARIANTS, make_hf_model, save_checkpoint
-from qmoe.checkpoint import load_model
-from qmoe.config import PRESETS, config_from_hf
-from qmoe.model import SwitchModel
+from qmoe.models.registry import load as load_model
+from qmoe.models.switch import PRESETS, SwitchModel, config_from_hf
 from qmoe.store import save_hf_checkpoint
 
 
@@ -17,7 +16,8 @@ from qmoe.store import save_hf_checkpoint
 def test_logits_match_transformers(tmp_path, variant, layout):
     hf = make_hf_model(variant, seed=3)
     save_checkpoint(hf, tmp_path, layout)
-    model, cfg, _ = load_model(tmp_path)
+    model = load_model(tmp_path)
+    cfg = model.cfg
     assert sum(cfg.encoder_sparse) == sum(b.layer[-1].is_sparse for b in hf.encoder.block)
     assert sum(cfg.decoder_sparse) == sum(b.layer[-1].is_sparse for b in hf.decoder.block)
     g = torch.Generator().manual_seed(0)
@@ -75,7 +75,7 @@ def test_decoder_lm_head_name(tmp_path):
     sd = load_file(tmp_path / "model.safetensors")
     sd["decoder.lm_head.weight"] = sd.pop("lm_head.weight")
     save_file(sd, tmp_path / "model.safetensors")
-    model, _, _ = load_model(tmp_path)
+    model = load_model(tmp_path)
     assert torch.equal(model.lm_head.weight, hf.lm_head.weight.detach())
 
 
@@ -113,7 +113,8 @@ def test_untied_head_without_tie_key_matches_transformers(tmp_path, caplog, head
     _rewrite(tmp_path, drop_tie=True, rename_head=None if head == "lm_head.weight" else head)
     assert "tie_word_embeddings" not in json.loads((tmp_path / "config.json").read_text())
     with caplog.at_level("WARNING", logger="qmoe"):
-        model, cfg, _ = load_model(tmp_path)
+        model = load_model(tmp_path)
+    cfg = model.cfg
     assert not cfg.tie_word_embeddings
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}: config.json does not set tie_word_embeddings (transformers' default: tied), but the checkpoint "
@@ -140,7 +141,8 @@ def test_a_tied_models_saved_head_copy_stays_tied(tmp_path, caplog):
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     _rewrite(tmp_path, drop_tie=True)
     with caplog.at_level("WARNING", logger="qmoe"):
-        model, cfg, _ = load_model(tmp_path)
+        model = load_model(tmp_path)
+    cfg = model.cfg
     assert cfg.tie_word_embeddings and not caplog.records
     assert (_logits(hf) - _logits(model)).abs().max().item() <= 1e-4
 
@@ -156,7 +158,8 @@ def test_config_saying_tied_wins_over_a_stored_head_with_a_warning(tmp_path, cap
     save_checkpoint(hf, tmp_path, "bin")
     _rewrite(tmp_path, drop_tie=False, rename_head="decoder.lm_head.weight", tie=True)
     with caplog.at_level("WARNING", logger="qmoe"):
-        model, cfg, _ = load_model(tmp_path)
+        model = load_model(tmp_path)
+    cfg = model.cfg
     assert cfg.tie_word_embeddings
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}: config.json says tie_word_embeddings: true, but the checkpoint's decoder.lm_head.weight differs "

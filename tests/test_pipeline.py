@@ -15,7 +15,9 @@ from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import load_compressed, read_manifest
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec
-from qmoe.compression.pipeline import SWITCH_FORM, CompressConfig, hessian_mask_ids, hessian_rows, quantize_experts
+from qmoe.compression.pipeline import CompressConfig, hessian_rows, quantize_experts
+from qmoe.models.family import RELU_FORM, SWIGLU_FORM
+from qmoe.models.switch import hessian_mask_ids
 from qmoe.quant import Method, Scheme
 
 SPEC = DataSpec(train_samples=24, val_samples=8, seed=0)
@@ -210,14 +212,14 @@ def test_decoder_mask_conventions_on_real_span_corruption():
     """Real samples (byte tokenizer, span corruption): "target" leaves out the positions whose label is a sentinel
     and each sample's last one (QMoE's), "input" those whose decoder input is; the encoder's mask is its input's."""
     from qmoe.data import DataConfig, train_val_samples
-    from qmoe.model import shift_right
+    from qmoe.models.switch import shift_right
     from qmoe.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
     smp, _ = train_val_samples(text, tok, 4, 1, seed=0, cfg=DataConfig(raw_length=64))
     floor = tok.sentinel_floor
-    ids = {"enc_ids": smp.input_ids, "dec_ids": shift_right(smp.labels, 0), "labels": smp.labels}
+    ids = {"encoder": smp.input_ids, "decoder": shift_right(smp.labels, 0), "labels": smp.labels}
     assert (smp.labels >= floor).any() and (smp.input_ids >= floor).any()
     target = hessian_mask_ids(ids, "decoder", "target", floor) < floor  # [n, S]: may feed a Hessian
     expect = smp.labels < floor
@@ -226,7 +228,7 @@ def test_decoder_mask_conventions_on_real_span_corruption():
     assert not target[:, -1].any() and not (target & (smp.labels >= floor)).any()
     # A sentinel label at t is the decoder input at t + 1: "target" is "input" moved one position left.
     inp = hessian_mask_ids(ids, "decoder", "input", floor) < floor
-    assert torch.equal(inp, ids["dec_ids"] < floor)
+    assert torch.equal(inp, ids["decoder"] < floor)
     assert torch.equal(target[:, :-1], inp[:, 1:])
     for mask in ("input", "target"):
         assert torch.equal(hessian_mask_ids(ids, "encoder", mask, floor), smp.input_ids)
@@ -262,7 +264,7 @@ def test_quantize_experts_feeds_wo_from_the_quantized_wi():
         g.add_batch(0, torch.relu(slab @ experts[2]["wi"].values().T))
     ref = g.fasterquant(weights[2]["wo"][None], cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
     assert torch.equal(ref.codes[0], experts[2]["wo"].codes)
-    y = SWITCH_FORM.outputs({"wi": experts[0]["wi"].values(), "wo": experts[0]["wo"].values()}, tokens[0])
+    y = RELU_FORM.outputs({"wi": experts[0]["wi"].values(), "wo": experts[0]["wo"].values()}, tokens[0])
     assert torch.allclose(y, torch.relu(tokens[0] @ experts[0]["wi"].values().T) @ experts[0]["wo"].values().T, atol=1e-5)
 
 
@@ -271,7 +273,6 @@ def test_quantize_experts_swiglu_stacks_gate_and_up_and_feeds_down_the_gated_hid
     alone with that Hessian: GPTQ's rows are independent), down from silu(gate_q x) * up_q x; the forward is
     down(silu(gate x) * up x)."""
     from qmoe.compression.gptq import GPTQ
-    from qmoe.compression.pipeline import SWIGLU_FORM
 
     torch.manual_seed(0)
     D, inter = 12, 10
@@ -318,15 +319,15 @@ def test_crash_mid_run_leaves_an_incomplete_manifest(tiny_ckpt, tmp_path, monkey
 
     d = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
     calls = {"n": 0}
-    real = steps.read_expert
+    real = steps.Worker._expert
 
-    def flaky(reader, block, j, dtype=torch.float32):
+    def flaky(self, block, j):
         calls["n"] += 1
         if block.startswith("decoder"):
             raise CheckpointError(d / "x.safetensors", f"{block}.expert_{j}", "simulated read failure")
-        return real(reader, block, j, dtype)
+        return real(self, block, j)
 
-    monkeypatch.setattr(steps, "read_expert", flaky)
+    monkeypatch.setattr(steps.Worker, "_expert", flaky)
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(d, tmp_path / "o", CompressConfig(), SPEC, progress=lambda *_: None)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
@@ -335,7 +336,7 @@ def test_crash_mid_run_leaves_an_incomplete_manifest(tiny_ckpt, tmp_path, monkey
         load_compressed(tmp_path / "o")
     # --resume replays the three finished encoder blocks from their files and compresses the rest: the result is
     # byte for byte the uninterrupted run's.
-    monkeypatch.setattr(steps, "read_expert", real)
+    monkeypatch.setattr(steps.Worker, "_expert", real)
     with pytest.raises(ValueError, match="method"):  # other settings than the unfinished run's
         compress_model(d, tmp_path / "o", CompressConfig(method=Method.RTN), SPEC, progress=lambda *_: None,
                        resume=True)
@@ -358,19 +359,19 @@ def test_resume_mid_block_replays_the_groups_written(tiny_ckpt, tmp_path, monkey
     import qmoe.compression.steps as steps
 
     cfg = CompressConfig(group_size=1)
-    real = steps.read_expert
+    real = steps.Worker._expert
 
-    def flaky(reader, block, j, dtype=torch.float32):
+    def flaky(self, block, j):
         if block == "encoder.block.1" and j == 2:
             raise CheckpointError("x", block, "simulated read failure")
-        return real(reader, block, j, dtype)
+        return real(self, block, j)
 
-    monkeypatch.setattr(steps, "read_expert", flaky)
+    monkeypatch.setattr(steps.Worker, "_expert", flaky)
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(tiny_ckpt, tmp_path / "o", cfg, SPEC, progress=lambda *_: None)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["blocks_done"] == ["encoder.block.0"] and sorted(manifest["groups"]["encoder.block.1"]) == ["0", "1"]
-    monkeypatch.setattr(steps, "read_expert", real)
+    monkeypatch.setattr(steps.Worker, "_expert", real)
     quantized = []
     real_q = steps.quantize_experts
     monkeypatch.setattr(steps, "quantize_experts", lambda w, *a, **k: quantized.append(len(w)) or real_q(w, *a, **k))
@@ -428,7 +429,7 @@ def test_step_results_are_small_and_hold_no_tensors(tiny_ckpt, tmp_path):
         else:
             yield x
 
-    assert {s for s, _ in results} == {"embed", "route", "experts", "combine", "encoder_output", "loss"}
+    assert {s for s, _ in results} == {"embed", "route", "experts", "combine", "stack_output", "loss"}
     for step, r in results:
         assert all(isinstance(v, (int, float, str, bool, type(None))) for v in leaves(r)), step
         assert len(pickle.dumps(r)) < 4096, step

@@ -7,9 +7,7 @@ import torch
 from qmoe import report
 from qmoe.compression.compressor import CompressConfig, compress_model
 from qmoe.data import DataSpec
-from qmoe.config import PRESETS, config_from_hf, replace
-from qmoe.model import SwitchModel
-from qmoe.inference.runner import unit_names
+from qmoe.models.switch import PRESETS, SwitchModel, config_from_hf, replace, unit_names
 
 
 @pytest.mark.parametrize("cfg", [PRESETS["tiny"], PRESETS["default"],
@@ -19,7 +17,7 @@ def test_unit_params_match_the_model(cfg):
         model = SwitchModel(cfg)
     expected = {}
     for name, p in model.named_parameters():
-        unit = report._unit_of(name)
+        unit = report.unit_of(name, model.units())
         dense, experts = expected.get(unit, (0, 0))
         expected[unit] = (dense, experts + p.numel()) if ".experts." in name else (dense + p.numel(), experts)
     assert report.unit_params(cfg) == expected

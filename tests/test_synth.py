@@ -1,5 +1,7 @@
 """The synthetic checkpoint generator: the published sharded layout, loadable, deterministic, the asked shapes."""
-from qmoe.checkpoint import CheckpointReader, load_model, read_config, read_expert
+from qmoe.checkpoint import read_tensor
+from qmoe.models.registry import build, load
+from qmoe.models.switch import FAMILY as SWITCH
 from qmoe.synth import main, synth_config, write_synthetic
 
 
@@ -7,13 +9,12 @@ def test_synthetic_checkpoint_loads_with_the_asked_shapes(tmp_path):
     cfg = synth_config(blocks=2, experts=3, d_model=24, d_ff=40, num_heads=2, d_kv=8)
     d = write_synthetic(tmp_path / "s", cfg, seed=1, progress=lambda *_: None)
     assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("model-*.safetensors"))) == 5
-    reader = CheckpointReader(d)
-    got, _ = read_config(d, reader)
-    assert got == cfg
-    w = read_expert(reader, "decoder.block.1", 2)
+    model, reader, hf = build(d)
+    assert model.cfg == cfg
+    w = SWITCH.read_expert(lambda n: read_tensor(reader, n), reader, "decoder.block.1", 2)
     assert w["wi"].shape == (40, 24) and w["wo"].shape == (24, 40)
     assert abs(float(w["wi"].std()) - 24 ** -0.5) < 0.05  # N(0, 1/fan_in)
-    model, _, _ = load_model(d)
+    model = load(d)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
