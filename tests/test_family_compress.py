@@ -16,7 +16,6 @@ from qmoe.compressed import load_compressed
 from qmoe.compression.compressor import compress_model
 from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, DataSpec, resolve_model
-from qmoe.models.base import is_routed_expert
 from qmoe.data import validation_windows
 from qmoe.models.registry import load as load_original
 from qmoe.models.run import next_token_loss
@@ -57,7 +56,7 @@ def _expert_rows(model, name: str):
     """(parameter name, one expert matrix [R, C] of it) for every routed expert matrix: gpt-oss's fused tensors
     give each expert's gate (even columns of gate_up_proj), up (odd columns) and down, transposed to rows."""
     for n, p in model.named_parameters():
-        if not is_routed_expert(n):
+        if not model.family.is_expert(n):
             continue
         if n.endswith("gate_up_proj"):
             for e in p:
@@ -98,7 +97,7 @@ def test_a_family_compresses_and_runs_with_the_walks_losses(models, name, scheme
     for n, m in matrices:
         assert max(len(torch.unique(row)) for row in m) <= levels, n
     for n, p in params.items():
-        if not is_routed_expert(n):  # dense weights (gpt-oss's expert biases among them): the original's in bf16
+        if not original.family.is_expert(n):  # dense weights (gpt-oss's expert biases among them): the original's in bf16
             assert torch.equal(p, dict(original.named_parameters())[n]), n
     assert s["params_experts"] == sum(m.numel() for _, m in matrices)
     hf = json.loads((out / "config.json").read_text())

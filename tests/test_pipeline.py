@@ -16,7 +16,8 @@ from qmoe.compressed import load_compressed, read_manifest
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec
 from qmoe.compression.pipeline import CompressConfig, hessian_rows, quantize_experts
-from qmoe.models.family import RELU_FORM, SWIGLU_FORM
+from qmoe.models.family import SWIGLU_FORM
+from qmoe.models.switch import FORM as RELU_FORM
 from qmoe.models.switch import hessian_mask_ids
 from qmoe.quant import Method, Scheme
 
@@ -257,7 +258,7 @@ def test_quantize_experts_feeds_wo_from_the_quantized_wi():
     weights = [{"wi": torch.randn(Fd, D), "wo": torch.randn(D, Fd)} for _ in range(3)]
     tokens = [torch.randn(n, D) for n in (40, 0, 25)]
     cfg = CompressConfig(min_tokens=4, slab_rows=16)
-    experts, reasons = quantize_experts(weights, lambda g: tokens[g].split(16), cfg)
+    experts, reasons = quantize_experts(weights, lambda g: tokens[g].split(16), cfg, form=RELU_FORM)
     assert reasons[1] and not reasons[0] and not reasons[2]
     g = GPTQ(1, Fd)
     for slab in tokens[2].split(16):

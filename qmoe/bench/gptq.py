@@ -33,7 +33,7 @@ from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec, resolve_model
 from qmoe.compression.gptq import GPTQ
 from qmoe.compression.pipeline import CompressConfig
-from qmoe.models.family import RELU_FORM
+from qmoe.models.switch import FORM as SWITCH_FORM
 from qmoe.quant import Method, Scheme, dequantize_codes, rtn
 
 VARIANTS = ("gptq", "rtn", "before", "qmoe")  # on the Hessian GPTQ was given
@@ -105,7 +105,7 @@ class Observer:
             self._sels.append(rows(token_ids, *a, **kw))
             return torch.arange(token_ids.numel())
 
-        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=RELU_FORM):
+        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=SWITCH_FORM):
             sels, self._sels = self._sels[-len(weights):], []
             D = weights[0]["wi"].shape[1]
             X = [torch.cat([torch.zeros(0, D), *hessian_slabs(k)]) for k in range(len(weights))]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qmoe.compression.gptq import GPTQ
-from qmoe.models.family import RELU_FORM, ExpertForm
+from qmoe.models.family import SWIGLU_FORM, ExpertForm
 from qmoe.packed import QuantizedMatrix
 from qmoe.quant import Method, Scheme, rtn
 
@@ -98,7 +98,7 @@ def _quantize(W: torch.Tensor, inputs, cfg: CompressConfig):
 
 @torch.no_grad()
 def quantize_experts(weights: list[dict[str, torch.Tensor]], hessian_slabs, cfg: CompressConfig,
-                     device: torch.device | str = "cpu", form: ExpertForm = RELU_FORM
+                     device: torch.device | str = "cpu", form: ExpertForm = SWIGLU_FORM
                      ) -> tuple[list[QuantizedExpert], list[str]]:
     """Quantize a batch of b experts of one group.
 

@@ -30,7 +30,7 @@ from qmoe.checkpoint import CheckpointReader, fp8_block, read_hf_config, read_te
 from qmoe.compression.activations import ActivationStore
 from qmoe.compression.memory import GpuBusyMonitor, PeakMonitor, Plan
 from qmoe.compression.pipeline import CompressConfig, expert_seed, hessian_rows, quantize_experts
-from qmoe.models.family import RELU_FORM, ExpertForm, Family
+from qmoe.models.family import SWIGLU_FORM, ExpertForm, Family
 from qmoe.models.registry import family_named
 from qmoe.store import sha256_file
 
@@ -403,7 +403,7 @@ class _ExpertRows:
     offsets[j]..offsets[j + 1] of every chunk, in chunk (= token) order."""
 
     def __init__(self, store: ActivationStore, stream: str, chunks: int, js: list[int], width: int,
-                 form: ExpertForm = RELU_FORM, whole: bool = False):
+                 form: ExpertForm = SWIGLU_FORM, whole: bool = False):
         """whole: also every row of the layer, as the pseudo-expert LAYER."""
         self.store, self.stream, self.width, self.form = store, stream, width, form
         keys = js + [LAYER] if whole else js

@@ -175,7 +175,6 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     """Write OUT from the compressed directory SRC (see the module's docstring); returns a summary: files, tensor
     bytes, expert parameters and the bits per parameter of the exported expert tensors. ternary_type: GGUF's type
     for ternary-g256 experts (TQ1_0 or TQ2_0)."""
-    from qmoe.models.base import is_routed_expert
     from qmoe.models.registry import FAMILIES
 
     src, out = Path(src), Path(out)
@@ -200,7 +199,7 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
 
     with safe_open(str(src / DENSE_FILE), framework="pt") as h:
         dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
-    routed = [k for k in dense if is_routed_expert(k)]
+    routed = [k for k in dense if fam.is_expert(k)]
     if routed:
         raise ExportError(f"{src / DENSE_FILE}: holds a routed expert's tensor {routed[0]!r}")
 

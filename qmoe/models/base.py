@@ -147,12 +147,11 @@ class CausalFamily(Family):
         return 4 * (batch * cfg.num_heads * context * context + batch * context * (4 * cfg.hidden_size + hidden))
 
 
-_ROUTED = re.compile(r"\.experts\.(\d+\.|gate_up_proj$|down_proj$)")
+_ROUTED = re.compile(r"\.experts\.\d+\.")
 
 
 def is_routed_expert(name: str) -> bool:
-    """A routed expert's weight (`...experts.3.w1.weight`, or gpt-oss's fused `...experts.gate_up_proj`), not a
-    shared expert's, a router's or gpt-oss's fused expert biases (kept with the dense weights)."""
+    """A routed expert's weight (`...experts.3.w1.weight`), not a shared expert's or a router's."""
     return bool(_ROUTED.search(name))
 
 

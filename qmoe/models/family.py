@@ -76,7 +76,6 @@ class ExpertForm:
         return F.linear(F.silu(F.linear(x, w[gate_k])) * F.linear(x, w[up_k]), out)
 
 
-RELU_FORM = ExpertForm(("wi",), "wo", Act.RELU)  # wo(relu(wi x))
 SWIGLU_FORM = ExpertForm(("gate", "up"), "down", Act.SWIGLU)  # down(silu(gate x) * up x)
 
 
@@ -87,6 +86,7 @@ class Family:
     # An expert with fewer calibration tokens than min_tokens: True, its Hessian takes every routing choice of its
     # layer (as MoE-Quant and GPTQModel do); False, it falls back to round-to-nearest (QMoE's choice for Switch).
     borrow_layer_tokens: bool = True
+    untyped: bool = False  # a config.json without model_type is this family's (as transformers reads it)
     decoder_only: bool = True  # False: an encoder-decoder (its samples are span-corrupted, its loss the decoder's)
     # What stays unquantized, said in config.json (None: nothing to say).
     unquantized: str | None = None

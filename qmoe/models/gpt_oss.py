@@ -92,6 +92,10 @@ class SoftmaxOfTopK(MoE):
 class GptOssFamily(CausalFamily):
     """Experts fused per layer, on disk and in the model: read, written and placed one expert at a time here."""
 
+    def is_expert(self, name: str) -> bool:
+        """The fused expert tensors (not their biases, kept with the dense weights)."""
+        return name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+
     def expert_form(self, cfg: MoEConfig) -> ExpertForm:
         return ExpertForm(("gate", "up"), "down", Act.CLAMPED, cfg.opt("alpha"), cfg.opt("limit"))
 

@@ -20,12 +20,11 @@ from qmoe.models.family import Family
 _MODULES = (switch, mixtral, qwen3_moe, deepseek_v3, gpt_oss)
 FAMILIES: dict[str, Family] = {t: m.FAMILY for m in _MODULES for t in m.FAMILY.model_types}
 BY_NAME: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in _MODULES}
-DEFAULT_TYPE = "switch_transformers"  # a config.json without model_type: Switch's, as transformers reads it
 
 
 def family_of(hf: dict, cfg_file: Path | str) -> Family:
     """The family of a config.json (a compressed directory's too); CheckpointError naming the file otherwise."""
-    mt = hf.get("model_type", DEFAULT_TYPE)
+    mt = hf.get("model_type", next(m.FAMILY.model_types[0] for m in _MODULES if m.FAMILY.untyped))
     if mt not in FAMILIES:
         raise CheckpointError(cfg_file, None, f"model_type {mt!r} is not a family qmoe reads (it reads "
                               f"{', '.join(sorted(FAMILIES))})")

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qmoe.checkpoint import CheckpointError, CheckpointReader
-from qmoe.models.family import RELU_FORM, ExpertForm, Family
+from qmoe.models.family import Act, ExpertForm, Family
+
+FORM = ExpertForm(("wi",), "wo", Act.RELU)  # an expert: wo(relu(wi x))
 
 log = logging.getLogger("qmoe")
 
@@ -544,6 +546,7 @@ class SwitchFamily(Family):
     name = "switch"
     model_types = ("switch_transformers",)
     decoder_only = False
+    untyped = True
     borrow_layer_tokens = False  # QMoE's choice: an expert short of calibration tokens is rounded to nearest
 
     def config(self, hf: dict, reader: CheckpointReader | None = None, names: Iterable[str] | None = None
@@ -594,7 +597,7 @@ class SwitchFamily(Family):
         return f"{stack}.block.{i}"
 
     def expert_form(self, cfg) -> ExpertForm:
-        return RELU_FORM
+        return FORM
 
     def expert_shapes(self, cfg: SwitchConfig) -> dict[str, tuple[int, int]]:
         return {"wi": (cfg.d_ff, cfg.d_model), "wo": (cfg.d_model, cfg.d_ff)}
