@@ -82,7 +82,7 @@ def _assert_experts_exact(comp: Path, gg: Path, qtype: str) -> dict:
     hf = _hf(comp)
     fam = FAMILIES[hf["model_type"]]
     cfg = fam.config(hf)
-    shapes = expert_shapes(cfg)
+    shapes = fam.expert_shapes(cfg)
     ours = dict(qmoe.load(comp, fused=False).named_parameters())
     fields, tensors = _read(gg)
     n = 0
@@ -601,7 +601,7 @@ def test_gpt_oss_experts_are_llamacpps_split_gate_and_up_exactly(gpt_oss):
     cfg = FAMILIES["gpt_oss"].config(hf)
     model = qmoe.load(comp, fused=False)
     _, tensors = _read(gg)
-    shapes = expert_shapes(cfg)
+    shapes = FAMILIES["gpt_oss"].expert_shapes(cfg)
     for i in range(cfg.num_layers):
         experts = model.get_submodule(f"model.layers.{i}.mlp.experts")
         for kind in ("gate", "up", "down"):
