@@ -293,6 +293,7 @@ def load_compressed(path: Path, fused: bool = False):
         files = block_files(path, block_name)
         if not files:
             raise CheckpointError(path / "experts" / block_name, None, "expert files are missing")
+        seen: set[int] = set()
         modules: dict[int, dict] = {}  # fused: expert -> {kind: CompressedLinear}
         for f in files:
             g0, g1 = _group_range(f)
@@ -307,8 +308,8 @@ def load_compressed(path: Path, fused: bool = False):
                     modules.setdefault(int(j), {})[m] = w
                 else:
                     fam.set_expert(model, block_name, int(j), m, w)
-                modules.setdefault(int(j), {})
-        absent = [j for j in range(cfg.num_experts) if j not in modules]
+                seen.add(int(j))
+        absent = [j for j in range(cfg.num_experts) if j not in seen]
         if absent:
             raise CheckpointError(path / "experts" / block_name, f"expert_{absent[0]}", "expert is missing")
         if fused:

@@ -286,7 +286,7 @@ def _plot_plans(plans: dict[str, dict], title: str, path: Path) -> None:
 
 
 def _plot_bits(rows: list[dict], path: Path, order: list[str]) -> None:
-    """order: the blocks in walking order."""
+    """order: the units (blocks among them) in the order they run."""
     plt = _pyplot()
     blocks = sorted({r["block"] for r in rows}, key=order.index)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(blocks) + 2), 3.6))
@@ -348,8 +348,8 @@ def render(rep: dict, out: Path) -> Path:
           "| block | matrix | parameters | bytes | bits/param |", "|---|---|---|---|---|"]
     md += [f"| {r['block']} | {r['matrix']} | {r['params']:,} | {r['bytes']:,} | {r['bits_per_param']:.3f} |"
            for r in rep["matrices"]]
-    cfg, units = units_from_dir(Path(rep["model"]))
-    _plot_bits(rep["matrices"], out / "bits_per_param.png", family_named(cfg.family).sparse_blocks(cfg))
+    order = [u for slot in rep["devices"]["slots"] for u in slot["units"]]  # every unit, in the order they run
+    _plot_bits(rep["matrices"], out / "bits_per_param.png", order)
     plans = {f"devices {','.join(rep['devices']['names'])}": rep["devices"], **rep["targets"]}
     rt = rep["devices"].get("runtime", {})
     md += ["", "## Bytes per device", "", f"Dense weights in bf16 and expert files as stored; each dictionary's table "

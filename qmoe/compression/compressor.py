@@ -4,7 +4,6 @@ then runs the block walk (walk.py) on the executor it is given (in this process,
 writes summary.json and the complete manifest last."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

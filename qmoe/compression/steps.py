@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from qmoe import compressed as C
-from qmoe.checkpoint import CheckpointReader, fp8_block, read_hf_config, read_tensor, set_param
+from qmoe.checkpoint import CheckpointReader, read_hf_config, set_param
 from qmoe.compression.activations import ActivationStore
 from qmoe.compression.memory import GpuBusyMonitor, PeakMonitor, Plan
 from qmoe.compression.pipeline import CompressConfig, expert_seed, hessian_rows, quantize_experts
 from qmoe.models.family import SWIGLU_FORM, ExpertForm, Family
-from qmoe.models.registry import family_named
+from qmoe.models.registry import family_named, reading
 from qmoe.store import sha256_file
 
 
@@ -120,15 +120,12 @@ class Worker:
         """The checkpoint's reader and the model on the meta device (weights are loaded unit by unit)."""
         self.fam = self.job.family
         self.reader = CheckpointReader(self.job.model_dir)
-        self.available = set(self.reader.names())
-        self.fp8_block = fp8_block(read_hf_config(self.job.model_dir)[0])
+        # A parameter's tensor as the model uses it (published aliases followed, FP8 dequantized).
+        self._read_param = reading(self.fam, self.reader, read_hf_config(self.job.model_dir)[0])
         with torch.device("meta"):
             self.model = self.fam.model(self.job.mcfg)
 
     # ---- weights ----------------------------------------------------------------------------------------------
-    def _read_param(self, name: str) -> torch.Tensor:
-        """A model parameter's tensor as the model uses it (published aliases followed, FP8 dequantized)."""
-        return read_tensor(self.reader, self.fam.checkpoint_name(name, self.available), self.fp8_block)
 
     def _is_expert(self, name: str) -> bool:
         return self.fam.is_expert(name)

@@ -37,13 +37,6 @@ def tensor_bytes(module: nn.Module, seen: set | None = None, host_tables: bool =
     return total
 
 
-def unit_names(cfg: SwitchConfig) -> list[str]:
-    """The units' module names in execution order (also the report's plan from a config alone)."""
-    names = ["shared"] + [f"encoder.block.{i}" for i in range(cfg.num_layers)] + ["encoder.final_layer_norm"]
-    names += [f"decoder.block.{i}" for i in range(cfg.num_decoder_layers)] + ["decoder.final_layer_norm"]
-    return names + ([] if cfg.tie_word_embeddings else ["lm_head"])
-
-
 @dataclass(frozen=True)
 class Placement:
     devices: tuple[str, ...]  # the slots; a device may be listed twice
@@ -82,13 +75,13 @@ def check_device(name: str) -> torch.device:
 
 
 def plan(model: nn.Module, devices: list[str], names: list[str] | None = None) -> Placement:
-    """Split the units (`names`, in the order they run; default: a Switch model's) into len(devices) contiguous
-    runs of about equal bytes."""
+    """Split the units (`names`, in the order they run; default: the model's own `units()`) into len(devices)
+    contiguous runs of about equal bytes."""
     if not devices:
         raise ValueError("no devices given")
     for d in devices:
         check_device(d)
-    names = unit_names(model.cfg) if names is None else names
+    names = model.units() if names is None else names
     seen: set[int] = set()
     sizes = {n: tensor_bytes(model.get_submodule(n), seen) for n in names}
     slots = split_contiguous([sizes[n] for n in names], len(devices))

@@ -620,7 +620,7 @@ class SwitchFamily(Family):
         return {"encoder": samples.input_ids, "decoder": shift_right(samples.labels, cfg.decoder_start_token_id)}
 
     def hessian_ids(self, stack: str, ids: dict[str, torch.Tensor], decoder_mask, floor: int) -> torch.Tensor:
-        return hessian_mask_ids(ids, stack, getattr(decoder_mask, "value", decoder_mask), floor)
+        return hessian_mask_ids(ids, stack, decoder_mask, floor)
 
     def unit_params(self, cfg: SwitchConfig) -> dict[str, tuple[int, int]]:
         """{unit: (dense params, expert params)} from the shapes alone (checked against the model in the tests)."""
