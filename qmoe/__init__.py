@@ -8,7 +8,8 @@ def load(path, device="cpu", dtype=None, fused=True):
     experts run on the fused kernels unless `fused` is False; the kernels compute in float32, so with them `dtype`
     may be left unset or be float32; decoded experts (int2/int4, or fused=False) take any floating `dtype`.
     Decoder-only families: forward(input_ids [B, S]) -> logits [B, S, V]; Switch: forward(input_ids,
-    decoder_input_ids)."""
+    decoder_input_ids). Every model also has `generate(input_ids, steps)` (greedy, KV cache) and `place(...)`
+    (qmoe.inference.placement.place splits it over devices)."""
     import json
     from pathlib import Path
 

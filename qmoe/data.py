@@ -32,8 +32,8 @@ class Samples:
     def __len__(self):
         return self.input_ids.shape[0]
 
-    def slice(self, start: int, stop: int) -> "Samples":
-        return Samples(self.input_ids[start:stop], self.labels[start:stop])
+    def __getitem__(self, rows: slice) -> "Samples":
+        return Samples(self.input_ids[rows], self.labels[rows])
 
 
 def windows(ids: np.ndarray, raw_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,16 +122,18 @@ class DataSpec:
             raise ValueError(f"--calib {self.calib}: not a file")
 
 
-# The shipped models, qmoe/assets/<name>: the Switch default, the Qwen3-MoE default, and a Qwen3-MoE that llama.cpp's
-# qwen3moe computes (every layer MoE, expert rows whole 256-weight blocks: it exports to GGUF in every grid).
-EMBEDDED = ("default", "default-qwen3_moe", "llamacpp-qwen3_moe")
+def default_seq_len(hf: dict) -> int:
+    """The window length to validate a model on: a compressed directory's calibration length (its validation
+    loss is then the one compress reported), else compress's default."""
+    return hf.get("qmoe", {}).get("settings", {}).get("data_raw_length", DataConfig().raw_length)
 
 
 def resolve_model(model: str) -> Path:
-    """A name of EMBEDDED ('default': the embedded Switch model, 'default-qwen3_moe', 'llamacpp-qwen3_moe': the
-    embedded Qwen3-MoE models); anything else is a directory."""
-    if model in EMBEDDED:
-        return Path(str(resources.files("qmoe.assets").joinpath(model)))
+    """A shipped model's name (a directory of qmoe/assets: 'default', the Switch default; 'default-qwen3_moe';
+    'llamacpp-qwen3_moe', a Qwen3-MoE that llama.cpp's qwen3moe computes); anything else is a directory."""
+    shipped = resources.files("qmoe.assets").joinpath(model)
+    if "/" not in model and model and shipped.joinpath("config.json").is_file():
+        return Path(str(shipped))
     return Path(model)
 
 
@@ -145,12 +147,17 @@ def causal_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, 
 
     tok = load_causal_tokenizer(model_dir, hf)
     text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
-    pool, _ = windows(tok.encode(text), spec.data.raw_length)
-    idx = np.random.default_rng(spec.seed).choice(len(pool), size=spec.train_samples,
-                                                  replace=spec.train_samples > len(pool))
-    train = torch.from_numpy(pool[idx]).long()
-    val = validation_windows(tok, text, spec.val_samples, spec.data.raw_length, spec.seed).long()
-    return Samples(train[:, :-1], train[:, 1:]), Samples(val[:, :-1], val[:, 1:]), 1
+    pool, val_pool = windows(tok.encode(text), spec.data.raw_length)
+    return causal_windows(pool, spec.train_samples, spec.seed), causal_windows(val_pool, spec.val_samples,
+                                                                               spec.seed + 1), 1
+
+
+def causal_windows(pool: np.ndarray, n: int, seed: int) -> Samples:
+    """n windows of a pool [W, L] chosen with `seed`, as next-token samples: inputs their first L - 1 tokens,
+    labels their last L - 1."""
+    idx = np.random.default_rng(seed).choice(len(pool), size=n, replace=n > len(pool))
+    w = torch.from_numpy(pool[idx]).long()
+    return Samples(w[:, :-1], w[:, 1:])
 
 
 def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:

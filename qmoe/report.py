@@ -26,7 +26,7 @@ from pathlib import Path
 
 from qmoe.checkpoint import CheckpointError
 from qmoe.compressed import DENSE_FILE, block_files, read_manifest
-from qmoe.inference.runner import split_contiguous
+from qmoe.inference.placement import split_contiguous
 from qmoe.models.registry import family_named, family_of
 from qmoe.store import atomic_write_text
 

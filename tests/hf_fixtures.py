@@ -73,3 +73,16 @@ def save_checkpoint(model, out: Path, layout: str) -> Path:
     else:
         raise ValueError(layout)
     return out
+
+
+def next_token_loss(model, ids, batch: int) -> float:
+    """qmoe's validation loss over windows ids [N, S] (each predicting its next tokens); model: a qmoe model or a
+    function ids -> logits (a transformers model's)."""
+    import types
+
+    from qmoe.data import Samples
+    from qmoe.inference.evaluate import validation_loss
+
+    if not hasattr(model, "teacher_forced"):
+        model = types.SimpleNamespace(teacher_forced=lambda s, fn=model: fn(s.input_ids))
+    return validation_loss(model, Samples(ids[:, :-1], ids[:, 1:]), batch)

@@ -22,7 +22,7 @@ from qmoe.data import DataConfig  # noqa: E402
 from qmoe.export import ExportError, export  # noqa: E402
 from qmoe.data import validation_windows  # noqa: E402
 from qmoe.models.registry import FAMILIES  # noqa: E402
-from qmoe.models.run import next_token_loss  # noqa: E402
+from hf_fixtures import next_token_loss  # noqa: E402
 from qmoe.packed import unpack  # noqa: E402
 from qmoe.compression.pipeline import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
@@ -211,8 +211,8 @@ def test_transformers_loads_the_export_with_qmoes_loss(dirs, case):
     ours, ids = qmoe.load(comp, fused=False), _val_ids()
     with torch.no_grad():  # the tiny random models' losses all sit near ln(300): the logits say more
         assert torch.allclose(model.eval()(ids).logits.float(), ours(ids), atol=1e-2)
-    theirs = next_token_loss(lambda x: model(x).logits, ids, 4, "cpu")
-    assert theirs == pytest.approx(next_token_loss(ours, ids, 4, "cpu"), rel=1e-4)
+    theirs = next_token_loss(lambda x: model(x).logits, ids, 4)
+    assert theirs == pytest.approx(next_token_loss(ours, ids, 4), rel=1e-4)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -246,8 +246,8 @@ def test_transformers_runs_the_libraries_decompressed_experts_with_qmoes_loss(di
     ours, ids = qmoe.load(comp, fused=False), _val_ids()
     with torch.no_grad():  # the tiny random models' losses all sit near ln(300): the logits say more
         assert (model.eval()(ids).logits - ours(ids)).abs().max() <= 1e-5
-    theirs = next_token_loss(lambda x: model(x).logits, ids, 4, "cpu")
-    assert theirs == pytest.approx(next_token_loss(ours, ids, 4, "cpu"), rel=1e-4)
+    theirs = next_token_loss(lambda x: model(x).logits, ids, 4)
+    assert theirs == pytest.approx(next_token_loss(ours, ids, 4), rel=1e-4)
 
 
 def test_the_export_is_sharded_with_an_index_past_the_shard_size(dirs):

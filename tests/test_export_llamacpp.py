@@ -124,7 +124,6 @@ def test_llamacpp_generates_qmoes_text_from_the_embedded_model(tmp_path, scheme,
 
     import qmoe
     from qmoe.data import resolve_model
-    from qmoe.models.base import generate
     from qmoe.tokenizer import ByteTokenizer
 
     comp, gg = tmp_path / "comp", tmp_path / "gguf"
@@ -137,7 +136,7 @@ def test_llamacpp_generates_qmoes_text_from_the_embedded_model(tmp_path, scheme,
     for prompt in ("def ", "    return self.", "The module "):
         ids = tok.encode(prompt).tolist()
         with torch.no_grad():
-            want = generate(ours, torch.tensor([ids]), 24)[0].tolist()
+            want = ours.generate(torch.tensor([ids]), 24)[0].tolist()
         llm.reset()
         got = [t for t, _ in zip(llm.generate(ids, temp=0.0, top_k=1, reset=True), range(24))]
         if got != want:

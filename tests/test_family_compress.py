@@ -18,7 +18,7 @@ from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, DataSpec, resolve_model
 from qmoe.data import validation_windows
 from qmoe.models.registry import load as load_original
-from qmoe.models.run import next_token_loss
+from hf_fixtures import next_token_loss
 from qmoe.compression.pipeline import CompressConfig
 from qmoe.quant import Method, Scheme
 from qmoe.tokenizer import ByteTokenizer
@@ -81,13 +81,13 @@ def test_a_family_compresses_and_runs_with_the_walks_losses(models, name, scheme
     s = compress_model(src, out, CompressConfig(scheme=scheme, method=method), SPEC, progress=_quiet)
     ids = _val_ids()
     original = load_original(src, dtype=torch.bfloat16).float()
-    assert next_token_loss(original, ids, 4, "cpu") == pytest.approx(s["val_loss_before"], rel=1e-5)
+    assert next_token_loss(original, ids, 4) == pytest.approx(s["val_loss_before"], rel=1e-5)
     decoded = qmoe.load(out, fused=False)
-    assert next_token_loss(decoded, ids, 4, "cpu") == pytest.approx(s["val_loss_after"], rel=1e-5)
+    assert next_token_loss(decoded, ids, 4) == pytest.approx(s["val_loss_after"], rel=1e-5)
     if scheme is Scheme.TERNARY:  # CompressedLinear experts (gpt-oss: its layers' experts split per matrix)
         fused = qmoe.load(out)
         assert any(type(m).__name__ == "CompressedLinear" for m in fused.modules())
-        assert next_token_loss(fused, ids, 4, "cpu") == pytest.approx(s["val_loss_after"], rel=1e-5)
+        assert next_token_loss(fused, ids, 4) == pytest.approx(s["val_loss_after"], rel=1e-5)
     assert s["val_loss_after"] != s["val_loss_before"]
     params = dict(decoded.named_parameters())
     cfg = decoded.cfg
@@ -262,28 +262,30 @@ def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_
     assert (a["val_loss_before"], a["val_loss_after"]) == (b["val_loss_before"], b["val_loss_after"])
 
 
-def test_the_training_loops_run_and_write_loadable_checkpoints(tmp_path):
-    """Both training scripts (the Switch default's and the Qwen3-MoE default's), a few steps each on tiny shapes:
-    a curve with the best step, and a checkpoint that loads (both through qmoe.load
-    with the recorded bf16 loss)."""
-    from qmoe.models.registry import load as load_model
-    from qmoe.models.switch import PRESETS
-    from qmoe.models.train import QWEN3_MOE_DEFAULT, train_causal
-    from qmoe.train import train
+@pytest.mark.parametrize("name,changes", [
+    ("switch", dict(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_experts=4, num_layers=2, num_decoder_layers=2)),
+    ("qwen3_moe", dict(hidden_size=32, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+                       num_hidden_layers=2, num_experts=4))])
+def test_the_trainer_runs_any_family_and_writes_a_loadable_checkpoint(name, changes, tmp_path):
+    """One training loop, a few steps on tiny shapes of each family's default: a curve with the best step, a
+    report, and a checkpoint qmoe.load reads with the recorded bf16 loss on the same held-out samples."""
+    from qmoe.data import DataConfig, windows
+    from qmoe.inference.evaluate import validation_loss
+    from qmoe.models.registry import family_named
+    from qmoe.train import VAL_SEED, train
 
-    r = train(tmp_path / "switch", PRESETS["tiny"], minutes=0.01, batch=2, lr=1e-3, seed=0, probe_steps=2,
-              eval_every=2, val_samples=4)
+    fam = family_named(name)
+    hf = fam.train_default | changes
+    r = train(tmp_path / name, hf, minutes=0.01, batch=2, lr=1e-3, seed=0, probe_steps=2, eval_every=2,
+              val_samples=2, seq_len=32)
     assert r["steps"] >= 3 and r["curve"] and r["best_step"] in [c["step"] for c in r["curve"]]
-    load_model(tmp_path / "switch")
-    hf = QWEN3_MOE_DEFAULT | dict(hidden_size=32, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
-                                  num_hidden_layers=2, num_experts=4)
-    r = train_causal(tmp_path / "qwen", hf, minutes=0.01, batch=2, lr=1e-3, seed=0, probe_steps=2, eval_every=2,
-                     val_samples=2, seq_len=32)
-    assert r["steps"] >= 3 and r["curve"][0]["val_loss"] > r["val_loss_fp32_best"] - 1e-4
-    report = (tmp_path / "qwen" / "TRAINING.md").read_text()
-    assert report.startswith("# The embedded qwen model (qwen3_moe)") and "2 layers (layers [0] dense)" in report
-    ids = validation_windows(ByteTokenizer(), load_default_corpus(), 2, 32, 12345)
-    assert next_token_loss(qmoe.load(tmp_path / "qwen"), ids, 2, "cpu") == pytest.approx(r["val_loss_bf16"], abs=1e-4)
+    assert r["val_loss_fp32"] == min(c["val_loss"] for c in r["curve"])
+    report = (tmp_path / name / "TRAINING.md").read_text()
+    assert report.startswith(f"# The embedded {name} model ({name})") and fam.objective in report
+    tok = ByteTokenizer()
+    _, val_pool = windows(tok.encode(load_default_corpus()), 32)
+    val = fam.make_samples(val_pool, 2, tok, VAL_SEED, DataConfig(raw_length=32))
+    assert validation_loss(qmoe.load(tmp_path / name), val) == pytest.approx(r["val_loss_bf16"], abs=1e-4)
 
 
 def test_a_compressed_family_split_over_devices_gives_the_loss_of_one(models, tmp_path, capsys):

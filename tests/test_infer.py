@@ -1,5 +1,5 @@
-"""The inference runner: placement across devices, the KV-cache generation, the simulated-uncompressed baseline,
-and the infer CLI, on a tiny compressed model."""
+"""Running a model: placement across devices, the KV-cache generation, the simulated-uncompressed baseline, and
+the infer CLI, on a tiny compressed Switch model (the decoder-only families' runs: test_family_compress.py)."""
 import json
 
 import pytest
@@ -9,7 +9,9 @@ from qmoe import infer as infer_cli
 from qmoe.compressed import load_compressed
 from qmoe.compression.compressor import CompressConfig, compress_model
 from qmoe.data import DataSpec, load_samples
-from qmoe.inference.runner import Runner, plan, simulate_uncompressed
+from qmoe.inference.baseline import simulate_uncompressed
+from qmoe.inference.evaluate import validation_loss
+from qmoe.inference.placement import place, plan
 from qmoe.models.switch import shift_right, unit_names
 from qmoe.kernels.module import CompressedLinear
 
@@ -45,14 +47,15 @@ def test_two_slots_give_the_same_logits_and_split_by_bytes(compressed):
     model, cfg, _ = load_compressed(out, fused=True)
     s = _val(out)
     dec = shift_right(s.labels, cfg.decoder_start_token_id)
-    one = Runner(model, ["cpu"])(s.input_ids, dec)
-    r2 = Runner(model, ["cpu", "cpu"])
-    torch.testing.assert_close(r2(s.input_ids, dec), one, rtol=0, atol=0)
-    slots = [r2.placement.slot_of[u] for u in unit_names(model.cfg)]
+    with torch.no_grad():
+        one = model(s.input_ids, dec)
+        p = place(model, ["cpu", "cpu"])
+        torch.testing.assert_close(model(s.input_ids, dec), one, rtol=0, atol=0)
+    slots = [p.slot_of[u] for u in unit_names(model.cfg)]
     assert slots == sorted(slots) and set(slots) == {0, 1}  # contiguous, both used
-    per = r2.placement.bytes_per_slot()
-    assert sum(per) == sum(r2.placement.bytes_of.values())
-    biggest = max(r2.placement.bytes_of.values())
+    per = p.bytes_per_slot()
+    assert sum(per) == sum(p.bytes_of.values())
+    biggest = max(p.bytes_of.values())
     assert abs(per[0] - per[1]) <= biggest  # balanced to within one unit
 
 
@@ -67,14 +70,15 @@ def test_split_over_slots_gives_the_loss_of_one_device(compressed, devices):
     validation loss of the first device alone. Same device: equal up to the fused kernel's atomic adds (float
     order). A GPU and the CPU: the CPU computes experts in float32 where a GPU multiplies wide batches from bf16
     inputs (decode + cuBLAS), so up to 1e-3."""
-    from qmoe.inference.evaluate import validation_loss
-
     out, _ = compressed
     s = _val(out)
-    one = validation_loss(Runner(load_compressed(out, fused=True)[0], devices[:1]), s, batch_size=4)
-    runner = Runner(load_compressed(out, fused=True)[0], devices)
-    assert len({runner.placement.slot_of[u] for u in unit_names(runner.cfg)}) == len(devices)  # every slot used
-    split = validation_loss(runner, s, batch_size=4)
+    model = load_compressed(out, fused=True)[0]
+    place(model, devices[:1])
+    one = validation_loss(model, s, batch_size=4)
+    model = load_compressed(out, fused=True)[0]
+    p = place(model, devices)
+    assert len({p.slot_of[u] for u in unit_names(model.cfg)}) == len(devices)  # every slot used
+    split = validation_loss(model, s, batch_size=4)
     tol = 1e-3 if len(set(devices)) > 1 else 1e-6
     assert abs(split - one) <= tol * abs(one), (split, one)
 
@@ -93,12 +97,13 @@ def test_placement_counts_shared_storage_once(compressed):
 def test_generation_with_kv_cache_equals_recomputing_the_prefix(compressed):
     out, _ = compressed
     model, cfg, _ = load_compressed(out, fused=True)
-    runner = Runner(model, ["cpu", "cpu"])
+    place(model, ["cpu", "cpu"])
     ids = _val(out).input_ids[:3]
-    got = runner.generate(ids, 6)
+    got = model.generate(ids, 6)
     dec = torch.full((3, 1), cfg.decoder_start_token_id)
-    for _ in range(6):  # no cache: the whole prefix through the decoder each step
-        dec = torch.cat([dec, runner(ids, dec)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    with torch.no_grad():
+        for _ in range(6):  # no cache: the whole prefix through the decoder each step
+            dec = torch.cat([dec, model(ids, dec)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert got.shape == (3, 6)
     assert torch.equal(got, dec[:, 1:])
 

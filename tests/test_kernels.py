@@ -154,7 +154,7 @@ def test_wide_matrices_take_the_record_kernels(monkeypatch):
 def test_memory_counts_the_cpu_tables_once_a_dictionary():
     """tensor_bytes(host_tables=True) adds each dictionary's list tables (records.Lists) once for matrices on the
     CPU, and nothing without host_tables or off the CPU."""
-    from qmoe.inference.runner import tensor_bytes
+    from qmoe.inference.placement import tensor_bytes
 
     d1 = tunstall(normalize_probs(np.array([0.85, 0.09, 0.06])))
     d2 = tunstall(normalize_probs(np.array([0.8, 0.1, 0.1])))

@@ -61,7 +61,7 @@ def build(work: Path, blocks: int, experts: int, device: str, train_samples: int
 def _decode_to_bf16(model) -> None:
     """Every CompressedLinear replaced, in place, by a BF16Linear of its decoded weights (on its own device)."""
     from qmoe.kernels.module import CompressedLinear
-    from qmoe.inference.runner import BF16Linear
+    from qmoe.inference.baseline import BF16Linear
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, CompressedLinear):
@@ -102,7 +102,8 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
     from qmoe.compressed import load_compressed
     from qmoe.data import DataSpec, load_samples
     from qmoe.inference.evaluate import validation_loss
-    from qmoe.inference.runner import Runner, simulate_uncompressed, tensor_bytes
+    from qmoe.inference.baseline import simulate_uncompressed
+    from qmoe.inference.placement import place, tensor_bytes
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device here")
@@ -115,7 +116,8 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
     models = {k: load_compressed(path, fused=True)[0] for k in ("fused", "simulated uncompressed", "decoded bf16")}
     simulate_uncompressed(models["simulated uncompressed"])
     add_bf16_copy(models, path, device)  # on the CPU: the kernels summing x in bf16
-    runners = {k: Runner(m, [dev]) for k, m in models.items()}
+    for m in models.values():
+        place(m, [dev])
     _decode_to_bf16(models["decoded bf16"])
     held = {k: tensor_bytes(m) for k, m in models.items()}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -144,7 +146,7 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
         atomic_write_json(partial, result | {"partial": True})
     for task, (ntok, fn) in work_items.items():
         before = _path_calls(models["fused"])
-        secs = _timed({k: (lambda r=r: fn(r)) for k, r in runners.items()}, repeats, sync)
+        secs = _timed({k: (lambda r=r: fn(r)) for k, r in models.items()}, repeats, sync)
         after = _path_calls(models["fused"])
         row = {"task": task, "model": shape, "tokens": ntok,
                **{f"{k} tokens/s": round(ntok / v, 1) for k, v in secs.items()},
@@ -158,7 +160,7 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
         print(row, flush=True)
         if partial:
             atomic_write_json(partial, result | {"partial": True})
-    result["val_loss"] = {k: validation_loss(r, val, batch_size=32) for k, r in runners.items()
+    result["val_loss"] = {k: validation_loss(r, val, batch_size=32) for k, r in models.items()
                           if k != "simulated uncompressed"}
     if made and not keep:
         shutil.rmtree(path)

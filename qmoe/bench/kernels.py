@@ -12,7 +12,6 @@ decoded to dense fp32. With `--device cuda` the kernel rows are cuda_kernel_rows
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ from qmoe.kernels.cpu import BF16_FROM, decode_gemm, record_gemm
 from qmoe.kernels.module import CompressedLinear
 from qmoe.kernels.records import records
 from qmoe.bench.codec import C2048_SHAPES, iid_matrices, ternary_model
-from qmoe.inference.overhead import end_to_end_rows, family_end_to_end_rows, medians as _medians
+from qmoe.inference.overhead import end_to_end_rows, medians as _medians
 
 BATCHES = (1, 4, 16, 32, 64, 128, 256)
 
@@ -160,10 +159,7 @@ def run(experts_dir: Path | None, repeats: int, device: str = "cpu", end_to_end:
 
 
 def _end_to_end(path: Path, repeats: int, device: str = "cpu") -> list[dict]:
-    """The end-to-end rows of a Switch directory, or of a decoder-only family's (its config's model_type)."""
-    kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    rows = end_to_end_rows if kind in (None, "switch_transformers") else family_end_to_end_rows
-    return rows(path, repeats, device=device, bf16=device == "cpu")
+    return end_to_end_rows(path, repeats, device=device, bf16=device == "cpu")
 
 
 def _kernel_line(r: dict) -> str:

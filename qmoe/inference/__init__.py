@@ -1,2 +1,2 @@
-"""Inference: the Switch runner over devices (placement by bytes, KV-cache generation, the simulated-uncompressed
-baseline), the validation loss, and the overhead measurement the report takes. Imports no GPTQ and no command."""
+"""Running any family's model: placement over devices by bytes, the validation loss, QMoE's simulated-
+uncompressed baseline, and the overhead measurement the report takes. Imports no GPTQ and no command."""

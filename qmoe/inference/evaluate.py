@@ -1,4 +1,5 @@
-"""Validation loss: mean cross-entropy (nats) of the decoder over every span-corruption target token."""
+"""Validation loss: mean cross-entropy (nats) of every label of a family's samples (Switch: the decoder's
+span-corruption targets; decoder-only families: each window's next tokens), teacher-forced."""
 from __future__ import annotations
 
 import math
@@ -7,19 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from qmoe.data import Samples
-from qmoe.models.switch import SwitchModel, shift_right
 
 
 @torch.no_grad()
-def validation_loss(model: SwitchModel, samples: Samples, batch_size: int = 32) -> float:
+def validation_loss(model, samples: Samples, batch_size: int = 32) -> float:
+    """model: a FamilyModel (or anything with `teacher_forced(samples) -> logits`), placed or not."""
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
-        s = samples.slice(start, start + batch_size)
-        logits = model(s.input_ids, shift_right(s.labels, model.cfg.decoder_start_token_id))
-        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), s.labels.reshape(-1),
+        s = samples[start:start + batch_size]
+        logits = model.teacher_forced(s).float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), s.labels.to(logits.device).reshape(-1),
                                  reduction="sum").item()
         count += s.labels.numel()
-    return total / count
+    return total / max(1, count)
 
 
 def unigram_loss(train: Samples, val: Samples, vocab_size: int) -> float:

@@ -1,13 +1,20 @@
 """The inference overhead measurement (the report's table, and `qmoe.bench kernels`' end-to-end rows): a compressed
-directory (Switch's, or a decoder-only family's) run on its fused kernels, as QMoE's simulated-uncompressed
+directory of any family run on its fused kernels, as QMoE's simulated-uncompressed
 baseline (one shared dense bf16 expert a block or layer) and decoded to float32, side by side in one process,
 tokens/s for teacher-forced evaluation and greedy generation, and the bytes each holds."""
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
+
+from qmoe.checkpoint import read_hf_config
+from qmoe.compressed import load_compressed
+from qmoe.data import DataConfig, DataSpec, default_seq_len
+from qmoe.inference.baseline import simulate_uncompressed
+from qmoe.inference.evaluate import validation_loss
+from qmoe.inference.placement import place, tensor_bytes
+from qmoe.models.registry import family_named
 
 
 def medians(fns: dict, repeats: int) -> dict[str, float]:
@@ -43,7 +50,6 @@ BF16_COPY = "fused, x in bf16"  # the fused model with CompressedLinear.bf16_act
 
 def add_bf16_copy(models: dict, path: Path, device: str) -> None:
     """Adds the fused model again with its CPU kernels summing x in bf16 (`bf16` of the benchmark's end to end)."""
-    from qmoe.compressed import load_compressed
     from qmoe.kernels.module import use_bf16_activations
 
     if str(device).startswith("cpu"):
@@ -53,64 +59,29 @@ def add_bf16_copy(models: dict, path: Path, device: str) -> None:
 
 
 def _held(models: dict) -> dict:
-    from qmoe.inference.runner import tensor_bytes
-
     return {"task": "bytes held", **{f"{k} bytes": tensor_bytes(m, host_tables=True) for k, m in models.items()}}
-
-
-def family_end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
-                           device: str = "cpu", bf16: bool = False) -> list[dict]:
-    """The same three models of a decoder-only family's compressed directory: next-token evaluation of validation
-    windows (the calibration length, batch 32) and greedy generation at batch 1 and 8."""
-    from qmoe.compressed import load_compressed
-    from qmoe.models.base import generate
-    from qmoe.data import validation_windows
-    from qmoe.models.run import next_token_loss, simulate_uncompressed
-    from qmoe.corpus import load_default_corpus
-    from qmoe.tokenizer import load_causal_tokenizer
-
-    path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
-    models = {"fused": load_compressed(path, fused=True)[0].to(device),
-              "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]).to(device),
-              "decoded fp32": load_compressed(path)[0].to(device)}
-    if bf16:
-        add_bf16_copy(models, path, device)
-    seq = hf["qmoe"]["settings"].get("data_raw_length", 256)
-    ids = validation_windows(load_causal_tokenizer(path, hf), load_default_corpus(), val_samples, seq, 0)
-    work = {"eval (teacher-forced, batch 32)": (ids[:, 1:].numel(), lambda m: next_token_loss(m, ids, 32, device))}
-    for b in (1, 8):
-        prompt = ids[:b, :32].to(device)
-        work[f"generate {gen_tokens} tokens, batch {b}"] = (b * gen_tokens,
-                                                            lambda m, p=prompt: generate(m, p, gen_tokens))
-    return _rows(work, models, repeats) + [_held(models)]
 
 
 def end_to_end_rows(path: Path, repeats: int, val_samples: int = 64, gen_tokens: int = 16,
                     device: str = "cpu", bf16: bool = False) -> list[dict]:
-    """The three models of a compressed directory (any family): teacher-forced evaluation of validation samples
-    (batch 32) and greedy generation at batch 1 and 8."""
-    from qmoe.models.registry import family_of_dir
-
-    if family_of_dir(path).decoder_only:
-        return family_end_to_end_rows(path, repeats, val_samples, gen_tokens, device, bf16)
-    from qmoe.compressed import load_compressed
-    from qmoe.data import DataSpec, load_samples
-    from qmoe.inference.evaluate import validation_loss
-    from qmoe.inference.runner import Runner, simulate_uncompressed
-
+    """The three models of a compressed directory (any family): teacher-forced evaluation of its validation
+    samples (the calibration length, batch 32) and greedy generation at batch 1 and 8 after the first 32 tokens
+    of a sample's input."""
     path = Path(path)
+    hf, _ = read_hf_config(path)
     models = {"fused": load_compressed(path, fused=True)[0],
               "simulated uncompressed (bf16)": simulate_uncompressed(load_compressed(path, fused=True)[0]),
               "decoded fp32": load_compressed(path)[0]}
     if bf16:
         add_bf16_copy(models, path, device)
-    hf = json.loads((path / "config.json").read_text())
-    _, val, _ = load_samples(path, hf, DataSpec(train_samples=1, val_samples=val_samples))  # validation only
-    runners = {k: Runner(m, [device]) for k, m in models.items()}
-    eval_tokens = val.labels.numel() + val.input_ids.numel()
-    work = {"eval (teacher-forced, batch 32)": (eval_tokens, lambda r: validation_loss(r, val, batch_size=32))}
+    for m in models.values():
+        place(m, [device])
+    fam = family_named(models["fused"].cfg.family)
+    spec = DataSpec(train_samples=0, val_samples=val_samples, data=DataConfig(raw_length=default_seq_len(hf)))
+    _, val, _ = fam.samples(path, hf, spec)
+    eval_tokens = val.labels.numel() + (0 if fam.decoder_only else val.input_ids.numel())
+    work = {"eval (teacher-forced, batch 32)": (eval_tokens, lambda m: validation_loss(m, val, batch_size=32))}
     for b in (1, 8):
         work[f"generate {gen_tokens} tokens, batch {b}"] = (
-            b * gen_tokens, lambda r, b=b: r.generate(val.input_ids[:b], gen_tokens))
-    return _rows(work, runners, repeats) + [_held(models)]
+            b * gen_tokens, lambda m, p=val.input_ids[:b, :32]: m.generate(p, gen_tokens))
+    return _rows(work, models, repeats) + [_held(models)]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qmoe.models.family import Family
+from qmoe.models.family import Family, FamilyModel
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,8 @@ class CausalFamily(Family):
     moe_module: Callable | None = None  # (MoEConfig, CausalFamily) -> the MoE module (default: MoE)
     ignore: Callable[[str, dict], bool] | None = None  # (tensor name, config.json) -> a stored tensor not read
     unquantized: str | None = "routed experts; shared experts, dense-layer MLPs and the rest kept in bf16"
+    train_default: dict | None = None
+    objective: str = "next-token loss"
 
     def config(self, hf: dict, reader=None, names=None) -> MoEConfig:
         return self.config_of(hf)
@@ -134,6 +136,44 @@ class CausalFamily(Family):
         from qmoe.data import causal_samples
 
         return causal_samples(model_dir, hf, spec)
+
+    def tokenizer(self, model_dir, hf: dict):
+        from qmoe.tokenizer import load_causal_tokenizer
+
+        return load_causal_tokenizer(model_dir, hf)
+
+    def make_samples(self, pool, n: int, tokenizer, seed: int, data):
+        from qmoe.data import causal_windows
+
+        return causal_windows(pool, n, seed)
+
+    def init_weights(self, model: "MoECausalLM", seed: int) -> None:
+        """Normal(0, 0.02) for matrices and embeddings (as transformers initializes these families), norms at 1."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+    def training_forward(self, model: "MoECausalLM", samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """The load-balancing loss averaged over the MoE layers: E * sum_e f_e * P_e, f_e the share of the k
+        choices that went to e, P_e the mean router probability of e (Switch's, over the k chosen experts)."""
+        c = model.cfg
+        x = model.model.embed_tokens(samples.input_ids)
+        balance = []
+        for layer in model.model.layers:
+            x = x + layer.self_attn(layer.input_layernorm(x))
+            z = layer.post_attention_layernorm(x)
+            ffn = getattr(layer, layer.ffn_name)
+            if hasattr(ffn, "router_name"):
+                probs = torch.softmax(getattr(ffn, ffn.router_name)(z.reshape(-1, c.hidden_size)).float(), -1)
+                chosen = torch.zeros_like(probs).scatter_(1, probs.topk(c.top_k, -1).indices, 1.0)
+                balance.append(c.num_experts * (chosen.mean(0) / c.top_k * probs.mean(0)).sum())
+            x = x + ffn(z)
+        logits = model.head(x)
+        return logits, torch.stack(balance).mean() if balance else logits.new_zeros(())
 
     def stream_ids(self, samples, cfg: MoEConfig) -> dict[str, torch.Tensor]:
         return {"model": samples.input_ids}
@@ -311,9 +351,10 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_eps)
 
 
-class MoECausalLM(nn.Module):
+class MoECausalLM(FamilyModel):
     """forward(input_ids [B, S]) -> logits [B, S, V]; with `caches` (one dict a layer, from new_caches), the ids
-    are positions start .. start + S - 1 after those the caches hold."""
+    are positions start .. start + S - 1 after those the caches hold. Placed (FamilyModel.place), the forward
+    carries the hidden states across devices; a tied head runs on the embedding's device."""
 
     def __init__(self, c: MoEConfig, fam: CausalFamily):
         super().__init__()
@@ -321,23 +362,11 @@ class MoECausalLM(nn.Module):
         self.model = Backbone(c, fam)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.unit_device: dict[str, torch.device] | None = None  # set by place(): the device each unit runs on
 
     def units(self) -> list[str]:
         """The modules run in order, each whole on one device: embedding, layers, final norm, head."""
         return (["model.embed_tokens"] + [f"model.layers.{i}" for i in range(len(self.model.layers))]
                 + ["model.norm"] + ([] if self.cfg.tie_word_embeddings else ["lm_head"]))
-
-    def place(self, unit_device: dict[str, torch.device]) -> "MoECausalLM":
-        """Move each unit to its device; forward then carries the hidden states across (a tied head runs on the
-        embedding's device)."""
-        for name, dev in unit_device.items():
-            self.get_submodule(name).to(dev)
-        self.unit_device = dict(unit_device)
-        return self
-
-    def _on(self, x: torch.Tensor, unit: str) -> torch.Tensor:
-        return x if self.unit_device is None else x.to(self.unit_device[unit])
 
     # ---- the walk's steps (qmoe/compression/steps.py): x [n, S, D] --------------------------------------------
     def embed_unit(self, stack: str) -> str:
@@ -373,13 +402,37 @@ class MoECausalLM(nn.Module):
         return [{} for _ in self.model.layers]
 
     def forward(self, input_ids: torch.Tensor, caches: list[dict] | None = None, start: int = 0) -> torch.Tensor:
-        x = self.model.embed_tokens(self._on(input_ids, "model.embed_tokens"))
+        x = self.model.embed_tokens(self.on(input_ids, "model.embed_tokens"))
         for i, layer in enumerate(self.model.layers):
-            x = layer(self._on(x, f"model.layers.{i}"), caches[i] if caches is not None else None, start)
-        x = self.model.norm(self._on(x, "model.norm"))
+            x = layer(self.on(x, f"model.layers.{i}"), caches[i] if caches is not None else None, start)
+        x = self.model.norm(self.on(x, "model.norm"))
         tied = self.cfg.tie_word_embeddings
         head = self.model.embed_tokens.weight if tied else self.lm_head.weight
-        return F.linear(self._on(x, "model.embed_tokens" if tied else "lm_head"), head)
+        return F.linear(self.on(x, "model.embed_tokens" if tied else "lm_head"), head)
+
+    def teacher_forced(self, samples) -> torch.Tensor:
+        return self(samples.input_ids)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+        caches = self.new_caches()
+        logits = self(input_ids, caches)
+        out = [logits[:, -1].argmax(-1, keepdim=True)]
+        for t in range(1, steps):
+            logits = self(out[-1], caches, input_ids.shape[1] + t - 1)
+            out.append(logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(out, 1)[:, :steps].cpu()
+
+    def expert_sets(self):
+        for layer in self.model.layers:
+            moe = getattr(layer, layer.ffn_name)
+            if not hasattr(moe, "router_name"):
+                continue
+            experts = getattr(moe.experts, "matrices", moe.experts)  # a compressed gpt-oss layer: one dict an expert
+            if not isinstance(experts, nn.ModuleList):
+                raise ValueError(f"{self.family.name}'s experts as published are fused into one tensor a layer: "
+                                 "no expert modules to share")
+            yield experts
 
 
 def rope_of(hf: dict, dim: int) -> Rope:
@@ -414,15 +467,3 @@ def common(hf: dict, family: str) -> dict:
                 rope=rope_of(hf, head_dim), rms_eps=hf.get("rms_norm_eps", 1e-6),
                 num_experts=hf.get("num_local_experts") or hf.get("n_routed_experts") or hf["num_experts"],
                 top_k=hf["num_experts_per_tok"], tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
-
-
-@torch.no_grad()
-def generate(model: MoECausalLM, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding of `steps` tokens after input_ids [B, S] with a KV cache: [B, steps]."""
-    caches = model.new_caches()
-    logits = model(input_ids, caches)
-    out = [logits[:, -1].argmax(-1, keepdim=True)]
-    for t in range(1, steps):
-        logits = model(out[-1], caches, input_ids.shape[1] + t - 1)
-        out.append(logits[:, -1].argmax(-1, keepdim=True))
-    return torch.cat(out, 1)[:, :steps]

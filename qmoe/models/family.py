@@ -187,6 +187,10 @@ class Family:
         Hessian)."""
         raise NotImplementedError
 
+    def tokenizer(self, model_dir, hf: dict):
+        """The tokenizer the model reads and writes text with (`encode(text)`, `decode(ids)`)."""
+        raise NotImplementedError
+
     def stream_ids(self, samples) -> dict[str, torch.Tensor]:
         """What each stack takes as input ids, [N, S] each, by stack name."""
         raise NotImplementedError
@@ -195,6 +199,21 @@ class Family:
         """Per position [n, S] of a chunk (ids: stream_ids' and "labels"), the id that decides whether the
         position may feed a Hessian: ids >= floor never do."""
         return torch.zeros_like(ids["labels"])
+
+    # ---- training (qmoe.train) -------------------------------------------------------------------------------
+    train_default: dict | None = None  # config.json of the shipped default model (None: not trained here)
+    objective: str = ""  # how its samples are made, for TRAINING.md
+
+    def make_samples(self, pool, n: int, tokenizer, seed: int, data):
+        """n samples (inputs, labels) from a pool of token windows [W, raw_length], chosen with `seed`."""
+        raise NotImplementedError
+
+    def init_weights(self, model: nn.Module, seed: int) -> None:
+        raise NotImplementedError
+
+    def training_forward(self, model: nn.Module, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, S, V] of the labels, the load-balancing loss) in training mode."""
+        raise NotImplementedError
 
     # ---- the compressed format -------------------------------------------------------------------------------
     def set_expert(self, model: nn.Module, block: str, j: int, kind: str, w: torch.Tensor) -> None:
@@ -223,3 +242,51 @@ class Family:
         hidden states (residual, a norm's output, an attention output, the widest MLP hidden layer)."""
         raise NotImplementedError
 
+
+
+class FamilyModel(nn.Module):
+    """What every family's model offers the runner, besides the walk's steps: its units (the modules run in
+    order, each whole on one device), placement over devices, the logits of a batch of samples (teacher-forced),
+    greedy generation with a KV cache, and its routed experts grouped by block (`expert_sets`)."""
+    cfg: object
+
+    def __init__(self):
+        super().__init__()
+        self.unit_device: dict[str, torch.device] | None = None  # set by place(): the device each unit runs on
+
+    def units(self) -> list[str]:
+        raise NotImplementedError
+
+    def place(self, unit_device: dict[str, torch.device]) -> "FamilyModel":
+        """Move each unit to its device; the forward then carries the hidden states across."""
+        for name, dev in unit_device.items():
+            self.get_submodule(name).to(dev)
+        self.unit_device = dict(unit_device)
+        return self
+
+    def device_of(self, unit: str) -> torch.device:
+        """Where `unit` runs: its placed device, or (unplaced) where the model's first parameter is."""
+        if self.unit_device is not None:
+            return self.unit_device[unit]
+        return next(self.parameters()).device
+
+    def on(self, x: torch.Tensor, unit: str) -> torch.Tensor:
+        """x on `unit`'s device (x itself when the model is not placed)."""
+        return x if self.unit_device is None else x.to(self.unit_device[unit])
+
+    def teacher_forced(self, samples) -> torch.Tensor:
+        """Logits [B, S, V] of every label of a batch of Samples (labels [B, S]), the inputs fed as in training."""
+        raise NotImplementedError
+
+    def generate(self, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+        """Greedy decoding of `steps` tokens after the prompts input_ids [B, S]: [B, steps] on the CPU."""
+        raise NotImplementedError
+
+    def expert_sets(self):
+        """Each sparse block's routed experts, as the container that holds them (indexable by `expert_keys`)."""
+        raise NotImplementedError
+
+
+def expert_keys(experts: nn.Module) -> list:
+    """The keys of an `expert_sets` container: a ModuleDict's names or a ModuleList's indices."""
+    return list(experts.keys()) if isinstance(experts, nn.ModuleDict) else list(range(len(experts)))

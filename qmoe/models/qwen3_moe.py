@@ -14,5 +14,15 @@ def config(hf: dict) -> MoEConfig:
                      sparse=sparse, norm_topk=bool(hf.get("norm_topk_prob", False)), qk_norm=True)
 
 
+# The shipped default-qwen3_moe (qmoe/assets/default-qwen3_moe/TRAINING.md).
+TRAIN_DEFAULT = dict(
+    model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=384, hidden_size=128,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=512,
+    moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[0],
+    norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
+    tie_word_embeddings=False, hidden_act="silu", attention_bias=False, use_sliding_window=False,
+    router_aux_loss_coef=0.01, torch_dtype="bfloat16")
+
 FAMILY = CausalFamily(name="qwen3_moe", model_types=("qwen3_moe",), config_of=config, moe="mlp", router="gate",
-                expert_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+                      expert_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+                      train_default=TRAIN_DEFAULT)

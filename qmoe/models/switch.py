@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qmoe.checkpoint import CheckpointError, CheckpointReader
-from qmoe.models.family import Act, ExpertForm, Family
+from qmoe.models.family import Act, ExpertForm, Family, FamilyModel
 
 FORM = ExpertForm(("wi",), "wo", Act.RELU)  # an expert: wo(relu(wi x))
 
@@ -383,15 +383,11 @@ class Stack(nn.Module):
             bias = bias.masked_fill(rel > 0, torch.finfo(bias.dtype).min)
         return bias
 
-    def forward(self, x: torch.Tensor, enc: torch.Tensor | None = None) -> torch.Tensor:
-        bias = self.self_bias(x.shape[1], x.shape[1], x.device)
-        for blk in self.block:
-            x = blk(x, bias, enc, None)
-        return self.final_layer_norm(x)
 
-
-class SwitchModel(nn.Module):
-    """The whole model. forward(input_ids [B, S_enc], decoder_input_ids [B, S_dec]) -> logits [B, S_dec, V]."""
+class SwitchModel(FamilyModel):
+    """The whole model. forward(input_ids [B, S_enc], decoder_input_ids [B, S_dec]) -> logits [B, S_dec, V].
+    Placed (FamilyModel.place), the forward carries the hidden states across devices, as QMoE splits the model
+    over GPUs."""
 
     def __init__(self, cfg: SwitchConfig):
         super().__init__()
@@ -402,19 +398,67 @@ class SwitchModel(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
+    def _stack(self, name: str, ids: torch.Tensor, enc: torch.Tensor | None = None) -> torch.Tensor:
+        """A stack's output (after its final norm) [B, S, D] for ids [B, S]; enc: the encoder output."""
+        st = getattr(self, name)
+        x = self.shared(self.on(ids, "shared"))
+        bias = st.self_bias(x.shape[1], x.shape[1], self.device_of(f"{name}.block.0"))
+        for i, blk in enumerate(st.block):
+            x = self.on(x, f"{name}.block.{i}")
+            x = blk(x, bias.to(x.device), None if enc is None else enc.to(x.device), None)
+        return st.final_layer_norm(self.on(x, f"{name}.final_layer_norm"))
+
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.shared(input_ids))
+        return self._stack("encoder", input_ids)
 
     def logits(self, dec_hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder output (after its final norm) [B, S, D] -> logits [B, S, V]."""
+        """Decoder output (after its final norm) [B, S, D] -> logits [B, S, V], on the head's device."""
         if self.cfg.tie_word_embeddings:
             # T5 rescales before the tied head (mesh_tensorflow transformer.py).
-            return F.linear(dec_hidden * self.cfg.d_model ** -0.5, self.shared.weight)
-        return self.lm_head(dec_hidden)
+            return F.linear(self.on(dec_hidden, "shared") * self.cfg.d_model ** -0.5, self.shared.weight)
+        return self.lm_head(self.on(dec_hidden, "lm_head"))
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(self._stack("decoder", decoder_input_ids, self.encode(input_ids)))
+
+    def teacher_forced(self, samples) -> torch.Tensor:
+        return self(samples.input_ids, shift_right(samples.labels, self.cfg.decoder_start_token_id))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+        """Greedy decoding of `steps` tokens after the start token, input_ids [B, S] the encoder's input. Each
+        decoder block keeps its self-attention keys/values (growing by one position a step) and its
+        cross-attention keys/values (computed once from the encoder output), so a step costs one position."""
+        dec = self.decoder
         enc = self.encode(input_ids)
-        return self.logits(self.decoder(self.shared(decoder_input_ids), enc))
+        B = input_ids.shape[0]
+        cross = [blk.layer[1].EncDecAttention.keys_values(self.on(enc, f"decoder.block.{i}"))
+                 for i, blk in enumerate(dec.block)]
+        cache: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(dec.block)
+        tok = torch.full((B, 1), self.cfg.decoder_start_token_id, dtype=torch.long)
+        out = []
+        for step in range(steps):
+            x = self.shared(self.on(tok, "shared"))  # [B, 1, D]
+            bias = dec.self_bias(1, step + 1, self.device_of("decoder.block.0"), offset=step)  # [1, H, 1, step + 1]
+            for i, blk in enumerate(dec.block):
+                x = self.on(x, f"decoder.block.{i}")
+                sa, ca = blk.layer[0], blk.layer[1]
+                h = sa.layer_norm(x)
+                k, v = sa.SelfAttention.keys_values(h)  # [B, H, 1, K]
+                if cache[i] is not None:
+                    k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
+                cache[i] = (k, v)
+                x = x + sa.SelfAttention.attend(h, k, v, bias.to(x.device))
+                x = x + ca.EncDecAttention.attend(ca.layer_norm(x), *cross[i], None)
+                x = blk.ff(x)
+            logits = self.logits(dec.final_layer_norm(self.on(x, "decoder.final_layer_norm")))
+            tok = logits[:, -1].argmax(-1, keepdim=True).cpu()
+            out.append(tok)
+        return torch.cat(out, dim=1) if out else torch.zeros(B, 0, dtype=torch.long)
+
+    def expert_sets(self):
+        for _, blk in self.sparse_blocks():
+            yield blk.ff.mlp.experts
 
     def sparse_blocks(self):
         """(name, block) of every block with experts, encoder first: the order compression walks them."""
@@ -615,6 +659,53 @@ class SwitchFamily(Family):
         from qmoe.data import load_samples
 
         return load_samples(model_dir, hf, spec)
+
+    objective = "T5 span corruption (15% noise, mean span 3)"
+
+    @property
+    def train_default(self) -> dict:
+        return PRESETS["default"].to_hf_dict()
+
+    def make_samples(self, pool, n: int, tokenizer, seed: int, data):
+        from qmoe.data import make_samples
+
+        return make_samples(pool, n, data, tokenizer, seed)
+
+    def init_weights(self, model: SwitchModel, seed: int) -> None:
+        """Mesh-TensorFlow's T5 initialisation, with a small router (Switch: 'reduced' init scale)."""
+        g = torch.Generator().manual_seed(seed)
+        cfg = model.cfg
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("layer_norm.weight"):
+                    p.fill_(1.0)
+                    continue
+                if name == "shared.weight":
+                    std = 1.0
+                elif name == "lm_head.weight":
+                    std = cfg.d_model ** -0.5
+                elif ".q." in name:
+                    std = (cfg.d_model * cfg.d_kv) ** -0.5
+                elif ".o." in name:
+                    std = (cfg.num_heads * cfg.d_kv) ** -0.5
+                elif "router" in name:
+                    std = 0.1 * cfg.d_model ** -0.5
+                elif name.endswith("wo.weight"):
+                    std = cfg.d_ff ** -0.5
+                else:  # k, v, wi, relative bias
+                    std = cfg.d_model ** -0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def training_forward(self, model: SwitchModel, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """Switch's load-balancing loss, the mean over its sparse blocks (each set in training mode)."""
+        logits = model.teacher_forced(samples)
+        losses = [m.aux_loss for m in model.modules() if isinstance(m, SparseFF) and m.aux_loss is not None]
+        return logits, torch.stack(losses).mean()
+
+    def tokenizer(self, model_dir, hf: dict):
+        from qmoe.tokenizer import load_tokenizer
+
+        return load_tokenizer(model_dir, hf)
 
     def stream_ids(self, samples, cfg: SwitchConfig) -> dict[str, torch.Tensor]:
         return {"encoder": samples.input_ids, "decoder": shift_right(samples.labels, cfg.decoder_start_token_id)}
