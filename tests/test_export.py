@@ -299,7 +299,7 @@ def test_a_switch_directory_is_refused(tiny_ckpt, tmp_path, capsys):
     compress_model(tiny_ckpt, comp, CompressConfig(scheme=Scheme.INT4, method=Method.RTN),
                    DataSpec(train_samples=4, val_samples=2, data=DataConfig(raw_length=32)), progress=_quiet)
     out = tmp_path / "ct"
-    _refused([comp, "--out", out], capsys, out, "Switch Transformers")
+    _refused([comp, "--out", out], capsys, out, "a switch directory: the compressed-tensors export covers")
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -333,12 +333,14 @@ def test_a_directory_with_a_tokenizer_json_gets_no_tokenizer_metadata_and_says_s
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+# llama.cpp's pre-tokenizer name -> (the family whose tokenizer.json has it, its Split expressions)
+BPE_PRE = {f.gguf.bpe_pre[0]: (f, f.gguf.bpe_pre[1]) for f in FAMILIES.values() if f.gguf and f.gguf.bpe_pre}
 BPE_MODELS = {"qwen2": (_qwen3_moe, dict(moe_intermediate_size=32, mlp_only_layers=[])),
               "deepseek-v3": (_deepseek_v3, dict(moe_intermediate_size=32))}
 
 
 def bpe_source(root: Path, pre: str = "qwen2", vocab: int = 400) -> Path:
-    """A tiny model of the family whose tokenizer.json has llama.cpp's pre-tokenizer `pre` (eg.BPE_PRE: Qwen3-MoE
+    """A tiny model of the family whose tokenizer.json has llama.cpp's pre-tokenizer `pre` (BPE_PRE: Qwen3-MoE
     with every layer MoE, or DeepSeek-V3), with such a tokenizer: byte-level BPE trained here on the corpus to
     `vocab` tokens under that family's Split expressions, three specials first (special added tokens), and a
     tokenizer_config.json (pad the first special, no BOS added); the model has 16 more ids than the tokenizer
@@ -349,7 +351,7 @@ def bpe_source(root: Path, pre: str = "qwen2", vocab: int = 400) -> Path:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(x), behavior="isolated", invert=False) for x in eg.BPE_PRE[pre][1]]
+        [pre_tokenizers.Split(Regex(x), behavior="isolated", invert=False) for x in BPE_PRE[pre][1]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([load_default_corpus()[:400_000]], trainers.BpeTrainer(
@@ -365,7 +367,7 @@ def bpe_source(root: Path, pre: str = "qwen2", vocab: int = 400) -> Path:
     return src
 
 
-@pytest.mark.parametrize("pre", list(eg.BPE_PRE))
+@pytest.mark.parametrize("pre", list(BPE_PRE))
 def test_a_familys_bpe_tokenizer_is_written_as_llamacpps(tmp_path, pre):
     """A Qwen-MoE / DeepSeek-V3 directory with its family's byte-level BPE tokenizer.json: the GGUF holds it as
     llama.cpp's converter writes it (model gpt2, pre qwen2 / deepseek-v3, every token by id, specials CONTROL, the
@@ -379,11 +381,11 @@ def test_a_familys_bpe_tokenizer_is_written_as_llamacpps(tmp_path, pre):
     assert summary["tokenizer"] == pre
     fields, _ = _read(tmp_path / "gguf")
     tok = json.loads((src / "tokenizer.json").read_text())
-    other = next(f for p, (f, _) in eg.BPE_PRE.items() if p != pre)
-    assert eg._bpe_pre(tok, other) is None and eg._bpe_pre(tok, _hf(comp)["model_type"]) == pre
+    other = next(f for p, (f, _) in BPE_PRE.items() if p != pre)
+    assert eg._bpe_pre(tok, other) is None and eg._bpe_pre(tok, FAMILIES[_hf(comp)["model_type"]]) == pre
     for split in tok["pre_tokenizer"]["pretokenizers"][:-1]:  # CR / LF as characters: the same expressions
         split["pattern"]["Regex"] = split["pattern"]["Regex"].replace("\\r", "\r").replace("\\n", "\n")
-    assert eg._bpe_pre(tok, _hf(comp)["model_type"]) == pre
+    assert eg._bpe_pre(tok, FAMILIES[_hf(comp)["model_type"]]) == pre
     tok = json.loads((src / "tokenizer.json").read_text())
     vocab = {i: t for t, i in tok["model"]["vocab"].items()}
     n = _hf(comp)["vocab_size"]
@@ -480,7 +482,7 @@ def test_a_switch_directory_is_refused(tiny_ckpt, tmp_path, capsys):
     compress_model(tiny_ckpt, comp, CompressConfig(scheme=Scheme.INT4_SYM, method=Method.RTN),
                    DataSpec(train_samples=4, val_samples=0, data=DataConfig(raw_length=32)), progress=_quiet)
     out = tmp_path / "gguf"
-    _refused([comp, "--format", "gguf", "--out", out], capsys, out, "Switch Transformers")
+    _refused([comp, "--format", "gguf", "--out", out], capsys, out, "a switch directory: the GGUF export covers")
 
 
 def test_an_incomplete_or_tampered_directory_is_refused_before_writing(dirs, tmp_path, capsys):
@@ -528,7 +530,7 @@ def test_what_llamacpp_computes_differently_is_refused(dirs):
         hf = dict(_hf(dirs[name][1]), **over)
         cfg = FAMILIES[hf["model_type"]].config(hf)
         with pytest.raises(ExportError, match=words) as e:
-            eg._check_family(eg.ARCHS[hf["model_type"]], hf, cfg, Path("d"))
+            eg._check_family(FAMILIES[hf["model_type"]], hf, cfg, Path("d"))
         assert "\n" not in str(e.value)
 
     refused("mixtral", "sliding_window 16", sliding_window=16)
@@ -697,7 +699,7 @@ def test_what_llamacpps_gpt_oss_computes_differently_is_refused(gpt_oss):
         hf = dict(base, **over)
         cfg = FAMILIES["gpt_oss"].config(hf)
         with pytest.raises(ExportError, match=words) as e:
-            eg._check_family("gpt-oss", hf, cfg, Path("d"))
+            eg._check_family(FAMILIES["gpt_oss"], hf, cfg, Path("d"))
         assert "\n" not in str(e.value)
 
     refused("swiglu_limit 8.0", swiglu_limit=8.0)
@@ -708,7 +710,7 @@ def test_what_llamacpps_gpt_oss_computes_differently_is_refused(gpt_oss):
     refused("attention_factor", rope_parameters=dict(base["rope_parameters"], attention_factor=1.1))
     refused("attention biases", attention_bias=False)
     refused("tie_word_embeddings", tie_word_embeddings=True)
-    eg._check_family("gpt-oss", base, FAMILIES["gpt_oss"].config(base), Path("d"))
+    eg._check_family(FAMILIES["gpt_oss"], base, FAMILIES["gpt_oss"].config(base), Path("d"))
 
 
 def test_an_incomplete_gpt_oss_directory_is_refused_before_writing(gpt_oss, tmp_path, capsys):
@@ -723,7 +725,7 @@ def test_compressed_tensors_refuses_gpt_oss_in_one_line(gpt_oss, tmp_path):
     """gpt-oss exports to GGUF only: its experts are fused parameters in transformers, not the Linear modules
     compressed-tensors targets; nothing is written."""
     comp = gpt_oss[0]
-    with pytest.raises(ExportError, match="gpt-oss's experts are fused parameters"):
+    with pytest.raises(ExportError, match="a gpt_oss directory: the compressed-tensors export covers mixtral, qwen3_moe, deepseek_v3; "):
         export(comp, tmp_path / "ct", fmt="compressed-tensors", progress=lambda *_: None)
     assert not (tmp_path / "ct").exists()
 

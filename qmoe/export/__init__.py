@@ -36,6 +36,7 @@ from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
 from qmoe.compressed import DENSE_FILE, _group_range, block_files, read_manifest
+from qmoe.models.registry import BY_NAME, FAMILIES, family_of
 from qmoe.packed import unpack
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json
@@ -44,7 +45,6 @@ FORMATS = ("compressed-tensors", "gguf")
 # The compressed-tensors release the export was checked against (its own decompressor reads it back: tests).
 COMPRESSED_TENSORS_VERSION = "0.20.1"
 BITS = 4
-FAMILY_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "kimi_k2")  # what compressed-tensors' Linear targets hold
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
@@ -107,13 +107,12 @@ _WHY = {"ternary": "the ternary grid {lo, 0, hi} (two bf16 levels a row) is no i
                 "grids only (compress with --scheme int4)"}
 
 
-def _read_source(src: Path, schemes=SCHEMES, why: dict | None = None, fmt: str = "",
-                 loaders: str = "vLLM serves no Switch Transformers model, and gpt-oss's experts are fused "
-                                "parameters, not the Linear modules the format targets",
-                 families: tuple[str, ...] = FAMILY_TYPES) -> tuple[dict, dict]:
-    """(config.json, manifest) of a compressed directory of one of `families` whose scheme is one of `schemes`,
-    every file verified; ExportError otherwise (`why`: the reason per refused scheme, `fmt`: the format's name in
-    the message, `loaders`: what the message says of the loaders after a refused model type)."""
+def _read_source(src: Path, schemes=SCHEMES, why: dict | None = None, fmt: str = "compressed-tensors",
+                 holds=lambda fam: fam.compressed_tensors,
+                 loaders: str = "its loaders (transformers, vLLM) target each expert's Linear modules") -> tuple[dict, dict]:
+    """(config.json, manifest) of a compressed directory of a family the format `holds`, whose scheme is one of
+    `schemes`, every file verified; ExportError otherwise (`why`: the reason per refused scheme, `fmt`: the
+    format's name in the message, `loaders`: what the message says after a refused family)."""
     cfg_file = src / "config.json"
     if not src.is_dir():
         raise ExportError(f"{src}: not a directory")
@@ -125,15 +124,18 @@ def _read_source(src: Path, schemes=SCHEMES, why: dict | None = None, fmt: str =
         raise ExportError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(hf, dict) or "scheme" not in (hf.get("qmoe") or {}):
         raise ExportError(f"{src}: config.json has no qmoe section: not a directory qmoe.compress wrote")
-    mt, scheme = hf.get("model_type"), hf["qmoe"]["scheme"]
-    if mt not in families:
-        what = "a Switch Transformers directory" if mt == "switch_transformers" else f"model_type {mt!r}"
-        raise ExportError(f"{src}: {what}: the {fmt or 'compressed-tensors'} export covers "
-                          f"{', '.join(families)}; {loaders}")
+    scheme = hf["qmoe"]["scheme"]
+    try:
+        fam = family_of(hf, cfg_file)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if not holds(fam):
+        covered = ", ".join(f.name for f in BY_NAME.values() if holds(f))
+        raise ExportError(f"{src}: a {fam.name} directory: the {fmt} export covers {covered}; {loaders}")
     if scheme not in schemes:
         reason = (_WHY if why is None else why).get(scheme, "not a scheme the format holds")
-        raise ExportError(f"{src}: scheme {scheme!r}: only {' and '.join(schemes)} directories export"
-                          f"{' to ' + fmt if fmt else ''}: {reason}")
+        raise ExportError(f"{src}: scheme {scheme!r}: only {' and '.join(schemes)} directories export to {fmt}: "
+                          f"{reason}")
     try:
         manifest = read_manifest(src)  # every file's size and sha256, before anything is written
     except CheckpointError as e:
@@ -175,7 +177,6 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     """Write OUT from the compressed directory SRC (see the module's docstring); returns a summary: files, tensor
     bytes, expert parameters and the bits per parameter of the exported expert tensors. ternary_type: GGUF's type
     for ternary-g256 experts (TQ1_0 or TQ2_0)."""
-    from qmoe.models.registry import FAMILIES
 
     src, out = Path(src), Path(out)
     if fmt not in FORMATS:
@@ -189,7 +190,7 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     fam = FAMILIES[hf["model_type"]]
     mcfg = fam.config(hf)
     shapes = fam.expert_shapes(mcfg)
-    blocks = [f"model.layers.{i}" for i, sparse in enumerate(mcfg.sparse) if sparse]
+    blocks = fam.sparse_blocks(mcfg)
     groups = []  # (block, g0, g1, file)
     for block in blocks:
         spans = sorted(_group_range(f) + (f,) for f in block_files(src, block))

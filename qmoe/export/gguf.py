@@ -56,7 +56,8 @@ from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
 from qmoe.compressed import DENSE_FILE, _group_range, block_files
-from qmoe.export import FAMILY_TYPES, ExportError, _check_out, _read_source, _replace, _umask
+from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
+from qmoe.models.registry import BY_NAME, FAMILIES
 from qmoe.packed import unpack
 from qmoe.quant import Scheme
 from qmoe.tokenizer import ByteTokenizer
@@ -68,11 +69,8 @@ Q4_0_BYTES = 2 + QK4_0 // 2
 QK_K = 256  # weights per TQ1_0 / TQ2_0 block
 BLOCK_BYTES = {"Q4_0": (QK4_0, Q4_0_BYTES), "TQ2_0": (QK_K, QK_K // 4 + 2), "TQ1_0": (QK_K, 48 + 4 + 2)}
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")
-ARCHS = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2",
-         "gpt_oss": "gpt-oss"}
 # llama.cpp's gpt-oss computes its experts' SwiGLU with these constants (LLM_FFN_SWIGLU_OAI_MOE in llama-graph.cpp:
 # alpha 1.702, limit 7.0, hardcoded, no GGUF key); a config with other values is refused.
-OAI_SWIGLU = {"alpha": 1.702, "limit": 7.0}
 SCHEMES = (Scheme.INT4_SYM.value, Scheme.TERNARY_G256.value)
 WHY = {
     Scheme.INT4.value: "GGUF's symmetric Q4_0 has no zero point, and Q4_1 (value = q * d + m) would need the block "
@@ -136,27 +134,15 @@ def byte_vocabulary(vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, [int(t) for t in types]
 
 
-# The byte-level BPE pre-tokenizers written, by llama.cpp's name: the family whose published tokenizer.json has it,
-# and its Split expressions in order (each isolated, then ByteLevel without its own regex), which llama.cpp's
-# pre-tokenizer of that name runs (llama-vocab.cpp). Qwen2's: Qwen2, 2.5, 3 and Qwen3-MoE; DeepSeek-V3's: digits in
-# runs of up to 3, then kana and CJK ideographs, then the rest.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-               r"\s*[\r\n]+|\s+(?!\S)|\s+")
-DEEPSEEK3_SPLITS = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-                    '[!"#$%&' + r"'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"
-                    r" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-BPE_PRE = {"qwen2": ("qwen3_moe", (QWEN2_SPLIT,)), "deepseek-v3": ("deepseek_v3", DEEPSEEK3_SPLITS)}
-
-
 def _regex(x: str) -> str:
     """A Split expression with CR and LF spelled as regex escapes (tokenizer.json files write either)."""
     return x.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _bpe_pre(tok: dict, model_type: str) -> str | None:
-    """llama.cpp's pre-tokenizer name for a tokenizer.json of a `model_type` model, or None when it is not one this
-    export writes: a byte-level BPE whose pre-tokenizer is that family's in BPE_PRE (the Splits, isolated, then
-    ByteLevel without its own regex)."""
+def _bpe_pre(tok: dict, fam) -> str | None:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json of a `fam` model, or None when it is not one this
+    export writes: a byte-level BPE whose pre-tokenizer is the family's own (GGUFArch.bpe_pre: the Splits,
+    isolated, then ByteLevel without its own regex)."""
     model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "Sequence":
         return None
@@ -168,23 +154,21 @@ def _bpe_pre(tok: dict, model_type: str) -> str | None:
         if (split.get("type"), split.get("behavior"), split.get("invert")) != ("Split", "Isolated", False):
             return None
         got.append(_regex((split.get("pattern") or {}).get("Regex", "")))
-    for name, (family, want) in BPE_PRE.items():
-        if family == model_type and got == [_regex(w) for w in want]:
-            return name
-    return None
+    pre = fam.gguf.bpe_pre if fam.gguf else None
+    return pre[0] if pre and got == [_regex(w) for w in pre[1]] else None
 
 
-def _tokenizer_kind(src: Path, hf: dict) -> str | None:
+def _tokenizer_kind(src: Path, hf: dict, fam) -> str | None:
     """'bytes' when the model was trained on ByteTokenizer (qmoe.tokenizer.load_causal_tokenizer's rule), the
-    llama.cpp pre-tokenizer name for a family's own byte-level BPE tokenizer.json (BPE_PRE), else None (no
-    tokenizer written)."""
+    llama.cpp pre-tokenizer name for the family's own byte-level BPE tokenizer.json (GGUFArch.bpe_pre), else None
+    (no tokenizer written)."""
     try:
         path = model_file(src, "tokenizer.json")
     except CheckpointError:
         return None
     if path is not None:
         try:
-            return _bpe_pre(json.loads(path.read_text(encoding="utf-8")), hf.get("model_type"))
+            return _bpe_pre(json.loads(path.read_text(encoding="utf-8")), fam)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
             return None
     return "bytes" if hf.get("vocab_size", 0) >= ByteTokenizer.sentinel_floor else None
@@ -342,78 +326,26 @@ class Planned:
         return {"F32": 4 * n, "BF16": 2 * n}[self.qtype]
 
 
-def _llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a q or k projection from rotate-half RoPE (transformers) to pairwise RoPE (llama.cpp's llama
-    architecture): per head, row i of the first half and row i of the second become rows 2i and 2i + 1."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _source(src: Path) -> dict:
     """config.json of a compressed int4-sym or ternary-g256 directory of a family llama.cpp runs, every file
     verified."""
-    loaders = ("they are written as llama.cpp's llama (Mixtral), qwen3moe, deepseek2 (DeepSeek-V3, Kimi-K2) and "
-               "gpt-oss architectures")
-    return _read_source(src, SCHEMES, WHY, "GGUF", loaders, FAMILY_TYPES + ("gpt_oss",))[0]
+    archs = ", ".join(f"{f.name} as {f.gguf.name}" for f in BY_NAME.values() if f.gguf)
+    return _read_source(src, SCHEMES, WHY, "GGUF", lambda f: f.gguf is not None,
+                        f"llama.cpp's architectures hold {archs}")[0]
 
 
-def _check_family(arch: str, hf: dict, mcfg, src: Path) -> None:
+def _check_family(fam, hf: dict, mcfg, src: Path) -> None:
     """What llama.cpp's architecture computes differently from qmoe's model: refused in one line."""
-    if arch == "llama":
-        win = hf.get("sliding_window")
-        if win is not None and win < hf.get("max_position_embeddings", win + 1):
-            raise ExportError(f"{src}: sliding_window {win}: llama.cpp's llama architecture (Mixtral) attends to the "
-                              "whole context, so the model would differ past that many positions")
-    elif arch == "qwen3moe":
-        if not all(mcfg.sparse):
-            dense = [i for i, s in enumerate(mcfg.sparse) if not s]
-            raise ExportError(f"{src}: layers {dense} are dense MLPs (mlp_only_layers / decoder_sparse_step): "
-                              "llama.cpp's qwen3moe makes every layer MoE")
-        if not mcfg.norm_topk:
-            raise ExportError(f"{src}: norm_topk_prob is false: llama.cpp's qwen3moe always renormalizes the chosen "
-                              "experts' weights")
-    elif arch == "gpt-oss":
-        for k, v in OAI_SWIGLU.items():
-            if float(mcfg.opt(k)) != v:
-                raise ExportError(f"{src}: swiglu_{k} {mcfg.opt(k)}: llama.cpp's gpt-oss computes the experts' "
-                                  f"SwiGLU with {k} {v}, hardcoded")
-        types = list(mcfg.opt("layer_types"))
-        want = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(mcfg.num_layers)]
-        if types != want:
-            raise ExportError(f"{src}: layer_types {types}: llama.cpp's gpt-oss slides the window on even layers "
-                              "and attends fully on odd ones")
-        if mcfg.sliding_window is None:
-            raise ExportError(f"{src}: no sliding_window: llama.cpp's gpt-oss requires one")
-        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        if mcfg.rope.factor > 1 and not mcfg.rope.truncate:
-            raise ExportError(f"{src}: YaRN with truncate false: llama.cpp (ggml_rope_yarn_corr_dims) rounds the "
-                              "correction range to whole dimensions, so the rotary frequencies would differ")
-        if mcfg.rope.factor > 1 and params.get("attention_factor") is not None:
-            raise ExportError(f"{src}: YaRN attention_factor {params['attention_factor']}: llama.cpp's gpt-oss "
-                              "scales by 0.1 ln(factor) + 1 itself")
-        if mcfg.rope.dim != mcfg.head_dim:
-            raise ExportError(f"{src}: RoPE over {mcfg.rope.dim} of {mcfg.head_dim} head dimensions: llama.cpp's "
-                              "gpt-oss rotates the whole head")
-        if not mcfg.opt("bias"):
-            raise ExportError(f"{src}: attention_bias is false: llama.cpp's gpt-oss requires attention biases")
-        if hf.get("tie_word_embeddings"):
-            raise ExportError(f"{src}: tie_word_embeddings is true: llama.cpp's gpt-oss requires its own "
-                              "output.weight")
-    else:
-        lead = mcfg.sparse.index(True) if True in mcfg.sparse else len(mcfg.sparse)
-        if list(mcfg.sparse) != [i >= lead for i in range(len(mcfg.sparse))]:
-            raise ExportError(f"{src}: MoE layers {[i for i, s in enumerate(mcfg.sparse) if s]}: llama.cpp's "
-                              "deepseek2 takes leading dense layers and MoE after them (moe_layer_freq 1)")
-        if not mcfg.opt("interleave"):
-            raise ExportError(f"{src}: rope_interleave is false: llama.cpp's deepseek2 rotates interleaved pairs")
-        if mcfg.opt("bias"):
-            raise ExportError(f"{src}: attention_bias is true: llama.cpp's deepseek2 reads no attention biases")
-        if not mcfg.opt("shared"):
-            raise ExportError(f"{src}: no shared expert: llama.cpp's deepseek2 requires one")
+    why = fam.gguf.check(hf, mcfg)
+    if why:
+        raise ExportError(f"{src}: {why}")
 
 
-def _dense_plan(arch: str, mcfg, dense: dict, path: Path) -> list[Planned]:
-    """The dense tensors under llama.cpp's names (gguf's own TensorNameMap), in the converter's types."""
+def _dense_plan(fam, mcfg, dense: dict, path: Path) -> list[Planned]:
+    """The dense tensors under llama.cpp's names (gguf's own TensorNameMap), as the family's architecture stores
+    them (GGUFArch.pieces), in the converter's types."""
     gguf = _gguf()
+    arch = fam.gguf.name
     A = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     tmap = gguf.get_tensor_name_map(A, mcfg.num_layers)
     allowed = set(gguf.MODEL_TENSORS[A])
@@ -432,55 +364,24 @@ def _dense_plan(arch: str, mcfg, dense: dict, path: Path) -> list[Planned]:
     for name, (dtype, shape) in dense.items():
         if dtype != "BF16":
             raise ExportError(f"{path}: dense tensor {name!r} is {dtype}, not BF16")
-        hf_name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # as llama.cpp's converter
-        if name.endswith("self_attn.kv_b_proj.weight") and arch == "deepseek2":
-            continue  # split below
-        if arch == "gpt-oss" and name.endswith(("mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj_bias")):
-            continue  # split below
-        if arch == "gpt-oss" and name.endswith("self_attn.sinks"):
-            hf_name += ".weight"  # as llama.cpp's converter: blk.N.attn_sinks.weight
-        got = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if got is None or got[0] not in allowed:
-            raise ExportError(f"{path}: dense tensor {name!r} has no place in llama.cpp's {arch} architecture")
-        kind, gname = got
-        qtype = "F32" if len(shape) <= 1 or gname.endswith("_norm.weight") or kind == T.FFN_GATE_INP else "BF16"
-        transform = None
-        if arch == "llama" and kind in (T.ATTN_Q, T.ATTN_K):
-            heads = mcfg.num_heads if kind == T.ATTN_Q else mcfg.num_kv_heads
-            transform = (lambda h: lambda t: _llama_permute(t, h))(heads)
-        plan.append(Planned(gname, qtype, tuple(shape),
-                            (lambda n, q, f: lambda: as_type(f(read(n)) if f else read(n), q))(name, qtype, transform),
-                            [name]))
-    if arch == "deepseek2":
-        H, nope, v, L = mcfg.num_heads, mcfg.opt("nope"), mcfg.opt("v"), mcfg.opt("kv_lora_rank")
-        for i in range(mcfg.num_layers):
-            name = f"model.layers.{i}.self_attn.kv_b_proj.weight"
-            if name not in dense:
-                raise ExportError(f"{path}: no {name!r}")
-            if tuple(dense[name][1]) != (H * (nope + v), L):
-                raise ExportError(f"{path}: {name!r} is {dense[name][1]}, not {[H * (nope + v), L]}")
-
-            def split(name=name):
-                kv = read(name).view(H, nope + v, L)
-                k_b, v_b = kv.split([nope, v], 1)
-                return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
-            for j, (kind, shape) in enumerate(((T.ATTN_K_B, (H, L, nope)), (T.ATTN_V_B, (H, v, L)))):
-                plan.append(Planned(gguf.TENSOR_NAMES[kind].format(bid=i) + ".weight", "BF16", shape,
-                                    (lambda s, j: lambda: as_type(s()[j], "BF16"))(split, j), [name]))
-    if arch == "gpt-oss":  # the experts' biases, F32: gate_up_proj_bias [E, 2I] interleaved, down_proj_bias [E, D]
-        E, D, inter = mcfg.num_experts, mcfg.hidden_size, mcfg.moe_intermediate
-        for i in range(mcfg.num_layers):
-            for suffix, shape in (("gate_up_proj_bias", (E, 2 * inter)), ("down_proj_bias", (E, D))):
-                name = f"model.layers.{i}.mlp.experts.{suffix}"
-                if name not in dense or tuple(dense[name][1]) != shape:
-                    raise ExportError(f"{path}: {name!r} is missing or not {list(shape)}")
-            gu, down = f"model.layers.{i}.mlp.experts.gate_up_proj_bias", f"model.layers.{i}.mlp.experts.down_proj_bias"
-            for kind, name, cols, shape in ((T.FFN_GATE_EXP, gu, slice(0, None, 2), (E, inter)),
-                                            (T.FFN_UP_EXP, gu, slice(1, None, 2), (E, inter)),
-                                            (T.FFN_DOWN_EXP, down, slice(None), (E, D))):
-                plan.append(Planned(gguf.TENSOR_NAMES[kind].format(bid=i) + ".bias", "F32", shape,
-                                    (lambda n, c: lambda: as_type(read(n)[:, c].contiguous(), "F32"))(name, cols),
-                                    [name]))
+        try:
+            pieces = fam.gguf.pieces(name, tuple(shape), mcfg)
+        except ValueError as e:
+            raise ExportError(f"{path}: {e}") from None
+        for piece in pieces:
+            if piece.kind is not None:
+                kind = T[piece.kind]
+                gname = gguf.TENSOR_NAMES[kind].format(bid=piece.layer) + piece.suffix
+            else:
+                got = tmap.get_type_and_name(piece.name, try_suffixes=(".weight", ".bias"))
+                kind, gname = got if got is not None else (None, None)
+            if kind not in allowed:
+                raise ExportError(f"{path}: dense tensor {name!r} has no place in llama.cpp's {arch} architecture")
+            qtype = piece.qtype or ("F32" if len(piece.shape) <= 1 or gname.endswith("_norm.weight")
+                                    or kind == T.FFN_GATE_INP else "BF16")
+            plan.append(Planned(gname, qtype, piece.shape,
+                                (lambda n, q, f: lambda: as_type(f(read(n)) if f else read(n), q))(
+                                    piece.source, qtype, piece.make), [piece.source]))
     names = {p.name for p in plan}
     if len(names) != len(plan):
         raise ExportError(f"{path}: two dense tensors map to one GGUF name")
@@ -572,8 +473,9 @@ def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: S
     return plan
 
 
-def _metadata(w, arch: str, hf: dict, mcfg, src: Path, qtype: str) -> None:
-    """The architecture's keys, as llama.cpp's converter writes them for the family (gguf's Keys via the writer)."""
+def _metadata(w, fam, hf: dict, mcfg, src: Path, qtype: str) -> None:
+    """The keys llama.cpp's converter writes for the family: the common ones here, the architecture's own from
+    its GGUFArch (gguf's Keys via the writer)."""
     gguf = _gguf()
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(src.name)
@@ -596,39 +498,9 @@ def _metadata(w, arch: str, hf: dict, mcfg, src: Path, qtype: str) -> None:
         w.add_rope_scaling_orig_ctx_len(int(r.original_max))
         w.add_rope_scaling_yarn_beta_fast(float(r.beta_fast))
         w.add_rope_scaling_yarn_beta_slow(float(r.beta_slow))
-        if arch != "gpt-oss" and params.get("attention_factor", params.get("attn_factor")) is not None:
+        if fam.gguf.yarn_attn_factor and params.get("attention_factor", params.get("attn_factor")) is not None:
             w.add_rope_scaling_yarn_attn_factor(float(params.get("attention_factor", params.get("attn_factor"))))
-    if arch in ("llama", "qwen3moe", "gpt-oss"):
-        w.add_head_count_kv(mcfg.num_kv_heads)
-        w.add_key_length(mcfg.head_dim)
-        w.add_value_length(mcfg.head_dim)
-        w.add_rope_dimension_count(mcfg.head_dim)
-        if arch in ("qwen3moe", "gpt-oss"):
-            w.add_expert_feed_forward_length(mcfg.moe_intermediate)
-        if arch == "gpt-oss":
-            w.add_sliding_window(int(mcfg.sliding_window))
-    else:  # deepseek2: MLA as MQA over the latent (converter's DeepseekV2Model)
-        o = dict(mcfg.extra)
-        L, rot = o["kv_lora_rank"], o["rot"]
-        w.add_head_count_kv(1)
-        w.add_leading_dense_block_count(mcfg.sparse.index(True))
-        w.add_q_lora_rank(int(o["q_lora_rank"] or 0))
-        w.add_kv_lora_rank(L)
-        w.add_key_length(L + rot)
-        w.add_value_length(L)
-        w.add_key_length_mla(o["nope"] + rot)
-        w.add_value_length_mla(o["v"])
-        w.add_rope_dimension_count(rot)
-        w.add_expert_feed_forward_length(mcfg.moe_intermediate)
-        w.add_expert_shared_count(int(o["shared"]))
-        w.add_expert_weights_scale(float(o["scaling"]))
-        if mcfg.norm_topk:
-            w.add_expert_weights_norm(True)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_group_count(int(o["n_group"]))
-        w.add_expert_group_used_count(int(o["topk_group"]))
-        if r.factor > 1 and params.get("mscale_all_dim"):
-            w.add_rope_scaling_yarn_log_mul(0.1 * float(params["mscale_all_dim"]))  # llama.cpp divides by 0.1
+    fam.gguf.keys(w, hf, mcfg, gguf)
     w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -637,8 +509,6 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
                 progress=print, ternary_type: str = "TQ1_0") -> dict:
     """Write OUT/model.gguf (split past max_shard_bytes) from the int4-sym (experts Q4_0) or ternary-g256 (experts
     `ternary_type`, TQ1_0 or TQ2_0) directory SRC; returns a summary."""
-    from qmoe.models.registry import FAMILIES
-
     gguf = _gguf()
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
@@ -647,23 +517,23 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
     hf = _source(src)
     scheme = Scheme(hf["qmoe"]["scheme"])
     qtype = "Q4_0" if scheme is Scheme.INT4_SYM else ternary_type
-    arch = ARCHS[hf["model_type"]]
     fam = FAMILIES[hf["model_type"]]
+    arch = fam.gguf.name
     try:
         mcfg = fam.config(hf)
     except (KeyError, ValueError, TypeError) as e:
         raise ExportError(f"{src / 'config.json'}: {e}") from None
-    _check_family(arch, hf, mcfg, src)
+    _check_family(fam, hf, mcfg, src)
     shapes = fam.expert_shapes(mcfg)
     sources = _expert_sources(src, mcfg)
     with safe_open(str(src / DENSE_FILE), framework="pt") as h:
         dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
-    plan = _dense_plan(arch, mcfg, dense, src / DENSE_FILE) + _expert_plan(fam, mcfg, sources, shapes, scheme, qtype)
+    plan = _dense_plan(fam, mcfg, dense, src / DENSE_FILE) + _expert_plan(fam, mcfg, sources, shapes, scheme, qtype)
     for es in sources:  # every scale checked before anything is written
         for kind in shapes:
             _read_kind(es, kind, shapes[kind], False,
                        f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}", scheme)
-    tokenizer = _tokenizer_kind(src, hf)
+    tokenizer = _tokenizer_kind(src, hf, fam)
 
     total = sum(p.nbytes() for p in plan)
     split = max_shard_bytes if total > max_shard_bytes else 0
@@ -671,7 +541,7 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         w = gguf.GGUFWriter(tmp / GGUF_FILE, arch, split_max_size=split)
-        _metadata(w, arch, hf, mcfg, src, qtype)
+        _metadata(w, fam, hf, mcfg, src, qtype)
         if tokenizer == "bytes":
             _write_byte_vocabulary(w, mcfg.vocab_size)
         elif tokenizer is not None:

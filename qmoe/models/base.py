@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qmoe.models.family import Family, FamilyModel
+from qmoe.models.family import Family, FamilyModel, GGUFArch
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,8 @@ class CausalFamily(Family):
     unquantized: str | None = "routed experts; shared experts, dense-layer MLPs and the rest kept in bf16"
     train_default: dict | None = None
     objective: str = "next-token loss"
+    gguf: GGUFArch | None = None
+    compressed_tensors: bool = True  # transformers holds each expert as Linear modules
 
     def config(self, hf: dict, reader=None, names=None) -> MoEConfig:
         return self.config_of(hf)

@@ -18,6 +18,7 @@ from torch import nn
 
 from qmoe.models.base import (CausalFamily, MoE, MoEConfig, RMSNorm, SwiGLU, cached, causal_attention, common, rope,
                               rope_of, yarn_mscale)
+from qmoe.models.family import GGUFArch, GGUFPiece
 
 
 def config(hf: dict) -> MoEConfig:
@@ -127,6 +128,70 @@ class DeepSeekFamily(CausalFamily):
         return cfg.num_heads * (cfg.opt("nope") + cfg.opt("rot") + cfg.opt("v"))
 
 
+# DeepSeek-V3's byte-level BPE pre-tokenizer, llama.cpp's "deepseek-v3": digits in runs of up to 3, then kana and
+# CJK ideographs, then the rest.
+DEEPSEEK3_SPLITS = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                    '[!"#$%&' + r"'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"
+                    r" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _gguf_check(hf: dict, c: MoEConfig) -> str | None:
+    lead = c.sparse.index(True) if True in c.sparse else len(c.sparse)
+    if list(c.sparse) != [i >= lead for i in range(len(c.sparse))]:
+        return (f"MoE layers {[i for i, s in enumerate(c.sparse) if s]}: llama.cpp's deepseek2 takes leading dense "
+                "layers and MoE after them (moe_layer_freq 1)")
+    if not c.opt("interleave"):
+        return "rope_interleave is false: llama.cpp's deepseek2 rotates interleaved pairs"
+    if c.opt("bias"):
+        return "attention_bias is true: llama.cpp's deepseek2 reads no attention biases"
+    if not c.opt("shared"):
+        return "no shared expert: llama.cpp's deepseek2 requires one"
+    return None
+
+
+def _gguf_pieces(name: str, shape: tuple, c: MoEConfig) -> list[GGUFPiece]:
+    """kv_b_proj [H (N + V), L] split into k_b [H, L, N] (transposed) and v_b [H, V, L]; the router's correction
+    bias under the converter's name."""
+    if name.endswith("self_attn.kv_b_proj.weight"):
+        H, N, V, L = c.num_heads, c.opt("nope"), c.opt("v"), c.opt("kv_lora_rank")
+        if tuple(shape) != (H * (N + V), L):
+            raise ValueError(f"{name!r} is {list(shape)}, not {[H * (N + V), L]}")
+        layer = int(name.split(".")[2])
+        return [GGUFPiece(name, (H, L, N), kind="ATTN_K_B", layer=layer,
+                          make=lambda t: t.view(H, N + V, L)[:, :N].transpose(1, 2).contiguous()),
+                GGUFPiece(name, (H, V, L), kind="ATTN_V_B", layer=layer,
+                          make=lambda t: t.view(H, N + V, L)[:, N:].contiguous())]
+    return [GGUFPiece(name, tuple(shape), name=name.replace("e_score_correction_bias", "e_score_correction.bias"))]
+
+
+def _gguf_keys(w, hf: dict, c: MoEConfig, gguf) -> None:
+    """MLA as MQA over the latent (llama.cpp converter's DeepseekV2Model)."""
+    o = dict(c.extra)
+    L, rot = o["kv_lora_rank"], o["rot"]
+    w.add_head_count_kv(1)
+    w.add_leading_dense_block_count(c.sparse.index(True))
+    w.add_q_lora_rank(int(o["q_lora_rank"] or 0))
+    w.add_kv_lora_rank(L)
+    w.add_key_length(L + rot)
+    w.add_value_length(L)
+    w.add_key_length_mla(o["nope"] + rot)
+    w.add_value_length_mla(o["v"])
+    w.add_rope_dimension_count(rot)
+    w.add_expert_feed_forward_length(c.moe_intermediate)
+    w.add_expert_shared_count(int(o["shared"]))
+    w.add_expert_weights_scale(float(o["scaling"]))
+    if c.norm_topk:
+        w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_group_count(int(o["n_group"]))
+    w.add_expert_group_used_count(int(o["topk_group"]))
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if c.rope.factor > 1 and params.get("mscale_all_dim"):
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(params["mscale_all_dim"]))  # llama.cpp divides by 0.1
+
+
 FAMILY = DeepSeekFamily(name="deepseek_v3", model_types=("deepseek_v3", "kimi_k2"), config_of=config, moe="mlp",
                         router="gate", expert_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-                        attention=LatentAttention, moe_module=GroupLimitedMoE, ignore=_multi_token_prediction)
+                        attention=LatentAttention, moe_module=GroupLimitedMoE, ignore=_multi_token_prediction,
+                        gguf=GGUFArch("deepseek2", _gguf_check, _gguf_keys, _gguf_pieces,
+                                      bpe_pre=("deepseek-v3", DEEPSEEK3_SPLITS)))

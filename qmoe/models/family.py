@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,6 +81,52 @@ class ExpertForm:
 SWIGLU_FORM = ExpertForm(("gate", "up"), "down", Act.SWIGLU)  # down(silu(gate x) * up x)
 
 
+@dataclass(frozen=True)
+class GGUFPiece:
+    """A dense tensor, or a part of one, as llama.cpp's architecture stores it: `name` is a published-style name
+    that gguf's TensorNameMap places, or `kind` (gguf's MODEL_TENSOR name), `layer` and `suffix` place it
+    directly; `make` turns the source tensor into the stored one; `qtype` forces a type (default: the
+    converter's, F32 for norms, vectors and routers, else BF16)."""
+    source: str
+    shape: tuple[int, ...]
+    name: str | None = None
+    kind: str | None = None
+    layer: int = 0
+    suffix: str = ".weight"
+    make: Callable[[torch.Tensor], torch.Tensor] | None = None
+    qtype: str | None = None
+
+
+def whole(name: str, shape: tuple[int, ...], cfg) -> list[GGUFPiece]:
+    """A dense tensor stored as it is, under its own name (what most architectures do with most tensors)."""
+    return [GGUFPiece(name, tuple(shape), name=name)]
+
+
+def gqa_keys(w, cfg) -> None:
+    """GGUF keys of grouped-query attention with RoPE over the whole head (llama, qwen3moe, gpt-oss)."""
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp runs a family (qmoe/export/gguf.py asks): its architecture's name; `check(hf, cfg)`, why
+    that architecture would compute another model than this config (None when it computes this one); `pieces(
+    name, shape, cfg)`, how each dense tensor is stored; `keys(w, hf, cfg, gguf)`, the architecture's own
+    metadata after the common keys (w a gguf.GGUFWriter, gguf the module); `yarn_attn_factor`: whether the
+    file carries YaRN's attention factor (else the architecture derives it); `bpe_pre`: the family's published
+    byte-level BPE pre-tokenizer as llama.cpp names it and its Split expressions in order (each isolated, then
+    ByteLevel without its own regex), which llama.cpp's pre-tokenizer of that name runs (llama-vocab.cpp)."""
+    name: str
+    check: Callable[[dict, object], str | None]
+    keys: Callable
+    pieces: Callable[[str, tuple, object], list[GGUFPiece]] = whole
+    yarn_attn_factor: bool = True
+    bpe_pre: tuple[str, tuple[str, ...]] | None = None
+
+
 class Family:
     """The hooks every family answers; the defaults suit per-expert tensors stored one matrix each."""
     name: str
@@ -90,6 +138,10 @@ class Family:
     decoder_only: bool = True  # False: an encoder-decoder (its samples are span-corrupted, its loss the decoder's)
     # What stays unquantized, said in config.json (None: nothing to say).
     unquantized: str | None = None
+
+    # How llama.cpp runs it (None: no GGUF export); whether compressed-tensors' per-Linear targets hold its experts.
+    gguf: GGUFArch | None = None
+    compressed_tensors: bool = False
 
     # ---- config and model ------------------------------------------------------------------------------------
     def config(self, hf: dict, reader: CheckpointReader | None = None, names=None):

@@ -11,7 +11,7 @@ from torch import nn
 
 from qmoe.checkpoint import CheckpointReader, read_entry, set_param
 from qmoe.models.base import Attention, CausalFamily, MoE, MoEConfig, common
-from qmoe.models.family import Act, ExpertForm
+from qmoe.models.family import Act, ExpertForm, GGUFArch, GGUFPiece, gqa_keys, whole
 
 
 def config(hf: dict) -> MoEConfig:
@@ -139,5 +139,61 @@ class GptOssFamily(CausalFamily):
                                    old.gate_up_proj_bias.data, old.down_proj_bias.data)
 
 
+# llama.cpp's gpt-oss computes the experts' clamped SwiGLU with these, hardcoded.
+LLAMACPP_SWIGLU = {"alpha": 1.702, "limit": 7.0}
+
+
+def _gguf_check(hf: dict, c: MoEConfig) -> str | None:
+    for k, v in LLAMACPP_SWIGLU.items():
+        if float(c.opt(k)) != v:
+            return f"swiglu_{k} {c.opt(k)}: llama.cpp's gpt-oss computes the experts' SwiGLU with {k} {v}, hardcoded"
+    types = list(c.opt("layer_types"))
+    if types != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.num_layers)]:
+        return f"layer_types {types}: llama.cpp's gpt-oss slides the window on even layers and attends fully on odd ones"
+    if c.sliding_window is None:
+        return "no sliding_window: llama.cpp's gpt-oss requires one"
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if c.rope.factor > 1 and not c.rope.truncate:
+        return ("YaRN with truncate false: llama.cpp (ggml_rope_yarn_corr_dims) rounds the correction range to whole "
+                "dimensions, so the rotary frequencies would differ")
+    if c.rope.factor > 1 and params.get("attention_factor") is not None:
+        return (f"YaRN attention_factor {params['attention_factor']}: llama.cpp's gpt-oss scales by 0.1 ln(factor) "
+                "+ 1 itself")
+    if c.rope.dim != c.head_dim:
+        return f"RoPE over {c.rope.dim} of {c.head_dim} head dimensions: llama.cpp's gpt-oss rotates the whole head"
+    if not c.opt("bias"):
+        return "attention_bias is false: llama.cpp's gpt-oss requires attention biases"
+    if hf.get("tie_word_embeddings"):
+        return "tie_word_embeddings is true: llama.cpp's gpt-oss requires its own output.weight"
+    return None
+
+
+def _gguf_pieces(name: str, shape: tuple, c: MoEConfig) -> list[GGUFPiece]:
+    """Sinks as blk.N.attn_sinks.weight; the experts' biases in F32, gate_up_proj_bias [E, 2I] split into its
+    even (gate) and odd (up) columns, as llama.cpp's converter does."""
+    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else 0
+    E, D, inter = c.num_experts, c.hidden_size, c.moe_intermediate
+    if name.endswith("self_attn.sinks"):
+        return [GGUFPiece(name, tuple(shape), name=name + ".weight")]
+    if name.endswith("mlp.experts.gate_up_proj_bias"):
+        if tuple(shape) != (E, 2 * inter):
+            raise ValueError(f"{name!r} is {list(shape)}, not {[E, 2 * inter]}")
+        return [GGUFPiece(name, (E, inter), kind=kind, layer=layer, suffix=".bias", qtype="F32",
+                          make=lambda t, first=first: t[:, first::2].contiguous())
+                for kind, first in (("FFN_GATE_EXP", 0), ("FFN_UP_EXP", 1))]
+    if name.endswith("mlp.experts.down_proj_bias"):
+        if tuple(shape) != (E, D):
+            raise ValueError(f"{name!r} is {list(shape)}, not {[E, D]}")
+        return [GGUFPiece(name, (E, D), kind="FFN_DOWN_EXP", layer=layer, suffix=".bias", qtype="F32")]
+    return whole(name, shape, c)
+
+
+def _gguf_keys(w, hf: dict, c: MoEConfig, gguf) -> None:
+    gqa_keys(w, c)
+    w.add_expert_feed_forward_length(c.moe_intermediate)
+    w.add_sliding_window(int(c.sliding_window))
+
+
 FAMILY = GptOssFamily(name="gpt_oss", model_types=("gpt_oss",), config_of=config, moe="mlp", router="router",
-                      expert_names={}, attention=SinkAttention, moe_module=SoftmaxOfTopK)
+                      expert_names={}, attention=SinkAttention, moe_module=SoftmaxOfTopK, compressed_tensors=False,
+                      gguf=GGUFArch("gpt-oss", _gguf_check, _gguf_keys, _gguf_pieces, yarn_attn_factor=False))
