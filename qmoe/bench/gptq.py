@@ -26,14 +26,13 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 
 from qmoe.compression import steps
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec, resolve_model
 from qmoe.compression.gptq import GPTQ
 from qmoe.compression.pipeline import CompressConfig
-from qmoe.models.switch import FORM as SWITCH_FORM
+from qmoe.models.family import SWIGLU_FORM
 from qmoe.quant import Method, Scheme, dequantize_codes, rtn
 
 VARIANTS = ("gptq", "rtn", "before", "qmoe")  # on the Hessian GPTQ was given
@@ -98,16 +97,17 @@ class Observer:
 
         def observed_experts(worker, *a, **kw):
             call = dict(zip(("stack", "i"), a)) | kw
-            self._block = f"{call['stack']}.block.{call['i']}"
+            self._block = worker.fam.block_name(call["stack"], call["i"])
             return experts(worker, *a, **kw)
 
         def observed_rows(token_ids, *a, **kw):
             self._sels.append(rows(token_ids, *a, **kw))
             return torch.arange(token_ids.numel())
 
-        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=SWITCH_FORM):
+        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=SWIGLU_FORM):
             sels, self._sels = self._sels[-len(weights):], []
-            D = weights[0]["wi"].shape[1]
+            self._form, self._weights = form, weights
+            D = weights[0][form.inputs[0]].shape[1]
             X = [torch.cat([torch.zeros(0, D), *hessian_slabs(k)]) for k in range(len(weights))]
 
             def slabs(k: int):
@@ -138,12 +138,17 @@ class Observer:
         self._stack.close()
 
     def _record(self, fasterquant, X: list[torch.Tensor], q, cfg) -> None:
-        """Errors of one batch's wi (first call) and wo (second call)."""
-        for kind, (W, H, n, Q, fell, scheme, blocksize, percdamp, min_tokens) in zip(("wi", "wo"), self._calls):
-            if kind == "wi":
+        """Errors of one batch's input matrices, stacked (first call), and output matrix (second call)."""
+        form = self._form
+        kinds = ("+".join(form.inputs), form.output)
+        for kind, (W, H, n, Q, fell, scheme, blocksize, percdamp, min_tokens) in zip(kinds, self._calls):
+            if kind == kinds[0]:
                 inputs = [x.to(W.device) for x in X]
             else:
-                inputs = [F.relu(x.to(W.device) @ e["wi"].values().to(W.device).T) for x, e in zip(X, q)]
+                inputs = [form.hidden(x.to(W.device), torch.cat([e[k].values() for k in form.inputs]).to(W.device),
+                                      torch.cat([w[f"{k}_bias"].float() for k in form.inputs]).to(W.device)
+                                      if form.bias else None)
+                          for x, e, w in zip(X, q, self._weights)]
             H_all = torch.stack([hessian(x) for x in inputs])
             err = {"gptq": relative_error(W, Q, H), "rtn": relative_error(W, dequantize_codes(*rtn(W, scheme)), H),
                    "before": relative_error(W, gptq_with_damp(fasterquant, W, H, n, damp_before(H, percdamp), scheme,
@@ -178,7 +183,7 @@ def summarize_layerwise(records: list[dict]) -> dict:
         rs = [r for r in records if (r["block"], r["kind"]) == (b, k)]
         blocks.append(dict(block=b, kind=k, **group(rs), hessian_tokens=[r["tokens"] for r in rs],
                            routed_tokens=[r["all_tokens"] for r in rs]))
-    kinds = {k: group([r for r in records if r["kind"] == k]) for k in ("wi", "wo")}
+    kinds = {k: group([r for r in records if r["kind"] == k]) for k in dict.fromkeys(r["kind"] for r in records)}
     return {"blocks": blocks, "all": kinds}
 
 

@@ -39,7 +39,7 @@ def build(work: Path, blocks: int, experts: int, device: str, train_samples: int
     from qmoe.data import DataSpec
     from qmoe.compression.pipeline import CompressConfig
     from qmoe.quant import Method
-    from qmoe.synth import C2048, synth_config, write_synthetic
+    from qmoe.synth import synth_config, write_synthetic
 
     out = work / f"c2048-shaped-{blocks}x{experts}-ternary-rtn"
     try:
@@ -48,7 +48,7 @@ def build(work: Path, blocks: int, experts: int, device: str, train_samples: int
     except CheckpointError:
         pass
     ckpt = work / f"synth-{blocks}x{experts}"
-    write_synthetic(ckpt, synth_config(blocks, experts, **C2048), seed=0, progress=progress)
+    write_synthetic(ckpt, synth_config(blocks, experts), seed=0, progress=progress)
     t = time.perf_counter()
     compress_model(ckpt, out, CompressConfig(method=Method.RTN, device=device),
                    DataSpec(train_samples=train_samples, val_samples=val_samples), overwrite=True,

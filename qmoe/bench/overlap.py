@@ -33,13 +33,13 @@ def run(experts: int = 8, method: str = "rtn", repeats: int = 3, train_samples: 
     from qmoe.compression.pipeline import CompressConfig
     from qmoe.data import DataSpec
     from qmoe.quant import Method
-    from qmoe.synth import C2048, synth_config, write_synthetic
+    from qmoe.synth import synth_config, write_synthetic
 
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-overlap-"))
     try:
         ckpt = root / "synth"
-        write_synthetic(ckpt, synth_config(1, experts, **C2048), seed=0, progress=lambda *a: None)
+        write_synthetic(ckpt, synth_config(1, experts), seed=0, progress=lambda *a: None)
         for r in range(repeats):
             for behind in (False, True):
                 steps.Worker.write_behind = behind

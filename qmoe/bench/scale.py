@@ -69,7 +69,7 @@ def _same_experts(a: Path, b: Path) -> bool:
 
 
 def run(args) -> dict:
-    from qmoe.synth import C2048, synth_config, write_synthetic
+    from qmoe.synth import synth_config, write_synthetic
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def run(args) -> dict:
         ckpt = root / f"synth-e{E}"
         if not (ckpt / "config.json").exists():
             print(f"synthesizing {ckpt} ({E} experts a block) ...", flush=True)
-            write_synthetic(ckpt, synth_config(args.blocks, E, **C2048), progress=lambda *_: None)
+            write_synthetic(ckpt, synth_config(args.blocks, E), progress=lambda *_: None)
         plan = [("rtn", 0), ("rtn", 2)] + ([("gptq", 0)] if E in args.gptq else [])
         for method, workers in plan:
             out = root / f"out-e{E}-{method}-w{workers}"

@@ -64,16 +64,15 @@ def run(experts: int = 64, method: str = "gptq", device: str = "cpu", runs: str 
     from qmoe.compression.pipeline import CompressConfig
     from qmoe.data import DataSpec
     from qmoe.quant import Method
-    from qmoe.synth import C2048, synth_config, write_synthetic
+    from qmoe.synth import synth_config, write_synthetic
 
     plan = parse_runs(runs)
-    shapes = shapes or C2048
     rows, first = [], None
     root = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     try:
         ckpt = root / "synth"
         t = time.perf_counter()
-        write_synthetic(ckpt, synth_config(1, experts, **shapes), seed=0, progress=lambda *a: None)
+        write_synthetic(ckpt, synth_config(1, experts, **(shapes or {})), seed=0, progress=lambda *a: None)
         progress(f"synthetic checkpoint: {time.perf_counter() - t:.1f} s")
         for k, (workers, gpus) in enumerate(plan):
             executor = None

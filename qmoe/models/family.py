@@ -252,6 +252,11 @@ class Family:
         position may feed a Hessian: ids >= floor never do."""
         return torch.zeros_like(ids["labels"])
 
+    def synthetic_config(self, blocks: int, experts: int, **dims) -> dict:
+        """A config.json of this family with `blocks` sparse blocks a stack and `experts` experts at its largest
+        published model's widths (or `dims`), for qmoe.synth."""
+        raise NotImplementedError(f"{self.name}: no synthetic config")
+
     # ---- training (qmoe.train) -------------------------------------------------------------------------------
     train_default: dict | None = None  # config.json of the shipped default model (None: not trained here)
     objective: str = ""  # how its samples are made, for TRAINING.md

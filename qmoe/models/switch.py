@@ -171,6 +171,9 @@ def config_from_hf(hf: dict, tensor_names: Iterable[str] | None = None) -> Switc
     )
 
 
+# SwitchTransformer-c2048's widths: its experts are wi 6144 x 2080, wo 2080 x 6144.
+C2048_DIMS = dict(d_model=2080, d_ff=6144, num_heads=30, d_kv=64)
+
 # Named presets. `tiny` is what unit tests build; `default` is the embedded model's shape.
 PRESETS: dict[str, SwitchConfig] = {
     "tiny": SwitchConfig(vocab_size=384, d_model=32, d_ff=64, num_heads=2, d_kv=16, num_experts=4,
@@ -661,6 +664,14 @@ class SwitchFamily(Family):
         return load_samples(model_dir, hf, spec)
 
     objective = "T5 span corruption (15% noise, mean span 3)"
+
+    def synthetic_config(self, blocks: int, experts: int, **dims) -> dict:
+        """c2048's shapes (C2048_DIMS, or `dims`) with `blocks` sparse blocks in each stack, every block sparse,
+        untied head, a byte vocabulary (384): the embedded corpus tokenizes with no tokenizer files."""
+        d = C2048_DIMS | dims
+        return SwitchConfig(vocab_size=384, d_model=d["d_model"], d_ff=d["d_ff"], num_heads=d["num_heads"],
+                            d_kv=d["d_kv"], num_experts=experts, encoder_sparse=(True,) * blocks,
+                            decoder_sparse=(True,) * blocks, tie_word_embeddings=False).to_hf_dict()
 
     @property
     def train_default(self) -> dict:
