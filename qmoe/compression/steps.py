@@ -289,9 +289,8 @@ class Worker:
             os._exit(1)
         name, form = self.job.block_name(stack, i), self.job.form
         js = list(range(g0, g1))
-        borrow = self.fam.borrow_layer_tokens
         rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form,
-                                    whole=borrow and s.name == "train")
+                                    whole=self.fam.borrow_layer_tokens and s.name == "train")
                 for s in self.job.streams}
         secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0, encode_write_wait=0.0)
         need_original = self._needs_original(replay)
@@ -314,39 +313,15 @@ class Worker:
                     self._read_ahead(self.job.block_name(next_call["stack"], next_call["i"]), _first_batch(next_call, self.job.plan.batch))
             if not replay:
                 t1 = time.perf_counter()
-                sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap,
-                                       expert_seed(self.cfg, block_index, j), self.cfg.min_tokens) for j in batch}
-                # An expert with fewer than min_tokens tokens takes its layer's where the family says so (every
-                # routing choice of the layer, a seeded subset of `cap`); otherwise it falls back to RTN.
-                src = {j: LAYER if borrow and len(sel[j]) < self.cfg.min_tokens else j for j in batch}
-                for j in batch:
-                    if src[j] == LAYER:
-                        sel[j] = hessian_rows(train.ids(LAYER), self.job.sentinel_floor, cap,
-                                              expert_seed(self.cfg, block_index, j))
-                        layer_tokens.append(j)
-                slab = self.cfg.slab_rows
-
-                def hessian_slabs(k: int):
-                    j = batch[k]
-                    for s0 in range(0, len(sel[j]), slab):
-                        yield train.gather(src[j], sel[j][s0:s0 + slab])
-
-                q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device, form)
+                q, why, counts, borrowed = self._quantize_batch(batch, original, train, cap, block_index, form)
                 secs["quantize"] += time.perf_counter() - t1
+                layer_tokens += borrowed
                 for j, qe, r in zip(batch, q, why):
-                    quantized[j], reasons[j], hess[j] = qe, r, len(sel[j])
+                    quantized[j], reasons[j], hess[j] = qe, r, counts[j]
                 if b == len(batches) - 1 and self.write_behind:  # all quantized: written behind these outputs
                     writing = self._writer.submit(self._write_group, name, g0, g1, quantized)
             t1 = time.perf_counter()
-            for k, j in enumerate(batch):  # one expert's float32 weights at a time, for every stream
-                biases = self.fam.expert_biases(self.reader, name, j) if form.bias else {}
-                w = {"original": None if original is None else original[k],
-                     "compressed": {**(decoded.weights(j) if replay else
-                                       {m: q.values() for m, q in quantized[j].items()}), **biases}}
-                for s in self.job.streams:
-                    rows[s.name].run(j, {m: t.to(self.device, torch.float32) for m, t in w[s.experts].items()},
-                                     self.cfg.slab_rows)
-                del w
+            self._run_outputs(name, batch, original, quantized, decoded, rows, form)
             secs["outputs"] += time.perf_counter() - t1
             del original
         record = {}
@@ -364,6 +339,43 @@ class Worker:
         secs["total"] = time.perf_counter() - t0
         return self._done(group=[g0, g1], **record, seconds=secs,
                           activation_bytes_read=sum(r.bytes_read for r in rows.values()))
+
+    def _quantize_batch(self, batch: tuple[int, ...], original: list[dict], train: "_ExpertRows", cap: int,
+                        block_index: int, form) -> tuple[list[dict], list[str], dict[int, int], list[int]]:
+        """GPTQ (or RTN) of a batch of experts from their Hessian tokens: (quantized experts, why each fell back to
+        RTN, Hessian tokens by expert, the experts that took their layer's tokens). An expert with fewer than
+        min_tokens tokens takes its layer's where the family says so (every routing choice of the layer, a seeded
+        subset of `cap`); otherwise it falls back to RTN."""
+        borrow = self.fam.borrow_layer_tokens
+        sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap, expert_seed(self.cfg, block_index, j),
+                               self.cfg.min_tokens) for j in batch}
+        src = {j: LAYER if borrow and len(sel[j]) < self.cfg.min_tokens else j for j in batch}
+        borrowed = [j for j in batch if src[j] == LAYER]
+        for j in borrowed:
+            sel[j] = hessian_rows(train.ids(LAYER), self.job.sentinel_floor, cap, expert_seed(self.cfg, block_index, j))
+        slab = self.cfg.slab_rows
+
+        def hessian_slabs(k: int):
+            j = batch[k]
+            for s0 in range(0, len(sel[j]), slab):
+                yield train.gather(src[j], sel[j][s0:s0 + slab])
+
+        q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device, form)
+        return q, why, {j: len(sel[j]) for j in batch}, borrowed
+
+    def _run_outputs(self, name: str, batch: tuple[int, ...], original: list[dict] | None, quantized: dict,
+                     decoded, rows: dict, form) -> None:
+        """Every stream's tokens through the batch's experts, one expert's float32 weights at a time: the
+        compressed ones (quantized here, or read back from the group file when replaying) or the original."""
+        for k, j in enumerate(batch):
+            biases = self.fam.expert_biases(self.reader, name, j) if form.bias else {}
+            w = {"original": None if original is None else original[k],
+                 "compressed": {**(decoded.weights(j) if decoded is not None else
+                                   {m: q.values() for m, q in quantized[j].items()}), **biases}}
+            for s in self.job.streams:
+                rows[s.name].run(j, {m: t.to(self.device, torch.float32) for m, t in w[s.experts].items()},
+                                 self.cfg.slab_rows)
+            del w
 
     def _write_group(self, name: str, g0: int, g1: int, quantized: dict) -> tuple[str, dict, int, str, float]:
         """Encode and write a group's file: (its path relative to the output, manifest entries, bytes, sha256,

@@ -177,7 +177,6 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
     """Write OUT from the compressed directory SRC (see the module's docstring); returns a summary: files, tensor
     bytes, expert parameters and the bits per parameter of the exported expert tensors. ternary_type: GGUF's type
     for ternary-g256 experts (TQ1_0 or TQ2_0)."""
-
     src, out = Path(src), Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r}: the formats are {', '.join(FORMATS)}")
@@ -185,26 +184,24 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
         from qmoe.export.gguf import export_gguf
 
         return export_gguf(src, out, overwrite, max_shard_bytes, progress, ternary_type)
-    _check_out(src, out, overwrite)
-    hf, _ = _read_source(src)
-    fam = FAMILIES[hf["model_type"]]
-    mcfg = fam.config(hf)
-    shapes = fam.expert_shapes(mcfg)
-    blocks = fam.sparse_blocks(mcfg)
-    groups = []  # (block, g0, g1, file)
-    for block in blocks:
+    return export_compressed_tensors(src, out, overwrite, max_shard_bytes, progress)
+
+
+def _group_files(src: Path, fam, mcfg) -> list[tuple[str, int, int, Path]]:
+    """(block, first expert, end, file) of every group file, each block's covering its experts exactly."""
+    groups = []
+    for block in fam.sparse_blocks(mcfg):
         spans = sorted(_group_range(f) + (f,) for f in block_files(src, block))
         if [j for g0, g1, _ in spans for j in range(g0, g1)] != list(range(mcfg.num_experts)):
-            raise ExportError(f"{src / 'experts' / block}: the group files do not cover experts 0..{mcfg.num_experts - 1}")
+            raise ExportError(f"{src / 'experts' / block}: the group files do not cover experts "
+                              f"0..{mcfg.num_experts - 1}")
         groups += [(block, g0, g1, f) for g0, g1, f in spans]
+    return groups
 
-    with safe_open(str(src / DENSE_FILE), framework="pt") as h:
-        dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
-    routed = [k for k in dense if fam.is_expert(k)]
-    if routed:
-        raise ExportError(f"{src / DENSE_FILE}: holds a routed expert's tensor {routed[0]!r}")
 
-    # Shards: dense tensors in their file's order, then each group's experts; a new shard past max_shard_bytes.
+def _shard_plan(dense: dict, groups: list, shapes: dict, max_shard_bytes: int) -> list[list[tuple]]:
+    """Shards of (kind, what, bytes): dense tensors in their file's order, then each group's experts; a new shard
+    past max_shard_bytes."""
     nbytes = {"BF16": 2, "F16": 2, "F32": 4}
     units = [("dense", k, nbytes.get(dt, 4) * _numel(s)) for k, (dt, s) in dense.items()]
     per_expert = sum(R * (-(-C // 8)) * 4 + R * 2 + (-(-R // 8)) * 4 + 16 for R, C in shapes.values())  # at most
@@ -216,6 +213,23 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
             size = 0
         shards[-1].append(u)
         size += u[2]
+    return shards
+
+
+def export_compressed_tensors(src: Path, out: Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                              progress=print) -> dict:
+    _check_out(src, out, overwrite)
+    hf, _ = _read_source(src)
+    fam = FAMILIES[hf["model_type"]]
+    mcfg = fam.config(hf)
+    shapes = fam.expert_shapes(mcfg)
+    groups = _group_files(src, fam, mcfg)
+    with safe_open(str(src / DENSE_FILE), framework="pt") as h:
+        dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
+    routed = [k for k in dense if fam.is_expert(k)]
+    if routed:
+        raise ExportError(f"{src / DENSE_FILE}: holds a routed expert's tensor {routed[0]!r}")
+    shards = _shard_plan(dense, groups, shapes, max_shard_bytes)
 
     def name_of(block: str):
         return lambda j, kind: f"{block}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}"
@@ -248,24 +262,26 @@ def export(src: Path | str, out: Path | str, fmt: str = "compressed-tensors", ov
         config["quantization_config"] = quantization_config(fam.expert_names,
                                                             hf["qmoe"]["scheme"] == Scheme.INT4_SYM.value)
         atomic_write_json(tmp / "config.json", config)
-        copied = []
-        for name in TOKENIZER_FILES:
-            f = model_file(src, name)
-            if f is not None:
-                shutil.copyfile(f, tmp / name)
-                copied.append(name)
+        copied = [name for name in TOKENIZER_FILES if _copy_file(model_file(src, name), tmp / name)]
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    params_experts = len(blocks) * mcfg.num_experts * sum(r * c for r, c in shapes.values())
+    params_experts = len(fam.sparse_blocks(mcfg)) * mcfg.num_experts * sum(r * c for r, c in shapes.values())
     files = sorted(set(weight_map.values())) + ([INDEX_FILE] if len(shards) > 1 else []) + ["config.json"] + copied
-    summary = {"format": fmt, "source": str(src), "out": str(out), "files": files, "tensor_bytes": total,
-               "expert_bytes": expert_bytes, "params_experts": params_experts,
+    summary = {"format": "compressed-tensors", "source": str(src), "out": str(out), "files": files,
+               "tensor_bytes": total, "expert_bytes": expert_bytes, "params_experts": params_experts,
                "bits_per_param_experts": 8 * expert_bytes / params_experts}
-    progress(f"{out}: {fmt} pack-quantized, {len(files)} files, experts at "
+    progress(f"{out}: compressed-tensors pack-quantized, {len(files)} files, experts at "
              f"{summary['bits_per_param_experts']:.3f} bits a parameter")
     return summary
+
+
+def _copy_file(f: Path | None, to: Path) -> bool:
+    if f is None:
+        return False
+    shutil.copyfile(f, to)
+    return True
 
 
 def _numel(shape) -> int:
