@@ -15,7 +15,7 @@ def load(path, device="cpu", dtype=None, fused=True):
 
     import torch
 
-    from qmoe.compressed import is_compressed, load_compressed
+    from qmoe.format.directory import is_compressed, load_compressed
     from qmoe.models.registry import load as load_checkpoint
 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

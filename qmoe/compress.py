@@ -14,7 +14,7 @@ from qmoe.checkpoint import CheckpointError
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec, resolve_model
 from qmoe.compression.memory import MemoryError_, parse_size
-from qmoe.compression.pipeline import DECODER_MASKS, CompressConfig
+from qmoe.compression.settings import ActivationDtype, CompressConfig, DecoderMask, Device
 from qmoe.quant import Method, Scheme
 
 
@@ -35,19 +35,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=s.train_samples)
     p.add_argument("--val-samples", type=int, default=s.val_samples, help="0: no validation losses")
     p.add_argument("--seed", type=int, default=s.seed)
-    p.add_argument("--group-size", type=int, default=d.group_size, help="experts per batched GPTQ")
+    p.add_argument("--group-size", type=int, default=d.group_size, help="experts per group: one file and one dictionary per matrix kind, one task")
     p.add_argument("--percdamp", type=float, default=d.percdamp)
     p.add_argument("--token-cap", type=float, default=d.token_cap, help="Hessian tokens per expert, x the mean")
-    p.add_argument("--decoder-mask", default=d.decoder_mask, choices=list(DECODER_MASKS),
+    p.add_argument("--decoder-mask", default=d.decoder_mask.value, choices=[m.value for m in DecoderMask],
                    help="decoder positions left out of the Hessians: those whose target is a sentinel, and each "
                         "sample's last (target), or those whose input is a sentinel (input)")
     p.add_argument("--chunk-samples", type=int, default=d.chunk_samples,
                    help="samples per activation chunk (the dense pass's batch; changes float results)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads per step in every process (a recorded setting: results depend on it)")
-    p.add_argument("--activation-dtype", default=d.activation_dtype, choices=["float32", "bfloat16"],
+    p.add_argument("--activation-dtype", default=d.activation_dtype.value, choices=[t.value for t in ActivationDtype],
                    help="dtype of the activation files")
-    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"],
+    p.add_argument("--device", default=d.device.value, choices=[v.value for v in Device],
                    help="where GPTQ and the dense pass compute (a Ray pool then asks for one GPU per worker)")
     p.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="memory bound for every process, e.g. 3G or 2500M (default: 80%% of the available memory, "
@@ -86,7 +86,7 @@ def _interrupt(signum, frame) -> None:
 
 def saved(out: Path) -> str:
     """What an interrupted run left in `out` and how to go on, in one line."""
-    from qmoe.compressed import Manifest
+    from qmoe.format.directory import Manifest
 
     try:
         m = Manifest.load(out).data

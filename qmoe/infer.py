@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qmoe.checkpoint import CheckpointError, read_hf_config
-from qmoe.compressed import is_compressed, load_compressed
+from qmoe.format.directory import is_compressed, load_compressed
 from qmoe.data import DataConfig, DataSpec, default_seq_len, resolve_model
 from qmoe.inference.baseline import simulate_uncompressed
 from qmoe.inference.evaluate import validation_loss

@@ -7,12 +7,12 @@ value = scale * q with q = code - 8 in -8..7 (compressed-tensors' symmetric int4
 are rounded to bf16 before use, so what GPTQ quantizes against is exactly what is stored and what `dequantize` gives
 back.
 
-Scheme.TERNARY_G256 is the symmetric ternary grid {-d, 0, d} with one fp16 scale d per group of 256 columns of a row
-(d = max |w| over the group, rounded to fp16; the last group of a row may be shorter): GGUF's TQ1_0 / TQ2_0 blocks,
-which llama.cpp serves. Codes as ternary's: 0 -> 0, 1 -> d, 2 -> -d; held as lo = -d, hi = d per group.
+Scheme.TERNARY_G256 is the symmetric ternary grid {-d, 0, d} with one fp16 scale d per span of 256 columns of a row
+(d = max |w| over the span, rounded to fp16; the last span of a row may be shorter): GGUF's TQ1_0 / TQ2_0 blocks,
+which llama.cpp serves. Codes as ternary's: 0 -> 0, 1 -> d, 2 -> -d; held as lo = -d, hi = d per span.
 
-Shapes: W [E, R, C] (experts, rows = out features, columns = in features); row params [E, R], group params
-[E, R, G] with G = ceil(C / group).
+Shapes: W [E, R, C] (experts, rows = out features, columns = in features); row params [E, R], span params
+[E, R, G] with G = ceil(C / scale_columns).
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class Scheme(enum.Enum):
     TERNARY_G256 = "ternary-g256"  # {-d, 0, d}, one fp16 d per 256 columns (GGUF's TQ1_0 / TQ2_0)
 
     @property
-    def group(self) -> int:
-        """Columns that share one set of grid parameters; 0: the whole row."""
+    def scale_columns(self) -> int:
+        """Columns that share one set of grid parameters (a scale); 0: the whole row. ("Group", in qmoe, is the
+        experts one file holds.)"""
         return 256 if self is Scheme.TERNARY_G256 else 0
 
     @property
@@ -61,7 +62,7 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RowParams:
-    """Per-row (or per-group) grid parameters: ternary uses (lo, hi); intN uses (scale, zero). Tensors [E, R] (group
+    """Per-row (or per-span) grid parameters: ternary uses (lo, hi); intN uses (scale, zero). Tensors [E, R] (span
     schemes [E, R, G]), stored as named."""
 
     scheme: Scheme
@@ -97,10 +98,10 @@ class RowParams:
 
 
 def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
-    """Row grids from the rows' ranges. W [..., R, C] -> params [..., R] (group schemes: [..., R, G])."""
-    if scheme.group:
-        pad = (-W.shape[-1]) % scheme.group
-        amax = F.pad(W.abs(), (0, pad)).unflatten(-1, (-1, scheme.group)).amax(-1)
+    """Row grids from the rows' ranges. W [..., R, C] -> params [..., R] (span schemes: [..., R, G])."""
+    if scheme.scale_columns:
+        pad = (-W.shape[-1]) % scheme.scale_columns
+        amax = F.pad(W.abs(), (0, pad)).unflatten(-1, (-1, scheme.scale_columns)).amax(-1)
         d = amax.to(torch.float16).to(torch.float32)
         if not torch.isfinite(d).all():
             raise ValueError(f"a weight's magnitude exceeds fp16's range ({amax.max().item():.4g}); "
@@ -123,12 +124,12 @@ def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
 
 def _levels(w: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
     """p's (a, b) broadcast against w: w [..., R] takes them as they are ([..., R]: one column's), w [..., R, C]
-    over its columns (row params [..., R] unsqueezed; group params [..., R, G] repeated group times, cut to C)."""
+    over its columns (row params [..., R] unsqueezed; span params [..., R, G] repeated scale_columns times, cut to C)."""
     a, b = p.a, p.b
     if w.dim() == a.dim() + 1:
         return a.unsqueeze(-1), b.unsqueeze(-1)
-    if p.scheme.group and a.shape[-1] != w.shape[-1]:
-        g, C = p.scheme.group, w.shape[-1]
+    if p.scheme.scale_columns and a.shape[-1] != w.shape[-1]:
+        g, C = p.scheme.scale_columns, w.shape[-1]
         return a.repeat_interleave(g, -1)[..., :C], b.repeat_interleave(g, -1)[..., :C]
     return a, b
 

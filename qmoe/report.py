@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmoe.checkpoint import CheckpointError
-from qmoe.compressed import DENSE_FILE, block_files, read_manifest
+from qmoe.format.directory import DENSE_FILE, block_files, read_manifest
 from qmoe.inference.placement import split_contiguous
 from qmoe.models.registry import family_named, family_of
 from qmoe.store import atomic_write_text

@@ -4,7 +4,7 @@ import pytest
 
 from qmoe.bench.gptq import Observer, summarize_layerwise
 from qmoe.compression.compressor import compress_model
-from qmoe.compression.pipeline import CompressConfig
+from qmoe.compression.settings import CompressConfig
 from qmoe.data import DataConfig, DataSpec
 from qmoe.models.registry import build, family_of_dir
 

@@ -23,8 +23,8 @@ from qmoe.export import ExportError, export  # noqa: E402
 from qmoe.data import validation_windows  # noqa: E402
 from qmoe.models.registry import FAMILIES  # noqa: E402
 from hf_fixtures import next_token_loss  # noqa: E402
-from qmoe.packed import unpack  # noqa: E402
-from qmoe.compression.pipeline import CompressConfig  # noqa: E402
+from qmoe.format.packed import unpack  # noqa: E402
+from qmoe.compression.settings import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
 from qmoe.tokenizer import ByteTokenizer  # noqa: E402
 from test_families import _deepseek_v3, _mixtral, _qwen3_moe  # noqa: E402

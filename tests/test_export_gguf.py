@@ -22,7 +22,7 @@ from qmoe.data import DataConfig  # noqa: E402
 from qmoe.export import ExportError, export  # noqa: E402
 from qmoe.models.base import rope  # noqa: E402
 from qmoe.models.registry import FAMILIES  # noqa: E402
-from qmoe.compression.pipeline import CompressConfig  # noqa: E402
+from qmoe.compression.settings import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
 from qmoe.tokenizer import ByteTokenizer  # noqa: E402
 from test_export import _copy, _quiet, _refused, _run, _umask  # noqa: E402

@@ -12,7 +12,7 @@ pytest.importorskip("gguf")
 
 from qmoe.bench.llamacpp import compare, llamacpp_logits, qmoe_logits  # noqa: E402
 from qmoe.compression.compressor import compress_model  # noqa: E402
-from qmoe.compression.pipeline import CompressConfig  # noqa: E402
+from qmoe.compression.settings import CompressConfig  # noqa: E402
 from qmoe.data import DataSpec  # noqa: E402
 from qmoe.data import DataConfig  # noqa: E402
 from qmoe.export import export  # noqa: E402

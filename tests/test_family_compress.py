@@ -12,14 +12,14 @@ import qmoe
 from qmoe import compress as compress_cli
 from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError
-from qmoe.compressed import load_compressed
+from qmoe.format.directory import load_compressed
 from qmoe.compression.compressor import compress_model
 from qmoe.corpus import load_default_corpus
 from qmoe.data import DataConfig, DataSpec, resolve_model
 from qmoe.data import validation_windows
 from qmoe.models.registry import load as load_original
 from hf_fixtures import next_token_loss
-from qmoe.compression.pipeline import CompressConfig
+from qmoe.compression.settings import CompressConfig
 from qmoe.quant import Method, Scheme
 from qmoe.tokenizer import ByteTokenizer
 from test_families import _deepseek_v3, _fp8_blocks, _gpt_oss, _mixtral, _qwen3_moe

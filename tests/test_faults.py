@@ -16,7 +16,7 @@ import torch
 from qmoe import compress as compress_cli
 from qmoe import report
 from qmoe.checkpoint import CheckpointError
-from qmoe.compressed import load_compressed
+from qmoe.format.directory import load_compressed
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec
 
@@ -237,7 +237,7 @@ def test_a_broken_manifest_is_named(done, tmp_path, capsys, tiny_ckpt):
 
 def _rewrite_manifest(d: Path, edit) -> None:
     """Edit the manifest and give it a consistent checksum of itself, as a careful forger would."""
-    from qmoe.compressed import _self_sha256
+    from qmoe.format.directory import _self_sha256
 
     m = json.loads((d / "manifest.json").read_text())
     edit(m)

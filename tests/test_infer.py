@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qmoe import infer as infer_cli
-from qmoe.compressed import load_compressed
+from qmoe.format.directory import load_compressed
 from qmoe.compression.compressor import CompressConfig, compress_model
 from qmoe.data import DataSpec, load_samples
 from qmoe.inference.baseline import simulate_uncompressed

@@ -12,10 +12,11 @@ from qmoe.codec.container import read_container
 from qmoe import compress as compress_cli
 from qmoe import infer as infer_cli
 from qmoe.checkpoint import CheckpointError
-from qmoe.compressed import load_compressed, read_manifest
+from qmoe.format.directory import load_compressed, read_manifest
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec
-from qmoe.compression.pipeline import CompressConfig, hessian_rows, quantize_experts
+from qmoe.compression.group import hessian_rows, quantize_experts
+from qmoe.compression.settings import CompressConfig
 from qmoe.models.family import SWIGLU_FORM
 from qmoe.models.switch import FORM as RELU_FORM
 from qmoe.models.switch import hessian_mask_ids

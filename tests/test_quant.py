@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from qmoe.compression.gptq import GPTQ
-from qmoe.packed import QuantizedMatrix, pack, unpack
+from qmoe.format.packed import QuantizedMatrix, pack, unpack
 from qmoe.quant import Scheme, _levels, dequantize_codes, find_params, quantize, rtn
 
 

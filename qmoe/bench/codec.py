@@ -109,7 +109,7 @@ def ternary_model(experts_dir: Path | None) -> Path:
         return Path(experts_dir)
     from qmoe.compression.compressor import compress_model
     from qmoe.data import DataSpec, resolve_model
-    from qmoe.compression.pipeline import CompressConfig
+    from qmoe.compression.settings import CompressConfig
 
     experts_dir = Path(tempfile.mkdtemp(prefix="qmoe-bench-")) / "default-ternary"
     print(f"compressing the default model (ternary, GPTQ) into {experts_dir} ...", file=sys.stderr)

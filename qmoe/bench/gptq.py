@@ -31,7 +31,7 @@ from qmoe.compression import steps
 from qmoe.compression.compressor import compress_model
 from qmoe.data import DataSpec, resolve_model
 from qmoe.compression.gptq import GPTQ
-from qmoe.compression.pipeline import CompressConfig
+from qmoe.compression.settings import CompressConfig
 from qmoe.models.family import SWIGLU_FORM
 from qmoe.quant import Method, Scheme, dequantize_codes, rtn
 

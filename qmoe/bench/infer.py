@@ -34,10 +34,10 @@ def build(work: Path, blocks: int, experts: int, device: str, train_samples: int
     """A compressed c2048-shaped model under `work` (made once: an existing complete one is reused). The
     synthetic checkpoint is deleted once compressed: it is 3.3 GB a block of 64 experts."""
     from qmoe.checkpoint import CheckpointError
-    from qmoe.compressed import read_manifest
+    from qmoe.format.directory import read_manifest
     from qmoe.compression.compressor import compress_model
     from qmoe.data import DataSpec
-    from qmoe.compression.pipeline import CompressConfig
+    from qmoe.compression.settings import CompressConfig
     from qmoe.quant import Method
     from qmoe.synth import synth_config, write_synthetic
 
@@ -99,7 +99,7 @@ def run(compressed: Path | None, work: Path, blocks: int, experts: int, device: 
         val_samples: int, keep: bool = False, partial: Path | None = None) -> dict:
     """The result (see format_table); `partial`: a JSON file rewritten after every row, marked "partial", so that
     a run stopped by a time limit leaves what it measured."""
-    from qmoe.compressed import load_compressed
+    from qmoe.format.directory import load_compressed
     from qmoe.data import DataSpec, load_samples
     from qmoe.inference.evaluate import validation_loss
     from qmoe.inference.baseline import simulate_uncompressed

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from qmoe.compression.compressor import compress_model
-from qmoe.compression.pipeline import CompressConfig
+from qmoe.compression.settings import CompressConfig
 from qmoe.data import DataSpec, resolve_model
 from qmoe.quant import Method, Scheme
 

@@ -30,7 +30,7 @@ def run(experts: int = 8, method: str = "rtn", repeats: int = 3, train_samples: 
         progress=print) -> dict:
     from qmoe.compression import steps
     from qmoe.compression.compressor import compress_model
-    from qmoe.compression.pipeline import CompressConfig
+    from qmoe.compression.settings import CompressConfig
     from qmoe.data import DataSpec
     from qmoe.quant import Method
     from qmoe.synth import synth_config, write_synthetic

@@ -61,7 +61,7 @@ def run(experts: int = 64, method: str = "gptq", device: str = "cpu", runs: str 
         progress=print, partial: Path | None = None) -> dict:
     """partial: a JSON file rewritten after each run, so a run cut short by a time limit keeps the runs done."""
     from qmoe.compression.compressor import compress_model
-    from qmoe.compression.pipeline import CompressConfig
+    from qmoe.compression.settings import CompressConfig
     from qmoe.data import DataSpec
     from qmoe.quant import Method
     from qmoe.synth import synth_config, write_synthetic

@@ -15,14 +15,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qmoe import compressed as C
+from qmoe.format import directory as C
 from qmoe.compression.activations import ActivationStore
 from qmoe.compression import outdir
 from qmoe.checkpoint import model_file, open_every_shard
 from qmoe.data import DataSpec
 from qmoe.compression.executor import LocalExecutor
 from qmoe.compression.memory import PeakMonitor, default_max_memory, plan_memory
-from qmoe.compression.pipeline import CompressConfig
+from qmoe.compression.settings import CompressConfig
 from qmoe.compression.steps import Job, Stream
 from qmoe.codec.atomic import atomic_write
 from qmoe.models.family import Family
@@ -78,7 +78,7 @@ def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSp
                  d_kv=mcfg.head_dim, chunk_tokens=cfg.chunk_samples * seq * mcfg.top_k)
     plan = plan_memory(max_memory, **sizes, vocab=mcfg.vocab_size, group_size=min(cfg.group_size, mcfg.num_experts),
                        seq_len=seq, slab_rows=cfg.slab_rows, gptq=cfg.method.value == "gptq",
-                       act_bytes=ActivationStore("", cfg.activation_dtype).itemsize, max_batch=max_batch)
+                       act_bytes=ActivationStore("", cfg.activation_dtype.value).itemsize, max_batch=max_batch)
     streams = [Stream("train", n_train, "compressed")]
     if n_val:
         streams += [Stream("before", n_val, "original"), Stream("after", n_val, "compressed")]

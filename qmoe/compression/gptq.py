@@ -6,9 +6,10 @@ upper Cholesky factor of H^-1; columns are quantized left to right in blocks of 
 error, scaled by Hinv's diagonal, is spread onto the not-yet-quantized columns (Err1 within a block, then one
 matmul for the rest).
 
-A grid of groups (Scheme.group columns sharing one scale, e.g. ternary-g256) takes each group's parameters from the
-weights as GPTQ has updated them when it reaches the group's first column (GPTQ's `groupsize`, not its static groups);
-`blocksize` divides the group, so that column starts a block and every earlier column's error has been spread.
+A grid with scales over spans of columns (Scheme.scale_columns, e.g. ternary-g256's 256) takes each span's parameters
+from the weights as GPTQ has updated them when it reaches the span's first column (GPTQ's `groupsize`, not its static
+groups); `blocksize` divides the span, so that column starts a block and every earlier column's error has been
+spread.
 
 Robustness (each counted in `GPTQResult`, none fatal): a Hessian is dampened by `percdamp` x the mean of its live
 diagonal; a column no input ever touches ("dead": its diagonal is 0) is zeroed and left out of that mean; an expert
@@ -57,9 +58,9 @@ class GPTQ:
     def fasterquant(self, W: torch.Tensor, scheme: Scheme, blocksize: int = 128, percdamp: float = 0.1,
                     min_tokens: int = 1) -> GPTQResult:
         E, R, C = W.shape
-        group = scheme.group
-        if group and group % blocksize:
-            raise ValueError(f"blocksize {blocksize} does not divide {scheme.value}'s groups of {group} columns")
+        span = scheme.scale_columns
+        if span and span % blocksize:
+            raise ValueError(f"blocksize {blocksize} does not divide {scheme.value}'s scales of {span} columns")
         W = W.to(torch.float32).clone()
         H = self.H.clone()
         reasons = ["" for _ in range(E)]
@@ -75,7 +76,7 @@ class GPTQ:
         fallback = few | bad
         H[fallback] = eye
 
-        params = find_params(W, scheme)  # the grid comes from the original weights, as in GPTQ (groups: replaced below)
+        params = find_params(W, scheme)  # the grid comes from the original weights, as in GPTQ (spans: replaced below)
         diag = torch.diagonal(H, dim1=1, dim2=2)  # [E, C], a view
         dead = diag == 0
         # Dampening from the live diagonal only, taken before a dead column's diagonal becomes 1: with small
@@ -98,9 +99,9 @@ class GPTQ:
         column_params = params
         for i1 in range(0, C, blocksize):
             i2 = min(i1 + blocksize, C)
-            if group and i1 % group == 0:  # a group's first column: its grid from the weights as updated so far
-                g = find_params(W[:, :, i1:i1 + group], scheme)
-                params.a[:, :, i1 // group], params.b[:, :, i1 // group] = g.a[..., 0], g.b[..., 0]
+            if span and i1 % span == 0:  # a span's first column: its grid from the weights as updated so far
+                g = find_params(W[:, :, i1:i1 + span], scheme)
+                params.a[:, :, i1 // span], params.b[:, :, i1 // span] = g.a[..., 0], g.b[..., 0]
                 column_params = RowParams(scheme, g.a[..., 0], g.b[..., 0])
             W1 = W[:, :, i1:i2].clone()
             Err1 = torch.zeros_like(W1)

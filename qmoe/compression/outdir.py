@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from qmoe import compressed as C
+from qmoe.format import directory as C
 from qmoe.checkpoint import CheckpointError
 
 WORK = ".work"  # the activation files, under the output directory

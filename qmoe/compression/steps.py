@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from qmoe import compressed as C
+from qmoe.format import directory as C
 from qmoe.checkpoint import CheckpointReader, read_hf_config, set_param
 from qmoe.compression.activations import ActivationStore
 from qmoe.compression.memory import GpuBusyMonitor, PeakMonitor, Plan
-from qmoe.compression.pipeline import CompressConfig, expert_seed, hessian_rows, quantize_experts
+from qmoe.compression.group import expert_seed, hessian_rows, quantize_experts
+from qmoe.compression.settings import CompressConfig
 from qmoe.models.family import SWIGLU_FORM, ExpertForm, Family
 from qmoe.models.registry import family_named, reading
 from qmoe.store import sha256_file
@@ -86,7 +87,7 @@ class Job:
 
     @property
     def store(self) -> ActivationStore:
-        return ActivationStore(self.work, self.cfg.activation_dtype)
+        return ActivationStore(self.work, self.cfg.activation_dtype.value)
 
     def stream(self, name: str) -> Stream:
         return next(s for s in self.streams if s.name == name)
@@ -105,7 +106,7 @@ class Worker:
         self.job, self.cfg, self.store = job, job.cfg, job.store
         torch.set_num_threads(job.cfg.threads)  # a recorded setting: the same float paths in every process
         self.monitor = PeakMonitor()
-        self.device = torch.device(job.cfg.device)
+        self.device = torch.device(job.cfg.device.value)
         # On a GPU: how busy it is over this worker's life (NVML samples), reported with every step.
         self.gpu_busy = GpuBusyMonitor(lambda: torch.cuda.utilization(self.device)) \
             if self.device.type == "cuda" else None

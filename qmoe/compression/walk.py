@@ -15,17 +15,29 @@ import logging
 import re
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from qmoe.compressed import Manifest
+from qmoe.format.directory import Manifest
 from qmoe.data import Samples
 from qmoe.compression.memory import format_size
-from qmoe.compression.pipeline import BlockStats, hessian_cap
+from qmoe.compression.group import hessian_cap
 from qmoe.compression.steps import Job
 
 log = logging.getLogger("qmoe")
+
+
+@dataclass
+class BlockStats:
+    name: str
+    tokens: int = 0
+    tokens_per_expert: list[int] = field(default_factory=list)
+    hessian_tokens: list[int] = field(default_factory=list)
+    fallback: dict[int, str] = field(default_factory=dict)  # expert -> reason
+    capped: int = 0
+    layer_tokens: list[int] = field(default_factory=list)  # experts whose Hessian took the layer's tokens
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def write_ids(job: Job, samples: dict[str, Samples]) -> None:

@@ -35,9 +35,9 @@ import torch
 from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
-from qmoe.compressed import DENSE_FILE, _group_range, block_files, read_manifest
+from qmoe.format.directory import DENSE_FILE, _group_range, block_files, read_manifest
 from qmoe.models.registry import BY_NAME, FAMILIES, family_of
-from qmoe.packed import unpack
+from qmoe.format.packed import unpack
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json
 

@@ -55,10 +55,10 @@ import torch
 from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
-from qmoe.compressed import DENSE_FILE, _group_range, block_files
+from qmoe.format.directory import DENSE_FILE, _group_range, block_files
 from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
 from qmoe.models.registry import BY_NAME, FAMILIES
-from qmoe.packed import unpack
+from qmoe.format.packed import unpack
 from qmoe.quant import Scheme
 from qmoe.tokenizer import ByteTokenizer
 
@@ -426,7 +426,7 @@ def _read_kind(es: ExpertSource, kind: str, shape: tuple[int, int], codes: bool,
                     raise ExportError(f"{f}: expert matrix {key!r} is missing or not {R}x{C}")
                 if scheme is Scheme.TERNARY_G256:
                     scale = h.get_tensor(f"{key}.scale")
-                    G = -(-C // scheme.group)
+                    G = -(-C // scheme.scale_columns)
                     if scale.dtype != torch.float16 or tuple(scale.shape) != (R, G) or \
                             not bool(torch.isfinite(scale).all()):
                         raise ExportError(f"{f}: {key!r}: group scales are not {R}x{G} finite fp16 values")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from qmoe.checkpoint import read_hf_config
-from qmoe.compressed import load_compressed
+from qmoe.format.directory import load_compressed
 from qmoe.data import DataConfig, DataSpec, default_seq_len
 from qmoe.inference.baseline import simulate_uncompressed
 from qmoe.inference.evaluate import validation_loss

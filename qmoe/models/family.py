@@ -29,6 +29,14 @@ class Act(Enum):
     CLAMPED = "clamped"  # gpt-oss's clamped SwiGLU with biases (ExpertForm.hidden)
 
 
+class DecoderMask(str, Enum):
+    """Which decoder positions feed Hessians (an encoder-decoder family's choice): TARGET leaves out those whose
+    target (label) is a sentinel and each sample's last position (QMoE's convention); INPUT those whose decoder
+    input is a sentinel (measured worse: docs/results.md, "GPTQ")."""
+    TARGET = "target"
+    INPUT = "input"
+
+
 @dataclass(frozen=True)
 class ExpertForm:
     """An expert's matrices and its forward, for the walk, the steps and the format: `inputs` are the matrices

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qmoe.checkpoint import CheckpointError, CheckpointReader
-from qmoe.models.family import Act, ExpertForm, Family, FamilyModel
+from qmoe.models.family import Act, DecoderMask, ExpertForm, Family, FamilyModel
 
 FORM = ExpertForm(("wi",), "wo", Act.RELU)  # an expert: wo(relu(wi x))
 
@@ -574,14 +574,14 @@ def tied_head(hf: dict, reader: CheckpointReader) -> bool:
     return True
 
 
-def hessian_mask_ids(ids: dict[str, torch.Tensor], stack: str, decoder_mask: str, sentinel_floor: int) -> torch.Tensor:
+def hessian_mask_ids(ids: dict[str, torch.Tensor], stack: str, decoder_mask: DecoderMask, sentinel_floor: int) -> torch.Tensor:
     """Per position [n, S], the id that decides whether the position may feed a Hessian (ids >= sentinel_floor
     never do). ids: a chunk's {"encoder": inputs, "decoder": decoder inputs, "labels"}. Encoder: the input id.
-    Decoder, "input": the decoder input (the labels shifted right); "target": the label, with each sample's last
+    Decoder, INPUT: the decoder input (the labels shifted right); TARGET: the label, with each sample's last
     position and any ignored label (< 0) marked as a sentinel (QMoE's convention)."""
     if stack == "encoder":
         return ids["encoder"]
-    if decoder_mask == "input":
+    if DecoderMask(decoder_mask) is DecoderMask.INPUT:
         return ids["decoder"]
     m = ids["labels"].clone()
     m[m < 0] = sentinel_floor

@@ -1,84 +1,24 @@
-"""The math of compressing one group of experts (docs/design.md, step 3), and the settings that decide a run's bytes.
+"""The math of compressing one group of experts (docs/design.md, step 3): GPTQ or round-to-nearest of a batch of
+experts from their Hessian tokens, and which tokens feed each Hessian.
 
-The block walk (qmoe/compression/walk.py) and the steps it hands to an executor (qmoe/compression/steps.py) call these functions; they hold
-no I/O. Legend: G experts in a group, R rows (out features), C columns (in features), D d_model, F d_ff, n tokens.
+The block walk (qmoe/compression/walk.py) and the steps it hands to an executor (qmoe/compression/steps.py) call
+these functions; they hold no I/O. Legend: b experts in a batch, R rows (out features), C columns (in features),
+D d_model, F d_ff, n tokens.
 """
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from qmoe.compression.gptq import GPTQ
+from qmoe.compression.settings import CompressConfig
 from qmoe.models.family import SWIGLU_FORM, ExpertForm
-from qmoe.packed import QuantizedMatrix
-from qmoe.quant import Method, Scheme, rtn
-
-log = logging.getLogger("qmoe")
-DECODER_MASKS = ("input", "target")
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """Every setting that can change an output byte (recorded in config.json; a resume must match them). How the
-    work is spread (workers, memory bound, GPTQ batch) is not here: it never changes a byte."""
-    scheme: Scheme = Scheme.TERNARY
-    method: Method = Method.GPTQ
-    group_size: int = 16  # experts per group: one file and one dictionary per matrix kind; one task
-    percdamp: float = 0.1  # dampening, relative to the mean Hessian diagonal
-    blocksize: int = 128  # GPTQ's lazy-batch block of columns
-    token_cap: float = 4.0  # Hessian tokens per expert capped at token_cap x the mean over experts; 0: no cap
-    min_tokens: int = 8  # fewer calibration tokens than this: round-to-nearest instead of GPTQ
-    chunk_samples: int = 32  # samples per dense-pass chunk (one activation file each)
-    slab_rows: int = 8192  # an expert's tokens per matmul when feeding Hessians or running experts
-    seed: int = 0
-    threads: int = 2  # torch threads in every step of every process (float results depend on it)
-    activation_dtype: str = "float32"  # the activation files' dtype: float32 or bfloat16
-    device: str = "cpu"  # where steps compute: cpu or cuda (a GPU's float results differ from the CPU's)
-    # Which decoder positions feed Hessians: "target" leaves out those whose target (label) is a sentinel and each
-    # sample's last position (QMoE's convention); "input" those whose decoder input is a sentinel (measured worse:
-    # docs/results.md, "GPTQ").
-    decoder_mask: str = "target"
-
-    def __post_init__(self):
-        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in
-                    ("group_size", "blocksize", "min_tokens", "chunk_samples", "slab_rows", "threads")
-                    if getattr(self, k) < 1]
-        if not 0 <= self.percdamp:
-            problems.append(f"percdamp must be >= 0, got {self.percdamp}")
-        if not 0 <= self.token_cap:
-            problems.append(f"token_cap must be >= 0, got {self.token_cap}")
-        if self.activation_dtype not in ("float32", "bfloat16"):
-            problems.append(f"activation_dtype must be float32 or bfloat16, got {self.activation_dtype!r}")
-        if self.device not in ("cpu", "cuda"):
-            problems.append(f"device must be cpu or cuda, got {self.device!r}")
-        if self.decoder_mask not in DECODER_MASKS:
-            problems.append(f"decoder_mask must be one of {', '.join(DECODER_MASKS)}, got {self.decoder_mask!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def settings(self) -> dict:
-        return {k: (v.value if hasattr(v, "value") else v) for k, v in vars(self).items()}
-
+from qmoe.format.packed import QuantizedMatrix
+from qmoe.quant import Method, rtn
 
 QuantizedExpert = dict  # kind -> QuantizedMatrix
 
-
-@dataclass
-class BlockStats:
-    name: str
-    tokens: int = 0
-    tokens_per_expert: list[int] = field(default_factory=list)
-    hessian_tokens: list[int] = field(default_factory=list)
-    fallback: dict[int, str] = field(default_factory=dict)  # expert -> reason
-    capped: int = 0
-    layer_tokens: list[int] = field(default_factory=list)  # experts whose Hessian took the layer's tokens
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-# ---- step 3: expert pass ------------------------------------------------------------------------------------
 
 def _quantize(W: torch.Tensor, inputs, cfg: CompressConfig):
     """W [b, R, C] -> (QuantizedMatrix per expert, fallback reason per expert).

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, set_param
 from qmoe.models.registry import family_of
-from qmoe.packed import QuantizedMatrix
+from qmoe.format.packed import QuantizedMatrix
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json, sha256_file, stream_safetensors
 
