@@ -16,6 +16,7 @@ from qmoe.data import DataSpec, resolve_model
 from qmoe.compression.memory import MemoryError_, parse_size
 from qmoe.compression.settings import ActivationDtype, CompressConfig, DecoderMask, Device
 from qmoe.quant import Method, Scheme
+from qmoe.format.directory import Manifest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,8 +87,6 @@ def _interrupt(signum, frame) -> None:
 
 def saved(out: Path) -> str:
     """What an interrupted run left in `out` and how to go on, in one line."""
-    from qmoe.format.directory import Manifest
-
     try:
         m = Manifest.load(out).data
     except Exception:  # noqa: BLE001 - no manifest (stopped before the output was begun), or unreadable

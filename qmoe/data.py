@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qmoe.corpus import load_default_corpus
+from qmoe.tokenizer import load_causal_tokenizer, load_tokenizer, read_text_file
+
 VAL_EVERY = 20
 
 
@@ -142,9 +145,6 @@ def causal_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, 
     input_ids = a window's first raw_length - 1 tokens, labels = its last raw_length - 1. Validation windows are
     those qmoe.infer evaluates with --seq-len raw_length, so its loss is the walk's. No position
     is a sentinel (floor 1 over all-zero mask ids)."""
-    from qmoe.corpus import load_default_corpus
-    from qmoe.tokenizer import load_causal_tokenizer, read_text_file
-
     tok = load_causal_tokenizer(model_dir, hf)
     text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
     pool, val_pool = windows(tok.encode(text), spec.data.raw_length)
@@ -162,9 +162,6 @@ def causal_windows(pool: np.ndarray, n: int, seed: int) -> Samples:
 
 def load_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, Samples, int]:
     """A Switch model's span-corrupted calibration and validation samples, and its tokenizer's sentinel floor."""
-    from qmoe.corpus import load_default_corpus
-    from qmoe.tokenizer import load_tokenizer, read_text_file
-
     tok = load_tokenizer(model_dir, hf)
     text = read_text_file(spec.calib) if spec.calib else load_default_corpus()
     train, val = train_val_samples(text, tok, spec.train_samples, spec.val_samples, spec.seed, spec.data)

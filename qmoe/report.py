@@ -29,6 +29,7 @@ from qmoe.format.directory import DENSE_FILE, block_files, read_manifest
 from qmoe.inference.placement import split_contiguous
 from qmoe.models.registry import family_named, family_of
 from qmoe.store import atomic_write_text
+from qmoe.inference.overhead import end_to_end_rows
 
 C2048_CONFIG = Path(__file__).parent / "assets" / "configs" / "switch-c-2048.json"
 GIB = 1 << 30
@@ -207,7 +208,6 @@ def build(path: Path, devices: list[str], targets: list[Target], project: Path |
         rep["overhead_not_measured"] = (f"its experts are {summary.get('scheme')}, which runs decoded: the fused "
                                         "kernels take the per-row ternary grid only")
     if measure:
-        from qmoe.inference.overhead import end_to_end_rows
 
         rep["overhead"] = end_to_end_rows(path, repeats=3, val_samples=32, gen_tokens=8)
     if project is not None:

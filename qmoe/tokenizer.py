@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from qmoe.checkpoint import model_file
 
 NUM_SENTINELS = 100
 
@@ -68,8 +69,6 @@ class HFTokenizer:
 def load_tokenizer(model_dir: Path | None, hf_config: dict | None = None):
     """The tokenizer a model was trained with: `qmoe.tokenizer` in its config, else its tokenizer.json, else bytes
     when the vocabulary is large enough to hold them."""
-    from qmoe.checkpoint import model_file  # confined to model_dir: a tokenizer.json linked from outside is refused
-
     hf_config = hf_config or {}
     if hf_config.get("qmoe", {}).get("tokenizer") == ByteTokenizer.name:
         return ByteTokenizer()
@@ -100,8 +99,6 @@ class TextTokenizer:
 
 def load_causal_tokenizer(model_dir: Path, hf_config: dict):
     """A decoder-only model's tokenizer.json, else byte tokens (byte b -> b + 3) when the vocabulary holds them."""
-    from qmoe.checkpoint import model_file
-
     path = model_file(model_dir, "tokenizer.json")
     if path is not None:
         return TextTokenizer(path)

@@ -23,6 +23,8 @@ from qmoe.models.registry import family_of
 from qmoe.format.packed import QuantizedMatrix
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json, sha256_file, stream_safetensors
+from qmoe.codec.container import ContainerError, read_container, write_container
+from qmoe.codec.ternary import CodecError, decode, encode, f32_to_bf16_bits, fit_dictionary
 
 FORMAT, VERSION = "qmoe", 3
 DENSE_FILE = "dense.safetensors"
@@ -68,9 +70,6 @@ def _write_experts(path: Path, experts: dict, scheme: Scheme) -> dict:
 
 
 def _write_ternary(path: Path, experts: dict) -> dict:
-    from qmoe.codec.container import write_container
-    from qmoe.codec.ternary import encode, f32_to_bf16_bits, fit_dictionary
-
     kinds = list(next(iter(experts.values())))
     symbols = {f"expert_{j}.{m}": qe[m].codes.numpy() for j, qe in experts.items() for m in kinds}
     # One dictionary per matrix kind: kinds differ in sparsity (on the default Switch model P(0) is ~0.81 for the
@@ -89,8 +88,6 @@ def _write_ternary(path: Path, experts: dict) -> dict:
 
 def _read_encoded(path: Path, expected: dict[str, tuple[int, int]]) -> dict:
     """{matrix name: EncodedMatrix} of one block's codec file, every container check applied."""
-    from qmoe.codec.container import ContainerError, read_container
-
     try:
         return read_container(path, expected)
     except ContainerError as e:
@@ -99,8 +96,6 @@ def _read_encoded(path: Path, expected: dict[str, tuple[int, int]]) -> dict:
 
 def _read_ternary(path: Path, expected: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     """{matrix name: float32 weights} of one block's codec file."""
-    from qmoe.codec.ternary import CodecError, decode
-
     out = {}
     for name, m in _read_encoded(path, expected).items():
         try:
@@ -245,8 +240,6 @@ class GroupReader:
         return {m: self._decode(f"expert_{j}.{m}") for m in self.shapes}
 
     def _decode(self, name: str) -> torch.Tensor:
-        from qmoe.codec.ternary import CodecError, decode
-
         try:
             return torch.from_numpy(decode(self._encoded[name]))
         except CodecError as e:

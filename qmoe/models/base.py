@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qmoe.models.family import Family, FamilyModel, GGUFArch
+from qmoe.data import causal_samples, causal_windows
+from qmoe.tokenizer import load_causal_tokenizer
 
 
 @dataclass(frozen=True)
@@ -135,18 +137,12 @@ class CausalFamily(Family):
         return {kind: read(self.expert_param(block, j, kind)).to(torch.bfloat16) for kind in self.expert_names}
 
     def samples(self, model_dir, hf: dict, spec):
-        from qmoe.data import causal_samples
-
         return causal_samples(model_dir, hf, spec)
 
     def tokenizer(self, model_dir, hf: dict):
-        from qmoe.tokenizer import load_causal_tokenizer
-
         return load_causal_tokenizer(model_dir, hf)
 
     def make_samples(self, pool, n: int, tokenizer, seed: int, data):
-        from qmoe.data import causal_windows
-
         return causal_windows(pool, n, seed)
 
     def init_weights(self, model: "MoECausalLM", seed: int) -> None:

@@ -27,6 +27,8 @@ from torch import nn
 
 from qmoe.checkpoint import CheckpointError, CheckpointReader
 from qmoe.models.family import Act, DecoderMask, ExpertForm, Family, FamilyModel
+from qmoe.data import load_samples, make_samples
+from qmoe.tokenizer import load_tokenizer
 
 FORM = ExpertForm(("wi",), "wo", Act.RELU)  # an expert: wo(relu(wi x))
 
@@ -659,8 +661,6 @@ class SwitchFamily(Family):
         return {m: read(self.expert_param(block, j, m)).to(torch.bfloat16) for m in ("wi", "wo")}
 
     def samples(self, model_dir, hf: dict, spec):
-        from qmoe.data import load_samples
-
         return load_samples(model_dir, hf, spec)
 
     objective = "T5 span corruption (15% noise, mean span 3)"
@@ -678,8 +678,6 @@ class SwitchFamily(Family):
         return PRESETS["default"].to_hf_dict()
 
     def make_samples(self, pool, n: int, tokenizer, seed: int, data):
-        from qmoe.data import make_samples
-
         return make_samples(pool, n, data, tokenizer, seed)
 
     def init_weights(self, model: SwitchModel, seed: int) -> None:
@@ -714,8 +712,6 @@ class SwitchFamily(Family):
         return logits, torch.stack(losses).mean()
 
     def tokenizer(self, model_dir, hf: dict):
-        from qmoe.tokenizer import load_tokenizer
-
         return load_tokenizer(model_dir, hf)
 
     def stream_ids(self, samples, cfg: SwitchConfig) -> dict[str, torch.Tensor]:
