@@ -1,4 +1,4 @@
-"""python -m qmoe.compress: compress a Switch checkpoint's experts (GPTQ or round-to-nearest, ternary/int2/int4)."""
+"""python -m qmoe.compress: compress a checkpoint's routed experts, any family (GPTQ or round-to-nearest)."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=s.train_samples)
     p.add_argument("--val-samples", type=int, default=s.val_samples, help="0: no validation losses")
     p.add_argument("--seed", type=int, default=s.seed)
-    p.add_argument("--group-size", type=int, default=d.group_size, help="experts per group: one file and one dictionary per matrix kind, one task")
+    p.add_argument("--group-size", type=int, default=d.group_size,
+                   help="experts per group: one file and one dictionary per matrix kind, one task")
     p.add_argument("--percdamp", type=float, default=d.percdamp)
     p.add_argument("--token-cap", type=float, default=d.token_cap, help="Hessian tokens per expert, x the mean")
     p.add_argument("--decoder-mask", default=d.decoder_mask.value, choices=[m.value for m in DecoderMask],

@@ -6,7 +6,7 @@ quantizes, on the Hessian it was given (the undamped H = 2/n X^T X of the expert
 positions left out): the relative error tr((W-Q) H (W-Q)^T) / tr(W H W^T) of
   gptq    GPTQ's Q (as the run wrote it),
   rtn     round-to-nearest,
-  before  GPTQ with a dampening that counts dead columns: percdamp x the mean diagonal after each dead column's
+  dead_1  GPTQ with a dampening that counts dead columns: percdamp x the mean diagonal after each dead column's
           diagonal is set to 1 (what qmoe's GPTQ does instead: percdamp x the mean of the live diagonal),
   qmoe    GPTQ with QMoE's dampening (percdamp x the mean of the whole diagonal, dead columns' 0s counted),
 and the errors of gptq and rtn on the Hessian of *all* the expert's tokens (no mask: common ground on which the
@@ -35,7 +35,7 @@ from qmoe.compression.settings import CompressConfig
 from qmoe.models.family import SWIGLU_FORM
 from qmoe.quant import Method, Scheme, dequantize_codes, rtn
 
-VARIANTS = ("gptq", "rtn", "before", "qmoe")  # on the Hessian GPTQ was given
+VARIANTS = ("gptq", "rtn", "dead_1", "qmoe")  # on the Hessian GPTQ was given
 ALL_TOKENS = ("gptq_all", "rtn_all")  # on the Hessian of all the expert's tokens
 
 
@@ -55,8 +55,8 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
     return (2.0 / max(1, X.shape[0])) * (X.T @ X)
 
 
-def damp_before(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """[E] the "before" variant's dampening: percdamp x the mean diagonal, dead columns' diagonal counted as 1."""
+def damp_dead_1(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """[E] the "dead_1" variant's dampening: percdamp x the mean diagonal, dead columns' diagonal counted as 1."""
     d = torch.diagonal(H, dim1=1, dim2=2)
     return percdamp * torch.where(d == 0, torch.ones_like(d), d).mean(-1)
 
@@ -151,7 +151,7 @@ class Observer:
                           for x, e, w in zip(X, q, self._weights)]
             H_all = torch.stack([hessian(x) for x in inputs])
             err = {"gptq": relative_error(W, Q, H), "rtn": relative_error(W, dequantize_codes(*rtn(W, scheme)), H),
-                   "before": relative_error(W, gptq_with_damp(fasterquant, W, H, n, damp_before(H, percdamp), scheme,
+                   "dead_1": relative_error(W, gptq_with_damp(fasterquant, W, H, n, damp_dead_1(H, percdamp), scheme,
                                                               blocksize, min_tokens), H),
                    "qmoe": relative_error(W, gptq_with_damp(fasterquant, W, H, n, damp_qmoe(H, percdamp), scheme,
                                                             blocksize, min_tokens), H),
@@ -173,7 +173,7 @@ def summarize_layerwise(records: list[dict]) -> dict:
     def group(rs: list[dict]) -> dict:
         out = {k: _mean([r[k] for r in rs]) for k in VARIANTS + ALL_TOKENS}
         out |= dict(experts=len(rs), fallback=sum(r["fallback"] for r in rs),
-                    gptq_over_before=out["gptq"] / out["before"] if out["before"] else None,
+                    gptq_over_dead_1=out["gptq"] / out["dead_1"] if out["dead_1"] else None,
                     gptq_over_rtn=out["gptq"] / out["rtn"] if out["rtn"] else None)
         return out
 
@@ -246,13 +246,13 @@ def _f(x, spec=".4f") -> str:
 def format_table(result: dict) -> str:
     lines = [f"decoder mask: {result['config']['decoder_mask']}; percdamp {result['config']['percdamp']}",
              "", "layer-wise relative error tr((W-Q)H(W-Q)^T)/tr(WHW^T), mean over experts",
-             "| scheme | block | kind | GPTQ | RTN | GPTQ before | GPTQ, QMoE's damp | GPTQ/before | GPTQ/RTN "
-             "| GPTQ, all tokens | RTN, all tokens | RTN fallbacks |",
+             "| scheme | block | kind | GPTQ | RTN | GPTQ, dead columns at 1 | GPTQ, QMoE's damp | GPTQ/dead_1 "
+             "| GPTQ/RTN | GPTQ, all tokens | RTN, all tokens | RTN fallbacks |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scheme, lw in result["layerwise"].items():
         for b in lw["blocks"] + [dict(block="all", kind=k, **v) for k, v in lw["all"].items()]:
             lines.append(f"| {scheme} | {b['block']} | {b['kind']} | {_f(b['gptq'])} | {_f(b['rtn'])} | "
-                         f"{_f(b['before'])} | {_f(b['qmoe'])} | {_f(b['gptq_over_before'], '.3f')} | "
+                         f"{_f(b['dead_1'])} | {_f(b['qmoe'])} | {_f(b['gptq_over_dead_1'], '.3f')} | "
                          f"{_f(b['gptq_over_rtn'], '.3f')} | {_f(b['gptq_all'])} | {_f(b['rtn_all'])} | "
                          f"{b['fallback']}/{b['experts']} |")
     lines += ["", f"end to end: validation loss increase over seeds {result['seeds']} (mean, min..max, std)",

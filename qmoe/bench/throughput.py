@@ -149,7 +149,7 @@ def format_table(r: dict) -> str:
                      f"{sp['worker_encode_write_wait']:.3f} | {busy} | {x['expert_files_identical_to_first_run']} |")
     p = r["projection"]
     lines += ["", f"s an expert: the expert steps' wall time over the experts; split columns: seconds an expert summed "
-              f"over the workers; targets (issue 20, one H100/H200): <= {r['targets']['seconds_an_expert']} s an "
+              f"over the workers; targets (one H100/H200): <= {r['targets']['seconds_an_expert']} s an "
               f"expert, GPU busy >= {r['targets']['gpu_busy_percent']:g}%"]
     if p:
         lines.append(f"{p['label']}: c2048 ({p['c2048_experts']:,} experts) at {p['seconds_an_expert']:.3f} s an expert "

@@ -194,15 +194,19 @@ def is_routed_expert(name: str) -> bool:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * weight, the mean of squares in float32, no mean subtraction, no bias. `to_weight`: the
+    normalized x is cast to the weight's dtype before the scale (T5's order: Switch's layer norms) instead of to
+    x's (Llama's: the decoder-only families); the two differ only when x or the weight is not float32."""
+
+    def __init__(self, dim: int, eps: float, to_weight: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.to_weight = eps, to_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * xf.to(self.weight.dtype if self.to_weight else x.dtype)
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, r: Rope, interleave: bool = False) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qmoe.checkpoint import CheckpointError, CheckpointReader
+from qmoe.models.base import RMSNorm
 from qmoe.models.family import Act, DecoderMask, ExpertForm, Family, FamilyModel
 from qmoe.data import load_samples, make_samples
 from qmoe.tokenizer import load_tokenizer
@@ -191,19 +192,6 @@ def replace(cfg: SwitchConfig, **changes) -> SwitchConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-class LayerNorm(nn.Module):
-    """T5's RMS norm: scale only, no mean subtraction, no bias; accumulated in fp32."""
-
-    def __init__(self, d: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
-
-
 def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
     """T5's bucketing of (key - query) distances: exact for small distances, logarithmic up to max_distance."""
     buckets = torch.zeros_like(rel)
@@ -261,7 +249,7 @@ class SelfAttentionLayer(nn.Module):
     def __init__(self, cfg: SwitchConfig, has_relative_bias: bool):
         super().__init__()
         self.SelfAttention = Attention(cfg, has_relative_bias)
-        self.layer_norm = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, to_weight=True)
 
     def forward(self, x, bias):
         h = self.layer_norm(x)
@@ -272,7 +260,7 @@ class CrossAttentionLayer(nn.Module):
     def __init__(self, cfg: SwitchConfig):
         super().__init__()
         self.EncDecAttention = Attention(cfg, has_relative_bias=False)
-        self.layer_norm = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, to_weight=True)
 
     def forward(self, x, enc, enc_bias):
         return x + self.EncDecAttention(self.layer_norm(x), enc, enc_bias)
@@ -337,7 +325,7 @@ class FeedForwardLayer(nn.Module):
     def __init__(self, cfg: SwitchConfig, sparse: bool):
         super().__init__()
         self.mlp = SparseFF(cfg) if sparse else DenseFF(cfg)
-        self.layer_norm = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, to_weight=True)
 
     def forward(self, x):
         return x + self.mlp(self.layer_norm(x))
@@ -374,7 +362,7 @@ class Stack(nn.Module):
         self.cfg, self.is_decoder = cfg, is_decoder
         pattern = cfg.decoder_sparse if is_decoder else cfg.encoder_sparse
         self.block = nn.ModuleList(Block(cfg, is_decoder, s, has_relative_bias=(i == 0)) for i, s in enumerate(pattern))
-        self.final_layer_norm = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, to_weight=True)
 
     def self_bias(self, q_len: int, k_len: int, device, offset: int = 0) -> torch.Tensor:
         """Block 0's relative position bias, shared by every block of the stack, plus the causal mask in the
