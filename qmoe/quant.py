@@ -26,29 +26,45 @@ import torch.nn.functional as F
 class Scheme(enum.Enum):
     TERNARY = "ternary"
     INT2 = "int2"
+    INT3 = "int3"
     INT4 = "int4"
     INT4_SYM = "int4-sym"  # symmetric int4: zero point 8 on every row (what vLLM's int4 MoE kernels take)
     TERNARY_G256 = "ternary-g256"  # {-d, 0, d}, one fp16 d per 256 columns (GGUF's TQ1_0 / TQ2_0)
+    # A row's grid per span of 64 or 128 columns instead of per row: {lo, 0, hi} or scale and zero, each span's own.
+    TERNARY_G64 = "ternary-g64"
+    TERNARY_G128 = "ternary-g128"
+    INT2_G64 = "int2-g64"
+    INT2_G128 = "int2-g128"
+    INT3_G64 = "int3-g64"
+    INT3_G128 = "int3-g128"
+    INT4_G128 = "int4-g128"
 
     @property
     def scale_columns(self) -> int:
-        """Columns that share one set of grid parameters (a scale); 0: the whole row. ("Group", in qmoe, is the
+        """Columns that share one set of grid parameters (a span); 0: the whole row. ("Group", in qmoe, is the
         experts one file holds.)"""
-        return 256 if self is Scheme.TERNARY_G256 else 0
+        _, _, cols = self.value.partition("-g")
+        return int(cols) if cols else 0
 
     @property
     def ternary(self) -> bool:
         """Levels {lo, 0, hi} (codes 0 -> 0, 1 -> hi, 2 -> lo)."""
-        return self in (Scheme.TERNARY, Scheme.TERNARY_G256)
+        return self.value.startswith("ternary")
 
     @property
     def bits(self) -> int:
-        """Bits per code when packed plainly (the codec stores ternary in less)."""
-        return 4 if self in (Scheme.INT4, Scheme.INT4_SYM) else 2
+        """Bits per code when packed plainly (the codec stores per-row ternary in less)."""
+        return 2 if self.ternary else int(self.value[3])
+
+    @property
+    def entropy_coded(self) -> bool:
+        """Whether the stored codes are entropy-coded (every grid but per-row ternary, which the codec stores, and
+        the grids the exports read packed: int4-sym, ternary-g256)."""
+        return self not in (Scheme.TERNARY, Scheme.INT4_SYM, Scheme.TERNARY_G256)
 
     @property
     def maxq(self) -> int:
-        return {Scheme.TERNARY: 2, Scheme.INT2: 3, Scheme.INT4: 15, Scheme.INT4_SYM: 15, Scheme.TERNARY_G256: 2}[self]
+        return 2 if self.ternary else 2 ** self.bits - 1
 
 
 class Method(enum.Enum):
@@ -72,21 +88,23 @@ class RowParams:
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.scheme is Scheme.TERNARY_G256:
             return {"scale": self.b.to(torch.float16)}
-        if self.scheme is Scheme.TERNARY:
+        if self.scheme.ternary:
             return {"lo": self.a.to(torch.bfloat16), "hi": self.b.to(torch.bfloat16)}
         return {"scale": self.a.to(torch.bfloat16), "zero": self.b.to(torch.uint8)}
 
     @staticmethod
     def names(scheme: Scheme) -> tuple[str, ...]:
         """The stored tensors' names (see tensors)."""
-        return {Scheme.TERNARY: ("lo", "hi"), Scheme.TERNARY_G256: ("scale",)}.get(scheme, ("scale", "zero"))
+        if scheme is Scheme.TERNARY_G256:
+            return ("scale",)
+        return ("lo", "hi") if scheme.ternary else ("scale", "zero")
 
     @classmethod
     def from_tensors(cls, scheme: Scheme, t: dict[str, torch.Tensor]) -> "RowParams":
         if scheme is Scheme.TERNARY_G256:
             d = t["scale"].float()
             return cls(scheme, -d, d)
-        if scheme is Scheme.TERNARY:
+        if scheme.ternary:
             return cls(scheme, t["lo"].float(), t["hi"].float())
         return cls(scheme, t["scale"].float(), t["zero"].float())
 
@@ -99,7 +117,7 @@ class RowParams:
 
 def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
     """Row grids from the rows' ranges. W [..., R, C] -> params [..., R] (span schemes: [..., R, G])."""
-    if scheme.scale_columns:
+    if scheme is Scheme.TERNARY_G256:
         pad = (-W.shape[-1]) % scheme.scale_columns
         amax = F.pad(W.abs(), (0, pad)).unflatten(-1, (-1, scheme.scale_columns)).amax(-1)
         d = amax.to(torch.float16).to(torch.float32)
@@ -107,9 +125,12 @@ def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
             raise ValueError(f"a weight's magnitude exceeds fp16's range ({amax.max().item():.4g}); "
                              f"{scheme.value}'s scales are fp16")
         return RowParams(scheme, -d, d)
-    lo = torch.clamp(W.amin(-1), max=0)
-    hi = torch.clamp(W.amax(-1), min=0)
-    if scheme is Scheme.TERNARY:
+    if scheme.scale_columns:  # zeros pad the last span: lo <= 0 <= hi whatever the pad
+        spans = F.pad(W, (0, (-W.shape[-1]) % scheme.scale_columns)).unflatten(-1, (-1, scheme.scale_columns))
+        lo, hi = torch.clamp(spans.amin(-1), max=0), torch.clamp(spans.amax(-1), min=0)
+    else:
+        lo, hi = torch.clamp(W.amin(-1), max=0), torch.clamp(W.amax(-1), min=0)
+    if scheme.ternary:
         return RowParams(scheme, _bf16(lo), _bf16(hi))
     if scheme is Scheme.INT4_SYM:
         amax = torch.maximum(-lo, hi)

@@ -23,7 +23,7 @@ from qmoe.export import ExportError, export  # noqa: E402
 from qmoe.data import validation_windows  # noqa: E402
 from qmoe.models.registry import FAMILIES  # noqa: E402
 from hf_fixtures import next_token_loss  # noqa: E402
-from qmoe.format.packed import unpack  # noqa: E402
+from qmoe.format.packed import read_codes  # noqa: E402
 from qmoe.compression.settings import CompressConfig  # noqa: E402
 from qmoe.quant import Method, Scheme  # noqa: E402
 from qmoe.tokenizer import ByteTokenizer  # noqa: E402
@@ -162,8 +162,10 @@ def test_compressed_tensors_decompresses_qmoes_weights_exactly(dirs, case):
 def _codes(comp: Path, block: str) -> torch.Tensor:
     f = sorted((comp / "experts" / block).glob("*.safetensors"))[0]
     with safe_open(str(f), framework="pt") as h:
-        shape = json.loads(h.metadata()["qmoe"])["shapes"]["expert_0.down"]
-        return unpack(h.get_tensor("expert_0.down.codes"), 4, tuple(shape))
+        meta = json.loads(h.metadata()["qmoe"])
+        names = set(h.keys())
+        return read_codes(lambda n: h.get_tensor(n) if n in names else None, "expert_0.down", Scheme(meta["scheme"]),
+                          tuple(meta["shapes"]["expert_0.down"]))
 
 
 def test_packing_is_the_librarys_own(dirs):

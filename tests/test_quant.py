@@ -1,4 +1,5 @@
 """Grids, packing and GPTQ."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -68,9 +69,9 @@ def test_rtn_is_nearest_grid_point(scheme):
         best = (W.unsqueeze(-1) - levels).abs().min(-1).values
         assert torch.allclose((W - values).abs(), best, atol=1e-6)
         return
-    else:
-        levels = p.a.unsqueeze(-1) * (torch.arange(scheme.maxq + 1).float() - p.b.unsqueeze(-1))
-    best = (W.unsqueeze(-1) - levels.unsqueeze(2)).abs().min(-1).values
+    a, b = _levels(W, p)  # [E, R, C]: each weight's row (or span) grid
+    levels = a.unsqueeze(-1) * (torch.arange(scheme.maxq + 1).float() - b.unsqueeze(-1))  # [E, R, C, maxq + 1]
+    best = (W.unsqueeze(-1) - levels).abs().min(-1).values
     assert torch.allclose((W - values).abs(), best, atol=1e-6)
 
 
@@ -96,7 +97,7 @@ def test_ternary_g256_grid_is_one_fp16_scale_a_group():
 def test_ternary_g256_gptq_takes_each_groups_grid_from_the_updated_weights():
     """Across several groups, GPTQ's values lie on the grid it reports, beat round-to-nearest, and a group's scale
     is set when GPTQ reaches it (not the original weights' RTN scale); a blocksize that does not divide the group is
-    refused."""
+    cut to one that does (the same result as that blocksize)."""
     E, R, C = 2, 16, 600
     W = torch.randn(E, R, C, generator=torch.Generator().manual_seed(4))
     g = GPTQ(E, C)
@@ -110,8 +111,37 @@ def test_ternary_g256_gptq_takes_each_groups_grid_from_the_updated_weights():
     for e in range(E):
         X = _correlated_inputs(1500, C, e)
         assert (X @ (W[e] - r.values[e]).T).pow(2).sum() < 0.8 * (X @ (W[e] - Q_rtn[e]).T).pow(2).sum()
-    with pytest.raises(ValueError, match="blocksize 96 does not divide"):
-        g.fasterquant(W, Scheme.TERNARY_G256, blocksize=96)
+    assert torch.equal(g.fasterquant(W, Scheme.TERNARY_G256, blocksize=96).values,
+                       g.fasterquant(W, Scheme.TERNARY_G256, blocksize=32).values)
+
+
+@pytest.mark.parametrize("scheme", [s for s in Scheme if s.scale_columns and s is not Scheme.TERNARY_G256])
+def test_span_grids_take_each_spans_own_range(scheme):
+    """ternary-gN: {lo, 0, hi} of each N columns of a row (bf16, lo <= 0 <= hi); intK-gN: scale and zero of each
+    span's [min(span, 0), max(span, 0)] over 2^K levels; the last span may be short; an all-zero span is held
+    (zeros back); values come back exactly from the stored (bf16 / uint8) parameters."""
+    N = scheme.scale_columns
+    C = 2 * N + N // 2 + 3
+    W = torch.randn(2, 3, C, generator=torch.Generator().manual_seed(7))
+    W[0, 1, N:2 * N] = 0
+    p = find_params(W, scheme)
+    assert p.a.shape == (2, 3, 3)
+    spans = [W[..., :N], W[..., N:2 * N], W[..., 2 * N:]]
+    lo = torch.stack([s.amin(-1).clamp(max=0) for s in spans], -1)
+    hi = torch.stack([s.amax(-1).clamp(min=0) for s in spans], -1)
+    codes, values = quantize(W, p)
+    if scheme.ternary:
+        assert torch.equal(p.a, lo.to(torch.bfloat16).float()) and torch.equal(p.b, hi.to(torch.bfloat16).float())
+    else:
+        assert int(codes.max()) <= scheme.maxq == 2 ** scheme.bits - 1
+        step = torch.where(hi > lo, hi - lo, 2.0) / scheme.maxq
+        assert torch.allclose(p.a, step, rtol=2 ** -7)
+    assert torch.equal(values[0, 1, N:2 * N], torch.zeros(N))
+    stored = QuantizedMatrix(codes[0], p.select(0))
+    back = QuantizedMatrix.from_tensors(stored.tensors("m"), "m", scheme, (3, C))
+    assert torch.equal(back.values(), values[0])
+    t = stored.tensors("m")
+    assert "m.counts" in t and 4 * t["m.codes"].numel() <= -(-3 * C * scheme.bits // 8) + 8  # entropy-coded
 
 
 def _correlated_inputs(n, C, seed):
@@ -223,3 +253,39 @@ def test_dampening_comes_from_the_live_diagonal_only():
     old.H[0] += percdamp * (torch.diagonal(old.H[0]).sum() + 1.0) / C * torch.eye(C - 1)
     assert not torch.equal(old.fasterquant(W[:, :, live], Scheme.TERNARY, blocksize=C, percdamp=0.0).codes[0],
                            expect.codes[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), levels=st.sampled_from([3, 4, 8, 16]), skew=st.floats(0.0, 4.0),
+       seed=st.integers(0, 10**6))
+def test_entropy_coding_round_trip_near_the_entropy(n, levels, skew, seed):
+    """rANS over the codes' own counts: exact back, and within 1% + 64 bits of the codes' order-0 entropy (a
+    single-level matrix, all one code, costs at most a word or two)."""
+    from qmoe.format.packed import entropy_decode, entropy_encode
+
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(-skew * torch.arange(levels, dtype=torch.float64), 0)
+    codes = torch.multinomial(p, n, replacement=True, generator=g).to(torch.uint8).reshape(1, n).numpy()
+    counts, words = entropy_encode(codes, levels)
+    assert (entropy_decode(counts, words, (1, n)) == codes).all()
+    q = counts[counts > 0] / n
+    entropy = float(-(q * np.log2(q)).sum()) * n
+    assert 32 * words.size <= 1.01 * entropy + 64
+
+
+def test_a_corrupt_entropy_coded_stream_is_an_error_not_wrong_codes():
+    from qmoe.format.packed import entropy_decode, entropy_encode
+
+    codes = np.random.default_rng(0).integers(0, 8, (40, 50)).astype(np.uint8)
+    counts, words = entropy_encode(codes, 8)
+    bad = counts.copy()
+    bad[0] += 1
+    with pytest.raises(ValueError, match="code counts"):
+        entropy_decode(bad, words, (40, 50))
+    flipped = words.copy()
+    flipped[len(words) // 2] ^= 0x00010000
+    try:
+        out = entropy_decode(counts, flipped, (40, 50))
+    except ValueError:
+        return
+    assert not (out == codes).all()  # a flip that still decodes gives other codes, never silently the same

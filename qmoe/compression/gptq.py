@@ -8,8 +8,8 @@ matmul for the rest).
 
 A grid with scales over spans of columns (Scheme.scale_columns, e.g. ternary-g256's 256) takes each span's parameters
 from the weights as GPTQ has updated them when it reaches the span's first column (GPTQ's `groupsize`, not its static
-groups); `blocksize` divides the span, so that column starts a block and every earlier column's error has been
-spread.
+groups); the block is cut to divide the span, so that column starts a block and every earlier column's error has
+been spread.
 
 Robustness (each counted in `GPTQResult`, none fatal): a Hessian is dampened by `percdamp` x the mean of its live
 diagonal; a column no input ever touches ("dead": its diagonal is 0) is zeroed and left out of that mean; an expert
@@ -18,7 +18,9 @@ quantized with the identity Hessian, which is exactly round-to-nearest.
 """
 from __future__ import annotations
 
+
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +61,8 @@ class GPTQ:
                     min_tokens: int = 1) -> GPTQResult:
         E, R, C = W.shape
         span = scheme.scale_columns
-        if span and span % blocksize:
-            raise ValueError(f"blocksize {blocksize} does not divide {scheme.value}'s scales of {span} columns")
+        if span and span % blocksize:  # a span's first column must start a block
+            blocksize = math.gcd(span, blocksize)
         W = W.to(torch.float32).clone()
         H = self.H.clone()
         reasons = ["" for _ in range(E)]

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from qmoe.checkpoint import CheckpointError, model_file
 from qmoe.format.directory import DENSE_FILE, _group_range, block_files, read_manifest
 from qmoe.models.registry import BY_NAME, FAMILIES, family_of
-from qmoe.format.packed import unpack
+from qmoe.format.packed import read_codes
 from qmoe.quant import Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json
 
@@ -151,12 +151,14 @@ def _expert_tensors(path: Path, g0: int, g1: int, shapes: dict, name_of) -> dict
         if meta.get("scheme") not in SCHEMES:
             raise ExportError(f"{path}: its experts are {meta.get('scheme')!r}, not int4")
         symmetric = meta["scheme"] == Scheme.INT4_SYM.value
+        names = set(h.keys())
         for j in range(g0, g1):
             for kind, (R, C) in shapes.items():
                 key = f"expert_{j}.{kind}"
                 if tuple(meta["shapes"].get(key, ())) != (R, C):
                     raise ExportError(f"{path}: expert matrix {key!r} is missing or not {R}x{C}")
-                codes = unpack(h.get_tensor(f"{key}.codes"), BITS, (R, C))
+                codes = read_codes(lambda n: h.get_tensor(n) if n in names else None, key, Scheme(meta["scheme"]),
+                                   (R, C))
                 scale, zero = h.get_tensor(f"{key}.scale"), h.get_tensor(f"{key}.zero")
                 if scale.dtype != torch.bfloat16 or zero.dtype != torch.uint8 or int(zero.max()) > 15:
                     raise ExportError(f"{path}: {key!r}: row parameters are not bf16 scales and 4-bit zero points")

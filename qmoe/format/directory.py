@@ -128,7 +128,10 @@ def _read_packed(path: Path, expected: dict[str, tuple[int, int]], scheme: Schem
             raise CheckpointError(path, key, "expert matrix is missing")
         if tuple(shapes[key]) != tuple(shape):
             raise CheckpointError(path, key, f"shape {tuple(shapes[key])}, expected {tuple(shape)}")
-        out[key] = QuantizedMatrix.from_tensors(tensors, key, scheme, tuple(shape)).values()
+        try:
+            out[key] = QuantizedMatrix.from_tensors(tensors, key, scheme, tuple(shape)).values()
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(path, key, f"stored codes or grid do not decode ({e})") from None
     return out
 
 
