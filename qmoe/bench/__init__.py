@@ -10,4 +10,5 @@ each here. Nothing in the library imports them.
   llamacpp    qmoe's compressed model against its GGUF export run in llama.cpp: loss, logits, size, speed
   overlap     a group's file written behind its last outputs against written after them, alternated
   throughput  seconds an expert and their split, in process and on Ray workers (GPU shares included)
+  frontier    loss increase against bits for every grid qmoe stores, on one model
 """

@@ -1,5 +1,5 @@
-"""python -m qmoe.bench {codec,kernels,infer,scale,gptq,tunstall,llamacpp,overlap,throughput} [--json FILE]: benchmarks, each run side by side
-with its baselines, one module each in qmoe/bench/."""
+"""python -m qmoe.bench SUBCOMMAND [--json FILE]: benchmarks, each run side by side with its baselines, one module
+each in qmoe/bench/ (the list: qmoe/bench/__init__.py)."""
 from __future__ import annotations
 
 import argparse
@@ -170,11 +170,32 @@ def _run_throughput(a):
     return b, b.run(a.experts, a.method, a.device, a.runs, a.train_samples, a.val_samples, a.threads, partial=a.json)
 
 
+def _frontier(sub) -> None:
+    f = sub.add_parser("frontier", help="loss increase against bits for every grid, on one model")
+    f.add_argument("--model", default="default-qwen3_moe")
+    f.add_argument("--schemes", type=lambda t: t.split(","), default=None, help="default: every grid but the exports'")
+    f.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    f.add_argument("--train-samples", type=int, default=512)
+    f.add_argument("--val-samples", type=int, default=256)
+    f.add_argument("--json", type=Path)
+    f.add_argument("--plot", type=Path, help="PNG: bits against loss increase")
+
+
+def _run_frontier(a):
+    from qmoe.bench import frontier as b
+    from qmoe.quant import Method
+
+    result = b.run(a.model, a.schemes or b.DEFAULT_SCHEMES, Method(a.method), a.train_samples, a.val_samples)
+    if a.plot:
+        b.plot(result, a.plot)
+    return b, result
+
+
 # Subcommand -> (adds its parser and flags, runs it: (its module, for format_table; the result)), in --help's order.
 SUBCOMMANDS = {"codec": (_codec, _run_codec), "kernels": (_kernels, _run_kernels), "scale": (_scale, _run_scale),
                "infer": (_infer, _run_infer), "gptq": (_gptq, _run_gptq), "tunstall": (_tunstall, _run_tunstall),
                "llamacpp": (_llamacpp, _run_llamacpp), "overlap": (_overlap, _run_overlap),
-               "throughput": (_throughput, _run_throughput)}
+               "throughput": (_throughput, _run_throughput), "frontier": (_frontier, _run_frontier)}
 
 
 def main(argv=None) -> int:

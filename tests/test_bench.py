@@ -1,5 +1,5 @@
-"""`qmoe.bench gptq`'s observer on a compress run of any family: it sees every expert matrix GPTQ quantizes, names
-blocks and matrix kinds as the family does, and leaves the run's output unchanged."""
+"""The benchmarks' own logic on tiny runs: `qmoe.bench gptq`'s observer (every expert matrix seen, named as the
+family names them, the run's output unchanged) and `qmoe.bench frontier`'s rows."""
 import pytest
 
 from qmoe.bench.gptq import Observer, summarize_layerwise
@@ -34,3 +34,22 @@ def test_the_observer_records_every_expert_matrix_and_changes_nothing(which, tin
     assert list(s["all"]) == kinds and all(v["experts"] == len(blocks) * cfg.num_experts for v in s["all"].values())
     with_tokens = [r for r in obs.records if r["tokens"] and not r["fallback"]]
     assert with_tokens and sum(r["gptq"] for r in with_tokens) <= sum(r["rtn"] for r in with_tokens)
+
+
+def test_the_frontier_rows_are_each_grids_own_run(tmp_path):
+    """`qmoe.bench frontier`: one row a grid, ordered by expert bits, every row's loss before the same (one
+    validation set), its bits and losses those of a plain compress run of that grid."""
+    from test_family_compress import _save
+
+    from qmoe.bench import frontier
+    from qmoe.quant import Scheme
+
+    src = _save("qwen3_moe", tmp_path)
+    r = frontier.run(str(src), ("int3-g64", "int2"), train_samples=8, val_samples=2, progress=_quiet)
+    assert [x["setting"].split()[1] for x in r["rows"]] == ["int2", "int3-g64"]
+    assert len({x["loss_before"] for x in r["rows"]}) == 1
+    plain = compress_model(src, tmp_path / "plain", CompressConfig(scheme=Scheme.INT2),
+                           DataSpec(train_samples=8, val_samples=2), progress=_quiet)
+    row = r["rows"][0]
+    assert (row["expert_bits"], row["loss"]) == (plain["bits_per_param_experts"], plain["val_loss_after"])
+    assert "| `--scheme int2 --method gptq` |" in frontier.format_table(r)
