@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=d.group_size,
                    help="experts per group: one file and one dictionary per matrix kind, one task")
     p.add_argument("--percdamp", type=float, default=d.percdamp)
+    p.add_argument("--refine", type=int, default=d.refine, metavar="N",
+                   help="after GPTQ, N passes of coordinate descent over each matrix's codes on its layer objective")
     p.add_argument("--token-cap", type=float, default=d.token_cap, help="Hessian tokens per expert, x the mean")
     p.add_argument("--decoder-mask", default=d.decoder_mask.value, choices=[m.value for m in DecoderMask],
                    help="decoder positions left out of the Hessians: those whose target is a sentinel, and each "
@@ -126,8 +128,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         cfg = CompressConfig(scheme=_scheme(a.scheme, a.export_format), method=Method(a.method),
-                             group_size=a.group_size,
-                             percdamp=a.percdamp, token_cap=a.token_cap, seed=a.seed, chunk_samples=a.chunk_samples,
+                             group_size=a.group_size, percdamp=a.percdamp, refine=a.refine, token_cap=a.token_cap,
+                             seed=a.seed, chunk_samples=a.chunk_samples,
                              threads=a.threads, activation_dtype=a.activation_dtype, device=a.device,
                              decoder_mask=a.decoder_mask)
         spec = DataSpec(train_samples=a.train_samples, val_samples=a.val_samples, seed=a.seed, calib=a.calib)

@@ -120,9 +120,9 @@ class Observer:
             self._record(fasterquant, X, q, cfg)
             return q, why
 
-        def observed_fasterquant(gptq, W, scheme, blocksize=128, percdamp=0.1, min_tokens=1):
+        def observed_fasterquant(gptq, W, scheme, blocksize=128, percdamp=0.1, min_tokens=1, refine=0):
             H, n = gptq.H.clone(), gptq.nsamples.clone()
-            r = fasterquant(gptq, W, scheme, blocksize, percdamp, min_tokens)
+            r = fasterquant(gptq, W, scheme, blocksize, percdamp, min_tokens, refine)
             self._calls.append((W.clone(), H, n, r.values.clone(), r.fallback.clone(), scheme, blocksize, percdamp,
                                 min_tokens))
             return r

@@ -15,9 +15,14 @@ Robustness (each counted in `GPTQResult`, none fatal): a Hessian is dampened by 
 diagonal; a column no input ever touches ("dead": its diagonal is 0) is zeroed and left out of that mean; an expert
 with fewer than `min_tokens` inputs, or whose Hessian will not factor (not positive definite, or not finite), is
 quantized with the identity Hessian, which is exactly round-to-nearest.
+
+After GPTQ, `refine` passes of coordinate descent may revisit every weight's code against the layer's objective
+tr((W - Q) H (W - Q)^T) on the undamped Hessian: each weight moves to a neighbouring grid point (intK: one code
+up or down; ternary: either other level) when that lowers the objective, its row's gradient (W - Q) H kept up to
+date by a rank-one update. GPTQ's greedy left-to-right pass leaves such moves, since a column's error is only ever
+spread to the columns after it.
 """
 from __future__ import annotations
-
 
 import logging
 import math
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qmoe.quant import RowParams, Scheme, find_params, quantize
+from qmoe.quant import RowParams, Scheme, dequantize_codes, find_params, quantize
 
 log = logging.getLogger("qmoe")
 
@@ -58,7 +63,7 @@ class GPTQ:
         self.nsamples[e] = total
 
     def fasterquant(self, W: torch.Tensor, scheme: Scheme, blocksize: int = 128, percdamp: float = 0.1,
-                    min_tokens: int = 1) -> GPTQResult:
+                    min_tokens: int = 1, refine: int = 0) -> GPTQResult:
         E, R, C = W.shape
         span = scheme.scale_columns
         if span and span % blocksize:  # a span's first column must start a block
@@ -87,6 +92,7 @@ class GPTQ:
         damp = (percdamp * diag.sum(-1, keepdim=True) / live).clamp_min(0)  # [E, 1]
         H[dead.unsqueeze(1).expand(E, C, C) & eye.bool()] = 1.0  # dead columns: decoupled, their weights zeroed
         W[dead.unsqueeze(1).expand(E, R, C)] = 0.0
+        W0, H0 = (W.clone(), H.clone()) if refine else (None, None)  # the objective: undamped
         diag.add_(damp)
 
         Hinv, ok = _inverse_cholesky(H)
@@ -119,7 +125,54 @@ class GPTQ:
             W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
         for e in torch.nonzero(fallback).flatten().tolist():
             log.info("expert %d of group: round-to-nearest fallback (%s)", e, reasons[e])
+        if refine:
+            keep = ~fallback.to(W.device)
+            refined = _coordinate_descent(W0[keep], Q[keep], codes[keep], H0[keep], params.select(keep), refine)
+            Q[keep], codes[keep] = refined
         return GPTQResult(codes, Q, params, fallback, reasons)
+
+
+def _column_params(params: RowParams, i: int) -> RowParams:
+    """Column i's grid: the row params, or the span's that holds column i."""
+    span = params.scheme.scale_columns
+    if not span:
+        return params
+    return RowParams(params.scheme, params.a[..., i // span], params.b[..., i // span])
+
+
+@torch.no_grad()
+def _coordinate_descent(W: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, params: RowParams,
+                        passes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`passes` sweeps over the columns: each weight takes the neighbouring grid point that lowers
+    tr((W - Q) H (W - Q)^T) most, if any. W, Q [E, R, C], codes uint8 [E, R, C], H [E, C, C]. Returns (Q, codes)."""
+    scheme = params.scheme
+    Q, codes = Q.clone(), codes.clone()
+    Err = W - Q
+    G = Err @ H  # [E, R, C]: half the objective's gradient in Q, with the sign of Err
+    moves = (1, 2) if scheme.ternary else (-1, 1)
+    for _ in range(passes):
+        for i in range(W.shape[2]):
+            p = _column_params(params, i)
+            h = H[:, i, i].unsqueeze(1)  # [E, 1]
+            best_gain = torch.zeros_like(Q[:, :, i])
+            best_code, best_delta = codes[:, :, i].clone(), torch.zeros_like(Q[:, :, i])
+            for m in moves:
+                c = codes[:, :, i].to(torch.int16)
+                cand = ((c + m) % 3) if scheme.ternary else (c + m).clamp(0, scheme.maxq)
+                cand = cand.to(torch.uint8)
+                v = dequantize_codes(cand, p)
+                delta = Q[:, :, i] - v  # Err's column grows by delta
+                gain = -(2 * delta * G[:, :, i] + delta * delta * h)  # the objective's decrease
+                better = gain > best_gain
+                best_gain = torch.where(better, gain, best_gain)
+                best_code = torch.where(better, cand, best_code)
+                best_delta = torch.where(better, delta, best_delta)
+            if not bool((best_gain > 0).any()):
+                continue
+            codes[:, :, i] = best_code
+            Q[:, :, i] -= best_delta
+            G += best_delta.unsqueeze(2) * H[:, i, :].unsqueeze(1)
+    return Q, codes
 
 
 def _inverse_cholesky(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

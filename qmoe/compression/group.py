@@ -32,7 +32,7 @@ def _quantize(W: torch.Tensor, inputs, cfg: CompressConfig):
     for g in range(W.shape[0]):
         for slab in inputs(g):
             gptq.add_batch(g, slab)
-    r = gptq.fasterquant(W, cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens)
+    r = gptq.fasterquant(W, cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens, cfg.refine)
     return [QuantizedMatrix(r.codes[g].cpu(), r.params.select(g).to("cpu")) for g in range(W.shape[0])], r.reasons
 
 

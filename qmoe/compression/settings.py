@@ -32,6 +32,7 @@ class CompressConfig:
     group_size: int = 16  # experts per group: one file and one dictionary per matrix kind; one task
     percdamp: float = 0.1  # dampening, relative to the mean Hessian diagonal
     blocksize: int = 128  # GPTQ's lazy-batch block of columns
+    refine: int = 0  # coordinate-descent passes over GPTQ's codes on the layer objective (qmoe/compression/gptq.py)
     token_cap: float = 4.0  # Hessian tokens per expert capped at token_cap x the mean over experts; 0: no cap
     min_tokens: int = 8  # fewer calibration tokens than this: round-to-nearest instead of GPTQ
     chunk_samples: int = 32  # samples per dense-pass chunk (one activation file each)
@@ -46,6 +47,8 @@ class CompressConfig:
         problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in
                     ("group_size", "blocksize", "min_tokens", "chunk_samples", "slab_rows", "threads")
                     if getattr(self, k) < 1]
+        if self.refine < 0:
+            problems.append(f"refine must be >= 0, got {self.refine}")
         if not 0 <= self.percdamp:
             problems.append(f"percdamp must be >= 0, got {self.percdamp}")
         if not 0 <= self.token_cap:
