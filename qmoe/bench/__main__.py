@@ -177,6 +177,8 @@ def _frontier(sub) -> None:
     f.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     f.add_argument("--train-samples", type=int, default=512)
     f.add_argument("--val-samples", type=int, default=256)
+    f.add_argument("--refine", type=lambda t: [int(x) for x in t.split(",")], default=[0],
+                   help="GPTQ's coordinate-descent passes, a run of every grid each (e.g. 0,2; default: 0)")
     f.add_argument("--json", type=Path)
     f.add_argument("--plot", type=Path, help="PNG: bits against loss increase")
 
@@ -185,7 +187,8 @@ def _run_frontier(a):
     from qmoe.bench import frontier as b
     from qmoe.quant import Method
 
-    result = b.run(a.model, a.schemes or b.DEFAULT_SCHEMES, Method(a.method), a.train_samples, a.val_samples)
+    result = b.run(a.model, a.schemes or b.DEFAULT_SCHEMES, Method(a.method), a.train_samples, a.val_samples,
+                   a.refine)
     if a.plot:
         b.plot(result, a.plot)
     return b, result

@@ -23,21 +23,24 @@ DEFAULT_SCHEMES = ("ternary", "ternary-g128", "ternary-g64", "int2", "int2-g128"
 
 
 def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train_samples: int = 512,
-        val_samples: int = 256, progress=print) -> dict:
+        val_samples: int = 256, refine=(0,), progress=lambda m: print(m, flush=True)) -> dict:
+    """One row a grid and refinement (`refine`: GPTQ's coordinate-descent passes, each value a run of every grid)."""
     spec = DataSpec(train_samples=train_samples, val_samples=val_samples)
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-frontier-"))
     try:
         for name in schemes:
-            scheme = Scheme(name)
-            s = compress_model(resolve_model(model), root / name, CompressConfig(scheme=scheme, method=method), spec,
-                               progress=lambda *_: None)
-            shutil.rmtree(root / name)
-            rows.append({"model": model, "system": "qmoe", "setting": f"--scheme {name} --method {method.value}",
-                         "expert_bits": s["bits_per_param_experts"], "total_bits": s["bits_per_param_total"],
-                         "loss": s["val_loss_after"], "loss_increase": s["val_loss_after"] - s["val_loss_before"],
-                         "loss_before": s["val_loss_before"]})
-            progress(f"{name}: {rows[-1]['expert_bits']:.3f} expert bits, +{rows[-1]['loss_increase']:.4f} nats")
+            for passes in refine:
+                cfg = CompressConfig(scheme=Scheme(name), method=method, refine=passes)
+                s = compress_model(resolve_model(model), root / "out", cfg, spec, overwrite=True,
+                                   progress=lambda *_: None)
+                shutil.rmtree(root / "out")
+                setting = f"--scheme {name} --method {method.value}" + (f" --refine {passes}" if passes else "")
+                rows.append({"model": model, "system": "qmoe", "setting": setting,
+                             "expert_bits": s["bits_per_param_experts"], "total_bits": s["bits_per_param_total"],
+                             "loss": s["val_loss_after"], "loss_increase": s["val_loss_after"] - s["val_loss_before"],
+                             "loss_before": s["val_loss_before"]})
+                progress(f"{setting}: {rows[-1]['expert_bits']:.3f} expert bits, +{rows[-1]['loss_increase']:.4f} nats")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"model": model, "method": method.value, "train_samples": train_samples, "val_samples": val_samples,
@@ -70,7 +73,8 @@ def plot(r: dict, path: Path) -> None:
         ax.plot(*zip(*front), "-", label=f"{system} (frontier)")
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12)
         for b, inc, setting in pts:
-            ax.annotate(setting.split()[1], (b, inc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            label = setting.split()[1] + (" r" if "--refine" in setting else "")
+            ax.annotate(label, (b, inc), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("bits per expert parameter (every stored byte)")
     ax.set_ylabel("validation loss increase (nats)")
     ax.set_yscale("log")
