@@ -172,7 +172,7 @@ def _run_throughput(a):
 
 def _frontier(sub) -> None:
     f = sub.add_parser("frontier", help="loss increase against bits for every grid, on one model")
-    f.add_argument("--model", default="default-qwen3_moe")
+    f.add_argument("--model", required=True, help="a checkpoint directory or an embedded model's name")
     f.add_argument("--schemes", type=lambda t: t.split(","), default=None, help="default: every grid but the exports'")
     f.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     f.add_argument("--train-samples", type=int, default=512)
