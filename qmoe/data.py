@@ -49,12 +49,17 @@ def windows(ids: np.ndarray, raw_length: int) -> tuple[np.ndarray, np.ndarray]:
     return w[~is_val], w[is_val]
 
 
+def choose_windows(pool: np.ndarray, n: int, seed: int) -> torch.Tensor:
+    """n windows of a pool [W, L], chosen with `seed` (with replacement only when n > W)."""
+    idx = np.random.default_rng(seed).choice(len(pool), size=n, replace=n > len(pool))
+    return torch.from_numpy(pool[idx])
+
+
 def validation_windows(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """n held-out windows [n, seq_len] of the text's tokens, chosen with the seed (a decoder-only model's
-    validation: qmoe.compress's and qmoe.infer's alike)."""
+    validation: qmoe.compress's and qmoe.infer's alike, `causal_samples`' validation windows)."""
     _, val = windows(tokenizer.encode(text), seq_len)
-    idx = np.random.default_rng(seed + 1).choice(len(val), size=n, replace=n > len(val))
-    return torch.from_numpy(val[idx])
+    return choose_windows(val, n, seed + 1)
 
 
 def _segment(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -155,8 +160,7 @@ def causal_samples(model_dir: Path, hf: dict, spec: DataSpec) -> tuple[Samples, 
 def causal_windows(pool: np.ndarray, n: int, seed: int) -> Samples:
     """n windows of a pool [W, L] chosen with `seed`, as next-token samples: inputs their first L - 1 tokens,
     labels their last L - 1."""
-    idx = np.random.default_rng(seed).choice(len(pool), size=n, replace=n > len(pool))
-    w = torch.from_numpy(pool[idx]).long()
+    w = choose_windows(pool, n, seed).long()
     return Samples(w[:, :-1], w[:, 1:])
 
 

@@ -145,7 +145,8 @@ def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
 
 def _levels(w: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
     """p's (a, b) broadcast against w: w [..., R] takes them as they are ([..., R]: one column's), w [..., R, C]
-    over its columns (row params [..., R] unsqueezed; span params [..., R, G] repeated scale_columns times, cut to C)."""
+    over its columns (row params [..., R] unsqueezed; span params [..., R, G] repeated scale_columns times, cut to
+    C)."""
     a, b = p.a, p.b
     if w.dim() == a.dim() + 1:
         return a.unsqueeze(-1), b.unsqueeze(-1)

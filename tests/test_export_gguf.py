@@ -725,7 +725,8 @@ def test_compressed_tensors_refuses_gpt_oss_in_one_line(gpt_oss, tmp_path):
     """gpt-oss exports to GGUF only: its experts are fused parameters in transformers, not the Linear modules
     compressed-tensors targets; nothing is written."""
     comp = gpt_oss[0]
-    with pytest.raises(ExportError, match="a gpt_oss directory: the compressed-tensors export covers mixtral, qwen3_moe, deepseek_v3; "):
+    with pytest.raises(ExportError, match="a gpt_oss directory: the compressed-tensors export covers mixtral, "
+                                          "qwen3_moe, deepseek_v3; "):
         export(comp, tmp_path / "ct", fmt="compressed-tensors", progress=lambda *_: None)
     assert not (tmp_path / "ct").exists()
 

@@ -156,8 +156,8 @@ def _coordinate_descent(W: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, H
             h = H[:, i, i].unsqueeze(1)  # [E, 1]
             best_gain = torch.zeros_like(Q[:, :, i])
             best_code, best_delta = codes[:, :, i].clone(), torch.zeros_like(Q[:, :, i])
+            c = codes[:, :, i].to(torch.int16)
             for m in moves:
-                c = codes[:, :, i].to(torch.int16)
                 cand = ((c + m) % 3) if scheme.ternary else (c + m).clamp(0, scheme.maxq)
                 cand = cand.to(torch.uint8)
                 v = dequantize_codes(cand, p)

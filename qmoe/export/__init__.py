@@ -109,7 +109,8 @@ _WHY = {"ternary": "the ternary grid {lo, 0, hi} (two bf16 levels a row) is no i
 
 def _read_source(src: Path, schemes=SCHEMES, why: dict | None = None, fmt: str = "compressed-tensors",
                  holds=lambda fam: fam.compressed_tensors,
-                 loaders: str = "its loaders (transformers, vLLM) target each expert's Linear modules") -> tuple[dict, dict]:
+                 loaders: str = "its loaders (transformers, vLLM) target each expert's Linear modules"
+                 ) -> tuple[dict, dict]:
     """(config.json, manifest) of a compressed directory of a family the format `holds`, whose scheme is one of
     `schemes`, every file verified; ExportError otherwise (`why`: the reason per refused scheme, `fmt`: the
     format's name in the message, `loaders`: what the message says after a refused family)."""

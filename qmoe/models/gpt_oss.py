@@ -149,7 +149,8 @@ def _gguf_check(hf: dict, c: MoEConfig) -> str | None:
             return f"swiglu_{k} {c.opt(k)}: llama.cpp's gpt-oss computes the experts' SwiGLU with {k} {v}, hardcoded"
     types = list(c.opt("layer_types"))
     if types != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.num_layers)]:
-        return f"layer_types {types}: llama.cpp's gpt-oss slides the window on even layers and attends fully on odd ones"
+        return (f"layer_types {types}: llama.cpp's gpt-oss slides the window on even layers and attends fully on odd "
+                "ones")
     if c.sliding_window is None:
         return "no sliding_window: llama.cpp's gpt-oss requires one"
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})

@@ -28,7 +28,7 @@ from torch import nn
 from qmoe.checkpoint import CheckpointError, CheckpointReader
 from qmoe.models.base import RMSNorm
 from qmoe.models.family import Act, DecoderMask, ExpertForm, Family, FamilyModel
-from qmoe.data import load_samples, make_samples
+from qmoe.data import load_samples, make_samples as span_corrupted_samples
 from qmoe.tokenizer import load_tokenizer
 
 FORM = ExpertForm(("wi",), "wo", Act.RELU)  # an expert: wo(relu(wi x))
@@ -564,14 +564,15 @@ def tied_head(hf: dict, reader: CheckpointReader) -> bool:
     return True
 
 
-def hessian_mask_ids(ids: dict[str, torch.Tensor], stack: str, decoder_mask: DecoderMask, sentinel_floor: int) -> torch.Tensor:
+def hessian_mask_ids(ids: dict[str, torch.Tensor], stack: str, decoder_mask: DecoderMask,
+                     sentinel_floor: int) -> torch.Tensor:
     """Per position [n, S], the id that decides whether the position may feed a Hessian (ids >= sentinel_floor
     never do). ids: a chunk's {"encoder": inputs, "decoder": decoder inputs, "labels"}. Encoder: the input id.
     Decoder, INPUT: the decoder input (the labels shifted right); TARGET: the label, with each sample's last
     position and any ignored label (< 0) marked as a sentinel (QMoE's convention)."""
     if stack == "encoder":
         return ids["encoder"]
-    if DecoderMask(decoder_mask) is DecoderMask.INPUT:
+    if decoder_mask == DecoderMask.INPUT:  # a str Enum: the setting's string compares equal too
         return ids["decoder"]
     m = ids["labels"].clone()
     m[m < 0] = sentinel_floor
@@ -585,6 +586,7 @@ class SwitchFamily(Family):
     decoder_only = False
     untyped = True
     borrow_layer_tokens = False  # QMoE's choice: an expert short of calibration tokens is rounded to nearest
+    objective = "T5 span corruption (15% noise, mean span 3)"
 
     def config(self, hf: dict, reader: CheckpointReader | None = None, names: Iterable[str] | None = None
                ) -> SwitchConfig:
@@ -651,8 +653,6 @@ class SwitchFamily(Family):
     def samples(self, model_dir, hf: dict, spec):
         return load_samples(model_dir, hf, spec)
 
-    objective = "T5 span corruption (15% noise, mean span 3)"
-
     def synthetic_config(self, blocks: int, experts: int, **dims) -> dict:
         """c2048's shapes (C2048_DIMS, or `dims`) with `blocks` sparse blocks in each stack, every block sparse,
         untied head, a byte vocabulary (384): the embedded corpus tokenizes with no tokenizer files."""
@@ -666,7 +666,7 @@ class SwitchFamily(Family):
         return PRESETS["default"].to_hf_dict()
 
     def make_samples(self, pool, n: int, tokenizer, seed: int, data):
-        return make_samples(pool, n, data, tokenizer, seed)
+        return span_corrupted_samples(pool, n, data, tokenizer, seed)
 
     def init_weights(self, model: SwitchModel, seed: int) -> None:
         """Mesh-TensorFlow's T5 initialisation, with a small router (Switch: 'reduced' init scale)."""
