@@ -31,6 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="quantize onto a grid this format holds exactly, so that qmoe.export can write it "
                         "(int4-sym unless --scheme names another the format holds: gguf also holds ternary-g256 "
                         "as TQ1_0 / TQ2_0)")
+    p.add_argument("--bits", type=float, default=None, metavar="B",
+                   help="a bit budget instead of one grid: at most B bits per expert weight (every byte of the expert "
+                        "files), each matrix's grid chosen from --grids by its estimated loss")
+    p.add_argument("--grids", default=None, metavar="G,G,...",
+                   help=f"the grids --bits chooses among (default: {','.join(g.value for g in d.grids)})")
     p.add_argument("--method", default=d.method.value, choices=[x.value for x in Method])
     p.add_argument("--calib", type=Path, help="calibration text: plain text or JSON lines with a 'text' field")
     p.add_argument("--train-samples", type=int, default=s.train_samples)
@@ -127,7 +132,14 @@ def main(argv=None) -> int:
     _INTERRUPTED.clear()
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        cfg = CompressConfig(scheme=_scheme(a.scheme, a.export_format), method=Method(a.method),
+        if a.bits is not None and (a.scheme or a.export_format):
+            raise ValueError("--bits chooses each matrix's grid: give it without --scheme or --export-format")
+        if a.grids is not None and a.bits is None:
+            raise ValueError("--grids is what --bits chooses among: give --bits too")
+        if a.bits is not None and a.bits <= 0:
+            raise ValueError(f"--bits must be > 0, got {a.bits:g}")
+        budget = {} if a.bits is None else {"bits": a.bits, **({"grids": a.grids.split(",")} if a.grids else {})}
+        cfg = CompressConfig(scheme=_scheme(a.scheme, a.export_format), method=Method(a.method), **budget,
                              group_size=a.group_size, percdamp=a.percdamp, refine=a.refine, token_cap=a.token_cap,
                              seed=a.seed, chunk_samples=a.chunk_samples,
                              threads=a.threads, activation_dtype=a.activation_dtype, device=a.device,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qmoe.checkpoint import CheckpointError, read_hf_config
-from qmoe.format.directory import is_compressed, load_compressed
+from qmoe.format.directory import is_compressed, load_compressed, run_scheme
 from qmoe.data import DataConfig, DataSpec, default_seq_len, resolve_model
 from qmoe.inference.baseline import simulate_uncompressed
 from qmoe.inference.evaluate import validation_loss
@@ -46,7 +46,7 @@ def load_for_inference(model_dir: Path, cfg: InferConfig):
     """(model on the CPU, config.json, what it is), experts as the config asks."""
     if is_compressed(model_dir):
         hf, _ = read_hf_config(model_dir)
-        fused = Scheme(hf["qmoe"]["scheme"]) is Scheme.TERNARY and not cfg.reference
+        fused = run_scheme(hf) is Scheme.TERNARY and not cfg.reference
         model, _, hf = load_compressed(model_dir, fused=fused)
         kind = f"compressed {hf['qmoe']['scheme']}, experts " + ("on fused kernels" if fused else "decoded to float32")
     else:

@@ -67,6 +67,9 @@ class Scheme(enum.Enum):
         return 2 if self.ternary else 2 ** self.bits - 1
 
 
+MIXED = "mixed"  # a run's scheme when each matrix has its own grid (a bit budget's: its group file names them)
+
+
 class Method(enum.Enum):
     GPTQ = "gptq"
     RTN = "rtn"

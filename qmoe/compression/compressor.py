@@ -127,7 +127,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
             manifest = C.Manifest(out)
             manifest.save()  # first: a run stopped from here on leaves a qmoe output, replaced by a plain rerun
         progress(f"{model_dir}: {source.describe()}; {len(train)} calibration, {len(val)} validation samples; "
-                 f"{cfg.scheme.value} {cfg.method.value}; {executor.description}")
+                 f"{_grid_text(cfg)} {cfg.method.value}; {executor.description}")
         progress(job.plan.describe())
         torch.set_num_threads(cfg.threads)
 
@@ -138,7 +138,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
             if src is not None:
                 atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
                 manifest.record_file(name)
-        qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.scheme.value,
+        qmoe_meta = dict(hf.get("qmoe", {}), format=C.FORMAT, version=C.VERSION, scheme=cfg.label,
                          method=cfg.method.value, source=str(model_dir), settings=settings,
                          dense_sha256=manifest.data["files"][C.DENSE_FILE]["sha256"])
         if source.family.unquantized:  # what is not quantized (the one choice built: routed experts only)
@@ -160,6 +160,10 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         store.clear()
         if losses:
             progress(f"validation loss {losses['before']:.4f} -> {losses['after']:.4f}")
+        if cfg.mixed:  # each matrix's grid, as its group file names it, in config.json too
+            qmoe_meta["matrix_grids"] = _chosen_grids(manifest)
+            atomic_write_json(out / "config.json", source.out_config | {"qmoe": qmoe_meta})
+            manifest.record_file("config.json")
         me = procs.setdefault(os.getpid(), {"peak_anon": 0, "checkpoint_bytes_read": 0})
         me["peak_anon"] = max(me["peak_anon"], monitor.stop())
         summary = _summary(source, manifest, cfg, spec, model_dir, len(train), len(val), stats, losses,
@@ -170,6 +174,25 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
         return summary
     finally:
         lock.release()
+
+
+def _grid_text(cfg: CompressConfig) -> str:
+    if not cfg.mixed:
+        return cfg.scheme.value
+    return f"--bits {cfg.bits:g} over {', '.join(g.value for g in cfg.grids)},"
+
+
+def _chosen_grids(manifest: C.Manifest) -> dict:
+    """{block: {kind: [the grid of expert 0, 1, ...]}} from the groups' records."""
+    out = {}
+    for block in manifest.data["groups"]:
+        per = {}
+        for _, g in sorted(manifest.groups(block).items()):
+            for j, kinds in sorted(g["grids"].items(), key=lambda x: int(x[0])):
+                for k, grid in kinds.items():
+                    per.setdefault(k, []).append(grid)
+        out[block] = per
+    return out
 
 
 def _settings(cfg: CompressConfig, spec: DataSpec, model_dir: Path) -> dict:
@@ -192,7 +215,7 @@ def _summary(src: Source, manifest: C.Manifest, cfg: CompressConfig, spec: DataS
     expert_bytes = sum(v for k, v in files.items() if k.startswith("experts/"))
     all_bytes = sum(files.values())
     return {
-        "model": str(model_dir), "scheme": cfg.scheme.value, "method": cfg.method.value,
+        "model": str(model_dir), "scheme": cfg.label, "method": cfg.method.value,
         "params_total": params_total, "params_experts": params_experts,
         # Every byte on disk but summary.json and manifest.json (written after the count): config, dense
         # weights, tokenizer files, expert files with their metadata and dictionaries.

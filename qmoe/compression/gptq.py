@@ -62,6 +62,12 @@ class GPTQ:
         self.H[e] += (2.0 / total) * (inp.T @ inp)
         self.nsamples[e] = total
 
+    def subset(self, idx: list[int]) -> "GPTQ":
+        """The Hessians of experts idx only (a copy)."""
+        sub = GPTQ.__new__(GPTQ)
+        sub.H, sub.nsamples = self.H[idx], self.nsamples[idx]
+        return sub
+
     def fasterquant(self, W: torch.Tensor, scheme: Scheme, blocksize: int = 128, percdamp: float = 0.1,
                     min_tokens: int = 1, refine: int = 0) -> GPTQResult:
         E, R, C = W.shape

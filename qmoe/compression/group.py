@@ -10,62 +10,148 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
+from qmoe.compression.allocate import Option
 from qmoe.compression.gptq import GPTQ
 from qmoe.compression.settings import CompressConfig
 from qmoe.models.family import SWIGLU_FORM, ExpertForm
 from qmoe.format.packed import QuantizedMatrix
-from qmoe.quant import Method, rtn
+from qmoe.quant import Method, Scheme, rtn
 
 QuantizedExpert = dict  # kind -> QuantizedMatrix
 
 
-def _quantize(W: torch.Tensor, inputs, cfg: CompressConfig):
-    """W [b, R, C] -> (QuantizedMatrix per expert, fallback reason per expert).
-
-    inputs(g) yields expert g's layer inputs [n, C] in slabs (on W's device), so the [n, F] activations of wo are
-    never held whole: the Hessian is accumulated slab by slab."""
+def _hessians(W: torch.Tensor, inputs, cfg: CompressConfig) -> GPTQ | None:
+    """GPTQ's Hessians of a batch W [b, R, C] from inputs(g) (expert g's layer inputs [n, C] in slabs, on W's
+    device: the [n, F] activations of wo are never held whole); None for round-to-nearest."""
     if cfg.method is Method.RTN:
-        codes, p = rtn(W, cfg.scheme)
-        return [QuantizedMatrix(codes[g].cpu(), p.select(g).to("cpu")) for g in range(W.shape[0])], [""] * W.shape[0]
+        return None
     gptq = GPTQ(W.shape[0], W.shape[2], device=W.device)
     for g in range(W.shape[0]):
         for slab in inputs(g):
             gptq.add_batch(g, slab)
-    r = gptq.fasterquant(W, cfg.scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens, cfg.refine)
+    return gptq
+
+
+def _on_grid(W: torch.Tensor, gptq: GPTQ | None, scheme: Scheme, cfg: CompressConfig) -> tuple[list, list[str]]:
+    """W [b, R, C] on one grid: (QuantizedMatrix per expert, why each fell back to round-to-nearest)."""
+    if gptq is None:
+        codes, p = rtn(W, scheme)
+        return [QuantizedMatrix(codes[g].cpu(), p.select(g).to("cpu")) for g in range(W.shape[0])], [""] * W.shape[0]
+    r = gptq.fasterquant(W, scheme, cfg.blocksize, cfg.percdamp, cfg.min_tokens, cfg.refine)
     return [QuantizedMatrix(r.codes[g].cpu(), r.params.select(g).to("cpu")) for g in range(W.shape[0])], r.reasons
+
+
+def _quantize(W: torch.Tensor, inputs, cfg: CompressConfig, parts: int, grids: list[tuple] | None = None):
+    """W [b, R, C], `parts` matrices stacked by rows -> (per expert its parts' QuantizedMatrix, per expert why it
+    fell back to round-to-nearest). grids[g][p]: the grid of expert g's part p (None: cfg.scheme for all). GPTQ
+    treats rows independently, so the parts on one grid are quantized together and the rest apart, from the same
+    Hessians."""
+    b, rows = W.shape[0], W.shape[1] // parts
+    gptq = _hessians(W, inputs, cfg)
+    if grids is None:
+        q, why = _on_grid(W, gptq, cfg.scheme, cfg)
+        return [m.split(parts) for m in q], why
+    out, why = [[None] * parts for _ in range(b)], [""] * b
+    for scheme in sorted({s for g in grids for s in g}, key=lambda s: s.value):
+        for p in range(parts):
+            idx = [g for g in range(b) if grids[g][p] is scheme]
+            if not idx:
+                continue
+            q, reasons = _on_grid(W[idx, p * rows:(p + 1) * rows], gptq and gptq.subset(idx), scheme, cfg)
+            for g, m, r in zip(idx, q, reasons):
+                out[g][p], why[g] = m, why[g] or r
+    return out, why
 
 
 @torch.no_grad()
 def quantize_experts(weights: list[dict[str, torch.Tensor]], hessian_slabs, cfg: CompressConfig,
-                     device: torch.device | str = "cpu", form: ExpertForm = SWIGLU_FORM
-                     ) -> tuple[list[QuantizedExpert], list[str]]:
+                     device: torch.device | str = "cpu", form: ExpertForm = SWIGLU_FORM,
+                     grids: list[dict[str, Scheme]] | None = None) -> tuple[list[QuantizedExpert], list[str]]:
     """Quantize a batch of b experts of one group.
 
     weights[g] = {kind: W} (e.g. wi [F, D], wo [D, F]); hessian_slabs(g) yields expert g's calibration tokens
     that feed its Hessians ([n, D] slabs of at most slab_rows, sentinels left out, capped), and can be called more
     than once. GPTQ quantizes the input matrices (stacked) from those inputs, then the output matrix from the
-    hidden activations through the *quantized* input matrices. Returns the quantized experts ({kind:
-    QuantizedMatrix}) and, per expert, why it fell back to round-to-nearest ("" if it did not)."""
+    hidden activations through the *quantized* input matrices. grids[g][kind]: each matrix's grid (a bit budget's
+    choice; None: cfg.scheme for every one). Returns the quantized experts ({kind: QuantizedMatrix}) and, per
+    expert, why it fell back to round-to-nearest ("" if it did not)."""
     # One stage at a time in float32: [b, n_in * F, D], then [b, D, F] (each freed before the next is made).
     first = torch.stack([torch.cat([w[k].to(device, torch.float32) for k in form.inputs]) for w in weights])
-    q_in, why_in = _quantize(first, lambda g: (s.to(device) for s in hessian_slabs(g)), cfg)
+    pick = (lambda kinds: None) if grids is None else (lambda kinds: [tuple(g[k] for k in kinds) for g in grids])
+    q_in, why_in = _quantize(first, lambda g: (s.to(device) for s in hessian_slabs(g)), cfg, len(form.inputs),
+                             pick(form.inputs))
     del first
-    first_q = [q.values().to(device) for q in q_in] if cfg.method is Method.GPTQ else None
-    first_bias = [torch.cat([w[f"{k}_bias"].to(device, torch.float32) for k in form.inputs]) if form.bias else None
-                  for w in weights]
+    first_q = [torch.cat([m.values() for m in q]).to(device) for q in q_in] if cfg.method is Method.GPTQ else None
+    first_bias = _first_bias(weights, form, device)
 
     def hidden(g: int):  # expert g's hidden activations through its quantized input matrices: [n, D] -> [n, F]
         return (form.hidden(s.to(device), first_q[g], first_bias[g]) for s in hessian_slabs(g))
 
     out = torch.stack([w[form.output].to(device, torch.float32) for w in weights])
-    q_out, why_out = _quantize(out, hidden, cfg)
+    q_out, why_out = _quantize(out, hidden, cfg, 1, pick((form.output,)))
     del out
     first_q = None  # noqa: F841 - frees the quantized input values (the closure above holds the cell)
     name_in = "+".join(form.inputs)
     reasons = [f"{name_in}: {a}" if a else (f"{form.output}: {b}" if b else "") for a, b in zip(why_in, why_out)]
-    return [{**dict(zip(form.inputs, qi.split(len(form.inputs)))), form.output: qo}
-            for qi, qo in zip(q_in, q_out)], reasons
+    return [{**dict(zip(form.inputs, qi)), form.output: qo[0]} for qi, qo in zip(q_in, q_out)], reasons
+
+
+def _first_bias(weights: list[dict], form: ExpertForm, device) -> list:
+    return [torch.cat([w[f"{k}_bias"].to(device, torch.float32) for k in form.inputs]) if form.bias else None
+            for w in weights]
+
+
+@torch.no_grad()
+def grid_options(weights: list[dict[str, torch.Tensor]], hessian_slabs, routed: list[int], cfg: CompressConfig,
+                 device: torch.device | str = "cpu", form: ExpertForm = SWIGLU_FORM
+                 ) -> list[dict[str, list[Option]]]:
+    """For a bit budget: every matrix of a batch of experts on every grid of cfg.grids, as Options (stored bytes,
+    estimated error). The error of a matrix on a grid is what it alone adds to its expert's output, in the residual
+    stream's units: the squared error of the expert's output with that one matrix quantized (the others float),
+    averaged over the expert's Hessian tokens and multiplied by `routed[g]`, the expert's routed tokens (so an
+    expert's share of the loss scales with how often it is chosen). The output matrix is quantized here from the
+    float hidden activations (the input matrices' grids are not chosen yet; quantize_experts then uses the quantized
+    ones)."""
+    first = torch.stack([torch.cat([w[k].to(device, torch.float32) for k in form.inputs]) for w in weights])
+    out = torch.stack([w[form.output].to(device, torch.float32) for w in weights])
+    first_bias = _first_bias(weights, form, device)
+    rows = first.shape[1] // len(form.inputs)
+    # Each expert's float weights by kind: views of the stacks (and its biases).
+    floats = [{**{k: first[g, p * rows:(p + 1) * rows] for p, k in enumerate(form.inputs)}, form.output: out[g],
+               **{k: v.to(device, torch.float32) for k, v in w.items() if k.endswith("_bias")}}
+              for g, w in enumerate(weights)]
+    inputs = lambda g: (s.to(device) for s in hessian_slabs(g))  # noqa: E731
+    hidden = lambda g: (form.hidden(x, first[g], first_bias[g]) for x in inputs(g))  # noqa: E731
+    options: list[dict[str, list[Option]]] = [{k: [] for k in form.kinds} for _ in weights]
+
+    def error(g: int, kind: str, values: torch.Tensor) -> float:
+        """routed[g] x the mean squared change of expert g's output over its Hessian tokens, with `kind` on
+        `values`."""
+        total, n = 0.0, 0
+        if kind == form.output:
+            for h in hidden(g):
+                total += float(F.linear(h, floats[g][kind] - values).square().sum())
+                n += h.shape[0]
+        else:
+            w = dict(floats[g], **{kind: values})
+            for x in inputs(g):
+                total += float((form.outputs(w, x) - form.outputs(floats[g], x)).square().sum())
+                n += x.shape[0]
+        return routed[g] * total / n if n else 0.0
+
+    # One stage at a time, as quantize_experts: the input matrices' Hessians, then the output matrix's.
+    for W, source, kinds in ((first, inputs, form.inputs), (out, hidden, (form.output,))):
+        gptq = _hessians(W, source, cfg)
+        for scheme in cfg.grids:
+            q, _ = _on_grid(W, gptq, scheme, cfg)
+            for g in range(len(weights)):
+                for kind, m in zip(kinds, q[g].split(len(kinds))):
+                    options[g][kind].append(Option(scheme, m.stored_bytes(coded=True),
+                                                   error(g, kind, m.values().to(device))))
+        del gptq
+    return options
 
 
 def hessian_cap(usable: list[int], cfg: CompressConfig) -> tuple[int, int]:

@@ -6,9 +6,13 @@ from dataclasses import dataclass
 from enum import Enum
 
 from qmoe.models.family import DecoderMask
-from qmoe.quant import Method, Scheme
+from qmoe.quant import MIXED, Method, Scheme
 
-__all__ = ["ActivationDtype", "CompressConfig", "DecoderMask", "Device"]
+__all__ = ["ActivationDtype", "CompressConfig", "DecoderMask", "Device", "DEFAULT_GRIDS"]
+
+# The grids a bit budget chooses among by default: per row and per 64 columns for each width, so that between any two
+# widths there is a step (the frontier bench's points on the default Qwen3-MoE, docs/results.md).
+DEFAULT_GRIDS = tuple(Scheme(g) for g in ("ternary", "ternary-g64", "int2", "int2-g64", "int3", "int3-g64", "int4"))
 
 
 class ActivationDtype(str, Enum):
@@ -42,6 +46,10 @@ class CompressConfig:
     activation_dtype: ActivationDtype = ActivationDtype.FLOAT32  # the activation files' dtype
     device: Device = Device.CPU  # where steps compute (a GPU's float results differ from the CPU's)
     decoder_mask: DecoderMask = DecoderMask.TARGET
+    # A bit budget: bits per expert weight (every byte of the group files counted), each matrix's grid chosen from
+    # `grids` (qmoe/compression/allocate.py); 0: every matrix on `scheme`.
+    bits: float = 0.0
+    grids: tuple[Scheme, ...] = DEFAULT_GRIDS
 
     def __post_init__(self):
         problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in
@@ -59,8 +67,45 @@ class CompressConfig:
             except ValueError:
                 problems.append(f"{name} must be one of {', '.join(k.value for k in kind)}, "
                                 f"got {getattr(self, name)!r}")
+        if self.bits < 0:
+            problems.append(f"bits must be >= 0, got {self.bits}")
+        try:
+            object.__setattr__(self, "grids", tuple(sorted({Scheme(g) for g in self.grids}, key=_grid_order)))
+        except ValueError as e:
+            problems.append(f"grids: {e}")
+        else:
+            unfit = [g.value for g in self.grids if not g.entropy_coded and g is not Scheme.TERNARY]
+            if unfit or not self.grids:
+                problems.append(f"grids must name one or more of {', '.join(g.value for g in ALLOCATABLE)}"
+                                + (f", not {', '.join(unfit)}" if unfit else ""))
         if problems:
             raise ValueError("; ".join(problems))
 
+    @property
+    def mixed(self) -> bool:
+        """Whether each matrix's grid is chosen under the bit budget (else every matrix is on `scheme`)."""
+        return self.bits > 0
+
+    @property
+    def label(self) -> str:
+        """The run's grid as reports name it: the scheme, or "mixed"."""
+        return MIXED if self.mixed else self.scheme.value
+
     def settings(self) -> dict:
-        return {k: (v.value if hasattr(v, "value") else v) for k, v in vars(self).items()}
+        """As recorded in config.json. Without a bit budget `bits` and `grids` are left out (a run on one grid
+        records what it always did)."""
+        out = {k: (v.value if hasattr(v, "value") else v) for k, v in vars(self).items()}
+        out["scheme"], out["grids"] = self.label, [g.value for g in self.grids]
+        if not self.mixed:
+            del out["bits"], out["grids"]
+        return out
+
+
+# The grids the allocator may pick: every grid whose files entropy-code their codes, and per-row ternary (entropy-coded
+# too in a mixed file; the Tunstall codec holds one grid a file).
+ALLOCATABLE = tuple(g for g in Scheme if g.entropy_coded or g is Scheme.TERNARY)
+
+
+def _grid_order(g: Scheme) -> tuple:
+    """Cheapest first: by bits a code, then per row before spans, wider spans first."""
+    return (g.maxq, -(g.scale_columns or 1 << 30))

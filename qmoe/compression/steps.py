@@ -15,6 +15,7 @@ samples in a chunk, S positions, T = n * S tokens, D the residual width, E exper
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,8 @@ from qmoe.format import directory as C
 from qmoe.checkpoint import CheckpointReader, read_hf_config, set_param
 from qmoe.compression.activations import ActivationStore
 from qmoe.compression.memory import GpuBusyMonitor, PeakMonitor, Plan
-from qmoe.compression.group import expert_seed, hessian_rows, quantize_experts
+from qmoe.compression.allocate import BudgetError, choose, header_bound
+from qmoe.compression.group import expert_seed, grid_options, hessian_rows, quantize_experts
 from qmoe.compression.settings import CompressConfig
 from qmoe.models.family import SWIGLU_FORM, ExpertForm, Family
 from qmoe.models.registry import family_named, reading
@@ -294,12 +296,18 @@ class Worker:
                                     whole=self.fam.borrow_layer_tokens and s.name == "train")
                 for s in self.job.streams}
         secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0, encode_write_wait=0.0)
-        need_original = self._needs_original(replay)
         decoded = C.GroupReader(self.job.out, name, g0, g1, self.fam.expert_shapes(self.job.mcfg),
-                                self.cfg.scheme) if replay else None
+                                None if self.cfg.mixed else self.cfg.scheme) if replay else None
         quantized, reasons, hess, layer_tokens = {}, {}, {}, []
         train = rows["train"]
         batches = [tuple(js[k:k + self.job.plan.batch]) for k in range(0, len(js), self.job.plan.batch)]
+        grids = None
+        if self.cfg.mixed and not replay:  # every matrix's grid first: the budget is the group's
+            t1 = time.perf_counter()
+            grids, quantized, reasons, hess, layer_tokens = self._allocate(name, g0, g1, batches, train, cap,
+                                                                           block_index, form)
+            secs["quantize"] += time.perf_counter() - t1
+        need_original = self._needs_original(replay or grids is not None)  # to quantize, or for the before stream
         writing = None
         for b, batch in enumerate(batches):
             original = None
@@ -312,15 +320,15 @@ class Worker:
                     self._read_ahead(name, batches[b + 1])
                 elif next_call and self._needs_original(next_call["replay"]):
                     self._read_ahead(self.job.block_name(next_call["stack"], next_call["i"]), _first_batch(next_call, self.job.plan.batch))
-            if not replay:
+            if not replay and grids is None:
                 t1 = time.perf_counter()
                 q, why, counts, borrowed = self._quantize_batch(batch, original, train, cap, block_index, form)
                 secs["quantize"] += time.perf_counter() - t1
                 layer_tokens += borrowed
                 for j, qe, r in zip(batch, q, why):
                     quantized[j], reasons[j], hess[j] = qe, r, counts[j]
-                if b == len(batches) - 1 and self.write_behind:  # all quantized: written behind these outputs
-                    writing = self._writer.submit(self._write_group, name, g0, g1, quantized)
+            if not replay and b == len(batches) - 1 and self.write_behind:  # all quantized: written behind these
+                writing = self._writer.submit(self._write_group, name, g0, g1, quantized)  # outputs
             t1 = time.perf_counter()
             self._run_outputs(name, batch, original, quantized, decoded, rows, form)
             secs["outputs"] += time.perf_counter() - t1
@@ -337,16 +345,27 @@ class Worker:
                       "fallback": {str(j): reasons[j] for j in js if reasons[j]}}
             if layer_tokens:
                 record["layer_tokens"] = layer_tokens
+            if grids is not None:
+                record["grids"] = {str(j): {k: s.value for k, s in grids[j].items()} for j in js}
         secs["total"] = time.perf_counter() - t0
         return self._done(group=[g0, g1], **record, seconds=secs,
                           activation_bytes_read=sum(r.bytes_read for r in rows.values()))
 
     def _quantize_batch(self, batch: tuple[int, ...], original: list[dict], train: "_ExpertRows", cap: int,
-                        block_index: int, form) -> tuple[list[dict], list[str], dict[int, int], list[int]]:
+                        block_index: int, form, grids: dict | None = None
+                        ) -> tuple[list[dict], list[str], dict[int, int], list[int]]:
         """GPTQ (or RTN) of a batch of experts from their Hessian tokens: (quantized experts, why each fell back to
-        RTN, Hessian tokens by expert, the experts that took their layer's tokens). An expert with fewer than
-        min_tokens tokens takes its layer's where the family says so (every routing choice of the layer, a seeded
-        subset of `cap`); otherwise it falls back to RTN."""
+        RTN, Hessian tokens by expert, the experts that took their layer's tokens). grids: {j: {kind: grid}} (a bit
+        budget's choice; None: the run's scheme)."""
+        hessian_slabs, counts, borrowed = self._hessian_tokens(batch, train, cap, block_index)
+        q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device, form,
+                                  None if grids is None else [grids[j] for j in batch])
+        return q, why, counts, borrowed
+
+    def _hessian_tokens(self, batch: tuple[int, ...], train: "_ExpertRows", cap: int, block_index: int):
+        """(hessian_slabs(k): the k-th expert's Hessian tokens in slabs, Hessian tokens by expert, the experts that
+        took their layer's tokens). An expert with fewer than min_tokens tokens takes its layer's where the family
+        says so (every routing choice of the layer, a seeded subset of `cap`); otherwise it falls back to RTN."""
         borrow = self.fam.borrow_layer_tokens
         sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap, expert_seed(self.cfg, block_index, j),
                                self.cfg.min_tokens) for j in batch}
@@ -361,8 +380,56 @@ class Worker:
             for s0 in range(0, len(sel[j]), slab):
                 yield train.gather(src[j], sel[j][s0:s0 + slab])
 
-        q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device, form)
-        return q, why, {j: len(sel[j]) for j in batch}, borrowed
+        return hessian_slabs, {j: len(sel[j]) for j in batch}, borrowed
+
+    def _allocate(self, name: str, g0: int, g1: int, batches: list[tuple[int, ...]], train: "_ExpertRows", cap: int,
+                  block_index: int, form) -> tuple[dict, dict, dict, dict, list[int]]:
+        """A bit budget over the group (qmoe/compression/allocate.py): every matrix on every grid of cfg.grids
+        (estimated error, stored bytes), the choice under the group's share, then the experts quantized on their
+        choice. Codes on the chosen grids may take a few bytes more than their estimate (the output matrices are
+        estimated from float hidden activations): a group found over its share is chosen again with the excess
+        taken off and the experts whose grids changed quantized again. Returns (grids {j: {kind: grid}}, quantized,
+        reasons, Hessian tokens, experts on their layer's tokens)."""
+        shapes = self.fam.expert_shapes(self.job.mcfg)
+        names = [f"expert_{j}.{m}" for j in range(g0, g1) for m in shapes]
+        weights = sum(math.prod(shapes[m]) for m in shapes) * (g1 - g0)
+        header = header_bound(names, {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes})
+        budget = math.floor(self.cfg.bits * weights / 8) - header  # the codes' and grids' bytes
+        options = {}
+        for batch in batches:
+            original, _, _ = self._weights(name, batch)
+            hessian_slabs, _, _ = self._hessian_tokens(batch, train, cap, block_index)
+            opts = grid_options(original, hessian_slabs, [train.count(j) for j in batch], self.cfg, self.device, form)
+            options.update({(j, k): o for j, per in zip(batch, opts) for k, o in per.items()})
+            del original
+        quantized, reasons, hess, borrowed, grids, share = {}, {}, {}, [], {}, budget
+        for _ in range(4):
+            try:
+                chosen = choose(options, share)
+            except BudgetError:
+                floor = 8 * (sum(min(o.bytes for o in v) for v in options.values()) + header) / weights
+                raise ValueError(f"{name}, experts {g0}-{g1 - 1}: --bits {self.cfg.bits:g} is below what the "
+                                 f"cheapest of the grids take there ({floor:.3f} bits a weight with the file's "
+                                 f"header)") from None
+            new = {}
+            for (j, k), s in chosen.items():
+                new.setdefault(j, {})[k] = s
+            redo = [j for j in range(g0, g1) if grids.get(j) != new[j]]
+            grids.update(new)
+            for b0 in range(0, len(redo), self.job.plan.batch):
+                batch = tuple(redo[b0:b0 + self.job.plan.batch])
+                original, _, _ = self._weights(name, batch)
+                q, why, counts, lent = self._quantize_batch(batch, original, train, cap, block_index, form, grids)
+                for j, qe, r in zip(batch, q, why):
+                    quantized[j], reasons[j], hess[j] = qe, r, counts[j]
+                borrowed = sorted(set(borrowed) | set(lent))
+                del original
+            over = sum(m.stored_bytes(coded=True) for qe in quantized.values() for m in qe.values()) - budget
+            if over <= 0:
+                return grids, quantized, reasons, hess, borrowed
+            share -= over
+        raise ValueError(f"{name}, experts {g0}-{g1 - 1}: the chosen grids stay {over} bytes over --bits "
+                         f"{self.cfg.bits:g} after four choices")
 
     def _run_outputs(self, name: str, batch: tuple[int, ...], original: list[dict] | None, quantized: dict,
                      decoded, rows: dict, form) -> None:
@@ -382,7 +449,7 @@ class Worker:
         """Encode and write a group's file: (its path relative to the output, manifest entries, bytes, sha256,
         seconds)."""
         t0 = time.perf_counter()
-        rel, entries = C.write_group(self.job.out, name, g0, g1, quantized, self.cfg.scheme)
+        rel, entries = C.write_group(self.job.out, name, g0, g1, quantized, None if self.cfg.mixed else self.cfg.scheme)
         path = Path(self.job.out) / rel
         return rel, entries, path.stat().st_size, sha256_file(path), time.perf_counter() - t0
 

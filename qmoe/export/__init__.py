@@ -38,7 +38,7 @@ from qmoe.checkpoint import CheckpointError, model_file
 from qmoe.format.directory import DENSE_FILE, _group_range, block_files, read_manifest
 from qmoe.models.registry import BY_NAME, FAMILIES, family_of
 from qmoe.format.packed import read_codes
-from qmoe.quant import Scheme
+from qmoe.quant import MIXED, Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json
 
 FORMATS = ("compressed-tensors", "gguf")
@@ -103,6 +103,8 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
 _WHY = {"ternary": "the ternary grid {lo, 0, hi} (two bf16 levels a row) is no integer grid of one scale, so "
                    "the format cannot hold it exactly for vLLM's MoE kernels, and the export never re-rounds",
         "ternary-g256": "vLLM's MoE kernels take 4- and 8-bit grids, not a ternary one (export it with --format gguf)",
+        MIXED: "each matrix has its own grid (compress --bits), and the export writes one grid for every expert "
+               "matrix (compress with --scheme int4)",
         "int2": "the format cannot hold the 2-bit grid for vLLM's MoE kernels, which take 4- and 8-bit "
                 "grids only (compress with --scheme int4)"}
 

@@ -59,7 +59,7 @@ from qmoe.format.directory import DENSE_FILE, _group_range, block_files
 from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
 from qmoe.models.registry import BY_NAME, FAMILIES
 from qmoe.format.packed import unpack
-from qmoe.quant import Scheme
+from qmoe.quant import MIXED, Scheme
 from qmoe.tokenizer import ByteTokenizer
 
 GGUF_VERSION = "0.19.0"  # the gguf release the export was written against and is read back with (tests)
@@ -73,6 +73,8 @@ TERNARY_TYPES = ("TQ1_0", "TQ2_0")
 # alpha 1.702, limit 7.0, hardcoded, no GGUF key); a config with other values is refused.
 SCHEMES = (Scheme.INT4_SYM.value, Scheme.TERNARY_G256.value)
 WHY = {
+    MIXED: "each matrix has its own grid (compress --bits), and the export writes one grid for every expert matrix "
+           "(compress with --scheme int4-sym or ternary-g256)",
     Scheme.INT4.value: "GGUF's symmetric Q4_0 has no zero point, and Q4_1 (value = q * d + m) would need the block "
                        "minimum m = -zero * scale as an fp16 value, which it is not always; the export never re-rounds "
                        "(compress with --scheme int4-sym)",

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from qmoe.checkpoint import CheckpointError, set_param
 from qmoe.models.registry import family_of
 from qmoe.format.packed import QuantizedMatrix
-from qmoe.quant import Scheme
+from qmoe.quant import MIXED, Scheme
 from qmoe.store import atomic_save_safetensors, atomic_write_json, sha256_file, stream_safetensors
 from qmoe.codec.container import ContainerError, read_container, write_container
 from qmoe.codec.ternary import CodecError, decode, encode, f32_to_bf16_bits, fit_dictionary
@@ -48,23 +48,29 @@ def write_dense(out: Path, read, model, is_expert) -> None:
                        lambda k: read(k).to(torch.bfloat16))
 
 
-def write_group(out: Path, block_name: str, g0: int, g1: int, experts: dict, scheme: Scheme) -> tuple[str, dict]:
+def write_group(out: Path, block_name: str, g0: int, g1: int, experts: dict, scheme: Scheme | None
+                ) -> tuple[str, dict]:
     """Write one group's quantized experts {j: QuantizedExpert}; returns (the file's path relative to out, manifest
-    entries {matrix name: {shape, checksum, ...}})."""
+    entries {matrix name: {shape, checksum, ...}}). scheme None: each matrix on its own grid (a bit budget's run),
+    every matrix's codes entropy-coded and its grid named in the file's metadata."""
     rel = group_file(block_name, g0, g1)
     return rel, _write_experts(Path(out) / rel, experts, scheme)
 
 
-def _write_experts(path: Path, experts: dict, scheme: Scheme) -> dict:
+def _write_experts(path: Path, experts: dict, scheme: Scheme | None) -> dict:
     if scheme is Scheme.TERNARY:
         return _write_ternary(path, experts)
-    tensors, shapes = {}, {}
+    tensors, shapes, grids = {}, {}, {}
     for j, qe in sorted(experts.items()):
         for m, qm in qe.items():
-            tensors.update(qm.tensors(f"expert_{j}.{m}"))
+            tensors.update(qm.tensors(f"expert_{j}.{m}", coded=True if scheme is None else None))
             shapes[f"expert_{j}.{m}"] = list(qm.codes.shape)
+            grids[f"expert_{j}.{m}"] = qm.params.scheme.value
     # One metadata key: safetensors writes its metadata map in hash order, and outputs must be byte-identical.
-    meta = {"format": FORMAT, "version": VERSION, "scheme": scheme.value, "shapes": shapes}
+    meta = {"format": FORMAT, "version": VERSION, "scheme": MIXED if scheme is None else scheme.value,
+            "shapes": shapes}
+    if scheme is None:
+        meta["grids"] = grids
     atomic_save_safetensors(path, tensors, metadata={"qmoe": json.dumps(meta, sort_keys=True)})
     return {k: {"shape": v, "codec_version": 0} for k, v in shapes.items()}
 
@@ -118,10 +124,12 @@ def _fused_experts(path: Path, expected: dict[str, tuple[int, int]]) -> dict:
     return out
 
 
-def _read_packed(path: Path, expected: dict[str, tuple[int, int]], scheme: Scheme) -> dict[str, torch.Tensor]:
+def _read_packed(path: Path, expected: dict[str, tuple[int, int]], scheme: Scheme | None) -> dict[str, torch.Tensor]:
+    """scheme None: each matrix's grid as the file's metadata names it."""
     with safe_open(str(path), framework="pt") as h:
-        shapes = json.loads(h.metadata()["qmoe"])["shapes"]
+        meta = json.loads(h.metadata()["qmoe"])
         tensors = {k: h.get_tensor(k) for k in h.keys()}
+    shapes, grids = meta["shapes"], meta.get("grids", {})
     out = {}
     for key, shape in expected.items():
         if key not in shapes:
@@ -129,7 +137,11 @@ def _read_packed(path: Path, expected: dict[str, tuple[int, int]], scheme: Schem
         if tuple(shapes[key]) != tuple(shape):
             raise CheckpointError(path, key, f"shape {tuple(shapes[key])}, expected {tuple(shape)}")
         try:
-            out[key] = QuantizedMatrix.from_tensors(tensors, key, scheme, tuple(shape)).values()
+            grid = scheme or Scheme(grids[key])
+        except (KeyError, ValueError):
+            raise CheckpointError(path, key, f"no grid named for it ({grids.get(key)!r})") from None
+        try:
+            out[key] = QuantizedMatrix.from_tensors(tensors, key, grid, tuple(shape)).values()
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(path, key, f"stored codes or grid do not decode ({e})") from None
     return out
@@ -171,7 +183,8 @@ class Manifest:
         self.data["tensors"][r["file"]] = r["tensors"]
         self.data["groups"].setdefault(block, {})[str(r["group"][0])] = {
             "group": r["group"], "file": r["file"], "hessian_tokens": r["hessian_tokens"], "fallback": r["fallback"],
-            **({"layer_tokens": r["layer_tokens"]} if r.get("layer_tokens") else {})}
+            **({"layer_tokens": r["layer_tokens"]} if r.get("layer_tokens") else {}),
+            **({"grids": r["grids"]} if r.get("grids") else {})}
 
     def groups(self, block: str) -> dict[int, dict]:
         return {int(k): v for k, v in self.data["groups"].get(block, {}).items()}
@@ -227,7 +240,8 @@ class GroupReader:
     """The experts of one group file, read back (every check applied) and dequantized one expert at a time."""
 
     def __init__(self, out: Path | str, block_name: str, g0: int, g1: int, shapes: dict[str, tuple[int, int]],
-                 scheme: Scheme):
+                 scheme: Scheme | None):
+        """scheme None: a mixed file (each matrix's grid in its metadata)."""
         self.path = Path(out) / group_file(block_name, g0, g1)
         self.shapes = shapes
         self.expected = {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes}
@@ -258,6 +272,13 @@ def _group_range(f: Path) -> tuple[int, int]:
         raise CheckpointError(f, None, "not an expert group file name (first-last.safetensors)") from None
 
 
+def run_scheme(hf: dict) -> Scheme | None:
+    """A compressed directory's grid from its config (hf: config.json's contents); None where each matrix has its
+    own (a bit budget's run: its group files name them)."""
+    name = hf["qmoe"]["scheme"]
+    return None if name == MIXED else Scheme(name)
+
+
 def is_compressed(path: Path) -> bool:
     """A directory that qmoe.compress wrote (its config names a scheme), as opposed to an original checkpoint."""
     cfg = Path(path) / "config.json"
@@ -271,7 +292,7 @@ def load_compressed(path: Path, fused: bool = False):
     path = Path(path)
     read_manifest(path)
     hf = json.loads((path / "config.json").read_text())
-    scheme = Scheme(hf["qmoe"]["scheme"])
+    scheme = run_scheme(hf)
     fam = family_of(hf, path / "config.json")
     cfg = fam.config(hf)
     with torch.device("meta"):
@@ -283,7 +304,7 @@ def load_compressed(path: Path, fused: bool = False):
                 raise CheckpointError(path / DENSE_FILE, name, "not a dense parameter of the configured model")
             set_param(model, name, f.get_tensor(name).float())
     if fused and scheme is not Scheme.TERNARY:
-        raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {scheme.value}")
+        raise ValueError(f"{path}: fused kernels exist for ternary experts only, not {hf['qmoe']['scheme']}")
     shapes = fam.expert_shapes(cfg)
     for block_name in fam.sparse_blocks(cfg):
         files = block_files(path, block_name)

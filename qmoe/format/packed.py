@@ -74,9 +74,11 @@ class QuantizedMatrix:
                                 self.params.select(slice(k * rows, (k + 1) * rows)))
                 for k in range(n)]
 
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+    def tensors(self, prefix: str, coded: bool | None = None) -> dict[str, torch.Tensor]:
+        """The stored tensors, named `{prefix}.codes` etc. coded: entropy-code the codes (default: as the grid's own
+        files do; a mixed file codes every grid)."""
         scheme = self.params.scheme
-        if scheme.entropy_coded:
+        if scheme.entropy_coded if coded is None else coded:
             counts, words = entropy_encode(self.codes.numpy(), scheme.maxq + 1)
             out = {f"{prefix}.counts": torch.from_numpy(counts),
                    f"{prefix}.codes": torch.from_numpy(words.view(np.int32))}
@@ -84,6 +86,10 @@ class QuantizedMatrix:
             out = {f"{prefix}.codes": pack(self.codes, scheme.bits)}
         out.update({f"{prefix}.{k}": v for k, v in self.params.tensors().items()})
         return out
+
+    def stored_bytes(self, coded: bool | None = None) -> int:
+        """Bytes of the stored tensors' data (their header entries not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors("m", coded).values())
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str, scheme: Scheme, shape: tuple[int, int]):

@@ -1,0 +1,98 @@
+"""A bit budget over a group's expert matrices (`qmoe.compress --bits B`): each matrix's grid chosen to minimize the
+estimated loss increase under the group's share of the budget.
+
+Each matrix has one option per grid (Option: its stored bytes, and the error it adds; group.py measures both). The
+estimate of a choice's cost is the sum of its matrices' errors; the choice is a multiple-choice knapsack, solved
+greedily on each matrix's lower convex hull of (bytes, error): start every matrix on its cheapest option, then take,
+while the budget allows, the upgrade that removes the most error per byte. On convex hulls this is the Lagrangian
+solution at the budget (exact up to the last upgrade that does not fit), and it is deterministic: ties go to the
+first matrix in sorted order.
+
+A group's share is its weights x B bits, less the bytes of its file's header (names, shapes, offsets, the grid of
+each matrix; bounded from above before the choice), so that every group file, and so the run, holds at most B bits
+per expert weight, every byte counted. Groups are independent tasks (one file each), so the choice depends on the
+group's own data only: the same in one process, on Ray and on resume.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass
+
+from qmoe.quant import Scheme
+
+
+class BudgetError(ValueError):
+    """The budget is below what the cheapest grids take."""
+
+
+@dataclass(frozen=True)
+class Option:
+    scheme: Scheme
+    bytes: int
+    error: float
+
+
+def _hull(options: list[Option]) -> list[Option]:
+    """The options on the lower convex hull of (bytes, error), by bytes: each costs more and removes error at a
+    falling rate per byte (an option dominated, or above the hull, is never the greedy's best step)."""
+    pts = []
+    for o in sorted(options, key=lambda o: (o.bytes, o.error)):
+        if pts and o.error >= pts[-1].error:
+            continue  # no cheaper and no better
+        while len(pts) >= 2:
+            a, b = pts[-2], pts[-1]
+            # b is above the segment a -> o: not on the hull
+            if (b.error - a.error) * (o.bytes - a.bytes) >= (o.error - a.error) * (b.bytes - a.bytes):
+                pts.pop()
+            else:
+                break
+        pts.append(o)
+    return pts
+
+
+def choose(options: dict, budget: int) -> dict:
+    """{key: [Option]} -> {key: Scheme}, the options' bytes summing to at most `budget`. BudgetError when even the
+    cheapest options exceed it."""
+    keys = sorted(options)
+    hulls = {k: _hull(options[k]) for k in keys}
+    at = {k: 0 for k in keys}
+    used = sum(hulls[k][0].bytes for k in keys)
+    if used > budget:
+        raise BudgetError(f"the cheapest grids take {used} bytes, the budget {budget}")
+    heap = []
+
+    def push(i: int, k) -> None:
+        h, a = hulls[k], at[k]
+        if a + 1 < len(h):
+            rate = (h[a].error - h[a + 1].error) / max(h[a + 1].bytes - h[a].bytes, 1)
+            heapq.heappush(heap, (-rate, i, k))
+
+    order = {k: i for i, k in enumerate(keys)}
+    for k in keys:
+        push(order[k], k)
+    while heap:
+        _, i, k = heapq.heappop(heap)
+        h, a = hulls[k], at[k]
+        step = h[a + 1].bytes - h[a].bytes
+        if used + step > budget:
+            continue  # this matrix stays; a cheaper step of another may still fit
+        used += step
+        at[k] = a + 1
+        push(i, k)
+    return {k: hulls[k][at[k]].scheme for k in keys}
+
+
+def header_bound(names: list[str], shapes: dict[str, tuple[int, ...]]) -> int:
+    """An upper bound of a mixed group file's header bytes (safetensors' JSON header and its length, the qmoe
+    metadata), whatever the grids: per matrix its codes, code counts and two grid tensors (lo, hi or scale, zero),
+    each entry with two numbers of 16 digits for its shape and offsets; the matrix's shape and grid name in the
+    metadata, as JSON escaped inside JSON."""
+    n = 256  # the length prefix; the metadata key, format, version and scheme fields; padding to 8 bytes
+    widest = max(len(g.value) for g in Scheme)
+    for m in names:
+        for t in ("codes", "counts", "scale", "scale"):
+            n += len(f'"{m}.{t}":{{"dtype":"BF16","shape":[{"9" * 16},{"9" * 16}],'
+                     f'"data_offsets":[{"9" * 16},{"9" * 16}]}},')
+        n += sum(len(json.dumps(json.dumps(x))) for x in ({m: list(shapes[m])}, {m: "x" * widest}))
+    return n
