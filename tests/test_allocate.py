@@ -138,7 +138,6 @@ def test_a_run_under_a_bit_budget_holds_it_and_loads(qwen, tmp_path):
     chosen = hf["qmoe"]["matrix_grids"]
     for block, kinds in chosen.items():
         for f in sorted((tmp_path / "o" / "experts" / block).glob("*.safetensors")):
-            g0 = int(f.stem.split("-")[0])
             raw = f.read_bytes()
             meta = json.loads(json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])["__metadata__"]["qmoe"])
             for name, grid in meta["grids"].items():

@@ -37,16 +37,19 @@ def test_the_observer_records_every_expert_matrix_and_changes_nothing(which, tin
 
 
 def test_the_frontier_rows_are_each_grids_own_run(tmp_path):
-    """`qmoe.bench frontier`: one row a grid, ordered by expert bits, every row's loss before the same (one
-    validation set), its bits and losses those of a plain compress run of that grid."""
+    """`qmoe.bench frontier`: one row a grid or bit budget, ordered by expert bits, every row's loss before the same
+    (one validation set), its bits and losses those of a plain compress run of that grid; the budget's row within
+    it."""
     from test_family_compress import _save
 
     from qmoe.bench import frontier
     from qmoe.quant import Scheme
 
-    src = _save("qwen3_moe", tmp_path)
-    r = frontier.run(str(src), ("int3-g64", "int2"), train_samples=8, val_samples=2, progress=_quiet)
-    assert [x["setting"].split()[1] for x in r["rows"]] == ["int2", "int3-g64"]
+    src = _save("qwen3_moe", tmp_path, hidden_size=128, moe_intermediate_size=192)
+    r = frontier.run(str(src), ("int3-g64", "int2"), train_samples=8, val_samples=2, budgets=(4.5,),
+                     progress=_quiet)
+    assert [x["setting"].split()[1] for x in r["rows"]] == ["int2", "int3-g64", "4.5"]
+    assert r["rows"][2]["setting"] == "--bits 4.5 --method gptq" and r["rows"][2]["expert_bits"] <= 4.5
     assert len({x["loss_before"] for x in r["rows"]}) == 1
     plain = compress_model(src, tmp_path / "plain", CompressConfig(scheme=Scheme.INT2),
                            DataSpec(train_samples=8, val_samples=2), progress=_quiet)

@@ -173,12 +173,15 @@ def _run_throughput(a):
 def _frontier(sub) -> None:
     f = sub.add_parser("frontier", help="loss increase against bits for every grid, on one model")
     f.add_argument("--model", required=True, help="a checkpoint directory or an embedded model's name")
-    f.add_argument("--schemes", type=lambda t: t.split(","), default=None, help="default: every grid but the exports'")
+    f.add_argument("--schemes", type=lambda t: t.split(",") if t else [], default=None,
+                   help="default: every grid but the exports' (none when --bits is given)")
     f.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     f.add_argument("--train-samples", type=int, default=512)
     f.add_argument("--val-samples", type=int, default=256)
     f.add_argument("--refine", type=lambda t: [int(x) for x in t.split(",")], default=[0],
                    help="GPTQ's coordinate-descent passes, a run of every grid each (e.g. 0,2; default: 0)")
+    f.add_argument("--bits", type=lambda t: [float(x) for x in t.split(",")], default=[],
+                   help="bit budgets, a run each with compress --bits B (e.g. 1.5,2,3)")
     f.add_argument("--json", type=Path)
     f.add_argument("--plot", type=Path, help="PNG: bits against loss increase")
 
@@ -187,8 +190,8 @@ def _run_frontier(a):
     from qmoe.bench import frontier as b
     from qmoe.quant import Method
 
-    result = b.run(a.model, a.schemes or b.DEFAULT_SCHEMES, Method(a.method), a.train_samples, a.val_samples,
-                   a.refine)
+    schemes = a.schemes if a.schemes is not None else () if a.bits else b.DEFAULT_SCHEMES
+    result = b.run(a.model, schemes, Method(a.method), a.train_samples, a.val_samples, a.refine, a.bits)
     if a.plot:
         b.plot(result, a.plot)
     return b, result
