@@ -179,6 +179,35 @@ def test_gguf_dense_tensors_are_qmoes_bf16_values(dirs, name):
     _assert_dense_exact(name, comp, gg)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_an_original_checkpoint_exports_at_its_bf16_values(dirs, name, tmp_path):
+    """An original checkpoint (not compressed) exports as llama.cpp's converter writes a bf16 model, for llama.cpp's
+    quantize to start from: every expert BF16 with the original's bf16 bits, fused per layer; every other tensor
+    the compressed directory's export's, bit for bit."""
+    from qmoe.models.registry import load as load_original
+
+    src, _, gg, _ = dirs[name]
+    s = export(src, tmp_path / "bf16", "gguf", progress=_quiet)
+    assert s["expert_type"] == "BF16" and s["bits_per_param_experts"] == 16 and s["scheme"] is None
+    fields, ours = _read(tmp_path / "bf16")
+    _, q4 = _read(gg)
+    assert set(ours) == set(q4)
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+    original = load_original(src, dtype=torch.bfloat16)
+    params, fam, cfg = dict(original.named_parameters()), original.family, original.cfg
+    names = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
+    for k, t in ours.items():
+        if "_exps." not in k:
+            assert t.tensor_type == q4[k].tensor_type and np.array_equal(np.asarray(t.data), np.asarray(q4[k].data)), k
+            continue
+        i, kind = int(k.split(".")[1]), names[k.split(".")[2]]
+        want = torch.stack([params[f"model.layers.{i}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"]
+                            for j in range(cfg.num_experts)])
+        assert t.tensor_type == gguf.GGMLQuantizationType.BF16
+        got = torch.from_numpy(np.asarray(t.data).view(np.int16).copy()).reshape(want.shape)
+        assert torch.equal(got, want.view(torch.int16)), k
+
+
 def _assert_dense_exact(name: str, comp: Path, gg: Path) -> None:
     _, tensors = _read(gg)
     want = _expected_dense(name, comp)

@@ -55,9 +55,9 @@ import torch
 from safetensors import safe_open
 
 from qmoe.checkpoint import CheckpointError, model_file
-from qmoe.format.directory import DENSE_FILE, _group_range, block_files
+from qmoe.format.directory import DENSE_FILE, _group_range, block_files, is_compressed
 from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
-from qmoe.models.registry import BY_NAME, FAMILIES
+from qmoe.models.registry import BY_NAME, FAMILIES, build, reading
 from qmoe.format.packed import unpack
 from qmoe.quant import MIXED, Scheme
 from qmoe.tokenizer import ByteTokenizer
@@ -343,9 +343,11 @@ def _check_family(fam, hf: dict, mcfg, src: Path) -> None:
         raise ExportError(f"{src}: {why}")
 
 
-def _dense_plan(fam, mcfg, dense: dict, path: Path) -> list[Planned]:
+def _dense_plan(fam, mcfg, dense: dict, path: Path, read: Callable[[str], torch.Tensor] | None = None
+                ) -> list[Planned]:
     """The dense tensors under llama.cpp's names (gguf's own TensorNameMap), as the family's architecture stores
-    them (GGUFArch.pieces), in the converter's types."""
+    them (GGUFArch.pieces), in the converter's types. read(name): a tensor in bf16 (default: from the safetensors
+    file `path`)."""
     gguf = _gguf()
     arch = fam.gguf.name
     A = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
@@ -353,9 +355,11 @@ def _dense_plan(fam, mcfg, dense: dict, path: Path) -> list[Planned]:
     allowed = set(gguf.MODEL_TENSORS[A])
     T = gguf.MODEL_TENSOR
 
-    def read(name: str) -> torch.Tensor:
+    def from_file(name: str) -> torch.Tensor:
         with safe_open(str(path), framework="pt") as h:
             return h.get_tensor(name)
+
+    read = read or from_file
 
     def as_type(t: torch.Tensor, qtype: str) -> np.ndarray:
         if t.dtype != torch.bfloat16:
@@ -507,25 +511,23 @@ def _metadata(w, fam, hf: dict, mcfg, src: Path, qtype: str) -> None:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                progress=print, ternary_type: str = "TQ1_0") -> dict:
-    """Write OUT/model.gguf (split past max_shard_bytes) from the int4-sym (experts Q4_0) or ternary-g256 (experts
-    `ternary_type`, TQ1_0 or TQ2_0) directory SRC; returns a summary."""
-    gguf = _gguf()
-    src, out = Path(src), Path(out)
-    _check_out(src, out, overwrite)
-    if ternary_type not in TERNARY_TYPES:
-        raise ExportError(f"ternary type {ternary_type!r}: GGUF's are {', '.join(TERNARY_TYPES)}")
-    hf = _source(src)
-    scheme = Scheme(hf["qmoe"]["scheme"])
-    qtype = "Q4_0" if scheme is Scheme.INT4_SYM else ternary_type
+def _family(src: Path, hf: dict):
+    """(family, its config) of a config llama.cpp's architectures hold, every difference refused in one line."""
     fam = FAMILIES[hf["model_type"]]
-    arch = fam.gguf.name
     try:
         mcfg = fam.config(hf)
     except (KeyError, ValueError, TypeError) as e:
         raise ExportError(f"{src / 'config.json'}: {e}") from None
     _check_family(fam, hf, mcfg, src)
+    return fam, mcfg
+
+
+def _compressed_plan(src: Path, ternary_type: str):
+    """(config, family, its config, the tensor plan, scheme, expert type) of a compressed directory."""
+    hf = _source(src)
+    scheme = Scheme(hf["qmoe"]["scheme"])
+    qtype = "Q4_0" if scheme is Scheme.INT4_SYM else ternary_type
+    fam, mcfg = _family(src, hf)
     shapes = fam.expert_shapes(mcfg)
     sources = _expert_sources(src, mcfg)
     with safe_open(str(src / DENSE_FILE), framework="pt") as h:
@@ -535,6 +537,59 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
         for kind in shapes:
             _read_kind(es, kind, shapes[kind], False,
                        f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}", scheme)
+    return hf, fam, mcfg, plan, scheme, qtype
+
+
+def _original_plan(src: Path):
+    """(config, family, its config, the tensor plan) of an original checkpoint: every weight at its bf16 value
+    (the experts BF16, as llama.cpp's converter writes a bf16 model), for llama.cpp's own quantizer to start from."""
+    try:
+        model, reader, hf = build(src)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    fam = FAMILIES[hf["model_type"]]
+    if fam.gguf is None:
+        archs = ", ".join(f"{f.name} as {f.gguf.name}" for f in BY_NAME.values() if f.gguf)
+        raise ExportError(f"{src}: a {fam.name} checkpoint: llama.cpp's architectures hold {archs}")
+    fam, mcfg = _family(src, hf)
+    read = reading(fam, reader, hf)
+    dense = {n: ("BF16", tuple(p.shape)) for n, p in model.named_parameters() if not fam.is_expert(n)}
+    plan = _dense_plan(fam, mcfg, dense, src, lambda n: read(n).to(torch.bfloat16))
+    gguf = _gguf()
+    T = gguf.MODEL_TENSOR
+    shapes = fam.expert_shapes(mcfg)
+    for i, sparse in enumerate(mcfg.sparse):
+        if not sparse:
+            continue
+        block = f"model.layers.{i}"
+        for kind, mt in (("gate", T.FFN_GATE_EXP), ("up", T.FFN_UP_EXP), ("down", T.FFN_DOWN_EXP)):
+            def make(block=block, kind=kind):  # a layer's experts of one kind, bf16 bits [E, R, C]
+                return torch.stack([fam.read_expert(read, reader, block, j)[kind].to(torch.bfloat16)
+                                    for j in range(mcfg.num_experts)]).view(torch.int16).numpy().view(np.uint16)
+            plan.append(Planned(gguf.TENSOR_NAMES[mt].format(bid=i) + ".weight", "BF16",
+                                (mcfg.num_experts, *shapes[kind]), make,
+                                [f"{block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}"]))
+    return hf, fam, mcfg, plan
+
+
+def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                progress=print, ternary_type: str = "TQ1_0") -> dict:
+    """Write OUT/model.gguf (split past max_shard_bytes) from the int4-sym (experts Q4_0) or ternary-g256 (experts
+    `ternary_type`, TQ1_0 or TQ2_0) directory SRC, or from an original checkpoint SRC (every weight at its bf16
+    value: what llama.cpp's quantize starts from); returns a summary."""
+    gguf = _gguf()
+    src, out = Path(src), Path(out)
+    _check_out(src, out, overwrite)
+    if ternary_type not in TERNARY_TYPES:
+        raise ExportError(f"ternary type {ternary_type!r}: GGUF's are {', '.join(TERNARY_TYPES)}")
+    if is_compressed(src):
+        hf, fam, mcfg, plan, scheme, qtype = _compressed_plan(src, ternary_type)
+    else:
+        hf, fam, mcfg, plan = _original_plan(src)
+        scheme, qtype = None, "BF16"
+    arch = fam.gguf.name
+    shapes = fam.expert_shapes(mcfg)
+    expert_names = {p.name for p in plan if "_exps." in p.name and p.name.endswith(".weight")}
     tokenizer = _tokenizer_kind(src, hf, fam)
 
     total = sum(p.nbytes() for p in plan)
@@ -566,7 +621,7 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
             if data.dtype != want or data.nbytes != p.nbytes():
                 raise ExportError(f"{p.name}: made {data.dtype} of {data.nbytes} bytes, planned {p.nbytes()}")
             w.write_tensor_data(data if p.qtype == "F32" else data.view(np.uint8))
-            expert_bytes += data.nbytes if p.qtype == qtype else 0
+            expert_bytes += data.nbytes if p.name in expert_names else 0
         w.close()
         for f in files:
             with open(tmp / f, "rb") as fh:
@@ -576,9 +631,9 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    params_experts = len(sources) * mcfg.num_experts * sum(r * c for r, c in shapes.values())
+    params_experts = sum(mcfg.sparse) * mcfg.num_experts * sum(r * c for r, c in shapes.values())
     summary = {"format": "gguf", "source": str(src), "out": str(out), "files": files, "architecture": arch,
-               "scheme": scheme.value, "expert_type": qtype,
+               "scheme": scheme.value if scheme else None, "expert_type": qtype,
                "tokenizer": tokenizer, "tensor_bytes": total, "expert_bytes": expert_bytes,
                "params_experts": params_experts, "bits_per_param_experts": 8 * expert_bytes / params_experts}
     if tokenizer is None:
