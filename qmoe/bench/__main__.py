@@ -182,6 +182,11 @@ def _frontier(sub) -> None:
                    help="GPTQ's coordinate-descent passes, a run of every grid each (e.g. 0,2; default: 0)")
     f.add_argument("--bits", type=lambda t: [float(x) for x in t.split(",")], default=[],
                    help="bit budgets, a run each with compress --bits B (e.g. 1.5,2,3)")
+    f.add_argument("--llamacpp", type=lambda t: t.split(",") if t else [], default=[],
+                   help="llama.cpp types made by its quantize with an importance matrix (e.g. Q2_K,IQ2_XXS; 'all': "
+                        "IQ1_S to Q4_K_M); needs --llamacpp-bin and llama-cpp-python")
+    f.add_argument("--llamacpp-bin", type=Path, default=Path("."),
+                   help="the directory of llama.cpp's llama-imatrix and llama-quantize")
     f.add_argument("--json", type=Path)
     f.add_argument("--plot", type=Path, help="PNG: bits against loss increase")
 
@@ -192,6 +197,10 @@ def _run_frontier(a):
 
     schemes = a.schemes if a.schemes is not None else () if a.bits else b.DEFAULT_SCHEMES
     result = b.run(a.model, schemes, Method(a.method), a.train_samples, a.val_samples, a.refine, a.bits)
+    if a.llamacpp:
+        types = b.LLAMACPP_TYPES if a.llamacpp == ["all"] else a.llamacpp
+        result["rows"] = sorted(result["rows"] + b.llamacpp_rows(a.model, types, a.llamacpp_bin, a.train_samples,
+                                                                  a.val_samples), key=lambda r: r["expert_bits"])
     if a.plot:
         b.plot(result, a.plot)
     return b, result

@@ -4,8 +4,15 @@ Each grid (`--schemes`) and each bit budget (`--bits`, every matrix's grid chose
 by default), in this process, into a temporary directory; its row is the directory's own numbers: expert bits (every byte of the group files: codes, dictionaries, grids,
 headers, over the routed experts' parameters), total bits (every stored byte over every parameter), and the
 validation loss before and after, on the same validation samples for every grid. Rows as the frontier JSON holds
-them: `model`, `system`, `setting`, `expert_bits`, `total_bits`, `loss`, `loss_increase`. llama.cpp's points are
-not measured here yet (the low-bit issue's side-by-side needs llama.cpp's quantize, imatrix and perplexity tools).
+them: `model`, `system`, `setting`, `expert_bits`, `total_bits`, `loss`, `loss_increase`.
+
+llama.cpp's points (`--llamacpp TYPES --llamacpp-bin DIR`): the original checkpoint exported to GGUF at its bf16
+values (qmoe.export: llama.cpp's converter does not read qmoe's byte vocabulary), an importance matrix computed by
+llama.cpp's `llama-imatrix` from the calibration windows' text (the same windows qmoe's GPTQ takes), each type made
+by llama.cpp's `llama-quantize --imatrix` from that file, and its loss computed by llama.cpp (llama-cpp-python) on the
+same validation windows; its increase is over the bf16 file's loss in llama.cpp. Expert bits are the GGUF's expert
+tensors' bytes over the experts' parameters; total bits every tensor's bytes over every parameter (llama.cpp's types
+quantize attention and embeddings too, where qmoe keeps them bf16).
 """
 from __future__ import annotations
 
@@ -48,6 +55,82 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
         shutil.rmtree(root, ignore_errors=True)
     return {"model": model, "method": method.value, "train_samples": train_samples, "val_samples": val_samples,
             "rows": sorted(rows, key=lambda r: r["expert_bits"])}
+
+
+# llama.cpp's low-bit types, smallest first, as its quantize names them (every one with the importance matrix).
+LLAMACPP_TYPES = ("IQ1_S", "IQ1_M", "TQ1_0", "IQ2_XXS", "IQ2_XS", "TQ2_0", "Q2_K", "Q3_K_S", "Q4_K_M")
+
+
+def llamacpp_rows(model: str, types=LLAMACPP_TYPES, bin_dir: Path = Path("."), train_samples: int = 512,
+                  val_samples: int = 256, threads: int = 2, progress=lambda m: print(m, flush=True)) -> list[dict]:
+    """One row a llama.cpp type (see the module's docstring); bin_dir holds llama-imatrix and llama-quantize."""
+    import json
+    import subprocess
+
+    import torch
+    import torch.nn.functional as F
+
+    from qmoe.bench.llamacpp import llamacpp_logits
+    from qmoe.data import causal_samples
+    from qmoe.export import export
+    from qmoe.tokenizer import load_causal_tokenizer
+
+    tools = {t: Path(bin_dir) / f"llama-{t}" for t in ("imatrix", "quantize")}
+    missing = [str(p) for p in tools.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"llama.cpp's tools are missing: {', '.join(missing)} (build them from llama-cpp-python's "
+                         "sdist: docs/results.md says how)")
+    src = resolve_model(model)
+    hf = json.loads((src / "config.json").read_text())
+    spec = DataSpec(train_samples=train_samples, val_samples=val_samples)
+    train, val, _ = causal_samples(src, hf, spec)
+    windows = torch.cat([val.input_ids, val.labels[:, -1:]], 1)  # [N, S]: input_ids + the last label
+    S = windows.shape[1]
+    labels = windows[:, 1:].reshape(-1)
+
+    def loss(path: Path) -> float:
+        logits, _ = llamacpp_logits(path, windows, threads)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels).item()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-frontier-llamacpp-") as tmp:
+        tmp = Path(tmp)
+        ex = export(src, tmp / "bf16", "gguf", progress=lambda *_: None)
+        bf16 = tmp / "bf16" / "model.gguf"
+        tok = load_causal_tokenizer(src, hf)
+        (tmp / "calib.txt").write_text("".join(tok.decode(w) for w in train.input_ids.tolist()), encoding="utf-8")
+        subprocess.run([str(tools["imatrix"]), "-m", str(bf16), "-f", str(tmp / "calib.txt"), "-o",
+                        str(tmp / "imatrix.gguf"), "-c", str(S), "-t", str(threads), "--no-ppl"],
+                       check=True, capture_output=True)
+        base = loss(bf16)
+        progress(f"llama.cpp BF16: loss {base:.4f}")
+        for t in types:
+            out = tmp / f"{t}.gguf"
+            subprocess.run([str(tools["quantize"]), "--imatrix", str(tmp / "imatrix.gguf"), str(bf16), str(out), t,
+                            str(threads)], check=True, capture_output=True)
+            expert, total = _gguf_bytes(out)
+            got = loss(out)
+            rows.append({"model": model, "system": "llama.cpp", "setting": f"{t} (imatrix)",
+                         "expert_bits": 8 * expert / ex["params_experts"],
+                         "total_bits": 8 * total / _params(src), "loss": got, "loss_increase": got - base,
+                         "loss_before": base})
+            out.unlink()
+            progress(f"{t}: {rows[-1]['expert_bits']:.3f} expert bits, +{rows[-1]['loss_increase']:.4f} nats")
+    return rows
+
+
+def _gguf_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of the expert tensors, bytes of every tensor) of a GGUF file."""
+    import gguf
+
+    tensors = gguf.GGUFReader(path).tensors
+    return sum(int(t.n_bytes) for t in tensors if "_exps." in t.name), sum(int(t.n_bytes) for t in tensors)
+
+
+def _params(src: Path) -> int:
+    from qmoe.models.registry import build
+
+    return sum(p.numel() for p in build(src)[0].parameters())
 
 
 def format_table(r: dict) -> str:
