@@ -6,7 +6,8 @@ estimate of a choice's cost is the sum of its matrices' errors; the choice is a 
 greedily on each matrix's lower convex hull of (bytes, error): start every matrix on its cheapest option, then take,
 while the budget allows, the upgrade that removes the most error per byte. On convex hulls this is the Lagrangian
 solution at the budget (exact up to the last upgrade that does not fit), and it is deterministic: ties go to the
-first matrix in sorted order.
+first matrix in sorted order. What the greedy leaves of the budget then goes, an option at a time, to whichever option
+(on the hull or not) lowers the error most and fits.
 
 A group's share is its weights x B bits, less the bytes of its file's header (names, shapes, offsets, the grid of
 each matrix; bounded from above before the choice), so that every group file, and so the run, holds at most B bits
@@ -80,7 +81,19 @@ def choose(options: dict, budget: int) -> dict:
         used += step
         at[k] = a + 1
         push(i, k)
-    return {k: hulls[k][at[k]].scheme for k in keys}
+    chosen = {k: hulls[k][at[k]] for k in keys}
+    # What the hull steps leave of the budget (less than the next step of each matrix): any option, on a hull or
+    # not, that fits it and lowers the error, the largest decrease first.
+    while True:
+        left = budget - used
+        gain, k, o = max(((chosen[k].error - o.error, -order[k], o) for k in keys for o in options[k]
+                          if 0 < o.bytes - chosen[k].bytes <= left and o.error < chosen[k].error),
+                         default=(0.0, 0, None), key=lambda x: (x[0], x[1]))
+        if o is None:
+            return {k: chosen[k].scheme for k in keys}
+        k = keys[-k]
+        used += o.bytes - chosen[k].bytes
+        chosen[k] = o
 
 
 def header_bound(names: list[str], shapes: dict[str, tuple[int, ...]]) -> int:

@@ -104,14 +104,15 @@ def _first_bias(weights: list[dict], form: ExpertForm, device) -> list:
 
 
 @torch.no_grad()
-def grid_options(weights: list[dict[str, torch.Tensor]], hessian_slabs, routed: list[int], cfg: CompressConfig,
-                 device: torch.device | str = "cpu", form: ExpertForm = SWIGLU_FORM
+def grid_options(weights: list[dict[str, torch.Tensor]], hessian_slabs, routed: list[int], probs: list,
+                 cfg: CompressConfig, device: torch.device | str = "cpu", form: ExpertForm = SWIGLU_FORM
                  ) -> list[dict[str, list[Option]]]:
     """For a bit budget: every matrix of a batch of experts on every grid of cfg.grids, as Options (stored bytes,
     estimated error). The error of a matrix on a grid is what it alone adds to its expert's output, in the residual
-    stream's units: the squared error of the expert's output with that one matrix quantized (the others float),
-    averaged over the expert's Hessian tokens and multiplied by `routed[g]`, the expert's routed tokens (so an
-    expert's share of the loss scales with how often it is chosen). The output matrix is quantized here from the
+    stream's units: the squared error of the expert's output with that one matrix quantized (the others float), times
+    the token's router weight squared (probs[g]: the weights of expert g's Hessian tokens, in order; the layer's
+    output takes the expert's times that weight), averaged over the expert's Hessian tokens and multiplied by
+    `routed[g]`, the expert's routed tokens (so an expert's share of the loss scales with how often it is chosen). The output matrix is quantized here from the
     float hidden activations (the input matrices' grids are not chosen yet; quantize_experts then uses the quantized
     ones)."""
     first = torch.stack([torch.cat([w[k].to(device, torch.float32) for k in form.inputs]) for w in weights])
@@ -130,15 +131,15 @@ def grid_options(weights: list[dict[str, torch.Tensor]], hessian_slabs, routed: 
         """routed[g] x the mean squared change of expert g's output over its Hessian tokens, with `kind` on
         `values`."""
         total, n = 0.0, 0
-        if kind == form.output:
-            for h in hidden(g):
-                total += float(F.linear(h, floats[g][kind] - values).square().sum())
-                n += h.shape[0]
-        else:
-            w = dict(floats[g], **{kind: values})
-            for x in inputs(g):
-                total += float((form.outputs(w, x) - form.outputs(floats[g], x)).square().sum())
-                n += x.shape[0]
+        p2 = probs[g].to(device, torch.float32).square()
+        w = dict(floats[g], **{kind: values})
+        for x in inputs(g):
+            if kind == form.output:
+                change = F.linear(form.hidden(x, first[g], first_bias[g]), floats[g][kind] - values)
+            else:
+                change = form.outputs(w, x) - form.outputs(floats[g], x)
+            total += float(change.square().sum(-1) @ p2[n:n + x.shape[0]])
+            n += x.shape[0]
         return routed[g] * total / n if n else 0.0
 
     # One stage at a time, as quantize_experts: the input matrices' Hessians, then the output matrix's.

@@ -293,7 +293,8 @@ class Worker:
         name, form = self.job.block_name(stack, i), self.job.form
         js = list(range(g0, g1))
         rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form,
-                                    whole=self.fam.borrow_layer_tokens and s.name == "train")
+                                    whole=self.fam.borrow_layer_tokens and s.name == "train",
+                                    probs=self.cfg.mixed and s.name == "train" and not replay)
                 for s in self.job.streams}
         secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0, encode_write_wait=0.0)
         decoded = C.GroupReader(self.job.out, name, g0, g1, self.fam.expert_shapes(self.job.mcfg),
@@ -357,14 +358,14 @@ class Worker:
         """GPTQ (or RTN) of a batch of experts from their Hessian tokens: (quantized experts, why each fell back to
         RTN, Hessian tokens by expert, the experts that took their layer's tokens). grids: {j: {kind: grid}} (a bit
         budget's choice; None: the run's scheme)."""
-        hessian_slabs, counts, borrowed = self._hessian_tokens(batch, train, cap, block_index)
+        hessian_slabs, counts, borrowed, _ = self._hessian_tokens(batch, train, cap, block_index)
         q, why = quantize_experts(original, hessian_slabs, self.cfg, self.device, form,
                                   None if grids is None else [grids[j] for j in batch])
         return q, why, counts, borrowed
 
     def _hessian_tokens(self, batch: tuple[int, ...], train: "_ExpertRows", cap: int, block_index: int):
         """(hessian_slabs(k): the k-th expert's Hessian tokens in slabs, Hessian tokens by expert, the experts that
-        took their layer's tokens). An expert with fewer than min_tokens tokens takes its layer's where the family
+        took their layer's tokens, the Hessian tokens' router weights per expert or None where not read). An expert with fewer than min_tokens tokens takes its layer's where the family
         says so (every routing choice of the layer, a seeded subset of `cap`); otherwise it falls back to RTN."""
         borrow = self.fam.borrow_layer_tokens
         sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap, expert_seed(self.cfg, block_index, j),
@@ -380,7 +381,9 @@ class Worker:
             for s0 in range(0, len(sel[j]), slab):
                 yield train.gather(src[j], sel[j][s0:s0 + slab])
 
-        return hessian_slabs, {j: len(sel[j]) for j in batch}, borrowed
+        # A bit budget's error weights: the Hessian tokens' router weights, in the slabs' order.
+        probs = [train.probs(src[j])[sel[j]] for j in batch] if train.has_probs else None
+        return hessian_slabs, {j: len(sel[j]) for j in batch}, borrowed, probs
 
     def _allocate(self, name: str, g0: int, g1: int, batches: list[tuple[int, ...]], train: "_ExpertRows", cap: int,
                   block_index: int, form) -> tuple[dict, dict, dict, dict, list[int]]:
@@ -398,8 +401,9 @@ class Worker:
         options = {}
         for batch in batches:
             original, _, _ = self._weights(name, batch)
-            hessian_slabs, _, _ = self._hessian_tokens(batch, train, cap, block_index)
-            opts = grid_options(original, hessian_slabs, [train.count(j) for j in batch], self.cfg, self.device, form)
+            hessian_slabs, _, _, probs = self._hessian_tokens(batch, train, cap, block_index)
+            opts = grid_options(original, hessian_slabs, [train.count(j) for j in batch], probs, self.cfg,
+                                self.device, form)
             options.update({(j, k): o for j, per in zip(batch, opts) for k, o in per.items()})
             del original
         quantized, reasons, hess, borrowed, grids, share = {}, {}, {}, [], {}, budget
@@ -480,12 +484,13 @@ class _ExpertRows:
     offsets[j]..offsets[j + 1] of every chunk, in chunk (= token) order."""
 
     def __init__(self, store: ActivationStore, stream: str, chunks: int, js: list[int], width: int,
-                 form: ExpertForm = SWIGLU_FORM, whole: bool = False):
-        """whole: also every row of the layer, as the pseudo-expert LAYER."""
+                 form: ExpertForm = SWIGLU_FORM, whole: bool = False, probs: bool = False):
+        """whole: also every row of the layer, as the pseudo-expert LAYER. probs: also each row's router weight."""
         self.store, self.stream, self.width, self.form = store, stream, width, form
         keys = js + [LAYER] if whole else js
         self.segments: dict = {j: [] for j in keys}  # j -> [(chunk, r0, r1)]
         self._ids: dict = {j: [] for j in keys}
+        self._probs: dict | None = {j: [] for j in keys} if probs else None
         self.bytes_read = 0
         for c in range(chunks):
             # Only offsets [E + 1] and the group's rows of ids are read, not the whole route file (perm, prob and
@@ -494,14 +499,20 @@ class _ExpertRows:
                 off = f.get_tensor("offsets")  # [E + 1]
                 lo, hi = int(off[min(js)]), int(off[max(js) + 1])  # the group's rows (z is sorted by expert)
                 ids = f.get_slice("ids")[lo:hi] if hi > lo else None
+                if probs:  # row r's router weight: prob[perm[r]]
+                    prob = f.get_tensor("prob")[f.get_slice("perm")[lo:hi]] if hi > lo else None
             for j in js:
                 r0, r1 = int(off[j]), int(off[j + 1])
                 if r1 > r0:
                     self.segments[j].append((c, r0, r1))
                     self._ids[j].append(ids[r0 - lo:r1 - lo])
+                    if probs:
+                        self._probs[j].append(prob[r0 - lo:r1 - lo])
             if whole and int(off[-1]):
                 self.segments[LAYER].append((c, 0, int(off[-1])))
                 self._ids[LAYER].append(torch.zeros(int(off[-1]), dtype=torch.long))  # borrowed rows: all usable
+                if probs:
+                    self._probs[LAYER].append(torch.ones(int(off[-1])))
 
     def count(self, j: int) -> int:
         return sum(r1 - r0 for _, r0, r1 in self.segments[j])
@@ -509,6 +520,14 @@ class _ExpertRows:
     def ids(self, j: int) -> torch.Tensor:
         """Token ids of expert j's tokens [n_j] (for the Hessian mask)."""
         return torch.cat(self._ids[j]) if self._ids[j] else torch.zeros(0, dtype=torch.long)
+
+    @property
+    def has_probs(self) -> bool:
+        return self._probs is not None
+
+    def probs(self, j: int) -> torch.Tensor:
+        """The router weights of expert j's tokens [n_j] (the LAYER pseudo-expert's: ones)."""
+        return torch.cat(self._probs[j]) if self._probs[j] else torch.zeros(0)
 
     def _pieces(self, j: int, idx: torch.Tensor):
         """(chunk, local rows) for sorted positions idx in expert j's token sequence."""
