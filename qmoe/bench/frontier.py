@@ -40,11 +40,20 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
             for name in schemes for passes in refine]
     runs += [(CompressConfig(bits=bits, method=method, refine=passes), f"--bits {bits:g}")
              for bits in budgets for passes in refine]
+    infeasible = []
     try:
         for cfg, what in runs:
-            s = compress_model(resolve_model(model), root / "out", cfg, spec, overwrite=True,
-                               progress=lambda *_: None)
-            shutil.rmtree(root / "out")
+            try:
+                s = compress_model(resolve_model(model), root / "out", cfg, spec, overwrite=True,
+                                   progress=lambda *_: None)
+            except ValueError as e:  # a budget below what the cheapest grids take: said, not plotted
+                if not cfg.mixed:
+                    raise
+                infeasible.append({"setting": what, "error": str(e)})
+                progress(f"{what}: {e}")
+                continue
+            finally:
+                shutil.rmtree(root / "out", ignore_errors=True)
             setting = f"{what} --method {method.value}" + (f" --refine {cfg.refine}" if cfg.refine else "")
             rows.append({"model": model, "system": "qmoe", "setting": setting,
                          "expert_bits": s["bits_per_param_experts"], "total_bits": s["bits_per_param_total"],
@@ -54,7 +63,7 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"model": model, "method": method.value, "train_samples": train_samples, "val_samples": val_samples,
-            "rows": sorted(rows, key=lambda r: r["expert_bits"])}
+            "rows": sorted(rows, key=lambda r: r["expert_bits"]), "infeasible": infeasible}
 
 
 # llama.cpp's low-bit types, smallest first, as its quantize names them (every one with the importance matrix).
@@ -138,6 +147,7 @@ def format_table(r: dict) -> str:
              "", "| setting | expert bits | total bits | loss | increase |", "|---|---|---|---|---|"]
     lines += [f"| `{x['setting']}` | {x['expert_bits']:.3f} | {x['total_bits']:.3f} | {x['loss']:.4f} | "
               f"+{x['loss_increase']:.4f} |" for x in r["rows"]]
+    lines += [f"| `{x['setting']}` | cannot be met: {x['error']} | | | |" for x in r.get("infeasible", [])]
     return "\n".join(lines)
 
 
