@@ -56,3 +56,20 @@ def test_the_frontier_rows_are_each_grids_own_run(tmp_path):
     row = r["rows"][0]
     assert (row["expert_bits"], row["loss"]) == (plain["bits_per_param_experts"], plain["val_loss_after"])
     assert "| `--scheme int2 --method gptq` |" in frontier.format_table(r)
+
+
+def test_the_frontiers_llamacpp_side_counts_gguf_bytes_and_needs_its_tools(tmp_path):
+    """The llama.cpp rows' expert bytes are the GGUF's expert tensors' (a bf16 export: 16 bits a parameter); without
+    llama.cpp's tools the side says which are missing. (The rows themselves need llama.cpp built: docs/results.md.)"""
+    pytest.importorskip("gguf")
+    from test_family_compress import _save
+
+    from qmoe.bench import frontier
+    from qmoe.export import export
+
+    src = _save("qwen3_moe", tmp_path, moe_intermediate_size=32, mlp_only_layers=[])
+    s = export(src, tmp_path / "g", "gguf", progress=_quiet)
+    expert, total = frontier._gguf_bytes(tmp_path / "g" / "model.gguf")
+    assert 8 * expert == 16 * s["params_experts"] and total > expert
+    with pytest.raises(SystemExit, match="llama-imatrix"):
+        frontier.llamacpp_rows(str(src), ("Q2_K",), tmp_path / "nowhere")
