@@ -78,7 +78,8 @@ def make_job(model_dir: Path, out: Path, mcfg, cfg: CompressConfig, spec: DataSp
                  d_kv=mcfg.head_dim, chunk_tokens=cfg.chunk_samples * seq * mcfg.top_k)
     plan = plan_memory(max_memory, **sizes, vocab=mcfg.vocab_size, group_size=min(cfg.group_size, mcfg.num_experts),
                        seq_len=seq, slab_rows=cfg.slab_rows, gptq=cfg.method.value == "gptq",
-                       act_bytes=ActivationStore("", cfg.activation_dtype.value).itemsize, max_batch=max_batch)
+                       act_bytes=ActivationStore("", cfg.activation_dtype.value).itemsize, max_batch=max_batch,
+                       mixed=cfg.mixed)
     streams = [Stream("train", n_train, "compressed")]
     if n_val:
         streams += [Stream("before", n_val, "original"), Stream("after", n_val, "compressed")]

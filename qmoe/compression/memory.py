@@ -146,7 +146,7 @@ BASE_BYTES = 600 << 20  # Python + torch + numba + safetensors after import, mea
 
 def plan_memory(max_memory: int, *, d_model: int, d_ff: int, num_heads: int, d_kv: int, vocab: int,
                 group_size: int, chunk_tokens: int, seq_len: int, slab_rows: int, gptq: bool,
-                act_bytes: int, max_batch: int | None = None) -> Plan:
+                act_bytes: int, max_batch: int | None = None, mixed: bool = False) -> Plan:
     """The largest GPTQ batch whose estimated peak fits max_memory, or MemoryError_ naming what does not fit.
 
     Estimates in float32 bytes (4 a value), each term a buffer the step really allocates:
@@ -155,6 +155,8 @@ def plan_memory(max_memory: int, *, d_model: int, d_ff: int, num_heads: int, d_k
     - expert step, per expert in the batch: weights (bf16 read + f32), GPTQ's Hessian and its factors (6 C x C for
       the widest matrix), W, Q, the error terms (4 R x C); per group: the codes kept until the dictionary is fitted
       (1 byte a weight), slab buffers (slab_rows x (2 D + F)), and the next batch's weights read ahead (bf16).
+    - mixed (a bit budget): per expert, the other stage's float32 weights, which the grids' estimate holds beside the
+      stage it quantizes (4 D x F).
     """
     D, F = d_model, d_ff
     inner = num_heads * d_kv
@@ -164,7 +166,8 @@ def plan_memory(max_memory: int, *, d_model: int, d_ff: int, num_heads: int, d_k
     C = max(D, F)
     # Measured on c2048's shapes (2080 x 6144), one process, GPTQ ternary: peak 2.58 GB at 1 expert a batch, 4.97 GB
     # at 3, so 1.20 GB an expert; the GPTQ term below gives 1.26 GB. RTN: 1.35 GB at 1, 1.85 GB at 8 (the terms: 0.31).
-    per_expert = 2 * 2 * D * F + 4 * 2 * D * F + (6 * 4 * C * C + 4 * 4 * D * F if gptq else 4 * 2 * D * F)
+    per_expert = 2 * 2 * D * F + 4 * 2 * D * F + (6 * 4 * C * C + 4 * 4 * D * F if gptq else 4 * 2 * D * F) + \
+        (4 * D * F if mixed else 0)
     fixed = group_size * 2 * D * F + 4 * slab_rows * (2 * D + F) * 2 + 8 * slab_rows
     base = BASE_BYTES
     avail = max_memory - base - fixed
