@@ -1,12 +1,13 @@
 """A bit budget over a group's expert matrices (`qmoe.compress --bits B`): each matrix's grid chosen to minimize the
 estimated loss increase under the group's share of the budget.
 
-Each matrix has one option per grid (Option: its stored bytes, and the error it adds; group.py measures both). The
+Each item (an expert's input matrices together, or its output matrix: group.grid_options) has one option per grid
+(Option: its stored bytes, and the error it adds; group.py measures both). The
 estimate of a choice's cost is the sum of its matrices' errors; the choice is a multiple-choice knapsack, solved
-greedily on each matrix's lower convex hull of (bytes, error): start every matrix on its cheapest option, then take,
+greedily on each item's lower convex hull of (bytes, error): start every item on its cheapest option, then take,
 while the budget allows, the upgrade that removes the most error per byte. On convex hulls this is the Lagrangian
 solution at the budget (exact up to the last upgrade that does not fit), and it is deterministic: ties go to the
-first matrix in sorted order. What the greedy leaves of the budget then goes, an option at a time, to whichever option
+first item in sorted order. What the greedy leaves of the budget then goes, an option at a time, to whichever option
 (on the hull or not) lowers the error most and fits.
 
 A group's share is its weights x B bits, less the bytes of its file's header (names, shapes, offsets, the grid of
@@ -77,12 +78,12 @@ def choose(options: dict, budget: int) -> dict:
         h, a = hulls[k], at[k]
         step = h[a + 1].bytes - h[a].bytes
         if used + step > budget:
-            continue  # this matrix stays; a cheaper step of another may still fit
+            continue  # this item stays; a cheaper step of another may still fit
         used += step
         at[k] = a + 1
         push(i, k)
     chosen = {k: hulls[k][at[k]] for k in keys}
-    # What the hull steps leave of the budget (less than the next step of each matrix): any option, on a hull or
+    # What the hull steps leave of the budget (less than the next step of each item): any option, on a hull or
     # not, that fits it and lowers the error, the largest decrease first.
     while True:
         left = budget - used

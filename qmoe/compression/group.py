@@ -107,14 +107,16 @@ def _first_bias(weights: list[dict], form: ExpertForm, device) -> list:
 def grid_options(weights: list[dict[str, torch.Tensor]], hessian_slabs, routed: list[int], probs: list,
                  cfg: CompressConfig, device: torch.device | str = "cpu", form: ExpertForm = SWIGLU_FORM
                  ) -> list[dict[str, list[Option]]]:
-    """For a bit budget: every matrix of a batch of experts on every grid of cfg.grids, as Options (stored bytes,
-    estimated error). The error of a matrix on a grid is what it alone adds to its expert's output, in the residual
-    stream's units: the squared error of the expert's output with that one matrix quantized (the others float), times
-    the token's router weight squared (probs[g]: the weights of expert g's Hessian tokens, in order; the layer's
-    output takes the expert's times that weight), averaged over the expert's Hessian tokens and multiplied by
-    `routed[g]`, the expert's routed tokens (so an expert's share of the loss scales with how often it is chosen). The output matrix is quantized here from the
-    float hidden activations (the input matrices' grids are not chosen yet; quantize_experts then uses the quantized
-    ones)."""
+    """For a bit budget: each expert's two stages (its input matrices together, stacked as GPTQ takes them, and
+    its output matrix) on every grid of cfg.grids, as Options (stored bytes, estimated error), keyed by the stage's
+    kinds joined by "+" (e.g. "gate+up", "down"): a stage is one choice, so the estimate sees its input matrices'
+    errors compound (ternary gate and up errors multiply in the SwiGLU product). The error of a stage on a grid is
+    what it alone adds to its expert's output, in the residual stream's units: the squared change of the expert's
+    output with that stage quantized (the other float), times the token's router weight squared (probs[g]: the
+    weights of expert g's Hessian tokens, in order; the layer adds the expert's output times that weight), averaged
+    over the expert's Hessian tokens and multiplied by `routed[g]`, the expert's routed tokens (so an expert's share
+    of the loss scales with how often it is chosen). The output matrix is quantized here from the float hidden
+    activations (the input matrices' grids are not chosen yet; quantize_experts then uses the quantized ones)."""
     first = torch.stack([torch.cat([w[k].to(device, torch.float32) for k in form.inputs]) for w in weights])
     out = torch.stack([w[form.output].to(device, torch.float32) for w in weights])
     first_bias = _first_bias(weights, form, device)
@@ -125,17 +127,18 @@ def grid_options(weights: list[dict[str, torch.Tensor]], hessian_slabs, routed: 
               for g, w in enumerate(weights)]
     inputs = lambda g: (s.to(device) for s in hessian_slabs(g))  # noqa: E731
     hidden = lambda g: (form.hidden(x, first[g], first_bias[g]) for x in inputs(g))  # noqa: E731
-    options: list[dict[str, list[Option]]] = [{k: [] for k in form.kinds} for _ in weights]
+    inputs_name = "+".join(form.inputs)
+    options: list[dict[str, list[Option]]] = [{inputs_name: [], form.output: []} for _ in weights]
 
-    def error(g: int, kind: str, values: torch.Tensor) -> float:
-        """routed[g] x the mean squared change of expert g's output over its Hessian tokens, with `kind` on
-        `values`."""
+    def error(g: int, values: dict) -> float:
+        """routed[g] x the mean squared change of expert g's output over its Hessian tokens, with the matrices
+        `values` names quantized."""
         total, n = 0.0, 0
         p2 = probs[g].to(device, torch.float32).square()
-        w = dict(floats[g], **{kind: values})
+        w = dict(floats[g], **values)
         for x in inputs(g):
-            if kind == form.output:
-                change = F.linear(form.hidden(x, first[g], first_bias[g]), floats[g][kind] - values)
+            if form.output in values:
+                change = F.linear(form.hidden(x, first[g], first_bias[g]), floats[g][form.output] - values[form.output])
             else:
                 change = form.outputs(w, x) - form.outputs(floats[g], x)
             total += float(change.square().sum(-1) @ p2[n:n + x.shape[0]])
@@ -148,9 +151,10 @@ def grid_options(weights: list[dict[str, torch.Tensor]], hessian_slabs, routed: 
         for scheme in cfg.grids:
             q, _ = _on_grid(W, gptq, scheme, cfg)
             for g in range(len(weights)):
-                for kind, m in zip(kinds, q[g].split(len(kinds))):
-                    options[g][kind].append(Option(scheme, m.stored_bytes(coded=True),
-                                                   error(g, kind, m.values().to(device))))
+                parts = q[g].split(len(kinds))
+                values = {kind: m.values().to(device) for kind, m in zip(kinds, parts)}
+                options[g]["+".join(kinds)].append(Option(scheme, sum(m.stored_bytes(coded=True) for m in parts),
+                                                          error(g, values)))
         del gptq
     return options
 

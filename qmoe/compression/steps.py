@@ -387,7 +387,7 @@ class Worker:
 
     def _allocate(self, name: str, g0: int, g1: int, batches: list[tuple[int, ...]], train: "_ExpertRows", cap: int,
                   block_index: int, form) -> tuple[dict, dict, dict, dict, list[int]]:
-        """A bit budget over the group (qmoe/compression/allocate.py): every matrix on every grid of cfg.grids
+        """A bit budget over the group (qmoe/compression/allocate.py): each expert's stages on every grid of cfg.grids
         (estimated error, stored bytes), the choice under the group's share, then the experts quantized on their
         choice. Codes on the chosen grids may take a few bytes more than their estimate (the output matrices are
         estimated from float hidden activations): a group found over its share is chosen again with the excess
@@ -416,8 +416,9 @@ class Worker:
                                  f"cheapest of the grids take there ({floor:.3f} bits a weight with the file's "
                                  f"header)") from None
             new = {}
-            for (j, k), s in chosen.items():
-                new.setdefault(j, {})[k] = s
+            for (j, stage), s in chosen.items():  # a stage's matrices (the inputs, stacked; the output) share a grid
+                for k in stage.split("+"):
+                    new.setdefault(j, {})[k] = s
             redo = [j for j in range(g0, g1) if grids.get(j) != new[j]]
             grids.update(new)
             for b0 in range(0, len(redo), self.job.plan.batch):
