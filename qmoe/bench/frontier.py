@@ -159,7 +159,8 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = lambda x: x["system"] + (", --bits" if x["setting"].startswith("--bits") else "")  # noqa: E731
+    series = lambda x: x["system"] + ("" if x["system"] != "qmoe" else  # noqa: E731
+                                      ", --bits" if x["setting"].startswith("--bits") else ", one grid")
     for system in dict.fromkeys(series(x) for x in r["rows"]):
         pts = sorted((x["expert_bits"], x["loss_increase"], x["setting"]) for x in r["rows"] if series(x) == system)
         front, best = [], float("inf")
@@ -167,7 +168,7 @@ def plot(r: dict, path: Path) -> None:
             if inc < best:
                 front.append((b, inc))
                 best = inc
-        ax.plot(*zip(*front), "-", label=f"{system} (frontier)")
+        ax.plot(*zip(*front), "-", label=f"{system} (its frontier)")
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12)
         for b, inc, setting in pts:
             label = (setting.split()[1] if setting.startswith("--scheme") else " ".join(setting.split()[:2])) + \
