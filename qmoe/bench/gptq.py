@@ -104,7 +104,7 @@ class Observer:
             self._sels.append(rows(token_ids, *a, **kw))
             return torch.arange(token_ids.numel())
 
-        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=SWIGLU_FORM):
+        def observed_quantize(weights, hessian_slabs, cfg, device="cpu", form=SWIGLU_FORM, grids=None):
             sels, self._sels = self._sels[-len(weights):], []
             self._form, self._weights = form, weights
             D = weights[0][form.inputs[0]].shape[1]
@@ -116,7 +116,7 @@ class Observer:
                     yield X[k][s[s0:s0 + cfg.slab_rows]]
 
             self._calls = []
-            q, why = quantize(weights, slabs, cfg, device, form)
+            q, why = quantize(weights, slabs, cfg, device, form, grids)
             self._record(fasterquant, X, q, cfg)
             return q, why
 
