@@ -97,14 +97,14 @@ def choose(options: dict, budget: int) -> dict:
         chosen[k] = o
 
 
-def header_bound(names: list[str], shapes: dict[str, tuple[int, ...]]) -> int:
+def header_bound(shapes: dict[str, tuple[int, ...]]) -> int:
     """An upper bound of a mixed group file's header bytes (safetensors' JSON header and its length, the qmoe
     metadata), whatever the grids: per matrix its codes, code counts and two grid tensors (lo, hi or scale, zero),
     each entry with two numbers of 16 digits for its shape and offsets; the matrix's shape and grid name in the
     metadata, as JSON escaped inside JSON."""
     n = 256  # the length prefix; the metadata key, format, version and scheme fields; padding to 8 bytes
     widest = max(len(g.value) for g in Scheme)
-    for m in names:
+    for m in shapes:
         for t in ("codes", "counts", "scale", "scale"):
             n += len(f'"{m}.{t}":{{"dtype":"BF16","shape":[{"9" * 16},{"9" * 16}],'
                      f'"data_offsets":[{"9" * 16},{"9" * 16}]}},')

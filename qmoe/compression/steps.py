@@ -365,8 +365,9 @@ class Worker:
 
     def _hessian_tokens(self, batch: tuple[int, ...], train: "_ExpertRows", cap: int, block_index: int):
         """(hessian_slabs(k): the k-th expert's Hessian tokens in slabs, Hessian tokens by expert, the experts that
-        took their layer's tokens, the Hessian tokens' router weights per expert or None where not read). An expert with fewer than min_tokens tokens takes its layer's where the family
-        says so (every routing choice of the layer, a seeded subset of `cap`); otherwise it falls back to RTN."""
+        took their layer's tokens, the Hessian tokens' router weights per expert or None where not read). An expert
+        with fewer than min_tokens tokens takes its layer's where the family says so (every routing choice of the
+        layer, a seeded subset of `cap`); otherwise it falls back to RTN."""
         borrow = self.fam.borrow_layer_tokens
         sel = {j: hessian_rows(train.ids(j), self.job.sentinel_floor, cap, expert_seed(self.cfg, block_index, j),
                                self.cfg.min_tokens) for j in batch}
@@ -394,9 +395,8 @@ class Worker:
         taken off and the experts whose grids changed quantized again. Returns (grids {j: {kind: grid}}, quantized,
         reasons, Hessian tokens, experts on their layer's tokens)."""
         shapes = self.fam.expert_shapes(self.job.mcfg)
-        names = [f"expert_{j}.{m}" for j in range(g0, g1) for m in shapes]
         weights = sum(math.prod(shapes[m]) for m in shapes) * (g1 - g0)
-        header = header_bound(names, {f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes})
+        header = header_bound({f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes})
         budget = math.floor(self.cfg.bits * weights / 8) - header  # the codes' and grids' bytes
         options = {}
         for batch in batches:
