@@ -26,11 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
     p.add_argument("--scheme", default=None, choices=[x.value for x in Scheme],
                    help=f"the grid (default: {d.scheme.value}; int4-sym: symmetric int4; ternary-g256: {{-d, 0, d}} "
-                        "with one fp16 d per 256 columns, GGUF's TQ1_0 / TQ2_0)")
+                        "with one fp16 d per 256 columns, GGUF's TQ1_0 / TQ2_0; q2_k .. q6_k: llama.cpp's k-quants)")
     p.add_argument("--export-format", choices=sorted(EXPORT_GRIDS),
                    help="quantize onto a grid this format holds exactly, so that qmoe.export can write it "
                         "(int4-sym unless --scheme names another the format holds: gguf also holds ternary-g256 "
-                        "as TQ1_0 / TQ2_0)")
+                        "as TQ1_0 / TQ2_0 and q2_k .. q6_k as Q2_K .. Q6_K)")
     p.add_argument("--bits", type=float, default=None, metavar="B",
                    help="a bit budget instead of one grid: at most B bits per expert weight (every byte of the expert "
                         "files), each matrix's grid chosen from --grids by its estimated loss")
@@ -107,7 +107,8 @@ def saved(out: Path) -> str:
 
 # export format -> the grids it holds exactly (qmoe.export), the default first: symmetric int4 for both (GGUF as
 # Q4_0), and for GGUF the symmetric ternary grid of 256-column groups (TQ1_0 / TQ2_0)
-EXPORT_GRIDS = {"compressed-tensors": (Scheme.INT4_SYM,), "gguf": (Scheme.INT4_SYM, Scheme.TERNARY_G256)}
+EXPORT_GRIDS = {"compressed-tensors": (Scheme.INT4_SYM,),
+                "gguf": (Scheme.INT4_SYM, Scheme.TERNARY_G256, *(s for s in Scheme if s.kquant))}
 
 
 def _scheme(scheme: str | None, export_format: str | None) -> Scheme:

@@ -11,6 +11,11 @@ Scheme.TERNARY_G256 is the symmetric ternary grid {-d, 0, d} with one fp16 scale
 (d = max |w| over the span, rounded to fp16; the last span of a row may be shorter): GGUF's TQ1_0 / TQ2_0 blocks,
 which llama.cpp serves. Codes as ternary's: 0 -> 0, 1 -> d, 2 -> -d; held as lo = -d, hi = d per span.
 
+Scheme.Q2_K .. Scheme.Q6_K are llama.cpp's k-quant grids (qmoe/kquant.py): 256-weight super-blocks of fp16 scales
+over sub-blocks of 16 or 32 with small integer scales (and minimums), held as llama.cpp computes their values. Their
+span is the sub-block; a, b are each sub-block's float32 multiplier and minimum (or zero point), and `parts` holds the
+numbers GGUF stores.
+
 Shapes: W [E, R, C] (experts, rows = out features, columns = in features); row params [E, R], span params
 [E, R, G] with G = ceil(C / scale_columns).
 """
@@ -21,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from qmoe import kquant
+from qmoe.kquant import KTYPES, KType
 
 
 class Scheme(enum.Enum):
@@ -38,11 +46,24 @@ class Scheme(enum.Enum):
     INT3_G64 = "int3-g64"
     INT3_G128 = "int3-g128"
     INT4_G128 = "int4-g128"
+    # llama.cpp's k-quants (qmoe/kquant.py), stored as GGUF's own blocks.
+    Q2_K = "q2_k"
+    Q3_K = "q3_k"
+    Q4_K = "q4_k"
+    Q5_K = "q5_k"
+    Q6_K = "q6_k"
+
+    @property
+    def kquant(self) -> KType | None:
+        """The k-quant layout, or None."""
+        return KTYPES.get(self.value)
 
     @property
     def scale_columns(self) -> int:
         """Columns that share one set of grid parameters (a span); 0: the whole row. ("Group", in qmoe, is the
-        experts one file holds.)"""
+        experts one file holds.) k-quants: the sub-block."""
+        if self.kquant:
+            return self.kquant.sub
         _, _, cols = self.value.partition("-g")
         return int(cols) if cols else 0
 
@@ -54,13 +75,15 @@ class Scheme(enum.Enum):
     @property
     def bits(self) -> int:
         """Bits per code when packed plainly (the codec stores per-row ternary in less)."""
+        if self.kquant:
+            return self.kquant.bits
         return 2 if self.ternary else int(self.value[3])
 
     @property
     def entropy_coded(self) -> bool:
         """Whether the stored codes are entropy-coded (every grid but per-row ternary, which the codec stores, and
-        the grids the exports read packed: int4-sym, ternary-g256)."""
-        return self not in (Scheme.TERNARY, Scheme.INT4_SYM, Scheme.TERNARY_G256)
+        the grids the exports read packed: int4-sym, ternary-g256, the k-quants)."""
+        return self not in (Scheme.TERNARY, Scheme.INT4_SYM, Scheme.TERNARY_G256) and not self.kquant
 
     @property
     def maxq(self) -> int:
@@ -85,8 +108,10 @@ class RowParams:
     schemes [E, R, G]), stored as named."""
 
     scheme: Scheme
-    a: torch.Tensor  # ternary: lo (bf16 values; ternary-g256: -d);  intN: scale (bf16 values)
-    b: torch.Tensor  # ternary: hi (bf16 values; ternary-g256: d, fp16 values);  intN: zero point (integer values)
+    a: torch.Tensor  # ternary: lo (bf16 values; ternary-g256: -d);  intN: scale (bf16 values); k-quant: d * sc
+    b: torch.Tensor  # ternary: hi (bf16 values; ternary-g256: d, fp16 values);  intN: zero point (integer values);
+    #                  k-quant: dmin * m (asymmetric) or the zero point
+    parts: dict[str, torch.Tensor] | None = None  # k-quant: what GGUF stores, {"d", "dmin": [..., R, N], "sc", "m"}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.scheme is Scheme.TERNARY_G256:
@@ -112,14 +137,25 @@ class RowParams:
         return cls(scheme, t["scale"].float(), t["zero"].float())
 
     def select(self, idx) -> "RowParams":
-        return RowParams(self.scheme, self.a[idx], self.b[idx])
+        return RowParams(self.scheme, self.a[idx], self.b[idx],
+                         self.parts and {k: v[idx] for k, v in self.parts.items()})
 
     def to(self, device) -> "RowParams":
-        return RowParams(self.scheme, self.a.to(device), self.b.to(device))
+        return RowParams(self.scheme, self.a.to(device), self.b.to(device),
+                         self.parts and {k: v.to(device) for k, v in self.parts.items()})
+
+    @classmethod
+    def from_parts(cls, scheme: Scheme, parts: dict[str, torch.Tensor]) -> "RowParams":
+        """A k-quant grid from its stored numbers."""
+        return cls(scheme, *kquant.multipliers(scheme.kquant, parts["d"], parts["dmin"], parts["sc"], parts["m"]),
+                   parts)
 
 
-def find_params(W: torch.Tensor, scheme: Scheme) -> RowParams:
-    """Row grids from the rows' ranges. W [..., R, C] -> params [..., R] (span schemes: [..., R, G])."""
+def find_params(W: torch.Tensor, scheme: Scheme, weights: torch.Tensor | None = None) -> RowParams:
+    """Row grids from the rows' ranges. W [..., R, C] -> params [..., R] (span schemes: [..., R, G]). k-quants: fit
+    by qmoe/kquant.py, each column's squared error weighted by weights [..., C] (None: all 1)."""
+    if scheme.kquant:
+        return RowParams.from_parts(scheme, kquant.fit(W, scheme.kquant, weights))
     if scheme is Scheme.TERNARY_G256:
         pad = (-W.shape[-1]) % scheme.scale_columns
         amax = F.pad(W.abs(), (0, pad)).unflatten(-1, (-1, scheme.scale_columns)).amax(-1)
@@ -163,6 +199,11 @@ def quantize_codes(w: torch.Tensor, p: RowParams) -> torch.Tensor:
     """Nearest grid point per weight, as codes (uint8). w [..., R] (one column, p that column's params) or
     [..., R, C] (see _levels)."""
     a, b = _levels(w, p)
+    kt = p.scheme.kquant
+    if kt:  # a sub-block whose multiplier a is 0 holds one value (-b, or 0): code 0 (asymmetric) or the zero point
+        safe = torch.where(a == 0, torch.ones_like(a), a)
+        q = torch.round((w + b) / safe) if kt.asym else torch.round(w / safe) + b
+        return torch.where(a == 0, torch.full_like(q, kt.zero), q.clamp(0, kt.maxq)).to(torch.uint8)
     if p.scheme.ternary:
         # Thresholds halfway between 0 and each level: nearest of {lo, 0, hi} (lo <= 0 <= hi, so at most one holds;
         # uint8 arithmetic: no int64 temporaries, 2.6x faster on c2048's experts).
@@ -180,9 +221,37 @@ def dequantize_codes(codes: torch.Tensor, p: RowParams, a=None, b=None) -> torch
     """codes [..., R, C] (or [..., R] with a, b given broadcastable) -> float32 values."""
     if a is None:
         a, b = _levels(codes, p)
+    if p.scheme.kquant and p.scheme.kquant.asym:  # llama.cpp's float32 order: (d * sc) * q - dmin * m
+        return a * codes.to(torch.float32) - b
     if p.scheme.ternary:  # 0 -> 0, 1 -> hi, 2 -> lo
         return torch.where(codes == 1, b, torch.where(codes == 2, a, torch.zeros((), dtype=a.dtype))).to(torch.float32)
     return (a * (codes.to(torch.float32) - b)).to(torch.float32)
+
+
+def span_params(W: torch.Tensor, i: int, params: RowParams, weights: torch.Tensor | None = None) -> RowParams:
+    """GPTQ's grid for the span that starts at column i, from the weights W [E, R, C] as GPTQ has updated them: that
+    span's columns (k-quants: the super-block's d and dmin are fit when i starts a super-block, from its 256 columns;
+    the sub-block's integers then from its own), written into params; returns the span's params [E, R]. weights
+    [E, C]: each column's squared-error weight (GPTQ's Hessian diagonal; k-quants only)."""
+    scheme, span = params.scheme, params.scheme.scale_columns
+    j = i // span
+    kt = scheme.kquant
+    if not kt:
+        g = find_params(W[:, :, i:i + span], scheme)
+        params.a[:, :, j], params.b[:, :, j] = g.a[..., 0], g.b[..., 0]
+        return RowParams(scheme, g.a[..., 0], g.b[..., 0])
+    w = lambda a, b: None if weights is None else weights[:, a:b]  # noqa: E731 - [E, n]
+    n = i // kquant.QK_K
+    if i % kquant.QK_K == 0:
+        got = kquant.fit(W[:, :, i:i + kquant.QK_K], kt, w(i, i + kquant.QK_K))
+        params.parts["d"][:, :, n], params.parts["dmin"][:, :, n] = got["d"][..., 0], got["dmin"][..., 0]
+    sc, m = kquant.refit(W[:, :, i:i + span], kt, params.parts["d"][:, :, n], params.parts["dmin"][:, :, n],
+                         w(i, i + span))
+    params.parts["sc"][:, :, j], params.parts["m"][:, :, j] = sc, m
+    a, b = kquant.multipliers(kt, params.parts["d"][:, :, n:n + 1], params.parts["dmin"][:, :, n:n + 1],
+                              sc.unsqueeze(-1), m.unsqueeze(-1))
+    params.a[:, :, j], params.b[:, :, j] = a[..., 0], b[..., 0]
+    return RowParams(scheme, a[..., 0], b[..., 0])
 
 
 def rtn(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, RowParams]:

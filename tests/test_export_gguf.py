@@ -488,12 +488,13 @@ def others(tmp_path_factory, dirs):
     return out
 
 
-@pytest.mark.parametrize("scheme,words", [("int4", "Q4_1"), ("ternary", "--scheme ternary-g256"), ("int2", "Q2_K")])
+@pytest.mark.parametrize("scheme,words", [("int4", "Q4_1"), ("ternary", "--scheme ternary-g256"), ("int2", "q2_k")])
 def test_an_int4_ternary_or_int2_directory_is_refused(others, scheme, words, tmp_path, capsys):
     out = tmp_path / "gguf"
     _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out, words)
     _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out,
-             f"scheme {scheme!r}: only int4-sym and ternary-g256 directories export to GGUF")
+             f"scheme {scheme!r}: only int4-sym, ternary-g256, q2_k, q3_k, q4_k, q5_k and q6_k directories export "
+             "to GGUF")
 
 
 def test_a_scale_that_is_not_an_fp16_value_is_refused_naming_the_matrix(others, tmp_path, capsys):
@@ -838,3 +839,54 @@ def test_ternary_g256_rows_not_whole_blocks_are_refused(others, tmp_path, capsys
     assert compress_cli.main(common + ["--out", str(tmp_path / "b"), "--export-format", "gguf", "--scheme",
                                        "ternary-g256"]) == 0
     assert _hf(tmp_path / "b")["qmoe"]["scheme"] == "ternary-g256"
+
+
+# k-quants: GPTQ onto llama.cpp's own Q2_K .. Q6_K grids, exported block for block.
+
+KQUANT_RUNS = [("qwen3_moe", s.value) for s in Scheme if s.kquant] + [("deepseek_v3", "q3_k"), ("mixtral", "q2_k")]
+KQUANT_MODELS = {**TERNARY, "mixtral": (_mixtral, dict(hidden_size=256, intermediate_size=256, num_local_experts=4))}
+
+
+@pytest.fixture(scope="module")
+def kquants(tmp_path_factory):
+    """{(family, scheme): (compressed directory (GPTQ), GGUF export, summary)} on tiny models whose expert rows are
+    whole 256-weight super-blocks."""
+    root = tmp_path_factory.mktemp("gguf-kquant")
+    out = {}
+    for name, scheme in KQUANT_RUNS:
+        make, over = KQUANT_MODELS[name]
+        src, comp, gg = root / name, root / f"{name}-{scheme}", root / f"{name}-{scheme}-gguf"
+        if not src.exists():
+            torch.manual_seed(0)
+            make(vocab_size=300, **over).eval().save_pretrained(src)
+        compress_model(src, comp, CompressConfig(scheme=Scheme(scheme), method=Method.GPTQ), SPEC, progress=_quiet)
+        out[name, scheme] = (comp, gg, export(comp, gg, "gguf", progress=_quiet))
+    return out
+
+
+@pytest.mark.parametrize("name,scheme", KQUANT_RUNS)
+def test_kquant_experts_dequantize_to_qmoes_weights_exactly(kquants, name, scheme):
+    """gguf's dequantizer gives every Q2_K .. Q6_K expert equal, bit for bit, to qmoe's float32 weights (qmoe.load,
+    fused=False) at the type's bytes a super-block; the dense tensors are qmoe's bf16; the file type names it."""
+    comp, gg, summary = kquants[name, scheme]
+    kt = Scheme(scheme).kquant
+    fields = _assert_experts_exact(comp, gg, kt.name)
+    if name in TERNARY:
+        _assert_dense_exact(name, comp, gg)
+    assert summary["bits_per_param_experts"] == kt.block_bytes * 8 / 256
+    assert summary["scheme"] == scheme and summary["expert_type"] == kt.name
+    assert fields["general.file_type"] == int(gguf.LlamaFileType[f"MOSTLY_{eg.KQUANT_FILE_TYPES[kt.name]}"])
+
+
+def test_a_kquant_needs_whole_super_blocks_and_is_refused_up_front(dirs, tmp_path, capsys):
+    """Mixtral's 32-column gate matrices (hidden 32): compress --export-format gguf --scheme q4_k is one line naming
+    the matrix kind, nothing written."""
+    from qmoe import compress as compress_cli
+
+    out = tmp_path / "a"
+    common = ["--model", str(dirs["mixtral"][0]), "--method", "rtn", "--train-samples", "4", "--val-samples", "0"]
+    assert compress_cli.main(common + ["--out", str(out), "--export-format", "gguf", "--scheme", "q4_k"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the experts' gate matrices have 32 columns, not a multiple of Q4_K's 256" \
+        in err, err
+    assert not out.exists() or not any(out.iterdir())

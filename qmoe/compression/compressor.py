@@ -22,6 +22,7 @@ from qmoe.checkpoint import model_file, open_every_shard
 from qmoe.data import DataSpec
 from qmoe.compression.executor import LocalExecutor
 from qmoe.compression.memory import PeakMonitor, default_max_memory, plan_memory
+from qmoe.kquant import QK_K
 from qmoe.compression.settings import CompressConfig
 from qmoe.compression.steps import Job, Stream
 from qmoe.codec.atomic import atomic_write
@@ -110,6 +111,11 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     outdir.check_out(out, model_dir)
     source = open_source(model_dir)
     mcfg, hf, model = source.mcfg, source.hf, source.model
+    kt = None if cfg.mixed else cfg.scheme.kquant
+    for kind, (_, cols) in source.family.expert_shapes(mcfg).items() if kt else ():
+        if cols % QK_K:
+            raise ValueError(f"{model_dir}: the experts' {kind} matrices have {cols} columns, not a multiple of "
+                             f"{kt.name}'s {QK_K}-weight super-blocks (a k-quant row is whole super-blocks)")
     train, val, sentinel_floor = source.family.samples(model_dir, hf, spec)
     job = make_job(model_dir, out, mcfg, cfg, spec, len(train), len(val), sentinel_floor, max_memory,
                    getattr(executor, "processes", 1), fail_marker, max_batch)

@@ -9,7 +9,9 @@ matmul for the rest).
 A grid with scales over spans of columns (Scheme.scale_columns, e.g. ternary-g256's 256) takes each span's parameters
 from the weights as GPTQ has updated them when it reaches the span's first column (GPTQ's `groupsize`, not its static
 groups); the block is cut to divide the span, so that column starts a block and every earlier column's error has
-been spread.
+been spread. llama.cpp's k-quants fit a super-block's fp16 scales at its first column and each sub-block's integer
+scales at the sub-block's, each column's error weighted by the Hessian's diagonal (as llama.cpp's quantizer weighs
+by its importance matrix).
 
 Robustness (each counted in `GPTQResult`, none fatal): a Hessian is dampened by `percdamp` x the mean of its live
 diagonal; a column no input ever touches ("dead": its diagonal is 0) is zeroed and left out of that mean; an expert
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qmoe.quant import RowParams, Scheme, dequantize_codes, find_params, quantize
+from qmoe.quant import RowParams, Scheme, dequantize_codes, find_params, quantize, span_params
 
 log = logging.getLogger("qmoe")
 
@@ -114,9 +116,7 @@ class GPTQ:
         for i1 in range(0, C, blocksize):
             i2 = min(i1 + blocksize, C)
             if span and i1 % span == 0:  # a span's first column: its grid from the weights as updated so far
-                g = find_params(W[:, :, i1:i1 + span], scheme)
-                params.a[:, :, i1 // span], params.b[:, :, i1 // span] = g.a[..., 0], g.b[..., 0]
-                column_params = RowParams(scheme, g.a[..., 0], g.b[..., 0])
+                column_params = span_params(W, i1, params, diag)
             W1 = W[:, :, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[:, i1:i2, i1:i2]
@@ -161,7 +161,7 @@ def _coordinate_descent(W: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, H
             p = _column_params(params, i)
             h = H[:, i, i].unsqueeze(1)  # [E, 1]
             best_gain = torch.zeros_like(Q[:, :, i])
-            best_code, best_delta = codes[:, :, i].clone(), torch.zeros_like(Q[:, :, i])
+            best_code, best_delta, best_value = codes[:, :, i].clone(), torch.zeros_like(Q[:, :, i]), Q[:, :, i].clone()
             c = codes[:, :, i].to(torch.int16)
             for m in moves:
                 cand = ((c + m) % 3) if scheme.ternary else (c + m).clamp(0, scheme.maxq)
@@ -173,10 +173,11 @@ def _coordinate_descent(W: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, H
                 best_gain = torch.where(better, gain, best_gain)
                 best_code = torch.where(better, cand, best_code)
                 best_delta = torch.where(better, delta, best_delta)
+                best_value = torch.where(better, v, best_value)
             if not bool((best_gain > 0).any()):
                 continue
             codes[:, :, i] = best_code
-            Q[:, :, i] -= best_delta
+            Q[:, :, i] = best_value  # the grid's value itself (Q - delta may round off it)
             G += best_delta.unsqueeze(2) * H[:, i, :].unsqueeze(1)
     return Q, codes
 

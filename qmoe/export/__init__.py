@@ -137,7 +137,8 @@ def _read_source(src: Path, schemes=SCHEMES, why: dict | None = None, fmt: str =
         raise ExportError(f"{src}: a {fam.name} directory: the {fmt} export covers {covered}; {loaders}")
     if scheme not in schemes:
         reason = (_WHY if why is None else why).get(scheme, "not a scheme the format holds")
-        raise ExportError(f"{src}: scheme {scheme!r}: only {' and '.join(schemes)} directories export to {fmt}: "
+        named = " and ".join(schemes) if len(schemes) < 3 else f"{', '.join(schemes[:-1])} and {schemes[-1]}"
+        raise ExportError(f"{src}: scheme {scheme!r}: only {named} directories export to {fmt}: "
                           f"{reason}")
     try:
         manifest = read_manifest(src)  # every file's size and sha256, before anything is written

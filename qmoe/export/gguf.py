@@ -59,6 +59,8 @@ from qmoe.format.directory import DENSE_FILE, _group_range, block_files, is_comp
 from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
 from qmoe.models.registry import BY_NAME, FAMILIES, build, reading
 from qmoe.format.packed import unpack
+from qmoe.kquant import KTYPES
+from qmoe.kquant import unpack as kunpack
 from qmoe.quant import MIXED, Scheme
 from qmoe.tokenizer import ByteTokenizer
 
@@ -67,11 +69,14 @@ GGUF_FILE = "model.gguf"
 QK4_0 = 32  # weights per Q4_0 block: 2 bytes of fp16 scale, 16 bytes of 4-bit codes
 Q4_0_BYTES = 2 + QK4_0 // 2
 QK_K = 256  # weights per TQ1_0 / TQ2_0 block
-BLOCK_BYTES = {"Q4_0": (QK4_0, Q4_0_BYTES), "TQ2_0": (QK_K, QK_K // 4 + 2), "TQ1_0": (QK_K, 48 + 4 + 2)}
+BLOCK_BYTES = {"Q4_0": (QK4_0, Q4_0_BYTES), "TQ2_0": (QK_K, QK_K // 4 + 2), "TQ1_0": (QK_K, 48 + 4 + 2),
+               **{kt.name: (QK_K, kt.block_bytes) for kt in KTYPES.values()}}
+# general.file_type for a file whose experts are one k-quant (the label only; llama.cpp reads each tensor's type).
+KQUANT_FILE_TYPES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S", "Q6_K": "Q6_K"}
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")
 # llama.cpp's gpt-oss computes its experts' SwiGLU with these constants (LLM_FFN_SWIGLU_OAI_MOE in llama-graph.cpp:
 # alpha 1.702, limit 7.0, hardcoded, no GGUF key); a config with other values is refused.
-SCHEMES = (Scheme.INT4_SYM.value, Scheme.TERNARY_G256.value)
+SCHEMES = (Scheme.INT4_SYM.value, Scheme.TERNARY_G256.value, *(s.value for s in Scheme if s.kquant))
 WHY = {
     MIXED: "each matrix has its own grid (compress --bits), and the export writes one grid for every expert matrix "
            "(compress with --scheme int4-sym or ternary-g256)",
@@ -81,8 +86,9 @@ WHY = {
     Scheme.TERNARY.value: "the ternary grid {lo, 0, hi} has two free bf16 levels a row, and GGUF's ternary types "
                           "TQ1_0 / TQ2_0 hold {-d, 0, d} with one fp16 d a block; the export never re-rounds "
                           "(compress with --scheme ternary-g256)",
-    Scheme.INT2.value: "the asymmetric 2-bit grid would need Q2_K (256-weight super-blocks of 4-bit sub-scales and "
-                       "mins under fp16 scales), which this export does not write (compress with --scheme int4-sym)",
+    Scheme.INT2.value: "the asymmetric 2-bit grid has one scale and zero point a row, and GGUF's Q2_K holds 4-bit "
+                       "scales and minimums per 16 weights under fp16 scales; the export never re-rounds (compress "
+                       "with --scheme q2_k: GPTQ onto Q2_K's own grid)",
 }
 BYTE_PLACEHOLDER_MERGE = "<pad> <pad>"  # never a pair of symbols: the vocabulary has no two-character token
 
@@ -459,6 +465,32 @@ def _read_kind(es: ExpertSource, kind: str, shape: tuple[int, int], codes: bool,
     return (torch.stack(all_codes) if codes else None), torch.stack(all_scales)
 
 
+def _read_blocks(es: ExpertSource, kind: str, shape: tuple[int, int], scheme: Scheme) -> np.ndarray:
+    """A k-quant matrix kind's GGUF blocks over a layer's experts, uint8 [E, R, C / 256 * block bytes], as the group
+    files hold them; ExportError on a matrix that is not `scheme` of the expected shape or whose blocks do not
+    decode (fp16 scales not finite)."""
+    R, C = shape
+    out = []
+    for g0, g1, f in es.files:
+        with safe_open(str(f), framework="pt") as h:
+            meta = json.loads((h.metadata() or {}).get("qmoe", "{}"))
+            if meta.get("scheme") != scheme.value:
+                raise ExportError(f"{f}: its experts are {meta.get('scheme')!r}, not {scheme.value}")
+            for j in range(g0, g1):
+                key = f"expert_{j}.{kind}"
+                if tuple(meta.get("shapes", {}).get(key, ())) != (R, C):
+                    raise ExportError(f"{f}: expert matrix {key!r} is missing or not {R}x{C}")
+                blocks = h.get_tensor(f"{key}.blocks")
+                try:
+                    _, parts = kunpack(blocks, scheme.kquant, (R, C))
+                except ValueError as e:
+                    raise ExportError(f"{f}: {key!r}: {e}") from None
+                if not all(bool(torch.isfinite(parts[k]).all()) for k in ("d", "dmin")):
+                    raise ExportError(f"{f}: {key!r}: a super-block scale that is not a finite fp16 value")
+                out.append(blocks.numpy())
+    return np.stack(out)
+
+
 def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: Scheme, qtype: str) -> list[Planned]:
     gguf = _gguf()
     T = gguf.MODEL_TENSOR
@@ -472,6 +504,8 @@ def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: S
                 raise ExportError(f"{qmoe_name}: {C} columns, not a multiple of {qtype}'s {per}-weight blocks")
 
             def make(es=es, kind=kind, shape=(R, C), name=qmoe_name):
+                if scheme.kquant:
+                    return _read_blocks(es, kind, shape, scheme)
                 codes, s16 = _read_kind(es, kind, shape, True, name, scheme)
                 return EXPERT_ROWS[qtype](codes, s16)
             plan.append(Planned(gguf.TENSOR_NAMES[mt].format(bid=es.layer) + ".weight", qtype,
@@ -507,7 +541,7 @@ def _metadata(w, fam, hf: dict, mcfg, src: Path, qtype: str) -> None:
         if fam.gguf.yarn_attn_factor and params.get("attention_factor", params.get("attn_factor")) is not None:
             w.add_rope_scaling_yarn_attn_factor(float(params.get("attention_factor", params.get("attn_factor"))))
     fam.gguf.keys(w, hf, mcfg, gguf)
-    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
+    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{KQUANT_FILE_TYPES.get(qtype, qtype)}"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -526,7 +560,7 @@ def _compressed_plan(src: Path, ternary_type: str):
     """(config, family, its config, the tensor plan, scheme, expert type) of a compressed directory."""
     hf = _source(src)
     scheme = Scheme(hf["qmoe"]["scheme"])
-    qtype = "Q4_0" if scheme is Scheme.INT4_SYM else ternary_type
+    qtype = "Q4_0" if scheme is Scheme.INT4_SYM else scheme.kquant.name if scheme.kquant else ternary_type
     fam, mcfg = _family(src, hf)
     shapes = fam.expert_shapes(mcfg)
     sources = _expert_sources(src, mcfg)
@@ -535,8 +569,11 @@ def _compressed_plan(src: Path, ternary_type: str):
     plan = _dense_plan(fam, mcfg, dense, src / DENSE_FILE) + _expert_plan(fam, mcfg, sources, shapes, scheme, qtype)
     for es in sources:  # every scale checked before anything is written
         for kind in shapes:
-            _read_kind(es, kind, shapes[kind], False,
-                       f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}", scheme)
+            if scheme.kquant:
+                _read_blocks(es, kind, shapes[kind], scheme)
+            else:
+                _read_kind(es, kind, shapes[kind], False,
+                           f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}", scheme)
     return hf, fam, mcfg, plan, scheme, qtype
 
 

@@ -1,9 +1,10 @@
 """Quantized expert matrices (codes and row or span grids) and how every grid but per-row ternary stores them (per-row
 ternary experts are stored with the sub-1-bit codec, `codec/`): the grids the exports read (int4-sym,
-ternary-g256) as codes packed densely at the grid's bits a code; every other grid's codes entropy-coded (rANS over
-the matrix's own code frequencies, which are stored beside them: within a fraction of a percent of the codes'
-order-0 entropy), so its bits approach what the grid's codes carry rather than its width. Grids beside the codes.
-Every encoder has its decoder, tested for exact round trips."""
+ternary-g256) as codes packed densely at the grid's bits a code, the grid beside them; llama.cpp's k-quants as
+GGUF's own blocks (qmoe/kquant.py); every other grid's codes entropy-coded (rANS over the matrix's own code
+frequencies, which are stored beside them: within a fraction of a percent of the codes' order-0 entropy), so its
+bits approach what the grid's codes carry rather than its width, the grid beside them. Every encoder has its
+decoder, tested for exact round trips."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ import constriction
 import numpy as np
 import torch
 
+from qmoe import kquant
 from qmoe.quant import RowParams, Scheme, dequantize_codes
 
 
@@ -78,6 +80,9 @@ class QuantizedMatrix:
         """The stored tensors, named `{prefix}.codes` etc. coded: entropy-code the codes (default: as the grid's own
         files do; a mixed file codes every grid)."""
         scheme = self.params.scheme
+        if scheme.kquant:  # GGUF's own blocks: codes and grid together, as the export writes them
+            p = self.params.parts
+            return {f"{prefix}.blocks": kquant.pack(self.codes, scheme.kquant, p["d"], p["dmin"], p["sc"], p["m"])}
         if scheme.entropy_coded if coded is None else coded:
             counts, words = entropy_encode(self.codes.numpy(), scheme.maxq + 1)
             out = {f"{prefix}.counts": torch.from_numpy(counts),
@@ -93,6 +98,9 @@ class QuantizedMatrix:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str, scheme: Scheme, shape: tuple[int, int]):
+        if scheme.kquant:
+            codes, parts = kquant.unpack(t[f"{prefix}.blocks"], scheme.kquant, shape)
+            return cls(codes, RowParams.from_parts(scheme, parts))
         params = RowParams.from_tensors(scheme, {k: t[f"{prefix}.{k}"] for k in RowParams.names(scheme)})
         return cls(read_codes(t.get, prefix, scheme, shape), params)
 
