@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -185,6 +186,9 @@ def _frontier(sub) -> None:
     f.add_argument("--llamacpp", type=lambda t: t.split(",") if t else [], default=[],
                    help="llama.cpp types made by its quantize with an importance matrix (e.g. Q2_K,IQ2_XXS; 'all': "
                         "IQ1_S to Q4_K_M); needs --llamacpp-bin and llama-cpp-python")
+    f.add_argument("--llamacpp-experts", type=lambda t: t.split(",") if t else [], default=[],
+                   help="llama.cpp types its quantize gives the expert tensors alone, every other tensor kept bf16 as "
+                        "qmoe's GGUF keeps them (e.g. Q2_K,Q3_K,Q4_K)")
     f.add_argument("--llamacpp-bin", type=Path, default=Path("."),
                    help="the directory of llama.cpp's llama-imatrix and llama-quantize")
     f.add_argument("--json", type=Path)
@@ -196,11 +200,15 @@ def _run_frontier(a):
     from qmoe.quant import Method
 
     schemes = a.schemes if a.schemes is not None else () if a.bits else b.DEFAULT_SCHEMES
-    result = b.run(a.model, schemes, Method(a.method), a.train_samples, a.val_samples, a.refine, a.bits)
-    if a.llamacpp:
-        types = b.LLAMACPP_TYPES if a.llamacpp == ["all"] else a.llamacpp
-        result["rows"] = sorted(result["rows"] + b.llamacpp_rows(a.model, types, a.llamacpp_bin, a.train_samples,
-                                                                  a.val_samples), key=lambda r: r["expert_bits"])
+    llama = bool(a.llamacpp or a.llamacpp_experts)
+    with tempfile.TemporaryDirectory(prefix="bench-frontier-gguf-") as ggufs:
+        result = b.run(a.model, schemes, Method(a.method), a.train_samples, a.val_samples, a.refine, a.bits,
+                       gguf_dir=Path(ggufs) if llama else None)
+        if llama:  # llama.cpp's own types, and each k-quant run's GGUF export, scored by llama.cpp
+            types = b.LLAMACPP_TYPES if a.llamacpp == ["all"] else a.llamacpp
+            result["rows"] = sorted(result["rows"] + b.llamacpp_rows(
+                a.model, types, a.llamacpp_bin, a.train_samples, a.val_samples, experts_only=a.llamacpp_experts,
+                qmoe_gguf=result.pop("gguf", {})), key=lambda r: r["expert_bits"])
     if a.plot:
         b.plot(result, a.plot)
     return b, result

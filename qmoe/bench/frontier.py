@@ -30,9 +30,12 @@ DEFAULT_SCHEMES = ("ternary", "ternary-g128", "ternary-g64", "int2", "int2-g128"
 
 
 def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train_samples: int = 512,
-        val_samples: int = 256, refine=(0,), budgets=(), progress=lambda m: print(m, flush=True)) -> dict:
+        val_samples: int = 256, refine=(0,), budgets=(), progress=lambda m: print(m, flush=True),
+        gguf_dir: Path | None = None) -> dict:
     """One row a grid and refinement (`refine`: GPTQ's coordinate-descent passes, each value a run of every grid),
-    and one a bit budget and refinement (`budgets`: each a run with `--bits B` over the default grids)."""
+    and one a bit budget and refinement (`budgets`: each a run with `--bits B` over the default grids). gguf_dir:
+    each k-quant run's directory is also exported to GGUF there (result["gguf"]: {setting: file}, for
+    llamacpp_rows to score in llama.cpp)."""
     spec = DataSpec(train_samples=train_samples, val_samples=val_samples)
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-frontier-"))
@@ -40,7 +43,7 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
             for name in schemes for passes in refine]
     runs += [(CompressConfig(bits=bits, method=method, refine=passes), f"--bits {bits:g}")
              for bits in budgets for passes in refine]
-    infeasible = []
+    infeasible, ggufs = [], {}
     try:
         for cfg, what in runs:
             try:
@@ -51,10 +54,17 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
                     raise
                 infeasible.append({"setting": what, "error": str(e)})
                 progress(f"{what}: {e}")
-                continue
-            finally:
                 shutil.rmtree(root / "out", ignore_errors=True)
+                continue
             setting = f"{what} --method {method.value}" + (f" --refine {cfg.refine}" if cfg.refine else "")
+            if gguf_dir is not None and not cfg.mixed and cfg.scheme.kquant:
+                from qmoe.export import export
+
+                Path(gguf_dir).mkdir(parents=True, exist_ok=True)
+                to = Path(gguf_dir) / setting.replace(" ", "").replace("--", "_")
+                export(root / "out", to, "gguf", overwrite=True, progress=lambda *_: None)
+                ggufs[setting] = str(to / "model.gguf")
+            shutil.rmtree(root / "out", ignore_errors=True)
             rows.append({"model": model, "system": "qmoe", "setting": setting,
                          "expert_bits": s["bits_per_param_experts"], "total_bits": s["bits_per_param_total"],
                          "loss": s["val_loss_after"], "loss_increase": s["val_loss_after"] - s["val_loss_before"],
@@ -63,7 +73,8 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"model": model, "method": method.value, "train_samples": train_samples, "val_samples": val_samples,
-            "rows": sorted(rows, key=lambda r: r["expert_bits"]), "infeasible": infeasible}
+            "rows": sorted(rows, key=lambda r: r["expert_bits"]), "infeasible": infeasible,
+            **({"gguf": ggufs} if ggufs else {})}
 
 
 # llama.cpp's low-bit types, smallest first, as its quantize names them (every one with the importance matrix).
@@ -71,8 +82,12 @@ LLAMACPP_TYPES = ("IQ1_S", "IQ1_M", "TQ1_0", "IQ2_XXS", "IQ2_XS", "TQ2_0", "Q2_K
 
 
 def llamacpp_rows(model: str, types=LLAMACPP_TYPES, bin_dir: Path = Path("."), train_samples: int = 512,
-                  val_samples: int = 256, threads: int = 2, progress=lambda m: print(m, flush=True)) -> list[dict]:
-    """One row a llama.cpp type (see the module's docstring); bin_dir holds llama-imatrix and llama-quantize."""
+                  val_samples: int = 256, threads: int = 2, progress=lambda m: print(m, flush=True),
+                  experts_only=(), qmoe_gguf: dict | None = None) -> list[dict]:
+    """One row a llama.cpp type (see the module's docstring); bin_dir holds llama-imatrix and llama-quantize.
+    experts_only: types llama.cpp's quantize gives the expert tensors alone (`--pure`, every other tensor kept at
+    the bf16 file's values, as qmoe's GGUF keeps them). qmoe_gguf: {setting: file} of qmoe's own GGUF exports,
+    scored the same way (system `qmoe-gguf`)."""
     import json
     import subprocess
 
@@ -113,18 +128,28 @@ def llamacpp_rows(model: str, types=LLAMACPP_TYPES, bin_dir: Path = Path("."), t
                        check=True, capture_output=True)
         base = loss(bf16)
         progress(f"llama.cpp BF16: loss {base:.4f}")
-        for t in types:
-            out = tmp / f"{t}.gguf"
-            subprocess.run([str(tools["quantize"]), "--imatrix", str(tmp / "imatrix.gguf"), str(bf16), str(out), t,
-                            str(threads)], check=True, capture_output=True)
+        keep = ["--pure", "--tensor-type", "attn_.*=bf16", "--token-embedding-type", "bf16", "--output-tensor-type",
+                "bf16"]  # llama.cpp's quantize on the expert tensors alone
+        made = [(f"{t} (imatrix)", "llama.cpp", t, []) for t in types]
+        made += [(f"{t} experts only (imatrix)", "llama.cpp", t, keep) for t in experts_only]
+        made += [(setting, "qmoe-gguf", Path(f), None) for setting, f in (qmoe_gguf or {}).items()]
+        for setting, system, t, flags in made:
+            out = tmp / "made.gguf"
+            if flags is None:
+                out = t
+            else:
+                subprocess.run([str(tools["quantize"]), *flags, "--imatrix", str(tmp / "imatrix.gguf"), str(bf16),
+                                str(out), t, str(threads)], check=True, capture_output=True)
             expert, total = _gguf_bytes(out)
             got = loss(out)
-            rows.append({"model": model, "system": "llama.cpp", "setting": f"{t} (imatrix)",
+            rows.append({"model": model, "system": system, "setting": setting,
                          "expert_bits": 8 * expert / ex["params_experts"],
                          "total_bits": 8 * total / _params(src), "loss": got, "loss_increase": got - base,
                          "loss_before": base})
-            out.unlink()
-            progress(f"{t}: {rows[-1]['expert_bits']:.3f} expert bits, +{rows[-1]['loss_increase']:.4f} nats")
+            if flags is not None:
+                out.unlink()
+            progress(f"{system} {setting}: {rows[-1]['expert_bits']:.3f} expert bits, "
+                     f"+{rows[-1]['loss_increase']:.4f} nats")
     return rows
 
 
@@ -144,10 +169,10 @@ def _params(src: Path) -> int:
 
 def format_table(r: dict) -> str:
     lines = [f"{r['model']}, {r['method']}, {r['train_samples']} calibration / {r['val_samples']} validation samples",
-             "", "| setting | expert bits | total bits | loss | increase |", "|---|---|---|---|---|"]
-    lines += [f"| `{x['setting']}` | {x['expert_bits']:.3f} | {x['total_bits']:.3f} | {x['loss']:.4f} | "
+             "", "| system | setting | expert bits | total bits | loss | increase |", "|---|---|---|---|---|---|"]
+    lines += [f"| {x['system']} | `{x['setting']}` | {x['expert_bits']:.3f} | {x['total_bits']:.3f} | {x['loss']:.4f} | "
               f"+{x['loss_increase']:.4f} |" for x in r["rows"]]
-    lines += [f"| `{x['setting']}` | cannot be met: {x['error']} | | | |" for x in r.get("infeasible", [])]
+    lines += [f"| qmoe | `{x['setting']}` | cannot be met: {x['error']} | | | |" for x in r.get("infeasible", [])]
     return "\n".join(lines)
 
 
