@@ -69,7 +69,7 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
                          "expert_bits": s["bits_per_param_experts"], "total_bits": s["bits_per_param_total"],
                          "loss": s["val_loss_after"], "loss_increase": s["val_loss_after"] - s["val_loss_before"],
                          "loss_before": s["val_loss_before"]})
-            progress(f"{setting}: {rows[-1]['expert_bits']:.3f} expert bits, +{rows[-1]['loss_increase']:.4f} nats")
+            progress(f"{setting}: {rows[-1]['expert_bits']:.3f} expert bits, {rows[-1]['loss_increase']:+.4f} nats")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"model": model, "method": method.value, "train_samples": train_samples, "val_samples": val_samples,
@@ -149,7 +149,7 @@ def llamacpp_rows(model: str, types=LLAMACPP_TYPES, bin_dir: Path = Path("."), t
             if flags is not None:
                 out.unlink()
             progress(f"{system} {setting}: {rows[-1]['expert_bits']:.3f} expert bits, "
-                     f"+{rows[-1]['loss_increase']:.4f} nats")
+                     f"{rows[-1]['loss_increase']:+.4f} nats")
     return rows
 
 
@@ -171,7 +171,7 @@ def format_table(r: dict) -> str:
     lines = [f"{r['model']}, {r['method']}, {r['train_samples']} calibration / {r['val_samples']} validation samples",
              "", "| system | setting | expert bits | total bits | loss | increase |", "|---|---|---|---|---|---|"]
     lines += [f"| {x['system']} | `{x['setting']}` | {x['expert_bits']:.3f} | {x['total_bits']:.3f} | {x['loss']:.4f} | "
-              f"+{x['loss_increase']:.4f} |" for x in r["rows"]]
+              f"{x['loss_increase']:+.4f} |" for x in r["rows"]]
     lines += [f"| qmoe | `{x['setting']}` | cannot be met: {x['error']} | | | |" for x in r.get("infeasible", [])]
     return "\n".join(lines)
 
