@@ -33,9 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "as TQ1_0 / TQ2_0 and q2_k .. q6_k as Q2_K .. Q6_K)")
     p.add_argument("--bits", type=float, default=None, metavar="B",
                    help="a bit budget instead of one grid: at most B bits per expert weight (every byte of the expert "
-                        "files), each matrix's grid chosen from --grids by its estimated loss")
+                        "files), each matrix's grid chosen from --grids by its estimated loss; with --export-format "
+                        "gguf, B bits in the GGUF's expert tensors, one k-quant type per layer and matrix kind")
     p.add_argument("--grids", default=None, metavar="G,G,...",
-                   help=f"the grids --bits chooses among (default: {','.join(g.value for g in d.grids)})")
+                   help=f"the grids --bits chooses among (default: {','.join(g.value for g in d.grids)}; with "
+                        "--export-format gguf: q2_k,q3_k,q4_k,q5_k,q6_k)")
     p.add_argument("--method", default=d.method.value, choices=[x.value for x in Method])
     p.add_argument("--calib", type=Path, help="calibration text: plain text or JSON lines with a 'text' field")
     p.add_argument("--train-samples", type=int, default=s.train_samples)
@@ -133,13 +135,15 @@ def main(argv=None) -> int:
     _INTERRUPTED.clear()
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        if a.bits is not None and (a.scheme or a.export_format):
-            raise ValueError("--bits chooses each matrix's grid: give it without --scheme or --export-format")
+        if a.bits is not None and (a.scheme or a.export_format not in (None, "gguf")):
+            raise ValueError("--bits chooses each matrix's grid: give it without --scheme (and with no "
+                             "--export-format but gguf)")
         if a.grids is not None and a.bits is None:
             raise ValueError("--grids is what --bits chooses among: give --bits too")
         if a.bits is not None and a.bits <= 0:
             raise ValueError(f"--bits must be > 0, got {a.bits:g}")
-        budget = {} if a.bits is None else {"bits": a.bits, **({"grids": a.grids.split(",")} if a.grids else {})}
+        budget = {} if a.bits is None else {"bits": a.bits, **({"grids": a.grids.split(",")} if a.grids else {}),
+                                            **({"per_layer": True} if a.export_format == "gguf" else {})}
         cfg = CompressConfig(scheme=_scheme(a.scheme, a.export_format), method=Method(a.method), **budget,
                              group_size=a.group_size, percdamp=a.percdamp, refine=a.refine, token_cap=a.token_cap,
                              seed=a.seed, chunk_samples=a.chunk_samples,

@@ -74,8 +74,9 @@ def _hf(comp: Path) -> dict:
     return json.loads((comp / "config.json").read_text())
 
 
-def _assert_experts_exact(comp: Path, gg: Path, qtype: str) -> dict:
-    """Every expert of every MoE layer of the export gg, dequantized by gguf (`qtype` blocks), equals qmoe's float32
+def _assert_experts_exact(comp: Path, gg: Path, qtype) -> dict:
+    """Every expert of every MoE layer of the export gg, dequantized by gguf (`qtype` blocks; a dict: {tensor name:
+    type}), equals qmoe's float32
     weights of comp (qmoe.load, fused=False) bit for bit, fused per layer as blk.N.ffn_{gate,up,down}_exps
     [experts, rows, columns] (ggml's ne: columns, rows, experts); dense layers have none. Returns the GGUF's
     fields."""
@@ -94,7 +95,7 @@ def _assert_experts_exact(comp: Path, gg: Path, qtype: str) -> dict:
                 continue
             t = tensors[key]
             R, C = shapes[kind]
-            assert t.tensor_type == gguf.GGMLQuantizationType[qtype]
+            assert t.tensor_type == gguf.GGMLQuantizationType[qtype[key] if isinstance(qtype, dict) else qtype]
             assert t.shape.tolist() == [C, R, cfg.num_experts]
             got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
             want = torch.stack([ours[f"model.layers.{i}.{fam.moe}.experts.{j}.{fam.expert_names[kind]}.weight"]
@@ -493,7 +494,7 @@ def test_an_int4_ternary_or_int2_directory_is_refused(others, scheme, words, tmp
     out = tmp_path / "gguf"
     _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out, words)
     _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out,
-             f"scheme {scheme!r}: only int4-sym, ternary-g256, q2_k, q3_k, q4_k, q5_k and q6_k directories export "
+             f"scheme {scheme!r}: only int4-sym, ternary-g256, q2_k, q3_k, q4_k, q5_k, q6_k and mixed directories export "
              "to GGUF")
 
 
@@ -890,3 +891,63 @@ def test_a_kquant_needs_whole_super_blocks_and_is_refused_up_front(dirs, tmp_pat
     assert len(err.splitlines()) == 1 and "the experts' gate matrices have 32 columns, not a multiple of Q4_K's 256" \
         in err, err
     assert not out.exists() or not any(out.iterdir())
+    # --bits with --export-format gguf: a per-layer mix of k-quants, refused the same way; other formats refused
+    assert compress_cli.main(common + ["--out", str(out), "--export-format", "gguf", "--bits", "3"]) == 2
+    assert "not a multiple of Q2_K's 256" in capsys.readouterr().err
+    assert compress_cli.main(common + ["--out", str(out), "--export-format", "compressed-tensors", "--bits", "3"]) == 2
+    assert "no --export-format but gguf" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_per_layer_budget_is_a_gguf_of_one_k_quant_a_tensor(tmp_path, monkeypatch):
+    """compress --export-format gguf --bits 3 (groups of 2 experts): one k-quant per layer and matrix kind, chosen
+    from every group's estimates and recorded before any group is written; the GGUF's expert tensors in those
+    types within 3 bits a weight, gguf's dequantizer giving qmoe's weights bit for bit; a crash in a layer's second
+    group resumes to the bytes of an uninterrupted run."""
+    import qmoe.compression.steps as fs
+    from qmoe.checkpoint import CheckpointError
+
+    make, over = TERNARY["qwen3_moe"]
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    make(vocab_size=300, **over).eval().save_pretrained(src)
+    cfg = CompressConfig(bits=3.0, per_layer=True, group_size=2)
+    assert cfg.grids == tuple(s for s in Scheme if s.kquant)
+    real, reads = fs.Worker._expert, []
+
+    def flaky(self, block, j):  # expert 3 of layer 1 read for its estimates, then fails when read to be quantized
+        reads.append((block, j))
+        if (block, j) == ("model.layers.1", 3) and reads.count((block, j)) == 2:
+            raise CheckpointError("x", block, "simulated read failure")
+        return real(self, block, j)
+
+    monkeypatch.setattr(fs.Worker, "_expert", flaky)
+    with pytest.raises(CheckpointError, match="simulated"):
+        compress_model(src, tmp_path / "o", cfg, SPEC, progress=_quiet)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert sorted(manifest["groups"]["model.layers.1"]) == ["0"] and "model.layers.1" in manifest["layer_grids"]
+    monkeypatch.setattr(fs.Worker, "_expert", real)
+    compress_model(src, tmp_path / "o", cfg, SPEC, progress=_quiet, resume=True)
+    compress_model(src, tmp_path / "fresh", cfg, SPEC, progress=_quiet)
+    assert _hf(tmp_path / "o")["qmoe"]["settings"]["per_layer"] is True
+    files = sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*.safetensors"))
+    assert len(files) == 5  # dense + 2 layers x 2 groups
+    for f in files:
+        assert (tmp_path / "o" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes(), f
+    layers = json.loads((tmp_path / "o" / "manifest.json").read_text())["layer_grids"]
+    assert set(layers) == {"model.layers.0", "model.layers.1"}
+    gg = tmp_path / "gguf"
+    summary = export(tmp_path / "o", gg, "gguf", progress=_quiet)
+    names = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+    want = {f"blk.{b[-1]}.{names[k]}.weight": Scheme(g).kquant.name for b, kinds in layers.items()
+            for k, g in kinds.items()}
+    assert summary["expert_types"] == want and summary["scheme"] == "mixed"
+    assert len(set(want.values())) >= 2  # a mix: 3 bits lies between Q2_K's 2.625 and Q3_K's 3.44
+    assert summary["bits_per_param_experts"] <= 3.0
+    _assert_experts_exact(tmp_path / "o", gg, want)
+    # A budget per expert (qmoe's own grids, each expert its own) is no GGUF: refused in one line, nothing written
+    compress_model(src, tmp_path / "own", CompressConfig(bits=3.0, group_size=2, method=Method.RTN), SPEC,
+                   progress=_quiet)
+    with pytest.raises(ExportError, match="a GGUF tensor holds a layer's experts of one kind in one type"):
+        export(tmp_path / "own", tmp_path / "x", "gguf")
+    assert not (tmp_path / "x").exists()

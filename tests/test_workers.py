@@ -86,15 +86,19 @@ def test_pool_output_equals_single_process(cluster, tiny_ckpt, reference, tmp_pa
     assert s["executor"]["object_store_spilled_bytes"] == 0
 
 
-@pytest.mark.parametrize("name,bits", [("deepseek_v3", 0), ("gpt_oss", 0), ("qwen3_moe", 2.5)])
-def test_a_family_on_the_pool_equals_single_process(cluster, tmp_path, name, bits):
+@pytest.mark.parametrize("name,bits,per_layer", [("deepseek_v3", 0, False), ("gpt_oss", 0, False),
+                                                ("qwen3_moe", 2.5, False), ("qwen3_moe", 3.0, True)])
+def test_a_family_on_the_pool_equals_single_process(cluster, tmp_path, name, bits, per_layer):
     """A DeepSeek-V3 checkpoint (MLA, shared expert, group-limited top-3, experts on their layer's tokens), a
     gpt-oss one (fused experts read one at a time, biases, clamped SwiGLU) and a Qwen3-MoE one under a bit budget
-    (each matrix's grid chosen) on two actors: the bytes and losses of one process."""
+    (each matrix's grid chosen; or per layer, a GGUF's mix of k-quants chosen from every group's estimates) on two
+    actors: the bytes and losses of one process."""
     from test_family_compress import SPEC as FAMILY_SPEC, _save
 
-    src = _save(name, tmp_path, **({"hidden_size": 128, "moe_intermediate_size": 192} if bits else {}))
-    cfg = CompressConfig(group_size=4, bits=bits)
+    shape = dict(hidden_size=256, moe_intermediate_size=256) if per_layer else \
+        dict(hidden_size=128, moe_intermediate_size=192) if bits else {}
+    src = _save(name, tmp_path, **shape)
+    cfg = CompressConfig(group_size=4, bits=bits, per_layer=per_layer)
     a = compress_model(src, tmp_path / "a", cfg, FAMILY_SPEC, progress=lambda *_: None)
     b = compress_model(src, tmp_path / "b", cfg, FAMILY_SPEC, progress=lambda *_: None, executor=RayExecutor(2))
     assert _expert_bytes(tmp_path / "a") == _expert_bytes(tmp_path / "b") and _expert_bytes(tmp_path / "a")

@@ -111,7 +111,7 @@ def compress_model(model_dir: Path, out: Path, cfg: CompressConfig, spec: DataSp
     outdir.check_out(out, model_dir)
     source = open_source(model_dir)
     mcfg, hf, model = source.mcfg, source.hf, source.model
-    kt = None if cfg.mixed else cfg.scheme.kquant
+    kt = next((g.kquant for g in (cfg.grids if cfg.mixed else (cfg.scheme,)) if g.kquant), None)
     for kind, (_, cols) in source.family.expert_shapes(mcfg).items() if kt else ():
         if cols % QK_K:
             raise ValueError(f"{model_dir}: the experts' {kind} matrices have {cols} columns, not a multiple of "

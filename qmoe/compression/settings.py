@@ -50,6 +50,9 @@ class CompressConfig:
     # `grids` (qmoe/compression/allocate.py); 0: every matrix on `scheme`.
     bits: float = 0.0
     grids: tuple[Scheme, ...] = DEFAULT_GRIDS
+    # With a budget: one grid per block and matrix kind over all of the block's experts (GGUF fuses a layer's experts
+    # of one kind into one tensor of one type), chosen from llama.cpp's k-quants by the layer's summed estimates.
+    per_layer: bool = False
 
     def __post_init__(self):
         problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in
@@ -74,9 +77,14 @@ class CompressConfig:
         except ValueError as e:
             problems.append(f"grids: {e}")
         else:
-            unfit = [g.value for g in self.grids if not g.entropy_coded and g is not Scheme.TERNARY]
+            if self.per_layer and not self.mixed:
+                problems.append("per_layer chooses a budget's grids: it needs bits")
+            allowed = LAYER_GRIDS if self.per_layer else ALLOCATABLE
+            if self.per_layer and self.grids == DEFAULT_GRIDS:
+                object.__setattr__(self, "grids", LAYER_GRIDS)
+            unfit = [g.value for g in self.grids if g not in allowed]
             if unfit or not self.grids:
-                problems.append(f"grids must name one or more of {', '.join(g.value for g in ALLOCATABLE)}"
+                problems.append(f"grids must name one or more of {', '.join(g.value for g in allowed)}"
                                 + (f", not {', '.join(unfit)}" if unfit else ""))
         if problems:
             raise ValueError("; ".join(problems))
@@ -98,12 +106,16 @@ class CompressConfig:
         out["scheme"], out["grids"] = self.label, [g.value for g in self.grids]
         if not self.mixed:
             del out["bits"], out["grids"]
+        if not self.per_layer:
+            del out["per_layer"]
         return out
 
 
 # The grids the allocator may pick: every grid whose files entropy-code their codes, and per-row ternary (entropy-coded
 # too in a mixed file; the Tunstall codec holds one grid a file).
 ALLOCATABLE = tuple(g for g in Scheme if g.entropy_coded or g is Scheme.TERNARY)
+# What a per-layer budget (a GGUF's mix of tensor types) picks from: llama.cpp's k-quants.
+LAYER_GRIDS = tuple(g for g in Scheme if g.kquant)
 
 
 def _grid_order(g: Scheme) -> tuple:

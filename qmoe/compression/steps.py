@@ -33,6 +33,7 @@ from qmoe.compression.memory import GpuBusyMonitor, PeakMonitor, Plan
 from qmoe.compression.allocate import BudgetError, choose, header_bound
 from qmoe.compression.group import expert_seed, grid_options, hessian_rows, quantize_experts
 from qmoe.compression.settings import CompressConfig
+from qmoe.quant import Scheme
 from qmoe.models.family import SWIGLU_FORM, ExpertForm, Family
 from qmoe.models.registry import family_named, reading
 from qmoe.store import sha256_file
@@ -278,14 +279,15 @@ class Worker:
     # ---- expert groups ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def experts(self, stack: str, i: int, g0: int, g1: int, block_index: int, cap: int, replay: bool,
-                next_call: dict | None = None) -> dict:
+                next_call: dict | None = None, grids: dict | None = None) -> dict:
         """Step 3 for experts g0..g1-1 of a sparse block: quantize them (GPTQ or RTN, `plan.batch` at a time), encode
         and write the group's file, and run every stream's tokens through them (the compressed experts for the
         train and after streams, the original ones for the before stream), writing the outputs into the y files.
         The file is encoded and written in a thread while the last batch's outputs are computed (the step returns
         once both are done: seconds `encode_write` is the thread's, `encode_write_wait` what the step waited for it).
         replay: the group was written before (a resumed run): its experts are read back from the file instead.
-        Returns the file's manifest record and the group's statistics."""
+        grids: {kind: grid name}, every expert's (a per-layer budget's choice for the block). Returns the file's
+        manifest record and the group's statistics."""
         t0 = time.perf_counter()
         if self.job.fail_marker and os.path.exists(self.job.fail_marker):
             os.remove(self.job.fail_marker)
@@ -294,7 +296,7 @@ class Worker:
         js = list(range(g0, g1))
         rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form,
                                     whole=self.fam.borrow_layer_tokens and s.name == "train",
-                                    probs=self.cfg.mixed and s.name == "train" and not replay)
+                                    probs=self.cfg.mixed and not self.cfg.per_layer and s.name == "train" and not replay)
                 for s in self.job.streams}
         secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0, encode_write_wait=0.0)
         decoded = C.GroupReader(self.job.out, name, g0, g1, self.fam.expert_shapes(self.job.mcfg),
@@ -302,13 +304,13 @@ class Worker:
         quantized, reasons, hess, layer_tokens = {}, {}, {}, []
         train = rows["train"]
         batches = [tuple(js[k:k + self.job.plan.batch]) for k in range(0, len(js), self.job.plan.batch)]
-        grids = None
-        if self.cfg.mixed and not replay:  # every matrix's grid first: the budget is the group's
+        grids = grids and {j: {k: Scheme(v) for k, v in grids.items()} for j in js}
+        if self.cfg.mixed and not self.cfg.per_layer and not replay:  # every matrix's grid first: the group's budget
             t1 = time.perf_counter()
             grids, quantized, reasons, hess, layer_tokens = self._allocate(name, g0, g1, batches, train, cap,
                                                                            block_index, form)
             secs["quantize"] += time.perf_counter() - t1
-        need_original = self._needs_original(replay or grids is not None)  # to quantize, or for the before stream
+        need_original = self._needs_original(replay or bool(quantized))  # to quantize, or for the before stream
         writing = None
         for b, batch in enumerate(batches):
             original = None
@@ -321,9 +323,9 @@ class Worker:
                     self._read_ahead(name, batches[b + 1])
                 elif next_call and self._needs_original(next_call["replay"]):
                     self._read_ahead(self.job.block_name(next_call["stack"], next_call["i"]), _first_batch(next_call, self.job.plan.batch))
-            if not replay and grids is None:
+            if not replay and not quantized.keys() >= set(batch):
                 t1 = time.perf_counter()
-                q, why, counts, borrowed = self._quantize_batch(batch, original, train, cap, block_index, form)
+                q, why, counts, borrowed = self._quantize_batch(batch, original, train, cap, block_index, form, grids)
                 secs["quantize"] += time.perf_counter() - t1
                 layer_tokens += borrowed
                 for j, qe, r in zip(batch, q, why):
@@ -351,6 +353,26 @@ class Worker:
         secs["total"] = time.perf_counter() - t0
         return self._done(group=[g0, g1], **record, seconds=secs,
                           activation_bytes_read=sum(r.bytes_read for r in rows.values()))
+
+    def options(self, stack: str, i: int, g0: int, g1: int, block_index: int, cap: int) -> dict:
+        """A per-layer budget's first step for experts g0..g1-1 of a sparse block: each expert's stages on every grid
+        of cfg.grids (group.grid_options), as {"options": {expert: {stage: [[grid, bytes, error], ...]}}}, for the
+        driver to sum over the layer and choose one grid per stage. Nothing is written."""
+        name, form = self.job.block_name(stack, i), self.job.form
+        js = list(range(g0, g1))
+        train = _ExpertRows(self.store, "train", self.job.chunks("train"), js, self.job.width, form,
+                            whole=self.fam.borrow_layer_tokens, probs=True)
+        out = {}
+        for b0 in range(0, len(js), self.job.plan.batch):
+            batch = tuple(js[b0:b0 + self.job.plan.batch])
+            original, _, _ = self._weights(name, batch)
+            hessian_slabs, _, _, probs = self._hessian_tokens(batch, train, cap, block_index)
+            opts = grid_options(original, hessian_slabs, [train.count(j) for j in batch], probs, self.cfg,
+                                self.device, form)
+            out.update({str(j): {k: [[o.scheme.value, o.bytes, o.error] for o in v] for k, v in per.items()}
+                        for j, per in zip(batch, opts)})
+            del original
+        return self._done(group=[g0, g1], options=out, activation_bytes_read=train.bytes_read)
 
     def _quantize_batch(self, batch: tuple[int, ...], original: list[dict], train: "_ExpertRows", cap: int,
                         block_index: int, form, grids: dict | None = None

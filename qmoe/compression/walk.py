@@ -12,6 +12,7 @@ before and after compression come out of the same single pass over the checkpoin
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -122,6 +123,32 @@ def compress_blocks(job: Job, executor, manifest: Manifest, progress=print) -> t
     return stats, losses, procs
 
 
+def _layer_grids(job: Job, name: str, results: list[dict]) -> dict[str, str]:
+    """A per-layer budget's choice for block `name`: each stage's options summed over the block's experts (bytes and
+    estimated errors add), one grid per stage under bits x the block's expert weights; {kind: grid name}."""
+    from qmoe.compression.allocate import BudgetError, Option, choose
+    from qmoe.quant import Scheme
+
+    total: dict[str, dict[str, list]] = {}
+    for r in results:
+        for per in r["options"].values():
+            for stage, opts in per.items():
+                for grid, nbytes, err in opts:
+                    t = total.setdefault(stage, {}).setdefault(grid, [0, 0.0])
+                    t[0] += nbytes
+                    t[1] += err
+    options = {stage: [Option(Scheme(g), b, e) for g, (b, e) in per.items()] for stage, per in total.items()}
+    shapes = job.family.expert_shapes(job.mcfg)
+    weights = job.mcfg.num_experts * sum(r * c for r, c in shapes.values())
+    try:
+        chosen = choose(options, math.floor(job.cfg.bits * weights / 8))
+    except BudgetError:
+        floor = 8 * sum(min(o.bytes for o in v) for v in options.values()) / weights
+        raise ValueError(f"{name}: --bits {job.cfg.bits:g} is below what the cheapest of the grids take there "
+                         f"({floor:.3f} bits a weight)") from None
+    return {k: s.value for stage, s in chosen.items() for k in stage.split("+")}
+
+
 def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: str, i: int, block_index: int,
                   prog: Progress) -> BlockStats:
     name, cfg, E = job.block_name(stack, i), job.cfg, job.mcfg.num_experts
@@ -137,6 +164,13 @@ def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: s
     gcalls = [dict(stack=stack, i=i, g0=g0, g1=min(E, g0 + cfg.group_size), block_index=block_index, cap=cap,
                    replay=g0 in done) for g0 in range(0, E, cfg.group_size)]
     block_done = name in manifest.blocks_done
+    if cfg.per_layer:  # one grid a matrix kind for the whole block, chosen (and recorded) before any group is written
+        layer = manifest.data.setdefault("layer_grids", {})
+        if name not in layer:
+            layer[name] = _layer_grids(job, name, run("options", [{k: v for k, v in c.items() if k != "replay"}
+                                                                  for c in gcalls]))
+            manifest.save()
+        gcalls = [dict(c, grids=layer[name]) for c in gcalls]
 
     def arrived(r: dict) -> None:
         if "file" in r:

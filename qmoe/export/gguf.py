@@ -76,10 +76,8 @@ KQUANT_FILE_TYPES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K":
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")
 # llama.cpp's gpt-oss computes its experts' SwiGLU with these constants (LLM_FFN_SWIGLU_OAI_MOE in llama-graph.cpp:
 # alpha 1.702, limit 7.0, hardcoded, no GGUF key); a config with other values is refused.
-SCHEMES = (Scheme.INT4_SYM.value, Scheme.TERNARY_G256.value, *(s.value for s in Scheme if s.kquant))
+SCHEMES = (Scheme.INT4_SYM.value, Scheme.TERNARY_G256.value, *(s.value for s in Scheme if s.kquant), MIXED)
 WHY = {
-    MIXED: "each matrix has its own grid (compress --bits), and the export writes one grid for every expert matrix "
-           "(compress with --scheme int4-sym or ternary-g256)",
     Scheme.INT4.value: "GGUF's symmetric Q4_0 has no zero point, and Q4_1 (value = q * d + m) would need the block "
                        "minimum m = -zero * scale as an fp16 value, which it is not always; the export never re-rounds "
                        "(compress with --scheme int4-sym)",
@@ -474,10 +472,11 @@ def _read_blocks(es: ExpertSource, kind: str, shape: tuple[int, int], scheme: Sc
     for g0, g1, f in es.files:
         with safe_open(str(f), framework="pt") as h:
             meta = json.loads((h.metadata() or {}).get("qmoe", "{}"))
-            if meta.get("scheme") != scheme.value:
-                raise ExportError(f"{f}: its experts are {meta.get('scheme')!r}, not {scheme.value}")
             for j in range(g0, g1):
                 key = f"expert_{j}.{kind}"
+                grid = meta.get("grids", {}).get(key) if meta.get("scheme") == MIXED else meta.get("scheme")
+                if grid != scheme.value:
+                    raise ExportError(f"{f}: expert matrix {key!r} is {grid!r}, not {scheme.value}")
                 if tuple(meta.get("shapes", {}).get(key, ())) != (R, C):
                     raise ExportError(f"{f}: expert matrix {key!r} is missing or not {R}x{C}")
                 blocks = h.get_tensor(f"{key}.blocks")
@@ -491,24 +490,48 @@ def _read_blocks(es: ExpertSource, kind: str, shape: tuple[int, int], scheme: Sc
     return np.stack(out)
 
 
-def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: Scheme, qtype: str) -> list[Planned]:
+def _layer_grid(es: ExpertSource, kind: str, name: str) -> Scheme:
+    """The one k-quant grid every expert of a mixed directory's layer has for `kind` (a per-layer budget's choice);
+    ExportError naming the layer when they differ or it is not a k-quant: a GGUF tensor holds a layer's experts of one
+    kind in one type."""
+    seen = set()
+    for g0, g1, f in es.files:
+        with safe_open(str(f), framework="pt") as h:
+            grids = json.loads((h.metadata() or {}).get("qmoe", "{}")).get("grids", {})
+        seen |= {grids.get(f"expert_{j}.{kind}") for j in range(g0, g1)}
+    grid = Scheme(seen.pop()) if len(seen) == 1 and None not in seen else None
+    if grid is None or not grid.kquant:
+        raise ExportError(f"{name}: the layer's experts are on {', '.join(sorted(map(str, seen | {grid and grid.value})))}"
+                          "; a GGUF tensor holds a layer's experts of one kind in one type, a k-quant for a mix (compress "
+                          "with --export-format gguf --bits B)")
+    return grid
+
+
+def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: Scheme | None,
+                 qtype: str | None) -> list[Planned]:
+    """The expert tensors; scheme None (a mixed directory): each layer's kind in its own k-quant type."""
     gguf = _gguf()
     T = gguf.MODEL_TENSOR
-    per = BLOCK_BYTES[qtype][0]
     plan = []
     for es in sources:
         for kind, mt in (("gate", T.FFN_GATE_EXP), ("up", T.FFN_UP_EXP), ("down", T.FFN_DOWN_EXP)):
             R, C = shapes[kind]
             qmoe_name = f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}"
+            if scheme is None:
+                grid = _layer_grid(es, kind, qmoe_name)
+                qt = grid.kquant.name
+            else:
+                grid, qt = scheme, qtype
+            per = BLOCK_BYTES[qt][0]
             if C % per:
-                raise ExportError(f"{qmoe_name}: {C} columns, not a multiple of {qtype}'s {per}-weight blocks")
+                raise ExportError(f"{qmoe_name}: {C} columns, not a multiple of {qt}'s {per}-weight blocks")
 
-            def make(es=es, kind=kind, shape=(R, C), name=qmoe_name):
-                if scheme.kquant:
-                    return _read_blocks(es, kind, shape, scheme)
-                codes, s16 = _read_kind(es, kind, shape, True, name, scheme)
-                return EXPERT_ROWS[qtype](codes, s16)
-            plan.append(Planned(gguf.TENSOR_NAMES[mt].format(bid=es.layer) + ".weight", qtype,
+            def make(es=es, kind=kind, shape=(R, C), name=qmoe_name, grid=grid, qt=qt):
+                if grid.kquant:
+                    return _read_blocks(es, kind, shape, grid)
+                codes, s16 = _read_kind(es, kind, shape, True, name, grid)
+                return EXPERT_ROWS[qt](codes, s16)
+            plan.append(Planned(gguf.TENSOR_NAMES[mt].format(bid=es.layer) + ".weight", qt,
                                 (mcfg.num_experts, R, C), make, [qmoe_name]))
     return plan
 
@@ -557,24 +580,34 @@ def _family(src: Path, hf: dict):
 
 
 def _compressed_plan(src: Path, ternary_type: str):
-    """(config, family, its config, the tensor plan, scheme, expert type) of a compressed directory."""
+    """(config, family, its config, the tensor plan, scheme name, expert type) of a compressed directory; a mixed
+    one's expert type is the type holding the most expert parameters (general.file_type's label)."""
     hf = _source(src)
-    scheme = Scheme(hf["qmoe"]["scheme"])
-    qtype = "Q4_0" if scheme is Scheme.INT4_SYM else scheme.kquant.name if scheme.kquant else ternary_type
+    scheme = None if hf["qmoe"]["scheme"] == MIXED else Scheme(hf["qmoe"]["scheme"])
     fam, mcfg = _family(src, hf)
     shapes = fam.expert_shapes(mcfg)
     sources = _expert_sources(src, mcfg)
+    qtype = None
+    if scheme is not None:
+        qtype = "Q4_0" if scheme is Scheme.INT4_SYM else scheme.kquant.name if scheme.kquant else ternary_type
     with safe_open(str(src / DENSE_FILE), framework="pt") as h:
         dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
-    plan = _dense_plan(fam, mcfg, dense, src / DENSE_FILE) + _expert_plan(fam, mcfg, sources, shapes, scheme, qtype)
+    experts = _expert_plan(fam, mcfg, sources, shapes, scheme, qtype)
     for es in sources:  # every scale checked before anything is written
         for kind in shapes:
-            if scheme.kquant:
-                _read_blocks(es, kind, shapes[kind], scheme)
+            name = f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}"
+            grid = scheme or _layer_grid(es, kind, name)
+            if grid.kquant:
+                _read_blocks(es, kind, shapes[kind], grid)
             else:
-                _read_kind(es, kind, shapes[kind], False,
-                           f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}", scheme)
-    return hf, fam, mcfg, plan, scheme, qtype
+                _read_kind(es, kind, shapes[kind], False, name, grid)
+    if qtype is None:
+        params: dict[str, int] = {}
+        for p in experts:
+            params[p.qtype] = params.get(p.qtype, 0) + int(np.prod(p.shape))
+        qtype = max(sorted(params), key=lambda t: params[t])
+    return hf, fam, mcfg, _dense_plan(fam, mcfg, dense, src / DENSE_FILE) + experts, \
+        scheme.value if scheme else MIXED, qtype
 
 
 def _original_plan(src: Path):
@@ -670,13 +703,15 @@ def export_gguf(src: Path | str, out: Path | str, overwrite: bool = False, max_s
         raise
     params_experts = sum(mcfg.sparse) * mcfg.num_experts * sum(r * c for r, c in shapes.values())
     summary = {"format": "gguf", "source": str(src), "out": str(out), "files": files, "architecture": arch,
-               "scheme": scheme.value if scheme else None, "expert_type": qtype,
+               "scheme": scheme, "expert_type": qtype,
+               "expert_types": {p.name: p.qtype for p in plan if p.name in expert_names},
                "tokenizer": tokenizer, "tensor_bytes": total, "expert_bytes": expert_bytes,
                "params_experts": params_experts, "bits_per_param_experts": 8 * expert_bytes / params_experts}
     if tokenizer is None:
         progress(f"note: {src} has a tokenizer.json other than a Qwen-MoE's or DeepSeek-V3's byte-level BPE (or too "
                  "small a vocabulary for qmoe's byte tokens): no tokenizer metadata written, and llama.cpp will not load the file until "
                  "one is added (docs/export.md#gguf-llamacpp)")
-    progress(f"{out}: GGUF {arch}, {len(files)} file(s), experts {qtype} at "
+    types = "+".join(sorted(set(summary["expert_types"].values())))
+    progress(f"{out}: GGUF {arch}, {len(files)} file(s), experts {types} at "
              f"{summary['bits_per_param_experts']:.3f} bits a parameter")
     return summary
