@@ -11,7 +11,7 @@ import torch
 import qmoe
 from qmoe import compress as compress_cli
 from qmoe.checkpoint import CheckpointError
-from qmoe.compression.allocate import BudgetError, Option, _hull, choose, header_bound
+from qmoe.compression.allocate import EXACT, BudgetError, Option, _hull, choose, header_bound
 from qmoe.compression.compressor import compress_model
 from qmoe.compression.settings import CompressConfig
 from qmoe.format.directory import GroupReader, write_group
@@ -46,9 +46,10 @@ def test_the_hull_keeps_the_options_worth_a_byte():
 
 
 def test_the_choice_holds_the_budget_and_matches_the_optimum_on_random_groups():
-    """On random groups of four matrices, five grids each: every choice is within its budget, the cheapest at the
-    floor, the least error when the budget holds everything; and when every matrix's options are convex with one
-    step size, the greedy is the optimum itself."""
+    """On random groups of four matrices, five grids each: every greedy choice is within its budget, the cheapest at
+    the floor, the least error when the budget holds everything, and the exhaustive choice (what so few combinations
+    get) is the optimum; when every matrix's options are convex with one step size, the greedy is the optimum
+    itself."""
     rng = random.Random(0)
     for trial in range(40):
         options = {}
@@ -59,14 +60,18 @@ def test_the_choice_holds_the_budget_and_matches_the_optimum_on_random_groups():
         floor = sum(min(o.bytes for o in v) for v in options.values())
         top = sum(max(o.bytes for o in v) for v in options.values())
         for budget in (floor, (floor + top) // 2, top):
-            used, err = _total(options, choose(options, budget))
+            used, err = _total(options, choose(options, budget, exact=0))
             assert used <= budget
             assert err >= _brute(options, budget) - 1e-9
-        assert choose(options, floor) == {k: min(v, key=lambda o: o.bytes).scheme for k, v in options.items()}
-        assert _total(options, choose(options, top))[1] == pytest.approx(sum(min(o.error for o in v)
-                                                                             for v in options.values()))
-        with pytest.raises(BudgetError):
-            choose(options, floor - 1)
+            used, err = _total(options, choose(options, budget))
+            assert used <= budget and err == pytest.approx(_brute(options, budget))
+        for exact in (0, EXACT):
+            assert choose(options, floor, exact) == {k: min(v, key=lambda o: o.bytes).scheme
+                                                     for k, v in options.items()}
+            assert _total(options, choose(options, top, exact))[1] == pytest.approx(sum(min(o.error for o in v)
+                                                                                        for v in options.values()))
+            with pytest.raises(BudgetError):
+                choose(options, floor - 1, exact)
     for trial in range(20):  # convex, one step size: the greedy's choice is optimal
         options = {(k, "m"): [Option(s, 10 * (i + 1), e) for i, (s, e) in enumerate(zip(
             (T, I2, I3, I4), itertools.accumulate([rng.uniform(50, 100)] + [-rng.uniform(0, 10) for _ in range(3)])))]
@@ -76,7 +81,7 @@ def test_the_choice_holds_the_budget_and_matches_the_optimum_on_random_groups():
             options[k] = [Option(v[0].scheme, v[0].bytes, v[0].error)] + [
                 Option(v[i + 1].scheme, v[i + 1].bytes, v[0].error - sum(steps[:i + 1])) for i in range(3)]
         for budget in range(30, 121, 10):
-            assert _total(options, choose(options, budget))[1] == pytest.approx(_brute(options, budget))
+            assert _total(options, choose(options, budget, exact=0))[1] == pytest.approx(_brute(options, budget))
 
 
 def _matrices(seed: int):

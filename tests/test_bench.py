@@ -79,7 +79,8 @@ def test_the_frontiers_llamacpp_side_counts_gguf_bytes_and_needs_its_tools(tmp_p
 
 
 def test_a_kquant_run_of_the_frontier_is_exported_for_llamacpp(tmp_path):
-    """With gguf_dir, a k-quant grid's run is also exported to GGUF (its experts at the type's own bytes); with
+    """With gguf_dir, a k-quant grid's run and a GGUF budget's are also exported to GGUF (the grid's experts at the
+    type's own bytes, the budget's within it); with
     llama.cpp's tools and bindings (QMOE_LLAMACPP_BIN, llama-cpp-python) the llama.cpp side scores that file
     (system qmoe-gguf) and llama.cpp's own type on the experts alone, over the same bf16 base."""
     import os
@@ -90,19 +91,24 @@ def test_a_kquant_run_of_the_frontier_is_exported_for_llamacpp(tmp_path):
     from qmoe.bench import frontier
 
     src = _save("qwen3_moe", tmp_path, hidden_size=256, moe_intermediate_size=256, mlp_only_layers=[])
-    r = frontier.run(str(src), ("q2_k",), train_samples=8, val_samples=2, progress=_quiet, gguf_dir=tmp_path / "g")
-    expert, _ = frontier._gguf_bytes(Path(r["gguf"]["--scheme q2_k --method gptq"]))
+    r = frontier.run(str(src), ("q2_k",), train_samples=8, val_samples=2, progress=_quiet, gguf_dir=tmp_path / "g",
+                     gguf_budgets=(3.2,))
+    assert [x["setting"] for x in r["rows"]] == ["--scheme q2_k --method gptq",
+                                                 "--export-format gguf --bits 3.2 --method gptq"]
     hf = json.loads((src / "config.json").read_text())
-    params = hf["num_hidden_layers"] * (hf.get("num_experts") or hf["num_local_experts"]) * 3 * 256 * 256
+    params = hf["num_hidden_layers"] * hf["num_local_experts"] * 3 * 256 * 256  # transformers 5 names it so
+    expert, _ = frontier._gguf_bytes(Path(r["gguf"]["--scheme q2_k --method gptq"]))
     assert 8 * expert / params == 84 * 8 / 256  # Q2_K: 84 bytes a 256-weight super-block
     assert 2.625 < r["rows"][0]["expert_bits"] < 2.7  # the group files: the same blocks and their headers
+    expert, _ = frontier._gguf_bytes(Path(r["gguf"]["--export-format gguf --bits 3.2 --method gptq"]))
+    assert 2.625 < 8 * expert / params <= 3.2
     bin_dir = os.environ.get("QMOE_LLAMACPP_BIN")
     if not bin_dir:
         pytest.skip("QMOE_LLAMACPP_BIN names no llama.cpp build (llama-imatrix, llama-quantize)")
     pytest.importorskip("llama_cpp")
     rows = frontier.llamacpp_rows(str(src), (), Path(bin_dir), 8, 2, progress=_quiet, experts_only=("Q2_K",),
                                   qmoe_gguf=r["gguf"])
-    assert [x["system"] for x in rows] == ["llama.cpp", "qmoe-gguf"]
-    assert rows[0]["expert_bits"] == rows[1]["expert_bits"] == 2.625
+    assert [x["system"] for x in rows] == ["llama.cpp", "qmoe-gguf", "qmoe-gguf"]
+    assert rows[0]["expert_bits"] == rows[1]["expert_bits"] == 2.625 < rows[2]["expert_bits"] <= 3.2
     assert rows[0]["total_bits"] == pytest.approx(rows[1]["total_bits"], rel=1e-6)  # the same tensors bf16
     assert rows[0]["loss_before"] == rows[1]["loss_before"] and rows[1]["loss_increase"] > 0

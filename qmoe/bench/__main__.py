@@ -183,6 +183,9 @@ def _frontier(sub) -> None:
                    help="GPTQ's coordinate-descent passes, a run of every grid each (e.g. 0,2; default: 0)")
     f.add_argument("--bits", type=lambda t: [float(x) for x in t.split(",")], default=[],
                    help="bit budgets, a run each with compress --bits B (e.g. 1.5,2,3)")
+    f.add_argument("--gguf-bits", type=lambda t: [float(x) for x in t.split(",")], default=[],
+                   help="GGUF budgets, a run each with compress --export-format gguf --bits B (one k-quant a layer's "
+                        "matrix kind), scored in llama.cpp too when --llamacpp or --llamacpp-experts is given")
     f.add_argument("--llamacpp", type=lambda t: t.split(",") if t else [], default=[],
                    help="llama.cpp types made by its quantize with an importance matrix (e.g. Q2_K,IQ2_XXS; 'all': "
                         "IQ1_S to Q4_K_M); needs --llamacpp-bin and llama-cpp-python")
@@ -199,11 +202,11 @@ def _run_frontier(a):
     from qmoe.bench import frontier as b
     from qmoe.quant import Method
 
-    schemes = a.schemes if a.schemes is not None else () if a.bits else b.DEFAULT_SCHEMES
+    schemes = a.schemes if a.schemes is not None else () if a.bits or a.gguf_bits else b.DEFAULT_SCHEMES
     llama = bool(a.llamacpp or a.llamacpp_experts)
     with tempfile.TemporaryDirectory(prefix="bench-frontier-gguf-") as ggufs:
         result = b.run(a.model, schemes, Method(a.method), a.train_samples, a.val_samples, a.refine, a.bits,
-                       gguf_dir=Path(ggufs) if llama else None)
+                       gguf_dir=Path(ggufs) if llama else None, gguf_budgets=a.gguf_bits)
         if llama:  # llama.cpp's own types, and each k-quant run's GGUF export, scored by llama.cpp
             types = b.LLAMACPP_TYPES if a.llamacpp == ["all"] else a.llamacpp
             result["rows"] = sorted(result["rows"] + b.llamacpp_rows(

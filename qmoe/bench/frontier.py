@@ -31,11 +31,12 @@ DEFAULT_SCHEMES = ("ternary", "ternary-g128", "ternary-g64", "int2", "int2-g128"
 
 def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train_samples: int = 512,
         val_samples: int = 256, refine=(0,), budgets=(), progress=lambda m: print(m, flush=True),
-        gguf_dir: Path | None = None) -> dict:
+        gguf_dir: Path | None = None, gguf_budgets=()) -> dict:
     """One row a grid and refinement (`refine`: GPTQ's coordinate-descent passes, each value a run of every grid),
     and one a bit budget and refinement (`budgets`: each a run with `--bits B` over the default grids). gguf_dir:
     each k-quant run's directory is also exported to GGUF there (result["gguf"]: {setting: file}, for
-    llamacpp_rows to score in llama.cpp)."""
+    llamacpp_rows to score in llama.cpp); gguf_budgets: runs with `--export-format gguf --bits B` (one k-quant a
+    layer's matrix kind), exported the same way."""
     spec = DataSpec(train_samples=train_samples, val_samples=val_samples)
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-frontier-"))
@@ -43,6 +44,8 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
             for name in schemes for passes in refine]
     runs += [(CompressConfig(bits=bits, method=method, refine=passes), f"--bits {bits:g}")
              for bits in budgets for passes in refine]
+    runs += [(CompressConfig(bits=bits, per_layer=True, method=method, refine=passes),
+              f"--export-format gguf --bits {bits:g}") for bits in gguf_budgets for passes in refine]
     infeasible, ggufs = [], {}
     try:
         for cfg, what in runs:
@@ -57,7 +60,7 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
                 shutil.rmtree(root / "out", ignore_errors=True)
                 continue
             setting = f"{what} --method {method.value}" + (f" --refine {cfg.refine}" if cfg.refine else "")
-            if gguf_dir is not None and not cfg.mixed and cfg.scheme.kquant:
+            if gguf_dir is not None and (cfg.per_layer or not cfg.mixed and cfg.scheme.kquant):
                 from qmoe.export import export
 
                 Path(gguf_dir).mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,8 @@ def plot(r: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = lambda x: x["system"] + ("" if x["system"] != "qmoe" else  # noqa: E731
-                                      ", --bits" if x["setting"].startswith("--bits") else ", one grid")
+                                      ", --bits" if x["setting"].startswith("--bits") else
+                                      ", GGUF --bits" if x["setting"].startswith("--export-format") else ", one grid")
     for system in dict.fromkeys(series(x) for x in r["rows"]):
         pts = sorted((x["expert_bits"], x["loss_increase"], x["setting"]) for x in r["rows"] if series(x) == system)
         front, best = [], float("inf")
@@ -196,7 +200,9 @@ def plot(r: dict, path: Path) -> None:
         ax.plot(*zip(*front), "-", label=f"{system} (its frontier)")
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12)
         for b, inc, setting in pts:
-            label = (setting.split()[1] if setting.startswith("--scheme") else " ".join(setting.split()[:2])) + \
+            words = setting.removeprefix("--export-format ").split()
+            n = 3 if words[0] == "gguf" else 2  # "gguf --bits B", "--bits B", "Q2_K (imatrix)", ...
+            label = (words[1] if words[0] == "--scheme" else " ".join(words[:n])) + \
                 (" r" if "--refine" in setting else "")
             ax.annotate(label, (b, inc), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("bits per expert parameter (every stored byte)")

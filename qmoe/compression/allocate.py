@@ -1,5 +1,6 @@
 """A bit budget over a group's expert matrices (`qmoe.compress --bits B`): each matrix's grid chosen to minimize the
-estimated loss increase under the group's share of the budget.
+estimated loss increase under the group's share of the budget (or, with --export-format gguf, one grid per layer and
+matrix kind under the layer's: qmoe/compression/walk.py).
 
 Each item (an expert's input matrices together, or its output matrix: group.grid_options) has one option per grid
 (Option: its stored bytes, and the error it adds; group.py measures both). The
@@ -8,7 +9,8 @@ greedily on each item's lower convex hull of (bytes, error): start every item on
 while the budget allows, the upgrade that removes the most error per byte. On convex hulls this is the Lagrangian
 solution at the budget (exact up to the last upgrade that does not fit), and it is deterministic: ties go to the
 first item in sorted order. What the greedy leaves of the budget then goes, an option at a time, to whichever option
-(on the hull or not) lowers the error most and fits.
+(on the hull or not) lowers the error most and fits. Few items with few options (a layer's two stages over five
+k-quants) are searched exhaustively instead: there the greedy's large steps can strand much of the budget.
 
 A group's share is its weights x B bits, less the bytes of its file's header (names, shapes, offsets, the grid of
 each matrix; bounded from above before the choice), so that every group file, and so the run, holds at most B bits
@@ -18,7 +20,9 @@ group's own data only: the same in one process, on Ray and on resume.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
+import math
 from dataclasses import dataclass
 
 from qmoe.quant import Scheme
@@ -53,10 +57,25 @@ def _hull(options: list[Option]) -> list[Option]:
     return pts
 
 
-def choose(options: dict, budget: int) -> dict:
+EXACT = 4096  # up to this many combinations the choice is exhaustive (a per-layer GGUF budget: 5 x 5)
+
+
+def choose(options: dict, budget: int, exact: int = EXACT) -> dict:
     """{key: [Option]} -> {key: Scheme}, the options' bytes summing to at most `budget`. BudgetError when even the
-    cheapest options exceed it."""
+    cheapest options exceed it. A few items with few options (at most `exact` combinations) are chosen exactly (the
+    least error; ties: fewer bytes, then the first in order), where the greedy's large steps could strand the
+    budget."""
     keys = sorted(options)
+    if math.prod(len(options[k]) for k in keys) <= exact:
+        best = None
+        for combo in itertools.product(*(options[k] for k in keys)):
+            nbytes = sum(o.bytes for o in combo)
+            if nbytes <= budget and (best is None or (sum(o.error for o in combo), nbytes) < best[:2]):
+                best = (sum(o.error for o in combo), nbytes, combo)
+        if best is None:
+            raise BudgetError(f"the cheapest grids take {sum(min(o.bytes for o in options[k]) for k in keys)} bytes, "
+                              f"the budget {budget}")
+        return {k: o.scheme for k, o in zip(keys, best[2])}
     hulls = {k: _hull(options[k]) for k in keys}
     at = {k: 0 for k in keys}
     used = sum(hulls[k][0].bytes for k in keys)
