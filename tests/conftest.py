@@ -130,3 +130,26 @@ def local_ray():
         yield handle
     finally:
         handle.shutdown()
+
+
+@pytest.fixture
+def fail_reading(monkeypatch):
+    """fail_reading(block, j, nth=1): a worker's nth read of expert j of `block` (in this process) raises
+    CheckpointError("simulated read failure"); returns a function that puts the real reader back."""
+    import qmoe.compression.steps as steps
+    from qmoe.checkpoint import CheckpointError
+
+    real = steps.Worker._expert
+
+    def arm(block: str, j: int, nth: int = 1):
+        reads = []
+
+        def flaky(self, b, k):
+            reads.append((b, k))
+            if (b, k) == (block, j) and reads.count((b, k)) == nth:
+                raise CheckpointError("x", b, "simulated read failure")
+            return real(self, b, k)
+
+        monkeypatch.setattr(steps.Worker, "_expert", flaky)
+        return lambda: monkeypatch.setattr(steps.Worker, "_expert", real)
+    return arm

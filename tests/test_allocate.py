@@ -158,25 +158,16 @@ def test_a_run_under_a_bit_budget_holds_it_and_loads(qwen, tmp_path):
         export(tmp_path / "o", tmp_path / "x")
 
 
-def test_a_budget_run_resumed_mid_layer_equals_an_uninterrupted_one(qwen, tmp_path, monkeypatch):
+def test_a_budget_run_resumed_mid_layer_equals_an_uninterrupted_one(qwen, tmp_path, fail_reading):
     """A crash in a layer's second group: --resume replays the first from its file (grids and all) and the output
     equals an uninterrupted run's, byte for byte."""
-    import qmoe.compression.steps as fs
-
     cfg = CompressConfig(bits=2.0, group_size=4)
-    real = fs.Worker._expert
-
-    def flaky(self, block, j):
-        if block == "model.layers.2" and j == 5:
-            raise CheckpointError("x", block, "simulated read failure")
-        return real(self, block, j)
-
-    monkeypatch.setattr(fs.Worker, "_expert", flaky)
+    restore = fail_reading("model.layers.2", 5)
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(qwen, tmp_path / "o", cfg, SPEC, progress=_quiet)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert sorted(manifest["groups"]["model.layers.2"]) == ["0"]  # the layer's first group was written
-    monkeypatch.setattr(fs.Worker, "_expert", real)
+    restore()
     a = compress_model(qwen, tmp_path / "o", cfg, SPEC, progress=_quiet, resume=True)
     b = compress_model(qwen, tmp_path / "fresh", cfg, SPEC, progress=_quiet)
     files = sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*.safetensors"))

@@ -899,12 +899,11 @@ def test_a_kquant_needs_whole_super_blocks_and_is_refused_up_front(dirs, tmp_pat
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_a_per_layer_budget_is_a_gguf_of_one_k_quant_a_tensor(tmp_path, monkeypatch):
+def test_a_per_layer_budget_is_a_gguf_of_one_k_quant_a_tensor(tmp_path, fail_reading):
     """compress --export-format gguf --bits 3 (groups of 2 experts): one k-quant per layer and matrix kind, chosen
     from every group's estimates and recorded before any group is written; the GGUF's expert tensors in those
     types within 3 bits a weight, gguf's dequantizer giving qmoe's weights bit for bit; a crash in a layer's second
     group resumes to the bytes of an uninterrupted run."""
-    import qmoe.compression.steps as fs
     from qmoe.checkpoint import CheckpointError
 
     make, over = TERNARY["qwen3_moe"]
@@ -913,20 +912,12 @@ def test_a_per_layer_budget_is_a_gguf_of_one_k_quant_a_tensor(tmp_path, monkeypa
     make(vocab_size=300, **over).eval().save_pretrained(src)
     cfg = CompressConfig(bits=3.0, per_layer=True, group_size=2)
     assert cfg.grids == tuple(s for s in Scheme if s.kquant)
-    real, reads = fs.Worker._expert, []
-
-    def flaky(self, block, j):  # expert 3 of layer 1 read for its estimates, then fails when read to be quantized
-        reads.append((block, j))
-        if (block, j) == ("model.layers.1", 3) and reads.count((block, j)) == 2:
-            raise CheckpointError("x", block, "simulated read failure")
-        return real(self, block, j)
-
-    monkeypatch.setattr(fs.Worker, "_expert", flaky)
+    restore = fail_reading("model.layers.1", 3, nth=2)  # read for its estimates, then to be quantized
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(src, tmp_path / "o", cfg, SPEC, progress=_quiet)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert sorted(manifest["groups"]["model.layers.1"]) == ["0"] and "model.layers.1" in manifest["layer_grids"]
-    monkeypatch.setattr(fs.Worker, "_expert", real)
+    restore()
     compress_model(src, tmp_path / "o", cfg, SPEC, progress=_quiet, resume=True)
     compress_model(src, tmp_path / "fresh", cfg, SPEC, progress=_quiet)
     assert _hf(tmp_path / "o")["qmoe"]["settings"]["per_layer"] is True

@@ -236,25 +236,16 @@ def test_a_compressed_family_refuses_a_dtype_and_has_a_report(models, tmp_path):
                                                    if f.is_file())
 
 
-def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_path, monkeypatch):
+def test_a_family_run_resumed_mid_layer_equals_an_uninterrupted_one(models, tmp_path, fail_reading):
     """A crash after a Qwen3-MoE layer's first groups were written: --resume replays those groups from their
     files (not quantized again) and the output equals an uninterrupted run's, byte for byte."""
-    import qmoe.compression.steps as fs
-
     cfg = CompressConfig(group_size=2)
-    real = fs.Worker._expert
-
-    def flaky(self, block, j):
-        if block == "model.layers.2" and j == 4:
-            raise CheckpointError("x", block, "simulated read failure")
-        return real(self, block, j)
-
-    monkeypatch.setattr(fs.Worker, "_expert", flaky)
+    restore = fail_reading("model.layers.2", 4)
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(models["qwen3_moe"], tmp_path / "o", cfg, SPEC, progress=_quiet)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["blocks_done"] == ["model.layers.0"] and sorted(manifest["groups"]["model.layers.2"]) == ["0", "2"]
-    monkeypatch.setattr(fs.Worker, "_expert", real)
+    restore()
     a = compress_model(models["qwen3_moe"], tmp_path / "o", cfg, SPEC, progress=_quiet, resume=True)
     b = compress_model(models["qwen3_moe"], tmp_path / "fresh", cfg, SPEC, progress=_quiet)
     for f in sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*.safetensors")):

@@ -355,25 +355,18 @@ def test_existing_output_is_not_overwritten(compressed_dir, tiny_mixed_bin):
         compress_model(tiny_mixed_bin, out, CompressConfig(), SPEC, progress=lambda *_: None)
 
 
-def test_resume_mid_block_replays_the_groups_written(tiny_ckpt, tmp_path, monkeypatch):
+def test_resume_mid_block_replays_the_groups_written(tiny_ckpt, tmp_path, monkeypatch, fail_reading):
     """A crash after some groups of a block were written: --resume replays those groups from their files (does not
     quantize them again) and the output equals an uninterrupted run's."""
     import qmoe.compression.steps as steps
 
     cfg = CompressConfig(group_size=1)
-    real = steps.Worker._expert
-
-    def flaky(self, block, j):
-        if block == "encoder.block.1" and j == 2:
-            raise CheckpointError("x", block, "simulated read failure")
-        return real(self, block, j)
-
-    monkeypatch.setattr(steps.Worker, "_expert", flaky)
+    restore = fail_reading("encoder.block.1", 2)
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(tiny_ckpt, tmp_path / "o", cfg, SPEC, progress=lambda *_: None)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["blocks_done"] == ["encoder.block.0"] and sorted(manifest["groups"]["encoder.block.1"]) == ["0", "1"]
-    monkeypatch.setattr(steps.Worker, "_expert", real)
+    restore()
     quantized = []
     real_q = steps.quantize_experts
     monkeypatch.setattr(steps, "quantize_experts", lambda w, *a, **k: quantized.append(len(w)) or real_q(w, *a, **k))
