@@ -157,7 +157,8 @@ def fit(W: torch.Tensor, kt: KType, weights: torch.Tensor | None = None) -> dict
     if kt.asym:
         d = _fp16(per_super(scale).amax(-1) / hi, "sub-block scale")
         dmin = _fp16(per_super(-offset).amax(-1) / hi, "sub-block minimum")
-        return {"d": d, "dmin": dmin, "sc": _round_to(scale, each(d), lo, hi), "m": _round_to(-offset, each(dmin), lo, hi)}
+        return {"d": d, "dmin": dmin, "sc": _round_to(scale, each(d), lo, hi),
+                "m": _round_to(-offset, each(dmin), lo, hi)}
     s = per_super(scale)
     big = torch.gather(s, -1, s.abs().argmax(-1, keepdim=True)).squeeze(-1)  # the largest magnitude, signed
     d = _fp16(big / lo, "sub-block scale")  # it maps to the most negative integer, lo

@@ -494,8 +494,8 @@ def test_an_int4_ternary_or_int2_directory_is_refused(others, scheme, words, tmp
     out = tmp_path / "gguf"
     _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out, words)
     _refused([others[scheme], "--format", "gguf", "--out", out], capsys, out,
-             f"scheme {scheme!r}: only int4-sym, ternary-g256, q2_k, q3_k, q4_k, q5_k, q6_k and mixed directories export "
-             "to GGUF")
+             f"scheme {scheme!r}: only int4-sym, ternary-g256, q2_k, q3_k, q4_k, q5_k, q6_k and mixed directories "
+             "export to GGUF")
 
 
 def test_a_scale_that_is_not_an_fp16_value_is_refused_naming_the_matrix(others, tmp_path, capsys):

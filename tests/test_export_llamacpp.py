@@ -1,7 +1,7 @@
 """The GGUF export run in llama.cpp itself (llama-cpp-python, `pip install -e ".[llamacpp]"`; skipped without it:
 the test extra leaves it out, as it compiles llama.cpp for about 10 minutes): tiny Mixtral, Qwen3-MoE, DeepSeek-V3
-and gpt-oss models compressed int4-sym (Q4_0), and Qwen3-MoE and DeepSeek-V3 ternary-g256 (TQ1_0, TQ2_0), load in
-llama.cpp, and its logits on the same windows are qmoe's to within
+and gpt-oss models compressed int4-sym (Q4_0), and Qwen3-MoE and DeepSeek-V3 ternary-g256 (TQ1_0, TQ2_0) and on
+llama.cpp's k-quants (Q2_K .. Q6_K), load in llama.cpp, and its logits on the same windows are qmoe's to within
 what llama.cpp's own arithmetic changes (it rounds the activations of its quantized matrix products to 8 bits, and a
 near tie in a router can then pick another expert): far closer to the compressed model's than the original's are."""
 import pytest
@@ -25,7 +25,10 @@ SOURCES = {**{f"{k}-q4": (v[0], v[1]) for k, v in MODELS.items()},
            "gpt_oss-q4": (_gpt_oss, dict(rope_parameters=GPT_OSS_ROPE)),
            **{f"{k}-tq": v for k, v in TERNARY.items()}}
 CASES = [(f"{k}-q4", Scheme.INT4_SYM, "Q4_0") for k in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")] + \
-        [(f"{k}-tq", Scheme.TERNARY_G256, t) for k in TERNARY for t in ("TQ1_0", "TQ2_0")]
+        [(f"{k}-tq", Scheme.TERNARY_G256, t) for k in TERNARY for t in ("TQ1_0", "TQ2_0")] + \
+        [(f"{k}-tq", Scheme(s), s.upper()) for k, s in (("qwen3_moe", "q2_k"), ("deepseek_v3", "q3_k"),
+                                                          ("deepseek_v3", "q4_k"), ("qwen3_moe", "q5_k"),
+                                                          ("qwen3_moe", "q6_k"))]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def test_llamacpp_runs_the_export_with_qmoes_logits(sources, name, scheme, qtype
     comp, gg = tmp_path / "comp", tmp_path / "gguf"
     compress_model(source, comp, CompressConfig(scheme=scheme, method=Method.GPTQ),
                    DataSpec(train_samples=8, val_samples=0, data=DataConfig(raw_length=64)), progress=_quiet)
-    export(comp, gg, "gguf", progress=_quiet, ternary_type=qtype if qtype != "Q4_0" else "TQ1_0")
+    export(comp, gg, "gguf", progress=_quiet, ternary_type=qtype if qtype.startswith("TQ") else "TQ1_0")
     windows = torch.randint(3, 259, (3, 48), generator=torch.Generator().manual_seed(1))  # byte tokens
     ours = qmoe_logits(comp, windows)
     theirs, _ = llamacpp_logits(gg / "model.gguf", windows, threads=2)

@@ -87,7 +87,8 @@ def test_gptq_onto_a_kquant_is_gguf_exact_and_beats_round_to_nearest(scheme):
     gguf reads from the blocks, and the layer objective tr((W - Q) H (W - Q)^T) is below round-to-nearest's."""
     g = torch.Generator().manual_seed(3)
     W = torch.stack([_awkward(9, 512, 2), _awkward(9, 512, 4)])
-    X = torch.randn(2, 3000, 512, generator=g) @ (torch.eye(512) + 0.3 * torch.randn(512, 512, generator=g) / 512 ** 0.5)
+    mix = torch.eye(512) + 0.3 * torch.randn(512, 512, generator=g) / 512 ** 0.5
+    X = torch.randn(2, 3000, 512, generator=g) @ mix
     X = X * torch.linspace(0.1, 2, 512)
     gptq = GPTQ(2, 512)
     for e in range(2):

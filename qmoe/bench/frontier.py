@@ -16,6 +16,7 @@ quantize attention and embeddings too, where qmoe keeps them bf16).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,6 +61,9 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
                 shutil.rmtree(root / "out", ignore_errors=True)
                 continue
             setting = f"{what} --method {method.value}" + (f" --refine {cfg.refine}" if cfg.refine else "")
+            chosen = {}
+            if cfg.per_layer:  # each layer's types, as the manifest records them
+                chosen = {"layer_grids": json.loads((root / "out" / "manifest.json").read_text())["layer_grids"]}
             if gguf_dir is not None and (cfg.per_layer or not cfg.mixed and cfg.scheme.kquant):
                 from qmoe.export import export
 
@@ -71,7 +75,7 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
             rows.append({"model": model, "system": "qmoe", "setting": setting,
                          "expert_bits": s["bits_per_param_experts"], "total_bits": s["bits_per_param_total"],
                          "loss": s["val_loss_after"], "loss_increase": s["val_loss_after"] - s["val_loss_before"],
-                         "loss_before": s["val_loss_before"]})
+                         "loss_before": s["val_loss_before"], **chosen})
             progress(f"{setting}: {rows[-1]['expert_bits']:.3f} expert bits, {rows[-1]['loss_increase']:+.4f} nats")
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -91,7 +95,6 @@ def llamacpp_rows(model: str, types=LLAMACPP_TYPES, bin_dir: Path = Path("."), t
     experts_only: types llama.cpp's quantize gives the expert tensors alone (`--pure`, every other tensor kept at
     the bf16 file's values, as qmoe's GGUF keeps them). qmoe_gguf: {setting: file} of qmoe's own GGUF exports,
     scored the same way (system `qmoe-gguf`)."""
-    import json
     import subprocess
 
     import torch

@@ -296,7 +296,8 @@ class Worker:
         js = list(range(g0, g1))
         rows = {s.name: _ExpertRows(self.store, s.name, self.job.chunks(s.name), js, self.job.width, form,
                                     whole=self.fam.borrow_layer_tokens and s.name == "train",
-                                    probs=self.cfg.mixed and not self.cfg.per_layer and s.name == "train" and not replay)
+                                    probs=(self.cfg.mixed and not self.cfg.per_layer and s.name == "train"
+                                           and not replay))
                 for s in self.job.streams}
         secs = dict(wait=0.0, read=0.0, quantize=0.0, outputs=0.0, encode_write=0.0, encode_write_wait=0.0)
         decoded = C.GroupReader(self.job.out, name, g0, g1, self.fam.expert_shapes(self.job.mcfg),

@@ -499,11 +499,12 @@ def _layer_grid(es: ExpertSource, kind: str, name: str) -> Scheme:
         with safe_open(str(f), framework="pt") as h:
             grids = json.loads((h.metadata() or {}).get("qmoe", "{}")).get("grids", {})
         seen |= {grids.get(f"expert_{j}.{kind}") for j in range(g0, g1)}
-    grid = Scheme(seen.pop()) if len(seen) == 1 and None not in seen else None
+    names = sorted(str(g) for g in seen)
+    grid = Scheme(names[0]) if len(seen) == 1 and None not in seen else None
     if grid is None or not grid.kquant:
-        raise ExportError(f"{name}: the layer's experts are on {', '.join(sorted(map(str, seen | {grid and grid.value})))}"
-                          "; a GGUF tensor holds a layer's experts of one kind in one type, a k-quant for a mix (compress "
-                          "with --export-format gguf --bits B)")
+        raise ExportError(f"{name}: the layer's experts are on {', '.join(names)}; a GGUF tensor holds a layer's "
+                          "experts of one kind in one type, a k-quant in a mix (compress with --export-format gguf "
+                          "--bits B)")
     return grid
 
 
