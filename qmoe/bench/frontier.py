@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from qmoe.compression.allocate import BudgetError
 from qmoe.compression.compressor import compress_model
 from qmoe.compression.settings import CompressConfig
 from qmoe.data import DataSpec, resolve_model
@@ -53,9 +54,7 @@ def run(model: str, schemes=DEFAULT_SCHEMES, method: Method = Method.GPTQ, train
             try:
                 s = compress_model(resolve_model(model), root / "out", cfg, spec, overwrite=True,
                                    progress=lambda *_: None)
-            except ValueError as e:  # a budget below what the cheapest grids take: said, not plotted
-                if not cfg.mixed:
-                    raise
+            except BudgetError as e:  # a budget below what the cheapest grids take: said, not plotted
                 infeasible.append({"setting": what, "error": str(e)})
                 progress(f"{what}: {e}")
                 shutil.rmtree(root / "out", ignore_errors=True)
@@ -134,8 +133,8 @@ def llamacpp_rows(model: str, types=LLAMACPP_TYPES, bin_dir: Path = Path("."), t
                        check=True, capture_output=True)
         base = loss(bf16)
         progress(f"llama.cpp BF16: loss {base:.4f}")
-        keep = ["--pure", "--tensor-type", "attn_.*=bf16", "--token-embedding-type", "bf16", "--output-tensor-type",
-                "bf16"]  # llama.cpp's quantize on the expert tensors alone
+        keep = ["--pure", "--tensor-type", "attn_.*=bf16", "--tensor-type", r"ffn_(gate|up|down)(_shexp)?\.weight=bf16",
+                "--token-embedding-type", "bf16", "--output-tensor-type", "bf16"]  # the expert tensors alone
         made = [(f"{t} (imatrix)", "llama.cpp", t, []) for t in types]
         made += [(f"{t} experts only (imatrix)", "llama.cpp", t, keep) for t in experts_only]
         made += [(setting, "qmoe-gguf", Path(f), None) for setting, f in (qmoe_gguf or {}).items()]

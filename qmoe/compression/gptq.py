@@ -102,6 +102,8 @@ class GPTQ:
         W[dead.unsqueeze(1).expand(E, R, C)] = 0.0
         W0, H0 = (W.clone(), H.clone()) if refine else (None, None)  # the objective: undamped
         diag.add_(damp)
+        # A span's fit weighs each column by its Hessian diagonal; a dead column (zeroed, no input) by nothing.
+        fit_weights = torch.where(dead, 0.0, diag)
 
         Hinv, ok = _inverse_cholesky(H)
         for e in torch.nonzero(~ok).flatten().tolist():
@@ -116,7 +118,7 @@ class GPTQ:
         for i1 in range(0, C, blocksize):
             i2 = min(i1 + blocksize, C)
             if span and i1 % span == 0:  # a span's first column: its grid from the weights as updated so far
-                column_params = span_params(W, i1, params, diag)
+                column_params = span_params(W, i1, params, fit_weights)
             W1 = W[:, :, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[:, i1:i2, i1:i2]

@@ -435,7 +435,7 @@ class Worker:
                 chosen = choose(options, share)
             except BudgetError:
                 floor = 8 * (sum(min(o.bytes for o in v) for v in options.values()) + header) / weights
-                raise ValueError(f"{name}, experts {g0}-{g1 - 1}: --bits {self.cfg.bits:g} is below what the "
+                raise BudgetError(f"{name}, experts {g0}-{g1 - 1}: --bits {self.cfg.bits:g} is below what the "
                                  f"cheapest of the grids take there ({floor:.3f} bits a weight with the file's "
                                  f"header)") from None
             new = {}

@@ -479,6 +479,8 @@ def _read_blocks(es: ExpertSource, kind: str, shape: tuple[int, int], scheme: Sc
                     raise ExportError(f"{f}: expert matrix {key!r} is {grid!r}, not {scheme.value}")
                 if tuple(meta.get("shapes", {}).get(key, ())) != (R, C):
                     raise ExportError(f"{f}: expert matrix {key!r} is missing or not {R}x{C}")
+                if f"{key}.blocks" not in h.keys():
+                    raise ExportError(f"{f}: expert matrix {key!r} has no {scheme.kquant.name} blocks")
                 blocks = h.get_tensor(f"{key}.blocks")
                 try:
                     _, parts = kunpack(blocks, scheme.kquant, (R, C))
@@ -500,7 +502,7 @@ def _layer_grid(es: ExpertSource, kind: str, name: str) -> Scheme:
             grids = json.loads((h.metadata() or {}).get("qmoe", "{}")).get("grids", {})
         seen |= {grids.get(f"expert_{j}.{kind}") for j in range(g0, g1)}
     names = sorted(str(g) for g in seen)
-    grid = Scheme(names[0]) if len(seen) == 1 and None not in seen else None
+    grid = Scheme(names[0]) if len(seen) == 1 and names[0] in {s.value for s in Scheme} else None
     if grid is None or not grid.kquant:
         raise ExportError(f"{name}: the layer's experts are on {', '.join(names)}; a GGUF tensor holds a layer's "
                           "experts of one kind in one type, a k-quant in a mix (compress with --export-format gguf "
