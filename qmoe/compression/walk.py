@@ -170,6 +170,8 @@ def _sparse_block(job: Job, run, calls: list[dict], manifest: Manifest, stack: s
             layer[name] = _layer_grids(job, name, run("options", [{k: v for k, v in c.items() if k != "replay"}
                                                                   for c in gcalls]))
             manifest.save()
+            prog.out(f"{name}: {', '.join(f'{k} {g}' for k, g in sorted(layer[name].items()))} "
+                     f"(--bits {cfg.bits:g}, every expert of the layer)")
         gcalls = [dict(c, grids=layer[name]) for c in gcalls]
 
     def arrived(r: dict) -> None:
