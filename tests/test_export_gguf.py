@@ -910,8 +910,8 @@ def test_a_per_layer_budget_is_a_gguf_of_one_k_quant_a_tensor(tmp_path, fail_rea
     src = tmp_path / "src"
     torch.manual_seed(0)
     make(vocab_size=300, **over).eval().save_pretrained(src)
-    cfg = CompressConfig(bits=3.0, per_layer=True, group_size=2)
-    assert cfg.grids == tuple(s for s in Scheme if s.kquant)
+    assert CompressConfig(bits=3.0, per_layer=True).grids == tuple(s for s in Scheme if s.kquant)  # the default
+    cfg = CompressConfig(bits=3.0, per_layer=True, group_size=2, grids=("q2_k", "q3_k", "q4_k"))
     restore = fail_reading("model.layers.1", 3, nth=2)  # read for its estimates, then to be quantized
     with pytest.raises(CheckpointError, match="simulated"):
         compress_model(src, tmp_path / "o", cfg, SPEC, progress=_quiet)

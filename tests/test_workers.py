@@ -98,7 +98,8 @@ def test_a_family_on_the_pool_equals_single_process(cluster, tmp_path, name, bit
     shape = dict(hidden_size=256, moe_intermediate_size=256) if per_layer else \
         dict(hidden_size=128, moe_intermediate_size=192) if bits else {}
     src = _save(name, tmp_path, **shape)
-    cfg = CompressConfig(group_size=4, bits=bits, per_layer=per_layer)
+    cfg = CompressConfig(group_size=4, bits=bits, per_layer=per_layer,
+                         **({"grids": ("q2_k", "q3_k")} if per_layer else {}))  # two k-quants: a mix at 3 bits
     a = compress_model(src, tmp_path / "a", cfg, FAMILY_SPEC, progress=lambda *_: None)
     b = compress_model(src, tmp_path / "b", cfg, FAMILY_SPEC, progress=lambda *_: None, executor=RayExecutor(2))
     assert _expert_bytes(tmp_path / "a") == _expert_bytes(tmp_path / "b") and _expert_bytes(tmp_path / "a")
