@@ -29,7 +29,11 @@ from qmoe.quant import Scheme
 
 
 class BudgetError(ValueError):
-    """The budget is below what the cheapest grids take."""
+    """The budget is below what the cheapest grids take (`cheapest`: their bytes, where known)."""
+
+    def __init__(self, message: str, cheapest: int = 0):
+        super().__init__(message)
+        self.cheapest = cheapest
 
 
 @dataclass(frozen=True)
@@ -66,21 +70,19 @@ def choose(options: dict, budget: int, exact: int = EXACT) -> dict:
     least error; ties: fewer bytes, then the first in order), where the greedy's large steps could strand the
     budget."""
     keys = sorted(options)
+    cheapest = sum(min(o.bytes for o in options[k]) for k in keys)
+    if cheapest > budget:
+        raise BudgetError(f"the cheapest grids take {cheapest} bytes, the budget {budget}", cheapest)
     if math.prod(len(options[k]) for k in keys) <= exact:
-        best = None
+        best = None  # (error, bytes, options): the cheapest combination fits, so one is found
         for combo in itertools.product(*(options[k] for k in keys)):
             nbytes = sum(o.bytes for o in combo)
             if nbytes <= budget and (best is None or (sum(o.error for o in combo), nbytes) < best[:2]):
                 best = (sum(o.error for o in combo), nbytes, combo)
-        if best is None:
-            raise BudgetError(f"the cheapest grids take {sum(min(o.bytes for o in options[k]) for k in keys)} bytes, "
-                              f"the budget {budget}")
         return {k: o.scheme for k, o in zip(keys, best[2])}
     hulls = {k: _hull(options[k]) for k in keys}
     at = {k: 0 for k in keys}
-    used = sum(hulls[k][0].bytes for k in keys)
-    if used > budget:
-        raise BudgetError(f"the cheapest grids take {used} bytes, the budget {budget}")
+    used = cheapest  # every item on its hull's first option, its cheapest
     heap = []
 
     def push(i: int, k) -> None:

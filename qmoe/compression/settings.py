@@ -49,7 +49,7 @@ class CompressConfig:
     # A bit budget: bits per expert weight (every byte of the group files counted), each matrix's grid chosen from
     # `grids` (qmoe/compression/allocate.py); 0: every matrix on `scheme`.
     bits: float = 0.0
-    grids: tuple[Scheme, ...] = DEFAULT_GRIDS
+    grids: tuple[Scheme, ...] | None = None  # None: DEFAULT_GRIDS, or LAYER_GRIDS with per_layer
     # With a budget: one grid per block and matrix kind over all of the block's experts (GGUF fuses a layer's experts
     # of one kind into one tensor of one type), chosen from llama.cpp's k-quants by the layer's summed estimates.
     per_layer: bool = False
@@ -72,6 +72,8 @@ class CompressConfig:
                                 f"got {getattr(self, name)!r}")
         if self.bits < 0:
             problems.append(f"bits must be >= 0, got {self.bits}")
+        if self.grids is None:
+            object.__setattr__(self, "grids", LAYER_GRIDS if self.per_layer else DEFAULT_GRIDS)
         try:
             object.__setattr__(self, "grids", tuple(sorted({Scheme(g) for g in self.grids}, key=_grid_order)))
         except ValueError as e:
@@ -80,8 +82,6 @@ class CompressConfig:
             if self.per_layer and not self.mixed:
                 problems.append("per_layer chooses a budget's grids: it needs bits")
             allowed = LAYER_GRIDS if self.per_layer else ALLOCATABLE
-            if self.per_layer and self.grids == DEFAULT_GRIDS:
-                object.__setattr__(self, "grids", LAYER_GRIDS)
             unfit = [g.value for g in self.grids if g not in allowed]
             if unfit or not self.grids:
                 problems.append(f"grids must name one or more of {', '.join(g.value for g in allowed)}"

@@ -363,17 +363,25 @@ class Worker:
         js = list(range(g0, g1))
         train = _ExpertRows(self.store, "train", self.job.chunks("train"), js, self.job.width, form,
                             whole=self.fam.borrow_layer_tokens, probs=True)
+        batches = [tuple(js[k:k + self.job.plan.batch]) for k in range(0, len(js), self.job.plan.batch)]
         out = {}
-        for b0 in range(0, len(js), self.job.plan.batch):
-            batch = tuple(js[b0:b0 + self.job.plan.batch])
+        for (j, stage), opts in self._grid_options(name, batches, train, cap, block_index, form).items():
+            out.setdefault(str(j), {})[stage] = [[o.scheme.value, o.bytes, o.error] for o in opts]
+        return self._done(group=[g0, g1], options=out, activation_bytes_read=train.bytes_read)
+
+    def _grid_options(self, name: str, batches: list[tuple[int, ...]], train: "_ExpertRows", cap: int,
+                      block_index: int, form) -> dict:
+        """{(expert, stage): [Option]}: each expert's stages on every grid of cfg.grids (group.grid_options), a batch
+        of experts at a time."""
+        options = {}
+        for batch in batches:
             original, _, _ = self._weights(name, batch)
             hessian_slabs, _, _, probs = self._hessian_tokens(batch, train, cap, block_index)
             opts = grid_options(original, hessian_slabs, [train.count(j) for j in batch], probs, self.cfg,
                                 self.device, form)
-            out.update({str(j): {k: [[o.scheme.value, o.bytes, o.error] for o in v] for k, v in per.items()}
-                        for j, per in zip(batch, opts)})
+            options.update({(j, k): o for j, per in zip(batch, opts) for k, o in per.items()})
             del original
-        return self._done(group=[g0, g1], options=out, activation_bytes_read=train.bytes_read)
+        return options
 
     def _quantize_batch(self, batch: tuple[int, ...], original: list[dict], train: "_ExpertRows", cap: int,
                         block_index: int, form, grids: dict | None = None
@@ -421,23 +429,16 @@ class Worker:
         weights = sum(math.prod(shapes[m]) for m in shapes) * (g1 - g0)
         header = header_bound({f"expert_{j}.{m}": shapes[m] for j in range(g0, g1) for m in shapes})
         budget = math.floor(self.cfg.bits * weights / 8) - header  # the codes' and grids' bytes
-        options = {}
-        for batch in batches:
-            original, _, _ = self._weights(name, batch)
-            hessian_slabs, _, _, probs = self._hessian_tokens(batch, train, cap, block_index)
-            opts = grid_options(original, hessian_slabs, [train.count(j) for j in batch], probs, self.cfg,
-                                self.device, form)
-            options.update({(j, k): o for j, per in zip(batch, opts) for k, o in per.items()})
-            del original
+        options = self._grid_options(name, batches, train, cap, block_index, form)
         quantized, reasons, hess, borrowed, grids, share = {}, {}, {}, [], {}, budget
         for _ in range(4):
             try:
                 chosen = choose(options, share)
-            except BudgetError:
-                floor = 8 * (sum(min(o.bytes for o in v) for v in options.values()) + header) / weights
+            except BudgetError as e:
+                floor = 8 * (e.cheapest + header) / weights
                 raise BudgetError(f"{name}, experts {g0}-{g1 - 1}: --bits {self.cfg.bits:g} is below what the "
-                                 f"cheapest of the grids take there ({floor:.3f} bits a weight with the file's "
-                                 f"header)") from None
+                                  f"cheapest of the grids take there ({floor:.3f} bits a weight with the file's "
+                                  f"header)") from None
             new = {}
             for (j, stage), s in chosen.items():  # a stage's matrices (the inputs, stacked; the output) share a grid
                 for k in stage.split("+"):

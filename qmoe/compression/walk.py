@@ -142,8 +142,8 @@ def _layer_grids(job: Job, name: str, results: list[dict]) -> dict[str, str]:
     weights = job.mcfg.num_experts * sum(r * c for r, c in shapes.values())
     try:
         chosen = choose(options, math.floor(job.cfg.bits * weights / 8))
-    except BudgetError:
-        floor = 8 * sum(min(o.bytes for o in v) for v in options.values()) / weights
+    except BudgetError as e:
+        floor = 8 * e.cheapest / weights
         raise BudgetError(f"{name}: --bits {job.cfg.bits:g} is below what the cheapest of the grids take there "
                          f"({floor:.3f} bits a weight)") from None
     return {k: s.value for stage, s in chosen.items() for k in stage.split("+")}

@@ -59,7 +59,7 @@ from qmoe.format.directory import DENSE_FILE, _group_range, block_files, is_comp
 from qmoe.export import ExportError, _check_out, _read_source, _replace, _umask
 from qmoe.models.registry import BY_NAME, FAMILIES, build, reading
 from qmoe.format.packed import unpack
-from qmoe.kquant import KTYPES
+from qmoe.kquant import KTYPES, QK_K  # QK_K: weights per TQ1_0 / TQ2_0 block and per k-quant super-block
 from qmoe.kquant import unpack as kunpack
 from qmoe.quant import MIXED, Scheme
 from qmoe.tokenizer import ByteTokenizer
@@ -68,7 +68,6 @@ GGUF_VERSION = "0.19.0"  # the gguf release the export was written against and i
 GGUF_FILE = "model.gguf"
 QK4_0 = 32  # weights per Q4_0 block: 2 bytes of fp16 scale, 16 bytes of 4-bit codes
 Q4_0_BYTES = 2 + QK4_0 // 2
-QK_K = 256  # weights per TQ1_0 / TQ2_0 block
 BLOCK_BYTES = {"Q4_0": (QK4_0, Q4_0_BYTES), "TQ2_0": (QK_K, QK_K // 4 + 2), "TQ1_0": (QK_K, 48 + 4 + 2),
                **{kt.name: (QK_K, kt.block_bytes) for kt in KTYPES.values()}}
 # general.file_type for a file whose experts are one k-quant (the label only; llama.cpp reads each tensor's type).
@@ -463,11 +462,14 @@ def _read_kind(es: ExpertSource, kind: str, shape: tuple[int, int], codes: bool,
     return (torch.stack(all_codes) if codes else None), torch.stack(all_scales)
 
 
-def _read_blocks(es: ExpertSource, kind: str, shape: tuple[int, int], scheme: Scheme) -> np.ndarray:
+def _read_blocks(es: ExpertSource, kind: str, shape: tuple[int, int], scheme: Scheme, data: bool = True
+                 ) -> np.ndarray | None:
     """A k-quant matrix kind's GGUF blocks over a layer's experts, uint8 [E, R, C / 256 * block bytes], as the group
-    files hold them; ExportError on a matrix that is not `scheme` of the expected shape or whose blocks do not
-    decode (fp16 scales not finite)."""
+    files hold them; ExportError on a matrix that is not `scheme` of the expected shape, blocks of the wrong size, or
+    (data) blocks that do not decode (fp16 scales not finite). data False: the metadata and sizes checked, no block
+    read (None)."""
     R, C = shape
+    kt = scheme.kquant
     out = []
     for g0, g1, f in es.files:
         with safe_open(str(f), framework="pt") as h:
@@ -480,16 +482,22 @@ def _read_blocks(es: ExpertSource, kind: str, shape: tuple[int, int], scheme: Sc
                 if tuple(meta.get("shapes", {}).get(key, ())) != (R, C):
                     raise ExportError(f"{f}: expert matrix {key!r} is missing or not {R}x{C}")
                 if f"{key}.blocks" not in h.keys():
-                    raise ExportError(f"{f}: expert matrix {key!r} has no {scheme.kquant.name} blocks")
+                    raise ExportError(f"{f}: expert matrix {key!r} has no {kt.name} blocks")
+                stored = h.get_slice(f"{key}.blocks")
+                if stored.get_dtype() != "U8" or tuple(stored.get_shape()) != (R, C // QK_K * kt.block_bytes):
+                    raise ExportError(f"{f}: {key!r}: {kt.name} blocks {tuple(stored.get_shape())} "
+                                      f"{stored.get_dtype()} do not hold a {R}x{C} matrix")
+                if not data:
+                    continue
                 blocks = h.get_tensor(f"{key}.blocks")
                 try:
-                    _, parts = kunpack(blocks, scheme.kquant, (R, C))
+                    _, parts = kunpack(blocks, kt, (R, C))
                 except ValueError as e:
                     raise ExportError(f"{f}: {key!r}: {e}") from None
                 if not all(bool(torch.isfinite(parts[k]).all()) for k in ("d", "dmin")):
                     raise ExportError(f"{f}: {key!r}: a super-block scale that is not a finite fp16 value")
                 out.append(blocks.numpy())
-    return np.stack(out)
+    return np.stack(out) if data else None
 
 
 def _layer_grid(es: ExpertSource, kind: str, name: str) -> Scheme:
@@ -512,10 +520,12 @@ def _layer_grid(es: ExpertSource, kind: str, name: str) -> Scheme:
 
 def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: Scheme | None,
                  qtype: str | None) -> list[Planned]:
-    """The expert tensors; scheme None (a mixed directory): each layer's kind in its own k-quant type."""
+    """The expert tensors; scheme None (a mixed directory): each layer's kind in its own k-quant type. Every
+    matrix's grid, shape and scales (k-quants: block sizes) are checked here, before anything is written; a k-quant's
+    blocks are decoded when written."""
     gguf = _gguf()
     T = gguf.MODEL_TENSOR
-    plan = []
+    plan, checks = [], []
     for es in sources:
         for kind, mt in (("gate", T.FFN_GATE_EXP), ("up", T.FFN_UP_EXP), ("down", T.FFN_DOWN_EXP)):
             R, C = shapes[kind]
@@ -528,6 +538,7 @@ def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: S
             per = BLOCK_BYTES[qt][0]
             if C % per:
                 raise ExportError(f"{qmoe_name}: {C} columns, not a multiple of {qt}'s {per}-weight blocks")
+            checks.append((es, kind, (R, C), qmoe_name, grid))
 
             def make(es=es, kind=kind, shape=(R, C), name=qmoe_name, grid=grid, qt=qt):
                 if grid.kquant:
@@ -536,6 +547,11 @@ def _expert_plan(fam, mcfg, sources: list[ExpertSource], shapes: dict, scheme: S
                 return EXPERT_ROWS[qt](codes, s16)
             plan.append(Planned(gguf.TENSOR_NAMES[mt].format(bid=es.layer) + ".weight", qt,
                                 (mcfg.num_experts, R, C), make, [qmoe_name]))
+    for es, kind, shape, name, grid in checks:  # every tensor's shape first, then each matrix's grid and scales
+        if grid.kquant:
+            _read_blocks(es, kind, shape, grid, data=False)
+        else:
+            _read_kind(es, kind, shape, False, name, grid)
     return plan
 
 
@@ -596,14 +612,6 @@ def _compressed_plan(src: Path, ternary_type: str):
     with safe_open(str(src / DENSE_FILE), framework="pt") as h:
         dense = {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
     experts = _expert_plan(fam, mcfg, sources, shapes, scheme, qtype)
-    for es in sources:  # every scale checked before anything is written
-        for kind in shapes:
-            name = f"{es.block}.{fam.moe}.experts.*.{fam.expert_names.get(kind, kind)}"
-            grid = scheme or _layer_grid(es, kind, name)
-            if grid.kquant:
-                _read_blocks(es, kind, shapes[kind], grid)
-            else:
-                _read_kind(es, kind, shapes[kind], False, name, grid)
     if qtype is None:
         params: dict[str, int] = {}
         for p in experts:
